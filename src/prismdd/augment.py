@@ -1,0 +1,102 @@
+"""Batched, seedable, differentiable image views: RandomResizedCrop + flip (+ CutMix), and jitter.
+
+Views are *parameters* (a crop box and a flip bit per image, a box and a permutation per CutMix batch)
+drawn from a ``torch.Generator`` and applied with one ``grid_sample`` for the whole batch. That makes
+them (a) differentiable w.r.t. the pixels, for recovery; (b) cheap to store and replay exactly, so
+relabel and validate see identical views (FKD-style) without pickling tensors.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Views:
+    boxes: torch.Tensor  # (N, 4) float: x0, y0, w, h as fractions of the image side
+    flips: torch.Tensor  # (N,) bool
+
+    def to_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        return {prefix + "boxes": self.boxes, prefix + "flips": self.flips.to(torch.uint8)}
+
+    @classmethod
+    def from_dict(cls, d: dict, prefix: str = "") -> "Views":
+        return cls(d[prefix + "boxes"].float(), d[prefix + "flips"].bool())
+
+
+def sample_views(n: int, generator: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                 flip: bool = True, attempts: int = 10) -> Views:
+    """torchvision's RandomResizedCrop sampling, vectorised: ``attempts`` candidates per image, the first
+    that fits is taken, else the whole image (torchvision falls back to a centre crop)."""
+    lo, hi = float(scale[0]), float(scale[1])
+    area = torch.empty(n, attempts).uniform_(lo, hi, generator=generator)
+    logr = torch.empty(n, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    r = torch.exp(logr)
+    w, h = torch.sqrt(area * r), torch.sqrt(area / r)
+    ok = (w <= 1) & (h <= 1)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
+    sel = first.clamp(min=0).unsqueeze(1)
+    w = torch.where(first >= 0, w.gather(1, sel).squeeze(1), torch.ones(n))
+    h = torch.where(first >= 0, h.gather(1, sel).squeeze(1), torch.ones(n))
+    u = torch.rand(n, 2, generator=generator)
+    x0, y0 = u[:, 0] * (1 - w), u[:, 1] * (1 - h)
+    flips = torch.rand(n, generator=generator) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+    return Views(torch.stack([x0, y0, w, h], 1), flips)
+
+
+def apply_views(x: torch.Tensor, views: Views, size: int | None = None) -> torch.Tensor:
+    """Crop ``views.boxes`` out of ``x`` (B, C, H, W), resize to ``size`` (bilinear), flip where set."""
+    b = x.shape[0]
+    size = size or x.shape[-1]
+    boxes = views.boxes.to(x.device, x.dtype)
+    x0, y0, w, h = boxes.unbind(1)
+    sx = torch.where(views.flips.to(x.device), -w, w)
+    theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0] = sx
+    theta[:, 0, 2] = 2 * x0 + w - 1  # box centre in [-1, 1] coordinates
+    theta[:, 1, 1] = h
+    theta[:, 1, 2] = 2 * y0 + h - 1
+    grid = F.affine_grid(theta, (b, x.shape[1], size, size), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+@dataclass
+class CutMix:
+    perm: torch.Tensor  # (N,) long: partner of each image
+    box: torch.Tensor  # (4,) long: y0, y1, x0, x1 in pixels
+    lam: float  # fraction of the image that stays its own (after clipping the box)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        y0, y1, x0, x1 = self.box.tolist()
+        out = x.clone()
+        out[:, :, y0:y1, x0:x1] = x[self.perm.to(x.device)][:, :, y0:y1, x0:x1]
+        return out
+
+
+def sample_cutmix(n: int, size: int, generator: torch.Generator, alpha: float = 1.0) -> CutMix:
+    lam = torch.distributions.Beta(alpha, alpha).sample() if alpha != 1.0 else torch.rand(1, generator=generator)
+    lam = float(lam)
+    cut = math.sqrt(1 - lam)
+    ch = cw = int(size * cut)
+    cy, cx = torch.randint(0, size, (2,), generator=generator).tolist()
+    y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, size)
+    x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, size)
+    perm = torch.randperm(n, generator=generator)
+    lam = 1 - (y1 - y0) * (x1 - x0) / (size * size)
+    return CutMix(perm, torch.tensor([y0, y1, x0, x1]), lam)
+
+
+def jitter(x: torch.Tensor, limit: int, generator: torch.Generator) -> torch.Tensor:
+    """Roll the whole batch by up to ``limit`` pixels in each direction (the reference's jitter)."""
+    if limit <= 0:
+        return x
+    dx, dy = torch.randint(-limit, limit + 1, (2,), generator=generator).tolist()
+    return torch.roll(x, shifts=(dx, dy), dims=(2, 3))
+
+
+def scale_jitter(resolution: int, at_224: int = 32) -> int:
+    """Jitter of 32 px at 224 px, scaled to the resolution (2 px at 28, 1 px at 8)."""
+    return max(1, round(at_224 * resolution / 224))

@@ -1,0 +1,444 @@
+"""recover: optimise synthetic pixels through frozen teachers (PRISM, and the SRe2L family as presets).
+
+    L(x) = CE(f_primary(A(x)), y) + alpha_BN * mean_{t in S} R_BN(t, A(x))  [+ TV-L2, L2 priors]
+
+Work is split into (class, IPC index) units; units are packed, IPC index first, into cross-class batches
+of up to ``batch_size`` images. Every random choice of a batch (views, jitter, noise init, rotation)
+derives from (seed, batch index), and the teacher draws are made for all batches up front, so the images
+do not depend on resume points or on how many processes share the work.
+
+Output: ``images/<class>/<class>_<ipc>.png`` (an ImageFolder), ``records/batch_*.json`` (one per finished
+batch: units, teachers, losses) and ``manifest.json``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import distributed as dist
+from .augment import apply_views, jitter, sample_views, scale_jitter
+from .bn import bn_hooks
+from .config import CommonConfig, config_to_dict
+from .data import DatasetInfo, TensorImages, class_indices, denormalize, load_dataset, normalize, pixel_bounds
+from .methods import METHODS, method_settings
+from .models import has_batchnorm
+from .squeeze import find_teachers, load_teacher
+from .utils import (JsonlLog, PrismError, Timer, atomic_path, make_generator, progress, read_json,
+                    resolve_device, write_json, write_manifest)
+
+SELECTIONS = ("intra", "pre", "all", "single", "rotate")
+
+
+@dataclass
+class RecoverConfig(CommonConfig):
+    out: str = "runs/prism"
+    method: str = "prism"  # a preset from `prismdd methods`; its fields sit under everything you set
+    teachers: str = "runs/teachers"  # a squeeze output folder (one sub-folder per architecture)
+    primary: str = "convnet"  # the logit (CE) teacher's architecture
+    bn_pool: str | None = None  # comma list of BN-teacher architectures; default: every teacher found
+    ipc: int = 10  # images per class
+    iterations: int = 1000  # per image (paper: 4000 at ImageNet scale)
+    batch_size: int = 100  # images per optimisation batch, across classes (paper: 100; larger helps)
+    lr: float = 0.05  # Adam learning rate on normalised pixels
+    betas: tuple[float, float] = (0.5, 0.9)
+    alpha_bn: float = 0.01  # weight of the (averaged) BN term
+    first_bn_multiplier: float = 10.0  # weight of the first BN layer in R_BN
+    bn_layer_reduce: str = "sum"  # sum over BN layers (paper) | mean (teachers with many layers stop dominating)
+    bn_normalize: bool = False  # divide each teacher's R_BN by its first-iteration value (off = paper)
+    selection: str = "intra"  # intra | pre | all | single | rotate (G-VBSM-style)
+    slots: int = 3  # intra/pre: further BN-set slots besides the primary
+    slot_prob: float = 0.5  # intra/pre: probability that a slot is filled
+    init: str = "real"  # real: the k-th real training image of the class | noise (SRe2L)
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop scale range of the per-iteration view
+    crop_schedule: str = "uniform"  # uniform | cosine (CDA: the lower bound falls from the upper to the floor)
+    jitter: int | None = None  # roll limit in pixels; None: 32 px at 224, scaled to the resolution
+    flip: bool = True
+    budget: str = "constant"  # constant | early_late (DELT: fewer iterations for later IPC indices)
+    early_late_step: float = 0.125  # early_late: budget cut per IPC index, as a fraction (500 of 4000)
+    early_late_cycle: int = 8  # early_late: the cut repeats every this many IPC indices
+    tv_l2: float = 0.0  # total-variation (L2) image prior weight
+    l2: float = 0.0  # L2 image prior weight
+    channels_last: bool = True  # NHWC convolutions: 1.2-1.6x faster on CPU
+    compile: bool = False  # torch.compile the teachers (cold compile costs seconds to minutes)
+    amp: bool = False  # bf16 autocast on CUDA
+    log_every: int = 50  # iterations between JSON-lines loss records
+    force: bool = False  # redo finished batches
+
+    def validate(self):
+        if self.method not in METHODS:
+            raise PrismError(f"--method {self.method!r}: unknown; valid: {', '.join(METHODS.names())}")
+        if self.selection not in SELECTIONS:
+            raise PrismError(f"--selection {self.selection!r}: expected one of {', '.join(SELECTIONS)}")
+        if self.init not in ("real", "noise"):
+            raise PrismError(f"--init {self.init!r}: expected real or noise")
+        if self.budget not in ("constant", "early_late"):
+            raise PrismError(f"--budget {self.budget!r}: expected constant or early_late")
+        if self.crop_schedule not in ("uniform", "cosine"):
+            raise PrismError(f"--crop-schedule {self.crop_schedule!r}: expected uniform or cosine")
+        if self.bn_layer_reduce not in ("sum", "mean"):
+            raise PrismError(f"--bn-layer-reduce {self.bn_layer_reduce!r}: expected sum or mean")
+        if self.ipc < 1 or self.iterations < 1 or self.batch_size < 1:
+            raise PrismError("ipc, iterations and batch_size must be >= 1")
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise PrismError(f"crop_scale {self.crop_scale}: expected 0 < low <= high <= 1")
+
+
+def preset_layer(method: str | None) -> dict:
+    """The fields a method preset sets (the CLI layers them under user settings)."""
+    _, settings = method_settings(method or "prism")
+    return dict(settings, method=method or "prism")
+
+
+def recover_config(method: str = "prism", **overrides) -> RecoverConfig:
+    """API twin of the CLI: defaults < preset < overrides."""
+    from .config import build_config
+
+    return build_config(RecoverConfig, preset_layer(method), dict(overrides, method=method))
+
+
+# ----------------------------------------------------------------------------- planning
+def plan_batches(num_classes: int, ipc: int, batch_size: int) -> list[list[tuple[int, int]]]:
+    """(class, ipc index) units, IPC index first, packed into cross-class batches."""
+    units = [(c, k) for k in range(ipc) for c in range(num_classes)]
+    return [units[i: i + batch_size] for i in range(0, len(units), batch_size)]
+
+
+def image_budget(cfg: RecoverConfig, k: int) -> int:
+    """Iterations for IPC index k: constant, or DELT's early-late (iterations - step * (k mod cycle))."""
+    if cfg.budget == "constant":
+        return cfg.iterations
+    cut = int(round(cfg.early_late_step * cfg.iterations)) * (k % cfg.early_late_cycle)
+    return max(1, cfg.iterations - cut)
+
+
+def draw_teacher_sets(cfg: RecoverConfig, primary: str, pool: list[str], n_batches: int) -> list[list[str]]:
+    """The BN set of every batch, drawn up front from (seed, 'selection') and recorded.
+
+    intra: per batch, the primary plus each of ``slots`` further slots filled with probability
+    ``slot_prob`` by a distinct pool member (the reference draws per IPC index: with one IPC index per
+    batch, as at ImageNet scale, that is the same thing). pre: one such draw for the whole run.
+    """
+    gen = make_generator(cfg.seed, "selection")
+    others = [a for a in pool if a != primary]
+
+    def draw() -> list[str]:
+        chosen, remaining = [primary], list(others)
+        for _ in range(cfg.slots):
+            if remaining and torch.rand(1, generator=gen).item() < cfg.slot_prob:
+                chosen.append(remaining.pop(int(torch.randint(len(remaining), (1,), generator=gen))))
+        return chosen
+
+    if cfg.selection == "intra":
+        return [draw() for _ in range(n_batches)]
+    if cfg.selection == "pre":
+        fixed = draw()
+        return [list(fixed) for _ in range(n_batches)]
+    if cfg.selection == "all":
+        return [[primary] + others for _ in range(n_batches)]
+    if cfg.selection == "single":
+        return [[primary] for _ in range(n_batches)]
+    return [[primary] + others for _ in range(n_batches)]  # rotate: the candidates; one is used per iteration
+
+
+def crop_low(cfg: RecoverConfig, progress_: float) -> float:
+    lo, hi = cfg.crop_scale
+    if cfg.crop_schedule == "uniform":
+        return lo
+    return lo + (hi - lo) * 0.5 * (1 + math.cos(math.pi * progress_))  # easy (large crops) -> hard
+
+
+# ----------------------------------------------------------------------------- teachers
+@dataclass
+class Teacher:
+    arch: str
+    model: nn.Module
+    card: dict
+    folder: str
+
+
+def load_teachers(cfg: RecoverConfig, info: DatasetInfo, device) -> tuple[Teacher, dict[str, Teacher], list[str]]:
+    """Load the primary and the BN pool; BN-free architectures are rejected from the pool."""
+    found = find_teachers(cfg.teachers)
+    pool = [a.strip() for a in cfg.bn_pool.split(",")] if cfg.bn_pool else list(found)
+    need = [cfg.primary] + [a for a in pool if a != cfg.primary]
+    missing = [a for a in need if a not in found]
+    if missing:
+        raise PrismError(f"--teachers {cfg.teachers}: no trained teacher for {', '.join(missing)} "
+                         f"(found: {', '.join(found)}); train it with `prismdd squeeze --arch {','.join(missing)} "
+                         f"--out {cfg.teachers}`")
+    teachers = {}
+    for arch in need:
+        model, card = load_teacher(found[arch], arch=arch, dataset=info.name, class_names=info.class_names,
+                                   device=device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        teachers[arch] = Teacher(arch, model, card, str(found[arch]))
+    bn_free = [a for a in pool if not has_batchnorm(teachers[a].model)]
+    if bn_free:
+        raise PrismError(f"--bn-pool: {', '.join(bn_free)} has no BatchNorm layers and would add 0 to the BN mean "
+                         f"while counting in it; remove it from --bn-pool")
+    if cfg.selection in ("single",) or not has_batchnorm(teachers[cfg.primary].model):
+        if not has_batchnorm(teachers[cfg.primary].model) and cfg.alpha_bn > 0:
+            raise PrismError(f"--primary {cfg.primary}: has no BatchNorm layers, so it cannot serve the BN term; "
+                             f"pick a BN architecture or --set alpha_bn=0")
+    return teachers[cfg.primary], teachers, pool
+
+
+# ----------------------------------------------------------------------------- the engine
+class Engine:
+    """Runs one batch of recovery. Teachers' BN hooks are registered once for the whole run."""
+
+    def __init__(self, cfg: RecoverConfig, info: DatasetInfo, primary: Teacher, teachers: dict[str, Teacher],
+                 device: torch.device, stack: ExitStack):
+        self.cfg, self.info, self.device = cfg, info, device
+        self.primary = primary
+        self.teachers = teachers
+        self.collectors = {a: stack.enter_context(bn_hooks(t.model, cfg.first_bn_multiplier, cfg.bn_layer_reduce))
+                           for a, t in teachers.items() if has_batchnorm(t.model)}
+        self.forward = {a: (torch.compile(t.model) if cfg.compile else t.model) for a, t in teachers.items()}
+        self.lo, self.hi = pixel_bounds(info, device)
+        self.jitter = cfg.jitter if cfg.jitter is not None else scale_jitter(info.resolution)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.amp = cfg.amp and device.type == "cuda"
+
+    def losses(self, xa: torch.Tensor, y: torch.Tensor, ce_teacher: str, bn_set: list[str],
+               norms: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """Named loss terms for one augmented batch. Each teacher runs ONCE: the primary's forward serves
+        both the CE and (when it is in the BN set) its own BN term."""
+        terms: dict[str, torch.Tensor] = {}
+        run = [ce_teacher] + [a for a in bn_set if a != ce_teacher]
+        bn_terms = []
+        for arch in run:
+            col = self.collectors.get(arch)
+            in_bn = arch in bn_set and self.cfg.alpha_bn > 0
+            if col is not None:
+                col.reset()
+                col.active = in_bn
+            with torch.autocast("cuda", torch.bfloat16) if self.amp else nullcontext():
+                logits = self.forward[arch](xa)
+            if arch == ce_teacher:
+                terms["ce"] = F.cross_entropy(logits.float(), y)
+            if in_bn:
+                r = col.total().float()
+                terms[f"bn/{arch}"] = r.detach()
+                bn_terms.append(r / norms[arch] if norms is not None else r)
+        bn = torch.stack(bn_terms).mean() if bn_terms else torch.zeros((), device=xa.device)
+        terms["bn_mean"] = bn.detach()
+        total = terms["ce"] + self.cfg.alpha_bn * bn
+        return {**terms, "total": total}
+
+    def image_priors(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {}
+        if self.cfg.tv_l2 > 0:
+            dx = x[:, :, :, 1:] - x[:, :, :, :-1]
+            dy = x[:, :, 1:, :] - x[:, :, :-1, :]
+            out["tv_l2"] = (dx.pow(2).mean() + dy.pow(2).mean())
+        if self.cfg.l2 > 0:
+            out["l2"] = x.pow(2).mean()
+        return out
+
+    def run_batch(self, b: int, units: list[tuple[int, int]], bn_set: list[str], init: torch.Tensor,
+                  log: JsonlLog | None) -> tuple[torch.Tensor, dict]:
+        """Optimise one batch; returns (final normalised images, record)."""
+        cfg = self.cfg
+        gen = make_generator(cfg.seed, "recover", b)
+        y = torch.tensor([c for c, _ in units], device=self.device)
+        budgets = torch.tensor([image_budget(cfg, k) for _, k in units], device=self.device)
+        n_iter = int(budgets.max())
+        start = n_iter - budgets  # late IPC indices join late, so every image ends on the same step
+        x = init.to(self.device).contiguous(memory_format=self.memory_format).requires_grad_(True)
+        m = torch.zeros_like(x)
+        v = torch.zeros_like(x)
+        b1, b2 = cfg.betas
+        norms = None
+        rotate_counts: dict[str, int] = {}
+        last: dict[str, float] = {}
+        for it in range(n_iter):
+            views = sample_views(len(units), gen, (crop_low(cfg, it / max(1, n_iter - 1)), cfg.crop_scale[1]),
+                                 flip=cfg.flip)
+            xa = jitter(apply_views(x, views), self.jitter, gen).contiguous(memory_format=self.memory_format)
+            if cfg.selection == "rotate":
+                pick = bn_set[int(torch.randint(len(bn_set), (1,), generator=gen))]
+                rotate_counts[pick] = rotate_counts.get(pick, 0) + 1
+                ce_teacher, active_set = pick, [pick]
+            else:
+                ce_teacher, active_set = self.primary.arch, bn_set
+            if cfg.bn_normalize and norms is None and cfg.alpha_bn > 0:
+                with torch.no_grad():  # per-teacher scale: R_BN of the starting images, so each starts at 1
+                    first = self.losses(xa.detach(), y, ce_teacher, bn_set, None)
+                norms = {a: first[f"bn/{a}"].clamp_min(1e-8) for a in bn_set}
+            terms = self.losses(xa, y, ce_teacher, active_set, norms)
+            terms.update(self.image_priors(x))
+            total = terms["total"] + cfg.tv_l2 * terms.get("tv_l2", 0) + cfg.l2 * terms.get("l2", 0)
+            if not torch.isfinite(total):
+                raise PrismError(f"recover batch {b}: loss became {total.item()} with teachers "
+                                 f"{', '.join(active_set)}; lower --lr or check those teachers")
+            grad, = torch.autograd.grad(total, x)
+            with torch.no_grad():
+                self._adam_step(x, grad, m, v, it, start, budgets, b1, b2)
+                x.clamp_(self.lo, self.hi)  # stay a valid image
+            if log is not None and (it % cfg.log_every == 0 or it == n_iter - 1):
+                rec = {k: round(float(t.detach()), 6) for k, t in terms.items()}
+                log.write(batch=b, iteration=it, **rec)
+            if it == n_iter - 1:
+                last = {k: round(float(t.detach()), 6) for k, t in terms.items()}
+        record = {"batch": b, "units": [list(u) for u in units], "bn_set": bn_set, "primary": self.primary.arch,
+                  "iterations": n_iter, "budgets": budgets.tolist(), "final_losses": last}
+        if norms is not None:
+            record["bn_normalizers"] = {a: float(t) for a, t in norms.items()}
+        if rotate_counts:
+            record["rotation_counts"] = rotate_counts
+        return x.detach(), record
+
+    def _adam_step(self, x, g, m, v, it, start, budgets, b1, b2, eps: float = 1e-8):
+        """Adam with a per-image step count and cosine LR over each image's own budget.
+
+        With equal budgets this is exactly torch.optim.Adam + cosine decay; with early-late budgets an
+        image is frozen (no update, no moment change) until its window opens.
+        """
+        cfg = self.cfg
+        t = (it - start + 1).clamp(min=0)  # (B,) per-image step, 0 = not started
+        active = (t > 0).float().view(-1, 1, 1, 1)
+        lr = cfg.lr * 0.5 * (1 + torch.cos(math.pi * (t - 1).clamp(min=0).float() / budgets.float()))
+        m.mul_(1 - active * (1 - b1)).add_(active * (1 - b1) * g)
+        v.mul_(1 - active * (1 - b2)).add_(active * (1 - b2) * g * g)
+        tf = t.clamp(min=1).float()
+        bc1 = (1 - b1 ** tf).view(-1, 1, 1, 1)
+        bc2 = (1 - b2 ** tf).view(-1, 1, 1, 1)
+        step = (lr.view(-1, 1, 1, 1) * active) * (m / bc1) / ((v / bc2).sqrt() + eps)
+        x.sub_(step)
+
+
+# ----------------------------------------------------------------------------- I/O
+def class_dirname(c: int) -> str:
+    return f"{c:03d}"  # zero-padded index: ImageFolder's sorted order is the class order
+
+
+def image_path(out: Path, c: int, k: int) -> Path:
+    return out / "images" / class_dirname(c) / f"{class_dirname(c)}_{k:03d}.png"
+
+
+def save_image(path: Path, x: torch.Tensor, info: DatasetInfo) -> None:
+    """Normalised (C, H, W) -> 8-bit PNG (lossless), written atomically."""
+    from PIL import Image
+
+    arr = (denormalize(x[None].float().cpu(), info)[0].clamp(0, 1) * 255).round().to(torch.uint8)
+    arr = arr[0].numpy() if arr.shape[0] == 1 else arr.permute(1, 2, 0).numpy()
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")
+
+
+def initial_images(cfg: RecoverConfig, b: int, units, train, info: DatasetInfo, per_class) -> torch.Tensor:
+    if cfg.init == "real":
+        idx = []
+        for c, k in units:
+            if k >= len(per_class[c]):
+                raise PrismError(f"--ipc {cfg.ipc}: class {info.class_names[c]!r} has only {len(per_class[c])} "
+                                 f"training images; lower --ipc or use --init noise")
+            idx.append(int(per_class[c][k]))
+        return normalize(train.get_images(torch.tensor(idx)), info)
+    gen = make_generator(cfg.seed, "noise-init", b)
+    return torch.randn(len(units), info.channels, info.resolution, info.resolution, generator=gen)
+
+
+def _batch_done(out: Path, b: int, units) -> bool:
+    return (out / "records" / f"batch_{b:05d}.json").exists() and all(image_path(out, c, k).exists() for c, k in units)
+
+
+# ----------------------------------------------------------------------------- the stage
+def recover(cfg: RecoverConfig) -> Path:
+    """Run recovery; returns the output folder. Resumable; shards batches over torchrun ranks."""
+    timer = Timer()
+    ctx = dist.init(cfg.device)
+    device = ctx.device
+    out = Path(cfg.out)
+    train, _, info = load_dataset(cfg.dataset, cfg.data_root, cfg.download)
+    primary, teachers, pool = load_teachers(cfg, info, device)
+    batches = plan_batches(info.num_classes, cfg.ipc, cfg.batch_size)
+    sets = draw_teacher_sets(cfg, cfg.primary, pool, len(batches))
+    per_class = class_indices(train.targets, info.num_classes) if cfg.init == "real" else None
+    if cfg.force and ctx.rank == 0:
+        for p in (out / "records").glob("batch_*.json"):
+            p.unlink()
+    dist.barrier(ctx)
+    mine = [b for b in range(len(batches)) if b % ctx.world_size == ctx.rank]
+    todo = [b for b in mine if not _batch_done(out, b, batches[b])]
+    if ctx.rank == 0 and len(todo) < len(mine):
+        print(f"[recover] resuming: {len(mine) - len(todo)} of {len(mine)} batches already finished")
+    log = JsonlLog(out / "logs" / f"rank{ctx.rank}.jsonl")
+    with ExitStack() as stack:
+        engine = Engine(cfg, info, primary, teachers, device, stack)
+        bar = progress(total=len(todo), desc=f"recover {cfg.method}", disable=None if ctx.rank == 0 else True)
+        for b in todo:
+            units = batches[b]
+            x0 = initial_images(cfg, b, units, train, info, per_class)
+            t0 = Timer()
+            x, record = engine.run_batch(b, units, sets[b], x0, log)
+            for (c, k), img in zip(units, x):
+                save_image(image_path(out, c, k), img, info)
+            record["seconds"] = round(t0.elapsed, 2)
+            write_json(out / "records" / f"batch_{b:05d}.json", record)  # last: marks the batch finished
+            bar.update(1)
+            bar.set_postfix(ce=record["final_losses"].get("ce"), bn=record["final_losses"].get("bn_mean"))
+        bar.close()
+    dist.barrier(ctx)
+    if ctx.rank == 0:
+        records = [read_json(out / "records" / f"batch_{b:05d}.json") for b in range(len(batches))]
+        images = {f"{c}_{k}": {"file": str(image_path(out, c, k).relative_to(out)), "class": c, "ipc_index": k,
+                               "teachers": r["bn_set"] if cfg.selection != "rotate" else sorted(r.get("rotation_counts", {})),
+                               "primary": r["primary"], "batch": r["batch"], "iterations": r["budgets"][i]}
+                  for r in records for i, (c, k) in enumerate(map(tuple, r["units"]))}
+        write_manifest(out, "recover", cfg,
+                       inputs={"dataset": info.to_dict(),
+                               "teachers": {a: {"folder": t.folder, "test_top1": t.card.get("test_top1"),
+                                                "role": ("primary" if a == cfg.primary else "bn")}
+                                            for a, t in teachers.items()},
+                               "bn_pool": pool},
+                       outputs={"images": images, "num_images": len(images), "batches": records},
+                       wall_time=timer.elapsed,
+                       extra={"world_size": ctx.world_size})
+        print(f"[recover] {len(images)} images -> {out / 'images'} ({timer.elapsed:.1f}s)")
+    dist.barrier(ctx)
+    return out
+
+
+# ----------------------------------------------------------------------------- reading a distilled set
+class DistilledSet(TensorImages):
+    """A recovered set as an in-memory dataset (uint8 images, class targets) with its provenance."""
+
+    def __init__(self, images, targets, info: DatasetInfo, manifest: dict, folder: Path):
+        super().__init__(images, targets)
+        self.info, self.manifest, self.folder = info, manifest, folder
+
+
+def load_distilled(folder) -> DistilledSet:
+    from PIL import Image
+
+    from .utils import read_manifest
+
+    folder = Path(folder)
+    m = read_manifest(folder)
+    if m["stage"] not in ("recover", "random-real"):
+        raise PrismError(f"{folder}: expected a recover output, found stage {m['stage']!r}")
+    info = DatasetInfo(**{k: v for k, v in m["inputs"]["dataset"].items() if k != "num_classes"})
+    entries = sorted(m["outputs"]["images"].values(), key=lambda e: (e["class"], e["ipc_index"]))
+    imgs = []
+    for e in entries:
+        path = folder / e["file"]
+        try:
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("L" if info.channels == 1 else "RGB"), dtype=np.uint8)
+        except Exception as err:
+            raise PrismError(f"{path}: cannot read distilled image ({err}); re-run recover to rewrite it") from None
+        t = torch.from_numpy(arr.copy())
+        imgs.append(t[None] if t.ndim == 2 else t.permute(2, 0, 1))
+    targets = torch.tensor([e["class"] for e in entries])
+    return DistilledSet(torch.stack(imgs), targets, info, m, folder)
