@@ -76,9 +76,9 @@ class CutMix:
         return out
 
 
-def sample_cutmix(n: int, size: int, generator: torch.Generator, alpha: float = 1.0) -> CutMix:
-    lam = torch.distributions.Beta(alpha, alpha).sample() if alpha != 1.0 else torch.rand(1, generator=generator)
-    lam = float(lam)
+def sample_cutmix(n: int, size: int, generator: torch.Generator) -> CutMix:
+    """CutMix with lambda ~ Beta(1, 1) = U(0, 1), the usual setting, drawn from ``generator``."""
+    lam = float(torch.rand(1, generator=generator))
     cut = math.sqrt(1 - lam)
     ch = cw = int(size * cut)
     cy, cx = torch.randint(0, size, (2,), generator=generator).tolist()

@@ -77,8 +77,9 @@ def config_from_args(name: str, args: argparse.Namespace):
     # a method preset sits between the defaults and everything the user wrote
     preset = getattr(mod, "preset_layer", None)
     if preset is not None:
-        method = next((l["method"] for l in reversed(layers) if "method" in l), None)
-        layers.insert(0, preset(method))
+        key = getattr(mod, "PRESET_KEY", "method")
+        name = next((l[key] for l in reversed(layers) if key in l), None)
+        layers.insert(0, preset(name))
     return build_config(cls, *layers)
 
 

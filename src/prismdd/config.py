@@ -28,6 +28,8 @@ class CommonConfig:
     seed: int = 0  # every random choice derives from this (and is recorded)
     out: str = "runs/out"  # output folder
     num_workers: int = 0  # DataLoader workers for file-backed datasets (in-memory sets need none)
+    resolution: int | None = None  # None: the dataset's own (imagefolder: 224)
+    subset: str | None = None  # .npy/.txt file of training-set indices to use instead of the whole train split
 
 
 def config_fields(cls_or_obj) -> dict[str, dataclasses.Field]:

@@ -358,6 +358,34 @@ def load_dataset(name: str, root: str | None = None, download: bool = False, res
     return train, test, info
 
 
+def load_splits(cfg) -> tuple:
+    """``load_dataset`` for a stage config: honours ``resolution`` and ``subset`` (a file of train indices)."""
+    train, test, info = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.resolution)
+    if cfg.subset:
+        idx = load_indices(cfg.subset, len(train))
+        train = subset_split(train, idx)
+        info.source += f" (subset {cfg.subset}: {len(idx)} train images)"
+    return train, test, info
+
+
+def load_indices(path, n: int) -> torch.Tensor:
+    p = Path(path)
+    try:
+        arr = np.load(p) if p.suffix == ".npy" else np.loadtxt(p, dtype=np.int64, ndmin=1)
+    except (OSError, ValueError) as e:
+        raise PrismError(f"--subset {path}: cannot read indices ({e}); expected .npy or one integer per line") from None
+    idx = torch.as_tensor(np.asarray(arr, dtype=np.int64))
+    if idx.ndim != 1 or (len(idx) and (idx.min() < 0 or idx.max() >= n)):
+        raise PrismError(f"--subset {path}: indices must be a flat list within [0, {n})")
+    return idx
+
+
+def subset_split(split, idx: torch.Tensor):
+    if isinstance(split, TensorImages):
+        return TensorImages(split.images[idx], split.targets[idx])
+    return FolderImages([split.samples[i] for i in idx.tolist()], split.resolution, split.channels)
+
+
 def _resize_split(split: TensorImages, resolution: int) -> TensorImages:
     x = torch.nn.functional.interpolate(split.images.float(), size=resolution, mode="bilinear", antialias=True)
     return TensorImages(x.round().clamp(0, 255).to(torch.uint8), split.targets)

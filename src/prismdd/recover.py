@@ -27,7 +27,7 @@ from . import distributed as dist
 from .augment import apply_views, jitter, sample_views, scale_jitter
 from .bn import bn_hooks
 from .config import CommonConfig, config_to_dict
-from .data import DatasetInfo, TensorImages, class_indices, denormalize, load_dataset, normalize, pixel_bounds
+from .data import DatasetInfo, TensorImages, class_indices, denormalize, load_splits, normalize, pixel_bounds
 from .methods import METHODS, method_settings
 from .models import has_batchnorm
 from .squeeze import find_teachers, load_teacher
@@ -89,6 +89,9 @@ class RecoverConfig(CommonConfig):
             raise PrismError("ipc, iterations and batch_size must be >= 1")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise PrismError(f"crop_scale {self.crop_scale}: expected 0 < low <= high <= 1")
+
+
+PRESET_KEY = "method"
 
 
 def preset_layer(method: str | None) -> dict:
@@ -178,6 +181,9 @@ def load_teachers(cfg: RecoverConfig, info: DatasetInfo, device) -> tuple[Teache
     for arch in need:
         model, card = load_teacher(found[arch], arch=arch, dataset=info.name, class_names=info.class_names,
                                    device=device)
+        if card["spec"]["resolution"] != info.resolution:
+            raise PrismError(f"{found[arch]}: teacher was trained at {card['spec']['resolution']} px, the data is at "
+                             f"{info.resolution} px; pass --resolution {card['spec']['resolution']}")
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         teachers[arch] = Teacher(arch, model, card, str(found[arch]))
@@ -360,7 +366,7 @@ def recover(cfg: RecoverConfig) -> Path:
     ctx = dist.init(cfg.device)
     device = ctx.device
     out = Path(cfg.out)
-    train, _, info = load_dataset(cfg.dataset, cfg.data_root, cfg.download)
+    train, _, info = load_splits(cfg)
     primary, teachers, pool = load_teachers(cfg, info, device)
     batches = plan_batches(info.num_classes, cfg.ipc, cfg.batch_size)
     sets = draw_teacher_sets(cfg, cfg.primary, pool, len(batches))

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from .augment import apply_views, sample_views
 from .config import CommonConfig, config_to_dict
-from .data import DatasetInfo, iterate_batches, load_dataset, normalize
+from .data import DatasetInfo, iterate_batches, load_splits, normalize
 from .models import create_model, model_from_spec
 from .training import check_finite, evaluate, lr_factor, make_optimizer, set_lr
 from .utils import (JsonlLog, PrismError, Timer, atomic_path, make_generator, progress, read_json,
@@ -29,7 +29,6 @@ class SqueezeConfig(CommonConfig):
     out: str = "runs/teachers"
     arch: str = "convnet"  # one architecture, or a comma list for a zoo (one sub-folder each)
     width: float = 0.5  # width multiplier: 0.5 keeps CPU runs to minutes; use 1.0 on a GPU
-    resolution: int | None = None  # None: the dataset's own (imagefolder: 224)
     small_stem: bool | None = None  # None: 3x3 stride-1 stem without max-pool below 64 px
     pretrained: str | None = None  # "torchvision" for ImageNet weights, or a local weights file
     epochs: int = 2  # ConvNet-D3 reaches ~90% on Fashion-MNIST in 2 epochs
@@ -59,7 +58,7 @@ def squeeze(cfg: SqueezeConfig) -> dict[str, Path]:
     """Train (or reuse) every teacher of ``cfg.arch``; returns ``{arch: folder}``."""
     timer = Timer()
     device = resolve_device(cfg.device)
-    train, test, info = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.resolution)
+    train, test, info = load_splits(cfg)
     out = Path(cfg.out)
     folders = {}
     for arch in cfg.archs:

@@ -1,0 +1,426 @@
+"""report: one self-contained HTML page for a whole run (``prismdd run``), plus a terminal table.
+
+``write_report(out_dir, results)`` writes ``out_dir/report.html`` (inline CSS, every figure embedded as a
+base64 PNG data URI, no scripts, nothing fetched from the network) and the figures as PNG files in
+``out_dir/figures/``. The page shows the numbers exactly as ``results`` gives them: nothing is computed
+here except formatting and plots.
+
+``results`` schema (produced by the pipeline)::
+
+    {"dataset", "ipc", "student", "protocol", "date", "command",
+     "rows": [{"method", "top1", "top1_std", "top5", "intra_class_cos", "inter_class_cos", "images",
+               "seconds", "distilled": folder | None, "curve": [{"epoch", "top1"}, ...]}, ...],
+     "timings": {stage: seconds}, "teachers": {arch: {"test_top1", ...}}, "config": {...},
+     "embedding": {"method", "points": [[x, y]], "labels": [set name], "classes": [int]} | None,
+     "audit": {"targets": [{"target", "auc", "tpr_at_0.1pct_fpr", "tpr_at_1pct_fpr", ...}]} | None}
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from .utils import atomic_path
+
+MAX_GRID_CLASSES = 20  # rows of a per-method image grid
+MAX_GRID_IPC = 10  # columns of a per-method image grid
+DASH = "\u2013"  # shown for a missing number
+CLASS_MARKERS = ["o", "s", "^", "v", "D", "P", "X", "*", "<", ">"]  # embedding: marker by class (cycled)
+
+CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #222; background: #fff;
+       max-width: 1100px; margin: 24px auto; padding: 0 20px; line-height: 1.45; font-size: 15px; }
+h1 { font-size: 26px; margin-bottom: 4px; }
+h2 { font-size: 20px; margin-top: 36px; border-bottom: 2px solid #e3e3e3; padding-bottom: 4px; }
+h3 { font-size: 16px; margin: 20px 0 6px; }
+table { border-collapse: collapse; margin: 8px 0 4px; font-size: 14px; }
+th, td { border: 1px solid #d6d6d6; padding: 5px 10px; text-align: left; vertical-align: top; }
+th { background: #f3f5f7; font-weight: 600; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+table.meta td { overflow-wrap: anywhere; }
+table.meta td:first-child { width: 90px; font-weight: 600; background: #f3f5f7; white-space: nowrap; }
+tr:nth-child(even) td { background: #fafbfc; }
+.note { color: #555; font-size: 13.5px; margin: 4px 0 12px; }
+.warn { background: #fff7e0; border-left: 4px solid #e0a800; padding: 8px 12px; font-size: 14px; }
+figure { margin: 14px 0 22px; }
+figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 13.5px; margin-top: 4px; }
+.grids { display: flex; flex-wrap: wrap; gap: 18px; align-items: flex-start; }
+.grids figure { margin: 0; }
+pre { background: #f6f8fa; border: 1px solid #e1e4e8; padding: 12px; overflow-x: auto; font-size: 12.5px;
+      line-height: 1.35; max-height: 600px; }
+footer { margin-top: 40px; color: #888; font-size: 12px; }
+"""
+
+
+# ----------------------------------------------------------------------------- formatting
+def _num(v, digits: int = 1) -> str | None:
+    if v is None:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    return f"{f:.{digits}f}" if np.isfinite(f) else str(f)
+
+
+def fmt_top1(row: dict, dash: str = DASH) -> str:
+    """``81.2 ± 0.3`` (or ``81.2`` without a std, or a dash without a value)."""
+    top1 = _num(row.get("top1"))
+    if top1 is None:
+        return dash
+    std = _num(row.get("top1_std"))
+    return f"{top1} \u00b1 {std}" if std is not None else top1
+
+
+def fmt_seconds(v, dash: str = DASH) -> str:
+    if v is None:
+        return dash
+    s = float(v)
+    if s < 60:
+        return f"{s:.1f} s"
+    if s < 3600:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.2f} h"
+
+
+def _cell(v, digits: int = 1, dash: str = DASH) -> str:
+    """A table cell: floats with ``digits`` decimals, integers as they are, None as a dash."""
+    if v is None:
+        return dash
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        return _num(v, digits)
+    return str(v)
+
+
+def format_table(rows: list[dict], cols: list[str]) -> str:
+    """Plain-text table with a header rule; cells are ``str(row.get(col, ""))``."""
+    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in cols}
+    lines = [" | ".join(c.ljust(widths[c]) for c in cols), "-+-".join("-" * widths[c] for c in cols)]
+    lines += [" | ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols) for r in rows]
+    return "\n".join(lines)
+
+
+def print_table(rows: list[dict]) -> str:
+    """The terminal summary ``method | top-1 | intra-class cos | images | time``; printed and returned."""
+    cols = ["method", "top-1", "intra-class cos", "images", "time"]
+    table = format_table([{"method": r.get("method", "?"), "top-1": fmt_top1(r, "-"),
+                           "intra-class cos": _cell(r.get("intra_class_cos"), 4, "-"),
+                           "images": _cell(r.get("images"), 0, "-"), "time": fmt_seconds(r.get("seconds"), "-")}
+                          for r in rows], cols)
+    print(table)
+    return table
+
+
+# ----------------------------------------------------------------------------- figures
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display (CI, servers)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    plt = _plt()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("_") or "set"
+
+
+def _class_names(folder: Path) -> list[str] | None:
+    try:
+        m = json.loads((folder / "manifest.json").read_text())
+        return list(m["inputs"]["dataset"]["class_names"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _read_png(path: Path) -> np.ndarray:
+    """A PNG as uint8 (H, W, 3), grey images replicated to RGB so colour and grey sets tile alike."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def grid_figure(method: str, folder, path: Path) -> tuple[Path | None, str]:
+    """Per-class image grid of a distilled folder (classes as rows, IPC as columns) -> (png, caption).
+
+    The images are tiled into one mosaic (1-pixel white gutters) shown in a single axes, so every cell
+    keeps its aspect ratio whatever the image size.
+    """
+    folder = Path(folder)
+    class_dirs = sorted((d for d in (folder / "images").glob("*") if d.is_dir() and d.name.isdigit()),
+                        key=lambda d: int(d.name))
+    files = [sorted(d.glob("*.png")) for d in class_dirs]
+    if not class_dirs or not any(files):
+        return None, f"{method}: no images found under {folder / 'images'}"
+    n_classes, ipc = len(class_dirs), max(len(f) for f in files)
+    rows, cols = min(n_classes, MAX_GRID_CLASSES), max(1, min(ipc, MAX_GRID_IPC))
+    first = _read_png(next(f for fs in files for f in fs))
+    h, w = first.shape[:2]
+    gap = 1
+    mosaic = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, 3), 255, dtype=np.uint8)
+    for r in range(rows):
+        for k, f in enumerate(files[r][:cols]):
+            img = _read_png(f)
+            if img.shape[:2] != (h, w):  # mixed sizes: nearest-neighbour fit into the cell
+                from PIL import Image
+
+                img = np.asarray(Image.fromarray(img).resize((w, h), Image.NEAREST))
+            y, x = r * (h + gap), k * (w + gap)
+            mosaic[y: y + h, x: x + w] = img
+    names = _class_names(folder)
+    labels = [names[int(d.name)] if names and int(d.name) < len(names) else d.name for d in class_dirs[:rows]]
+    plt = _plt()
+    cell = 0.55  # inches per image: 8 px digits and 224 px ImageNet crops both stay legible
+    fig, ax = plt.subplots(figsize=(cols * cell + 1.4, rows * cell + 0.7))
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_yticks([r * (h + gap) + h / 2 - 0.5 for r in range(rows)])
+    ax.set_yticklabels([lab[:16] for lab in labels], fontsize=8)
+    ax.set_xticks([k * (w + gap) + w / 2 - 0.5 for k in range(cols)])
+    ax.set_xticklabels([str(k) for k in range(cols)], fontsize=8)
+    ax.set_xlabel("IPC index", fontsize=8)
+    ax.tick_params(length=0)
+    for s in ax.spines.values():
+        s.set_visible(False)
+    ax.set_title(method, fontsize=11)
+    shown = f"{rows} of {n_classes} classes" if rows < n_classes else f"{n_classes} classes"
+    shown += f", {cols} of {ipc} images per class" if cols < ipc else f", {ipc} image(s) per class"
+    return _save(fig, path), f"{method}: {shown} (rows: classes; columns: IPC index) from {folder}"
+
+
+def accuracy_figure(rows: list[dict], path: Path) -> Path | None:
+    rows = [r for r in rows if r.get("top1") is not None]
+    if not rows:
+        return None
+    plt = _plt()
+    names = [str(r.get("method")) for r in rows]
+    top1 = [float(r["top1"]) for r in rows]
+    std = [float(r.get("top1_std") or 0.0) for r in rows]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(rows) + 2), 3.8))
+    colors = [plt.cm.tab10(i % 10) for i in range(len(rows))]
+    bars = ax.bar(range(len(rows)), top1, yerr=std, capsize=4, color=colors, edgecolor="black", linewidth=0.5)
+    for b, v, s in zip(bars, top1, std):
+        ax.text(b.get_x() + b.get_width() / 2, v + s + 0.5, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(names, rotation=20 if len(rows) > 5 else 0, ha="right" if len(rows) > 5 else "center")
+    ax.set_ylabel("student top-1 on real test set (%)")
+    ax.set_ylim(0, min(105, max(t + s for t, s in zip(top1, std)) * 1.12 + 1))
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.set_title("Top-1 accuracy (mean \u00b1 std over runs)")
+    return _save(fig, path)
+
+
+def curves_figure(rows: list[dict], path: Path) -> Path | None:
+    rows = [r for r in rows if r.get("curve")]
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.0))
+    for i, r in enumerate(rows):
+        pts = [(p["epoch"], p["top1"]) for p in r["curve"] if p.get("top1") is not None]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o" if len(pts) <= 20 else None, markersize=3, label=str(r.get("method")),
+                    color=plt.cm.tab10(i % 10))
+    ax.set_xlabel("student epoch")
+    ax.set_ylabel("top-1 on real test set (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("Student training curves")
+    return _save(fig, path)
+
+
+def embedding_figure(emb: dict, path: Path) -> Path | None:
+    """One panel per method: real points (grey) vs that method's points (colour); marker = class."""
+    pts = np.asarray(emb.get("points") or [], dtype=float).reshape(-1, 2)
+    labels = list(emb.get("labels") or [])
+    classes = list(emb.get("classes") or [0] * len(labels))
+    if not len(pts) or len(labels) != len(pts):
+        return None
+    plt = _plt()
+    sets = list(dict.fromkeys(labels))
+    methods = [s for s in sets if s != "real"] or sets
+    has_real = "real" in sets and methods != sets[:1]
+    lab, cls = np.array(labels), np.array(classes)
+    n = len(methods)
+    ncols = min(n, 3)
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 4.0 * nrows + 0.4), squeeze=False,
+                             sharex=True, sharey=True)
+    uniq_classes = sorted(set(cls.tolist()))
+    for i, m in enumerate(methods):
+        ax = axes[i // ncols][i % ncols]
+        color = plt.cm.tab10((i + 1) % 10)
+        for j, c in enumerate(uniq_classes):
+            mk = CLASS_MARKERS[j % len(CLASS_MARKERS)]
+            if has_real:
+                sel = (lab == "real") & (cls == c)
+                ax.scatter(pts[sel, 0], pts[sel, 1], s=14, marker=mk, color="0.6", alpha=0.45, linewidths=0,
+                           label="real" if j == 0 else None)
+            sel = (lab == m) & (cls == c)
+            ax.scatter(pts[sel, 0], pts[sel, 1], s=28, marker=mk, color=color, alpha=0.9, edgecolors="black",
+                       linewidths=0.3, label=m if j == 0 else None)
+        ax.set_title(f"real vs {m}" if has_real else m, fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.legend(fontsize=8, loc="best", markerscale=1.0)
+    for i in range(n, nrows * ncols):
+        axes[i // ncols][i % ncols].axis("off")
+    method = str(emb.get("method", "?")).upper().replace("TSNE", "t-SNE")
+    fig.suptitle(f"{method} of observer features: real vs distilled (cf. paper Fig. 1, SRe2L vs PRISM)",
+                 fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+# ----------------------------------------------------------------------------- HTML
+def _e(v: Any) -> str:
+    return html.escape("" if v is None else str(v))
+
+
+def _table(header: Iterable[str] | None, body: Iterable[Iterable[tuple[str, bool]]], cls: str = "") -> str:
+    """``body``: rows of (cell text, numeric?) pairs; text is escaped here. ``header`` None: no header row."""
+    head = "<thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr></thead>" if header else ""
+    rows = "".join("<tr>" + "".join(f'<td class="num">{_e(t)}</td>' if num else f"<td>{_e(t)}</td>"
+                                    for t, num in row) + "</tr>" for row in body)
+    cls_attr = f' class="{cls}"' if cls else ""
+    return f"<table{cls_attr}>{head}<tbody>{rows}</tbody></table>"
+
+
+def _figure(path: Path | None, caption: str, alt: str) -> str:
+    if path is None:
+        return f'<p class="note">{_e(caption)}</p>'
+    return (f'<figure><img src="{_data_uri(path)}" alt="{_e(alt)}">'
+            f"<figcaption>{_e(caption)}</figcaption></figure>")
+
+
+def _dict_table(items: dict, key_header: str, preferred: list[str]) -> str:
+    """A table of ``{name: {col: value}}`` with ``preferred`` columns first, then any others present."""
+    cols = [c for c in preferred if any(c in (v or {}) for v in items.values())]
+    cols += sorted({k for v in items.values() for k in (v or {}) if k not in cols})
+    body = []
+    for name, v in items.items():
+        v = v or {}
+        body.append([(name, False)] + [(_cell(v.get(c), 2) if not isinstance(v.get(c), (dict, list))
+                                        else json.dumps(v.get(c)), isinstance(v.get(c), (int, float)))
+                                       for c in cols])
+    return _table([key_header] + cols, body)
+
+
+def write_report(out_dir, results: dict) -> Path:
+    """Write ``out_dir/report.html`` (self-contained) and ``out_dir/figures/*.png``; returns the HTML path."""
+    out_dir = Path(out_dir)
+    fig_dir = out_dir / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    rows = list(results.get("rows") or [])
+    title = f"prismdd report: {results.get('dataset', '?')}, IPC {results.get('ipc', '?')}"
+    parts = [f"<h1>{_e(title)}</h1>"]
+
+    # --- header
+    meta = [(k, results.get(k)) for k in ("dataset", "ipc", "student", "protocol", "date", "command")]
+    parts.append(_table(None, [[(k.upper() if k == "ipc" else k, False), (_cell(v), False)] for k, v in meta],
+                        cls="meta"))
+
+    # --- accuracy table
+    parts.append("<h2>Results</h2>")
+    body = [[(r.get("method", "?"), False), (fmt_top1(r), True), (_cell(r.get("top5")), True),
+             (_cell(r.get("intra_class_cos"), 4), True), (_cell(r.get("inter_class_cos"), 4), True),
+             (_cell(r.get("images"), 0), True), (fmt_seconds(r.get("seconds")), True)] for r in rows]
+    parts.append(_table(["method", "top-1 (mean \u00b1 std)", "top-5", "intra-class cos", "inter-class cos",
+                         "images", "time"], body))
+    parts.append('<p class="note">Top-1/top-5: student accuracy (%) on the real test split, as reported by the '
+                 "pipeline (see the protocol above). Intra-/inter-class cos: mean cosine similarity of an observer "
+                 "network's penultimate features; <b>lower intra-class cosine = more diverse</b> images within a "
+                 f"class. {DASH} = not measured. Time: wall-clock seconds of that method's stages.</p>")
+
+    # --- figures
+    parts.append("<h2>Figures</h2>")
+    parts.append(_figure(accuracy_figure(rows, fig_dir / "accuracy.png"),
+                         "Student top-1 per method; error bars: standard deviation over runs "
+                         "(none drawn where only one run was made)." if any(r.get("top1") is not None for r in rows)
+                         else "No accuracy numbers to plot.", "accuracy bar chart"))
+    parts.append(_figure(curves_figure(rows, fig_dir / "curves.png"),
+                         "Top-1 on the real test set during student training." if any(r.get("curve") for r in rows)
+                         else "No training curves were recorded.", "training curves"))
+    emb = results.get("embedding")
+    emb_path = embedding_figure(emb, fig_dir / "embedding.png") if emb else None
+    parts.append(_figure(emb_path, (f"2-D {emb.get('method', '?')} embedding of observer features, computed jointly "
+                                    f"for all sets; grey: real images, colour: distilled images; marker shape: class. "
+                                    f"A wider spread within a class means more diverse images."
+                                    if emb_path else "No feature embedding was computed."), "feature embedding"))
+    grids = []
+    for r in rows:
+        folder = r.get("distilled")
+        if not folder:
+            continue
+        p, caption = grid_figure(str(r.get("method")), folder, fig_dir / f"grid_{_slug(r.get('method'))}.png")
+        grids.append(_figure(p, caption, f"image grid {r.get('method')}"))
+    if grids:
+        parts.append("<h3>Distilled images</h3>")
+        parts.append('<div class="grids">' + "".join(grids) + "</div>")
+
+    # --- teachers, timings
+    teachers = results.get("teachers") or {}
+    if teachers:
+        parts.append("<h2>Teachers</h2>")
+        parts.append(_dict_table(teachers, "architecture", ["test_top1", "test_top5", "role", "epochs", "folder"]))
+        parts.append('<p class="note">test_top1/test_top5: teacher accuracy (%) on the real test split.</p>')
+    timings = results.get("timings") or {}
+    if timings:
+        parts.append("<h2>Timings</h2>")
+        body = [[(k, False), (fmt_seconds(v), True)] for k, v in timings.items()]
+        total = sum(float(v) for v in timings.values() if isinstance(v, (int, float)))
+        body.append([("total (sum of the above)", False), (fmt_seconds(total), True)])
+        parts.append(_table(["stage", "wall time"], body))
+
+    # --- audit
+    audit = results.get("audit")
+    if audit:
+        parts.append("<h2>Privacy audit (membership inference)</h2>")
+        targets = audit.get("targets") or []
+        preferred = ["target", "auc", "tpr_at_0.1pct_fpr", "tpr_at_1pct_fpr"]
+        cols = [c for c in preferred if any(c in t for t in targets)]
+        cols += sorted({k for t in targets for k in t if k not in cols})
+        parts.append(_table(cols, [[(_cell(t.get(c), 4) if not isinstance(t.get(c), (dict, list))
+                                     else json.dumps(t.get(c)), isinstance(t.get(c), (int, float)))
+                                    for c in cols] for t in targets]))
+        parts.append('<p class="warn">These are empirical membership-inference attack results on this run '
+                     "(AUC 0.5 and TPR equal to the FPR are chance level). They are not a differential-privacy "
+                     "guarantee: no gradient clipping or calibrated noise is involved, and a stronger attack may "
+                     "do better (METHOD.md section 6).</p>")
+
+    # --- config
+    parts.append("<h2>Resolved configuration</h2>")
+    parts.append(f"<pre>{_e(json.dumps(results.get('config') or {}, indent=2, default=str))}</pre>")
+    parts.append(f"<footer>Written by prismdd. Every figure is embedded in this page; PNG copies are in "
+                 f"{_e(fig_dir.name)}/.</footer>")
+
+    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_e(title)}</title>"
+            f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+    path = out_dir / "report.html"
+    with atomic_path(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return path
