@@ -68,7 +68,7 @@ def bn_loss_reference(model: nn.Module, x: torch.Tensor, first_bn_multiplier: fl
     for i, (_, bn) in enumerate(batchnorm_layers(model)):
         w = first_bn_multiplier if i == 0 else 1.0
 
-        def hook(module, inputs, w=w):
+        def hook(module, inputs, output, w=w):
             inp = inputs[0]
             c = inp.shape[1]
             flat = inp.permute(1, 0, 2, 3).reshape(c, -1)

@@ -78,7 +78,7 @@ def config_from_args(name: str, args: argparse.Namespace):
     preset = getattr(mod, "preset_layer", None)
     if preset is not None:
         key = getattr(mod, "PRESET_KEY", "method")
-        name = next((l[key] for l in reversed(layers) if key in l), None)
+        name = next((l[key] for l in reversed(layers) if key in l and l[key] is not None), None)
         layers.insert(0, preset(name))
     return build_config(cls, *layers)
 

@@ -73,7 +73,8 @@ def parse_sets(items: Iterable[str]) -> dict:
         if "=" not in item:
             raise PrismError(f"--set {item!r}: expected key=value, e.g. --set iterations=500")
         k, v = item.split("=", 1)
-        out[k.strip().replace("-", "_")] = yaml.safe_load(v) if v.strip() else None
+        # kept as text: _coerce parses it as YAML only for fields that are not strings (out=1.10 stays "1.10")
+        out[k.strip().replace("-", "_")] = v.strip() if v.strip() else None
     return out
 
 
@@ -87,7 +88,16 @@ def _coerce(cls, name: str, value: Any, hint) -> Any:
         raise PrismError(f"{name}: may not be empty")
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
+        if isinstance(value, str) and value.lower() in ("none", "null", "~"):
+            return None
         return _coerce(cls, name, value, inner[0]) if len(inner) == 1 else value
+    if isinstance(value, str) and hint is not str:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise PrismError(f"{name}={value!r}: not a valid value") from None
+        if value is None:
+            raise PrismError(f"{name}: may not be empty")
     try:
         if hint is bool:
             if isinstance(value, str):
@@ -97,6 +107,8 @@ def _coerce(cls, name: str, value: Any, hint) -> Any:
                     return False
                 raise ValueError(value)
             return bool(value)
+        if hint in (int, float) and isinstance(value, bool):
+            raise ValueError(value)  # `epochs=true` is a mistake, not 1
         if hint is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)

@@ -143,6 +143,8 @@ def read_idx(path) -> np.ndarray:
     if raw[2] not in dtypes:
         raise PrismError(f"{path}: unknown IDX element type 0x{raw[2]:02x}")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise PrismError(f"{path}: truncated IDX header; re-download or reinstall the dataset")
     shape = struct.unpack(">" + "I" * ndim, raw[4: 4 + 4 * ndim])
     dtype = np.dtype(dtypes[raw[2]])
     expected = int(np.prod(shape)) * dtype.itemsize
@@ -225,9 +227,9 @@ def _make_idx_dataset(name: str, class_names: list[str], debian_pkg: str, tv_cla
             source = f"torchvision download into {dl_root}"
         else:
             tried = ", ".join(str(p) for p in _idx_candidates(name, root))
-            raise PrismError(
-                f"dataset {name!r} not found (looked for IDX files in: {tried}); get it with "
-                f"`apt-get install {debian_pkg}` (Debian), or pass --data-root DIR, or --download")
+            apt = f"`apt-get install {debian_pkg}` (Debian), or " if debian_pkg.startswith("dataset-") else ""
+            raise PrismError(f"dataset {name!r} not found (looked for IDX files in: {tried}); get it with "
+                             f"{apt}pass --data-root DIR, or --download")
         train, test = splits["train"], splits["test"]
         mean, std = channel_stats(train.images[:10000])
         info = DatasetInfo(name, class_names, 1, 28, mean, std, source)
@@ -242,7 +244,7 @@ DATASETS.register("fashion-mnist", DatasetSpec(
     lambda root: (str(p) if (p := _idx_source("fashion-mnist", root)) else None),
     "apt-get install dataset-fashion-mnist, or --download"))
 DATASETS.register("mnist", DatasetSpec(
-    _make_idx_dataset("mnist", [str(i) for i in range(10)], "mnist (IDX files)", "MNIST"),
+    _make_idx_dataset("mnist", [str(i) for i in range(10)], "<package providing MNIST IDX files>", "MNIST"),
     "MNIST digits, 10 classes, 28x28 grey, 60k/10k",
     lambda root: (str(p) if (p := _idx_source("mnist", root)) else None),
     "--data-root DIR with the IDX files, or --download"))

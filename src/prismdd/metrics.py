@@ -16,6 +16,7 @@ Output in ``out/``: ``metrics.json`` (per set: intra/inter-class cosine, per-cla
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +33,17 @@ from .utils import PrismError, Timer, make_generator, resolve_device, write_json
 FEATURE_BATCH = 256  # images per observer forward pass (features only, no gradients)
 COS_EPS = 1e-12  # guards the norm of an all-zero feature vector (its cosine with anything counts as 0)
 REFERENCE_NAME = "random-real"
+EMBED_PCA_DIMS = 50  # PCA before t-SNE/UMAP: removes noise dimensions, keeps t-SNE fast on a CPU
+TSNE_EXACT_BELOW = 500  # exact t-SNE below this many points (Barnes-Hut only pays off above it)
+EMBED_MAX_PER_SET = 500  # points per set in the 2-D embedding (seeded subsample above it)
+OBSERVER_CHANCE_FACTOR = 2.0  # warn when the observer's test top-1 is below this many times chance
+COLLAPSED_COS = 0.99  # warn when real class means are this similar: the observer's features have collapsed
 
 
 @dataclass
 class MetricsConfig(CommonConfig):
+    """``dataset`` and the resolution come from the distilled sets themselves (all must agree)."""
+
     out: str = "runs/metrics"  # output folder: metrics.json, manifest.json, config.yaml
     distilled: str = ""  # comma list of distilled folders (recover outputs) to measure
     observer: str = "runs/teachers/observer"  # teacher folder of a network that took NO part in synthesis
@@ -134,21 +142,16 @@ def feature_diversity(images_uint8: torch.Tensor, targets: torch.Tensor, info: D
 
 
 def random_real_reference(train_split, num_classes: int, ipc: int, seed: int) -> TensorImages:
-    """A seeded random real subset with ``ipc`` images of every class (class-major order).
+    """A seeded random real subset with ``ipc`` images of every class, as uint8 ``TensorImages``.
 
-    Each class draws from its own generator (seed, "random-real", class), so adding classes or changing
-    the IPC of one call never reshuffles another class. The chosen train indices are in ``.indices``.
+    The draw is ``validate.random_real_subset``'s, so for the same seed these are exactly the images the
+    random-real student baseline trains on. The chosen train indices are in ``.indices``.
     """
+    from .validate import random_real_subset
+
     if ipc < 1:
         raise PrismError(f"random real reference: ipc must be >= 1, got {ipc}")
-    chosen = []
-    for c, idx in enumerate(class_indices(train_split.targets, num_classes)):
-        if len(idx) < ipc:
-            raise PrismError(f"random real reference: class {c} has only {len(idx)} training images, "
-                             f"fewer than IPC {ipc}")
-        perm = torch.randperm(len(idx), generator=make_generator(seed, "random-real", c))
-        chosen.append(idx[perm[:ipc]].sort().values)
-    indices = torch.cat(chosen)
+    indices = random_real_subset(train_split, num_classes, ipc, seed)
     sub = subset_split(train_split, indices)
     if not isinstance(sub, TensorImages):  # file-backed split: decode the few chosen images once
         sub = TensorImages(sub.get_images(torch.arange(len(sub))), sub.targets)
@@ -157,49 +160,63 @@ def random_real_reference(train_split, num_classes: int, ipc: int, seed: int) ->
 
 
 def embed_2d(features: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
-    """2-D embedding of (N, D) features -> ((N, 2) float array, method name).
+    """2-D embedding of (N, D) features -> ((N, 2) float array, method name: "umap" | "tsne" | "pca").
 
-    UMAP when ``umap-learn`` is installed (the paper's Fig. 1), else scikit-learn t-SNE with the perplexity
-    adapted to small N, else (N < 5) PCA.
+    UMAP when ``umap-learn`` is installed (the paper's Fig. 1), else scikit-learn t-SNE (perplexity adapted
+    to small N; exact gradients below ``TSNE_EXACT_BELOW`` points, where they are also the faster choice),
+    else (N < 5) PCA. Features are first reduced to ``EMBED_PCA_DIMS`` dimensions with PCA, the usual
+    denoising step that also keeps t-SNE fast on a CPU.
     """
     x = np.asarray(features, dtype=np.float64)
     n = len(x)
     if n == 0:
         return np.zeros((0, 2)), "none"
     x = x.reshape(n, -1)
-    if n >= 5:
-        try:
-            import umap  # noqa: F401
-
-            reducer = umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), random_state=seed)
-            return np.asarray(reducer.fit_transform(x), dtype=np.float64), "umap"
-        except ImportError:
-            pass
-        from sklearn.manifold import TSNE
-
-        perplexity = float(min(30.0, max(1.0, (n - 1) / 3)))  # t-SNE needs perplexity < n
-        tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
-        return np.asarray(tsne.fit_transform(x), dtype=np.float64), "tsne"
     from sklearn.decomposition import PCA
 
-    k = min(2, n, x.shape[1])
-    out = np.zeros((n, 2))
-    if n >= 2 and k >= 1:
-        out[:, :k] = PCA(n_components=k, random_state=seed).fit_transform(x)
-    return out, "pca"
+    if np.ptp(x, axis=0).max() <= 1e-12 * max(1.0, np.abs(x).max()):
+        return np.zeros((n, 2)), "none (all features identical)"  # a collapsed observer: nothing to embed
+    if n < 5:
+        k = min(2, n, x.shape[1])
+        out = np.zeros((n, 2))
+        if n >= 2 and k >= 1:
+            out[:, :k] = PCA(n_components=k, random_state=seed).fit_transform(x)
+        return out, "pca"
+    if x.shape[1] > EMBED_PCA_DIMS and n > EMBED_PCA_DIMS:
+        x = PCA(n_components=EMBED_PCA_DIMS, random_state=seed).fit_transform(x)
+    try:
+        import umap
+
+        reducer = umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), random_state=seed)
+        return np.asarray(reducer.fit_transform(x), dtype=np.float64), "umap"
+    except ImportError:
+        pass
+    from sklearn.manifold import TSNE
+
+    perplexity = float(min(30.0, max(1.0, (n - 1) / 3)))  # t-SNE needs perplexity < n
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed,
+                method="exact" if n < TSNE_EXACT_BELOW else "barnes_hut")
+    return np.asarray(tsne.fit_transform(x), dtype=np.float64), "tsne"
 
 
-def embedding(feature_sets: dict[str, tuple[torch.Tensor, torch.Tensor]], seed: int) -> dict:
+def embedding(feature_sets: dict[str, tuple[torch.Tensor, torch.Tensor]], seed: int,
+              max_per_set: int = EMBED_MAX_PER_SET) -> dict:
     """Joint 2-D embedding of several feature sets, in the report's ``embedding`` schema.
 
-    ``feature_sets``: ``{label: (features (N, D), targets (N,))}``, e.g. ``{"real": ..., "prism": ...}``.
+    ``feature_sets``: ``{label: (features (N, D), targets (N,))}``, e.g. ``{"real": ..., "prism": ...}``;
+    a set larger than ``max_per_set`` is subsampled (seeded), since t-SNE on a CPU grows quadratically.
     Returns ``{"method", "points", "labels", "classes"}`` (one entry per point).
     """
     labels, classes, feats = [], [], []
     for name, (f, t) in feature_sets.items():
-        feats.append(np.asarray(f, dtype=np.float64).reshape(len(t), -1))
+        f = np.asarray(f, dtype=np.float64).reshape(len(t), -1)
+        t = np.asarray(torch.as_tensor(t).tolist(), dtype=np.int64)
+        if len(t) > max_per_set:
+            keep = np.sort(torch.randperm(len(t), generator=make_generator(seed, "embed", name))[:max_per_set].numpy())
+            f, t = f[keep], t[keep]
+        feats.append(f)
         labels += [name] * len(t)
-        classes += [int(c) for c in torch.as_tensor(t).tolist()]
+        classes += [int(c) for c in t]
     if not feats:
         return {"method": "none", "points": [], "labels": [], "classes": []}
     points, method = embed_2d(np.concatenate(feats), seed)
@@ -258,9 +275,8 @@ def _same_dataset(a: DatasetInfo, b: DatasetInfo) -> bool:
 def metrics(cfg: MetricsConfig) -> dict:
     """Measure every distilled set (plus a random real reference) with the observer; write metrics.json."""
     from .recover import load_distilled
-    from .squeeze import load_teacher
-
     from .report import format_table
+    from .squeeze import load_teacher
 
     timer = Timer()
     if not cfg.folders:
@@ -268,6 +284,8 @@ def metrics(cfg: MetricsConfig) -> dict:
     device = resolve_device(cfg.device)
     sets = [load_distilled(f) for f in cfg.folders]
     info = sets[0].info
+    # the dataset is the distilled sets' own; record that (not the CLI default) in config.yaml and the manifest
+    cfg = dataclasses.replace(cfg, dataset=info.name)
     for s in sets[1:]:
         if not _same_dataset(s.info, info):
             raise PrismError(f"--distilled: {s.folder} is {s.info.name} at {s.info.resolution} px, {sets[0].folder} "
@@ -279,6 +297,11 @@ def metrics(cfg: MetricsConfig) -> dict:
                          f"images are {info.resolution} px")
     for s in sets:
         check_observer(card["arch"], s.manifest, s.folder)
+    warnings = []
+    chance = 100.0 / info.num_classes
+    if card.get("test_top1") is not None and card["test_top1"] < OBSERVER_CHANCE_FACTOR * chance:
+        warnings.append(f"observer {card['arch']} has test top-1 {card['test_top1']:.1f}% (chance {chance:.1f}%): "
+                        f"its features say little about the images; train it longer")
 
     train, _, _ = load_dataset(info.name, cfg.data_root, cfg.download, info.resolution)
     if cfg.subset:
@@ -305,12 +328,17 @@ def metrics(cfg: MetricsConfig) -> dict:
                                     **diversity_from_features(feats, ref.targets, info.num_classes))
         real_feats = real_feats or (feats, ref.targets)  # the embedding's real points: the first reference
     results.update(references)
+    collapsed = [k for k, v in references.items() if (v["inter_class_cos"] or 0) > COLLAPSED_COS]
+    if collapsed:
+        warnings.append(f"observer features of real images of different classes have cosine > {COLLAPSED_COS} "
+                        f"({', '.join(collapsed)}): the observer does not separate classes, so these numbers "
+                        f"cannot rank diversity")
 
     emb = embedding({"real": real_feats, **features}, cfg.seed)
     out = Path(cfg.out)
     observer_info = {"arch": card["arch"], "folder": str(obs_folder), "test_top1": card.get("test_top1"),
                      "width": card["spec"].get("width")}
-    report = {"dataset": info.name, "observer": observer_info, "sets": results, "embedding": emb,
+    report = {"dataset": info.name, "observer": observer_info, "sets": results, "embedding": emb, "warnings": warnings,
               "note": "cosine similarity of the observer's penultimate features; lower intra-class cosine = "
                       "more diverse"}
     write_json(out / "metrics.json", report)
@@ -325,6 +353,8 @@ def metrics(cfg: MetricsConfig) -> dict:
              "inter-class cos": _fmt(v["inter_class_cos"]), "images": v["num_images"]} for k, v in results.items()]
     print(f"[metrics] observer {card['arch']} ({obs_folder}); lower intra-class cos = more diverse")
     print(format_table(rows, ["set", "ipc", "intra-class cos", "inter-class cos", "images"]))
+    for w in warnings:
+        print(f"[metrics] WARNING: {w}")
     print(f"[metrics] -> {out / 'metrics.json'} ({timer.elapsed:.1f}s)")
     return report
 

@@ -179,7 +179,7 @@ def create_model(arch: str, num_classes: int, in_channels: int = 3, resolution: 
     spec = ModelSpec(arch, num_classes, in_channels, resolution, width, small_stem)
     if arch.startswith("timm:"):
         model = _create_timm(spec, pretrained)
-    elif arch.startswith("convnet"):
+    elif ARCHS.get(arch).family == "convnet":
         depth = 4 if arch == "convnet_d4" else 3
         norm = "instance" if arch == "convnet_in" else "batch"
         model = ConvNet(num_classes, in_channels, resolution, max(8, int(round(128 * width))), depth, norm)
@@ -280,7 +280,7 @@ def _adapt_stem(model: nn.Module, in_channels: int, small: bool, keep_weights: b
                         bias=conv.bias is not None)
         if keep_weights:  # grey input: the summed RGB filters respond to grey images as the originals did
             with torch.no_grad():
-                new.weight.copy_(conv.weight.sum(1, keepdim=True).repeat(1, in_channels, 1, 1) / in_channels * (3 / in_channels if in_channels == 1 else 1))
+                new.weight.copy_(conv.weight.sum(1, keepdim=True).repeat(1, in_channels, 1, 1) / in_channels)
         setattr(parent, attr, new)
 
 

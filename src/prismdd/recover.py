@@ -31,7 +31,7 @@ from .data import DatasetInfo, TensorImages, class_indices, denormalize, load_sp
 from .methods import METHODS, method_settings
 from .models import has_batchnorm
 from .squeeze import find_teachers, load_teacher
-from .utils import (JsonlLog, PrismError, Timer, atomic_path, make_generator, progress, read_json,
+from .utils import (JsonlLog, PrismError, config_hash, Timer, atomic_path, make_generator, progress, read_json,
                     resolve_device, write_json, write_manifest)
 
 SELECTIONS = ("intra", "pre", "all", "single", "rotate")
@@ -355,6 +355,11 @@ def initial_images(cfg: RecoverConfig, b: int, units, train, info: DatasetInfo, 
     return torch.randn(len(units), info.channels, info.resolution, info.resolution, generator=gen)
 
 
+def recover_hash(cfg: RecoverConfig) -> str:
+    """Hash of the settings that shape the images (not where they go, nor how fast they are made)."""
+    return config_hash(cfg, exclude=("out", "device", "num_workers", "force", "log_every", "compile"))
+
+
 def _batch_done(out: Path, b: int, units) -> bool:
     return (out / "records" / f"batch_{b:05d}.json").exists() and all(image_path(out, c, k).exists() for c, k in units)
 
@@ -375,6 +380,11 @@ def recover(cfg: RecoverConfig) -> Path:
         for p in (out / "records").glob("batch_*.json"):
             p.unlink()
     dist.barrier(ctx)
+    chash = recover_hash(cfg)
+    stale = [p.name for p in sorted((out / "records").glob("batch_*.json")) if read_json(p).get("config_hash") != chash]
+    if stale:
+        raise PrismError(f"{out}: holds batches made with other settings ({stale[0]} ...); use --force to redo them, "
+                         f"or another --out")
     mine = [b for b in range(len(batches)) if b % ctx.world_size == ctx.rank]
     todo = [b for b in mine if not _batch_done(out, b, batches[b])]
     if ctx.rank == 0 and len(todo) < len(mine):
@@ -391,6 +401,7 @@ def recover(cfg: RecoverConfig) -> Path:
             for (c, k), img in zip(units, x):
                 save_image(image_path(out, c, k), img, info)
             record["seconds"] = round(t0.elapsed, 2)
+            record["config_hash"] = chash
             write_json(out / "records" / f"batch_{b:05d}.json", record)  # last: marks the batch finished
             bar.update(1)
             bar.set_postfix(ce=record["final_losses"].get("ce"), bn=record["final_losses"].get("bn_mean"))

@@ -12,7 +12,9 @@ here except formatting and plots.
                "seconds", "distilled": folder | None, "curve": [{"epoch", "top1"}, ...]}, ...],
      "timings": {stage: seconds}, "teachers": {arch: {"test_top1", ...}}, "config": {...},
      "embedding": {"method", "points": [[x, y]], "labels": [set name], "classes": [int]} | None,
-     "audit": {"targets": [{"target", "auc", "tpr_at_0.1pct_fpr", "tpr_at_1pct_fpr", ...}]} | None}
+     "audit": {"targets": [{"target", "auc", "tpr_at_0.1pct_fpr", "tpr_at_1pct_fpr", ...}]} | None,
+     "warnings": [str, ...]  (optional; shown in a box under the header, e.g. metrics.json's warnings),
+     "observer": {"arch", "test_top1"}  (optional; named under the results table)}
 """
 from __future__ import annotations
 
@@ -51,7 +53,8 @@ figure { margin: 14px 0 22px; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 13.5px; margin-top: 4px; }
 .grids { display: flex; flex-wrap: wrap; gap: 18px; align-items: flex-start; }
-.grids figure { margin: 0; }
+.grids figure { margin: 0; display: table; }
+.grids figcaption { display: table-caption; caption-side: bottom; overflow-wrap: anywhere; }
 pre { background: #f6f8fa; border: 1px solid #e1e4e8; padding: 12px; overflow-x: auto; font-size: 12.5px;
       line-height: 1.35; max-height: 600px; }
 footer { margin-top: 40px; color: #888; font-size: 12px; }
@@ -100,6 +103,15 @@ def _cell(v, digits: int = 1, dash: str = DASH) -> str:
     return str(v)
 
 
+def _audit_cell(v) -> str:
+    """Audit numbers span orders of magnitude (TPR at 0.1 % FPR): four significant digits, not decimals."""
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):.4g}"
+    if isinstance(v, (dict, list)):
+        return json.dumps(v)
+    return _cell(v)
+
+
 def format_table(rows: list[dict], cols: list[str]) -> str:
     """Plain-text table with a header rule; cells are ``str(row.get(col, ""))``."""
     widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in cols}
@@ -109,14 +121,15 @@ def format_table(rows: list[dict], cols: list[str]) -> str:
 
 
 def print_table(rows: list[dict]) -> str:
-    """The terminal summary ``method | top-1 | intra-class cos | images | time``; printed and returned."""
+    """The terminal summary ``method | top-1 | intra-class cos | images | time`` as a string.
+
+    Returns the text without printing it (callers do ``print(print_table(rows))``).
+    """
     cols = ["method", "top-1", "intra-class cos", "images", "time"]
-    table = format_table([{"method": r.get("method", "?"), "top-1": fmt_top1(r, "-"),
-                           "intra-class cos": _cell(r.get("intra_class_cos"), 4, "-"),
-                           "images": _cell(r.get("images"), 0, "-"), "time": fmt_seconds(r.get("seconds"), "-")}
-                          for r in rows], cols)
-    print(table)
-    return table
+    return format_table([{"method": r.get("method", "?"), "top-1": fmt_top1(r, "-"),
+                          "intra-class cos": _cell(r.get("intra_class_cos"), 4, "-"),
+                          "images": _cell(r.get("images"), 0, "-"), "time": fmt_seconds(r.get("seconds"), "-")}
+                         for r in rows], cols)
 
 
 # ----------------------------------------------------------------------------- figures
@@ -188,9 +201,9 @@ def grid_figure(method: str, folder, path: Path) -> tuple[Path | None, str]:
     names = _class_names(folder)
     labels = [names[int(d.name)] if names and int(d.name) < len(names) else d.name for d in class_dirs[:rows]]
     plt = _plt()
-    cell = 0.55  # inches per image: 8 px digits and 224 px ImageNet crops both stay legible
+    cell = 0.55 if h <= 32 else 0.9  # inches per image: tiny images need few pixels, 224 px crops more
     fig, ax = plt.subplots(figsize=(cols * cell + 1.4, rows * cell + 0.7))
-    ax.imshow(mosaic, interpolation="nearest")
+    ax.imshow(mosaic, interpolation="antialiased")  # nearest when enlarging (8 px digits), smooth when shrinking
     ax.set_yticks([r * (h + gap) + h / 2 - 0.5 for r in range(rows)])
     ax.set_yticklabels([lab[:16] for lab in labels], fontsize=8)
     ax.set_xticks([k * (w + gap) + w / 2 - 0.5 for k in range(cols)])
@@ -202,7 +215,7 @@ def grid_figure(method: str, folder, path: Path) -> tuple[Path | None, str]:
     ax.set_title(method, fontsize=11)
     shown = f"{rows} of {n_classes} classes" if rows < n_classes else f"{n_classes} classes"
     shown += f", {cols} of {ipc} images per class" if cols < ipc else f", {ipc} image(s) per class"
-    return _save(fig, path), f"{method}: {shown} (rows: classes; columns: IPC index) from {folder}"
+    return _save(fig, path), f"{method}: {shown}"
 
 
 def accuracy_figure(rows: list[dict], path: Path) -> Path | None:
@@ -343,6 +356,9 @@ def write_report(out_dir, results: dict) -> Path:
     parts.append(_table(None, [[(k.upper() if k == "ipc" else k, False), (_cell(v), False)] for k, v in meta],
                         cls="meta"))
 
+    for w in results.get("warnings") or []:
+        parts.append(f'<p class="warn">{_e(w)}</p>')
+
     # --- accuracy table
     parts.append("<h2>Results</h2>")
     body = [[(r.get("method", "?"), False), (fmt_top1(r), True), (_cell(r.get("top5")), True),
@@ -350,10 +366,15 @@ def write_report(out_dir, results: dict) -> Path:
              (_cell(r.get("images"), 0), True), (fmt_seconds(r.get("seconds")), True)] for r in rows]
     parts.append(_table(["method", "top-1 (mean \u00b1 std)", "top-5", "intra-class cos", "inter-class cos",
                          "images", "time"], body))
+    obs = results.get("observer") or {}
+    obs_text = ""
+    if obs.get("arch"):
+        obs_text = f" Observer: {_e(obs['arch'])}" + (f" (test top-1 {_e(_cell(obs.get('test_top1')))}%)"
+                                                      if obs.get("test_top1") is not None else "") + "."
     parts.append('<p class="note">Top-1/top-5: student accuracy (%) on the real test split, as reported by the '
                  "pipeline (see the protocol above). Intra-/inter-class cos: mean cosine similarity of an observer "
                  "network's penultimate features; <b>lower intra-class cosine = more diverse</b> images within a "
-                 f"class. {DASH} = not measured. Time: wall-clock seconds of that method's stages.</p>")
+                 f"class.{obs_text} {DASH} = not measured. Time: wall-clock seconds of that method's stages.</p>")
 
     # --- figures
     parts.append("<h2>Figures</h2>")
@@ -379,6 +400,9 @@ def write_report(out_dir, results: dict) -> Path:
         grids.append(_figure(p, caption, f"image grid {r.get('method')}"))
     if grids:
         parts.append("<h3>Distilled images</h3>")
+        parts.append('<p class="note">One grid per method, read from its distilled folder: rows are classes, '
+                     f"columns are IPC indices (at most {MAX_GRID_CLASSES} classes and {MAX_GRID_IPC} images per "
+                     "class shown).</p>")
         parts.append('<div class="grids">' + "".join(grids) + "</div>")
 
     # --- teachers, timings
@@ -403,8 +427,7 @@ def write_report(out_dir, results: dict) -> Path:
         preferred = ["target", "auc", "tpr_at_0.1pct_fpr", "tpr_at_1pct_fpr"]
         cols = [c for c in preferred if any(c in t for t in targets)]
         cols += sorted({k for t in targets for k in t if k not in cols})
-        parts.append(_table(cols, [[(_cell(t.get(c), 4) if not isinstance(t.get(c), (dict, list))
-                                     else json.dumps(t.get(c)), isinstance(t.get(c), (int, float)))
+        parts.append(_table(cols, [[(_audit_cell(t.get(c)), isinstance(t.get(c), (int, float)))
                                     for c in cols] for t in targets]))
         parts.append('<p class="warn">These are empirical membership-inference attack results on this run '
                      "(AUC 0.5 and TPR equal to the FPR are chance level). They are not a differential-privacy "
@@ -423,4 +446,15 @@ def write_report(out_dir, results: dict) -> Path:
     path = out_dir / "report.html"
     with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
+    for p in [path, *fig_dir.glob("*.png")]:
+        _readable(p)
     return path
+
+
+def _readable(path: Path) -> None:
+    """atomic_path's temporary files are private (0600); a report is meant to be shared or served."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o644 & ~umask)

@@ -20,7 +20,7 @@ from .config import CommonConfig, config_to_dict
 from .data import DatasetInfo, iterate_batches, load_splits, normalize
 from .models import create_model, model_from_spec
 from .training import check_finite, evaluate, lr_factor, make_optimizer, set_lr
-from .utils import (JsonlLog, PrismError, Timer, atomic_path, make_generator, progress, read_json,
+from .utils import (JsonlLog, config_hash, PrismError, Timer, atomic_path, make_generator, progress, read_json,
                     resolve_device, torch_load, torch_save, write_json, write_manifest)
 
 
@@ -38,7 +38,7 @@ class SqueezeConfig(CommonConfig):
     weight_decay: float = 0.01
     schedule: str = "cosine"
     warmup: float = 0.02  # fraction of training with linear LR warm-up
-    min_scale: float = 0.6  # RandomResizedCrop scale floor for teacher training (1.0 = no crop)
+    min_scale: float = 1.0  # RandomResizedCrop scale floor for teacher training (1.0 = no crop: best in 2 epochs)
     flip: bool = True
     channels_last: bool = False
     force: bool = False  # retrain teachers that are already finished
@@ -76,6 +76,9 @@ def train_teacher(cfg: SqueezeConfig, arch: str, train, test, info: DatasetInfo,
     card_path, ckpt_path = folder / "card.json", folder / "checkpoint.pt"
     if card_path.exists() and not cfg.force:
         card = read_json(card_path)
+        if card.get("config_hash") not in (None, teacher_hash(cfg, arch)):
+            raise PrismError(f"{folder}: holds a teacher trained with other settings; use --force to retrain it, "
+                             f"or another --out")
         print(f"[squeeze] {arch}: finished teacher found in {folder} (top-1 {card['test_top1']:.2f}%), "
               f"skipping (use --force to retrain)")
         return folder
@@ -93,6 +96,8 @@ def train_teacher(cfg: SqueezeConfig, arch: str, train, test, info: DatasetInfo,
     start_epoch, elapsed_before = 0, 0.0
     if ckpt_path.exists():
         ck = torch_load(ckpt_path, map_location=device)
+        if ck.get("config_hash") != teacher_hash(cfg, arch):
+            raise PrismError(f"{ckpt_path}: an unfinished teacher with other settings; use --force to restart it")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         start_epoch, elapsed_before = int(ck["epoch"]), float(ck["elapsed"])
@@ -123,16 +128,24 @@ def train_teacher(cfg: SqueezeConfig, arch: str, train, test, info: DatasetInfo,
             bar.set_postfix(loss=f"{run_loss / seen:.3f}")
         bar.close()
         ev = evaluate(model, test, info, device, num_workers=cfg.num_workers, channels_last=cfg.channels_last)
+        torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                    "elapsed": elapsed_before + timer.elapsed, "config_hash": teacher_hash(cfg, arch)}, ckpt_path)
+        # logged after the checkpoint: a kill in between never makes a resumed run log an epoch twice
         log.write(epoch=epoch + 1, train_loss=run_loss / max(seen, 1), test_top1=ev["top1"], test_top5=ev["top5"])
         print(f"[squeeze] {arch} epoch {epoch + 1}/{cfg.epochs}: train loss {run_loss / max(seen, 1):.4f}, "
               f"test top-1 {ev['top1']:.2f}%")
-        torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                    "elapsed": elapsed_before + timer.elapsed}, ckpt_path)
     final = evaluate(model, test, info, device, num_workers=cfg.num_workers, channels_last=cfg.channels_last)
     save_teacher(folder, model, info, cfg, final, elapsed_before + timer.elapsed)
     ckpt_path.unlink(missing_ok=True)
     print(f"[squeeze] {arch}: test top-1 {final['top1']:.2f}% -> {folder}")
     return folder
+
+
+def teacher_hash(cfg: SqueezeConfig, arch: str) -> str:
+    """Hash of what shapes one teacher: its config with the zoo list replaced by its own architecture."""
+    from .config import replace
+
+    return config_hash(replace(cfg, arch=arch), exclude=("out", "device", "num_workers", "force"))
 
 
 def save_teacher(folder: Path, model: nn.Module, info: DatasetInfo, cfg, ev: dict, wall: float) -> None:
@@ -151,6 +164,7 @@ def save_teacher(folder: Path, model: nn.Module, info: DatasetInfo, cfg, ev: dic
         "seed": cfg.seed,
         "config": config_to_dict(cfg),
         "wall_time_s": round(wall, 2),
+        "config_hash": teacher_hash(cfg, model.prismdd_spec["arch"]) if isinstance(cfg, SqueezeConfig) else None,
     }
     from .config import save_config
 
@@ -178,7 +192,7 @@ def load_teacher(path, *, arch: str | None = None, dataset: str | None = None,
     model = model_from_spec(card["spec"])
     try:
         model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    except (RuntimeError, OSError) as e:
+    except Exception as e:  # safetensors raises its own SafetensorError for corrupt files
         raise PrismError(f"{folder / 'model.safetensors'}: cannot load ({str(e).splitlines()[0]})") from None
     model.eval().to(device)
     for p in model.parameters():

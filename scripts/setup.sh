@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One-time (idempotent) set-up on a fresh machine: a virtual environment in .venv with the pinned
+# PyTorch build, prismdd itself (editable) with its test extra, and, where we are root on Debian,
+# the Fashion-MNIST package that provides the default dataset offline.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+fi
+if ! .venv/bin/python -c "import prismdd, pytest" 2>/dev/null; then
+  .venv/bin/pip install -q -e ".[test]"
+fi
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null
+  else
+    echo "note: Fashion-MNIST not installed; run 'sudo apt-get install dataset-fashion-mnist' or pass --data-root/--download" >&2
+  fi
+fi

@@ -1,0 +1,237 @@
+"""``prismdd run``: the main job. Teachers -> every method's recovery -> students -> metrics -> report.
+
+Each stage writes into ``<out>/stages/<name>-<hash>``, where the hash covers that stage's resolved config
+(and the hashes of the stages it reads), so re-running the same command reuses finished stages and a
+changed setting redoes only what depends on it. ``--force`` redoes everything.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import CommonConfig, build_config, config_to_dict
+from .data import load_splits
+from .methods import METHODS
+from .recover import RecoverConfig, load_distilled, recover
+from .recover import preset_layer as method_layer
+from .squeeze import SqueezeConfig, load_teacher, squeeze
+from .utils import PrismError, Timer, config_hash, read_json, resolve_device, write_json, write_manifest
+from .validate import ValidateConfig, preset_layer as protocol_layer, validate
+
+BASELINES = ("random-real", "full")
+
+
+@dataclass
+class RunConfig(CommonConfig):
+    out: str = "runs/main"
+    ipc: int = 10  # images per class
+    methods: str = "prism,sre2l"  # comma list from `prismdd methods`
+    baselines: str = "random-real,full"  # random-real (same IPC, same soft-label protocol) and/or full data
+    quick: bool = False  # a smoke-sized run: fewer epochs and iterations everywhere (minutes on a laptop)
+    teacher_archs: str = "convnet,resnet18,mobilenet_v2"  # the teacher zoo (BN pool); the first is the primary
+    teacher_width: float = 0.5  # width multiplier of the teachers (CPU-sized)
+    teacher_steps: int = 900  # optimiser steps per teacher (batch 128): 2 epochs of Fashion-MNIST, 82 of digits
+    observer: str = "shufflenet_v2_x0_5"  # diversity observer: an architecture that takes no part in synthesis
+    iterations: int = 300  # recovery iterations per image
+    recover_batch_size: int = 100
+    student: str = "convnet"  # the student architecture (same protocol for every method and baseline)
+    student_width: float = 0.5
+    student_epochs: int = 300
+    seeds: str = "0"  # student seeds (comma list), reported as mean +- std
+    full_steps: int = 900  # steps of the full-data baseline (hard labels, batch 128; 300 epochs of 60k is hours)
+    eval_every: int = 50
+    force: bool = False  # redo every stage
+
+    def validate(self):
+        for m in self.method_list:
+            if m not in METHODS:
+                raise PrismError(f"--methods: unknown method {m!r}; valid: {', '.join(METHODS.names())}")
+        for b in self.baseline_list:
+            if b not in BASELINES:
+                raise PrismError(f"--baselines: unknown baseline {b!r}; valid: {', '.join(BASELINES)}")
+        if self.observer in self.teacher_list:
+            raise PrismError(f"--observer {self.observer}: also a teacher; the observer must take no part in synthesis")
+
+    @property
+    def method_list(self) -> list[str]:
+        return [m.strip() for m in self.methods.split(",") if m.strip()]
+
+    @property
+    def baseline_list(self) -> list[str]:
+        return [m.strip() for m in self.baselines.split(",") if m.strip()]
+
+    @property
+    def teacher_list(self) -> list[str]:
+        return [m.strip() for m in self.teacher_archs.split(",") if m.strip()]
+
+
+# quick: a smoke run (CI, a first look); set fields still win over these
+QUICK = {"teacher_steps": 450, "iterations": 60, "student_epochs": 60, "full_steps": 450, "eval_every": 20}
+
+
+def epochs_for(steps: int, n: int, batch_size: int = 128) -> int:
+    return max(1, -(-steps // max(1, n // batch_size)))
+
+
+PRESET_KEY = "quick"  # the CLI layers QUICK under everything the user set when --quick is given
+
+
+def preset_layer(quick) -> dict:
+    return dict(QUICK, quick=True) if quick else {}
+
+
+def run_config(**overrides) -> RunConfig:
+    """API twin of the CLI: defaults < QUICK (if quick=True) < overrides."""
+    return build_config(RunConfig, preset_layer(overrides.get("quick")), overrides)
+
+
+def _common(cfg: RunConfig) -> dict:
+    return {k: getattr(cfg, k) for k in ("dataset", "data_root", "download", "device", "seed", "num_workers",
+                                         "resolution", "subset")}
+
+
+class Stages:
+    """Runs stage functions into hash-named folders, reusing finished ones."""
+
+    def __init__(self, root: Path, force: bool):
+        self.root, self.force, self.timings = root, force, {}
+
+    def folder(self, name: str, cfg) -> Path:
+        return self.root / "stages" / f"{name}-{config_hash(cfg, exclude=('out', 'device', 'num_workers', 'force'))[:10]}"
+
+    def run(self, name: str, cls, fn, fields: dict):
+        probe = build_config(cls, dict(fields, out="x"))
+        folder = self.folder(name, probe)
+        cfg = build_config(cls, dict(fields, out=str(folder), force=self.force))
+        done = (folder / "manifest.json").exists() and not self.force
+        t = Timer()
+        if done:
+            print(f"[run] {name}: reusing {folder}")
+            result = None
+        else:
+            print(f"[run] {name} -> {folder}")
+            result = fn(cfg)
+        m = read_json(folder / "manifest.json")
+        self.timings[name] = m.get("wall_time_s") or round(t.elapsed, 2)
+        return folder, result, cfg
+
+
+def run(cfg: RunConfig) -> dict:
+    """The whole job; returns the results dict (also written to ``<out>/results.json``)."""
+    total = Timer()
+    out = Path(cfg.out)
+    stages = Stages(out, cfg.force)
+    common = _common(cfg)
+    device = resolve_device(cfg.device)
+    train, test, info = load_splits(cfg)  # fail early on missing data, before any training
+
+    # ------------------------------------------------------------------ squeeze: the zoo + the observer
+    zoo = cfg.teacher_list
+    teacher_epochs = epochs_for(cfg.teacher_steps, len(train))
+    full_epochs = epochs_for(cfg.full_steps, len(train))
+    teachers_dir, _, _ = stages.run("teachers", SqueezeConfig, squeeze, dict(
+        common, arch=",".join(zoo), width=cfg.teacher_width, epochs=teacher_epochs))
+    observer_dir, _, _ = stages.run("observer", SqueezeConfig, squeeze, dict(
+        common, arch=cfg.observer, width=cfg.teacher_width, epochs=teacher_epochs,
+        seed=cfg.seed + 1000))  # another seed as well as another architecture
+    primary = zoo[0]
+
+    # ------------------------------------------------------------------ recover + validate per method
+    val_common = dict(common, student=cfg.student, student_width=cfg.student_width, epochs=cfg.student_epochs,
+                      seeds=cfg.seeds, eval_every=cfg.eval_every, teachers=str(teachers_dir),
+                      label_teachers=primary, **protocol_layer("prism"))
+    rows, distilled = [], {}
+    for method in cfg.method_list:
+        rec_fields = dict(method_layer(method), **common, teachers=str(teachers_dir), primary=primary,
+                          ipc=cfg.ipc, iterations=cfg.iterations, batch_size=cfg.recover_batch_size)
+        rec_dir, _, _ = stages.run(f"recover-{method}", RecoverConfig, recover, rec_fields)
+        distilled[method] = rec_dir
+        ev_dir, _, _ = stages.run(f"validate-{method}", ValidateConfig, validate,
+                                  dict(val_common, distilled=str(rec_dir)))
+        rows.append(_row(method, read_json(ev_dir / "metrics.json"), rec_dir,
+                         stages.timings[f"recover-{method}"] + stages.timings[f"validate-{method}"]))
+    if "random-real" in cfg.baseline_list:
+        ev_dir, _, _ = stages.run("validate-random-real", ValidateConfig, validate,
+                                  dict(val_common, random_real=True, ipc=cfg.ipc))
+        rows.append(_row("random-real", read_json(ev_dir / "metrics.json"), None,
+                         stages.timings["validate-random-real"]))
+    if "full" in cfg.baseline_list:
+        full_fields = {**protocol_layer("prism"), **common, "full": True, "student": cfg.student,
+                       "student_width": cfg.student_width, "epochs": full_epochs, "seeds": cfg.seeds,
+                       "eval_every": full_epochs, "loss": "ce", "mix": "none", "batch_size": 128}
+        ev_dir, _, _ = stages.run("validate-full", ValidateConfig, validate, full_fields)
+        rows.append(_row("full", read_json(ev_dir / "metrics.json"), None, stages.timings["validate-full"]))
+
+    # ------------------------------------------------------------------ diversity metrics, embedding
+    from .metrics import embed_2d, feature_diversity
+    from .models import FeatureExtractor
+    from .validate import random_real_subset
+
+    observer, _ = load_teacher(observer_dir / cfg.observer, device=device)
+    real_idx = random_real_subset(train, info.num_classes, cfg.ipc, cfg.seed)
+    sets = {m: (d.images, d.targets) for m, d in ((m, load_distilled(p)) for m, p in distilled.items())}
+    sets["random-real"] = (train.get_images(real_idx), train.targets[real_idx])
+    div = {name: feature_diversity(x, y, info, observer, device) for name, (x, y) in sets.items()}
+    for r in rows:
+        d = div.get(r["method"])
+        r["intra_class_cos"] = round(d["intra_class_cos"], 4) if d else None
+        r["inter_class_cos"] = round(d["inter_class_cos"], 4) if d else None
+    embedding = _embedding(sets, observer, info, device, cfg.seed)
+
+    # ------------------------------------------------------------------ results + report
+    teacher_cards = {a: read_json(teachers_dir / a / "card.json") for a in zoo}
+    results = {
+        "dataset": info.name, "ipc": cfg.ipc, "student": cfg.student,
+        "protocol": (f"{cfg.student} (width {cfg.student_width}) trained {cfg.student_epochs} epochs on each set with "
+                     f"soft labels of the {primary} teacher computed online (MSE + 0.1 CE, AdamW 1e-3, decayed "
+                     f"cosine, RandomResizedCrop 0.25-1 + flip + CutMix); top-1 of the FINAL epoch on the "
+                     f"{len(test)} test images; full = hard labels, {full_epochs} epochs"),
+        "date": time.strftime("%Y-%m-%d %H:%M"), "command": "prismdd " + " ".join(sys.argv[1:]),
+        "rows": rows, "timings": dict(stages.timings, total=round(total.elapsed, 1)),
+        "teachers": {a: {"test_top1": c["test_top1"], "wall_time_s": c["wall_time_s"]} for a, c in teacher_cards.items()},
+        "observer": {"arch": cfg.observer, "test_top1": read_json(observer_dir / cfg.observer / "card.json")["test_top1"]},
+        "diversity": div, "config": config_to_dict(cfg), "embedding": embedding,
+        "audit": read_json(out / "audit" / "audit.json") if (out / "audit" / "audit.json").exists() else None,
+    }
+    write_json(out / "results.json", results)
+    from .report import print_table, write_report
+
+    report = write_report(out, results)
+    write_manifest(out, "run", cfg, inputs={"dataset": info.to_dict()},
+                   outputs={"results": "results.json", "report": str(report.name),
+                            "stages": {k: str(v) for k, v in distilled.items()}},
+                   wall_time=total.elapsed)
+    print(print_table(rows))
+    print(f"[run] report: {report}  ({total.elapsed:.0f}s)")
+    return results
+
+
+def _row(method: str, m: dict, distilled_dir, seconds: float) -> dict:
+    return {"method": method, "top1": m["top1"], "top1_std": m["top1_std"], "top5": m["top5"],
+            "best_top1": m["best_top1"], "images": m["images"], "seconds": round(seconds, 1),
+            "distilled": str(distilled_dir) if distilled_dir else None, "curve": m["curve"],
+            "protocol": m["protocol"]}
+
+
+def _embedding(sets: dict, observer, info, device, seed: int) -> dict | None:
+    from .data import normalize
+    from .metrics import embed_2d
+    from .models import FeatureExtractor
+
+    fx = FeatureExtractor(observer)
+    feats, labels, classes = [], [], []
+    order = ["random-real"] + [k for k in sets if k != "random-real"]
+    for name in order:
+        x, y = sets[name]
+        f, _ = fx(normalize(x.to(device), info))
+        feats.append(f.cpu().numpy())
+        labels += ["real" if name == "random-real" else name] * len(y)
+        classes += y.tolist()
+    emb = embed_2d(np.concatenate(feats), seed)
+    points, method = emb if isinstance(emb, tuple) else (emb, "unknown")
+    return {"method": method, "points": np.asarray(points).round(4).tolist(), "labels": labels, "classes": classes}

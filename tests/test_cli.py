@@ -1,0 +1,140 @@
+"""The prismdd command: help, listings, and one-line errors (exit code 2) for unknown names / keys."""
+from __future__ import annotations
+
+import pytest
+
+from prismdd.methods import METHODS
+from prismdd.models import ARCHS
+
+
+def _run(cli, capsys, argv):
+    capsys.readouterr()
+    code = cli(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_help(cli, capsys):
+    code, out, _ = _run(cli, capsys, ["--help"])
+    assert code == 0
+    for word in ("squeeze", "recover", "datasets", "models", "methods", "check-data", "digits"):
+        assert word in out
+    code, out2, _ = _run(cli, capsys, [])  # no command: help, exit 0
+    assert code == 0 and "squeeze" in out2
+
+
+def test_stage_help_lists_config_fields(cli, capsys):
+    code, out, _ = _run(cli, capsys, ["recover", "--help"])
+    assert code == 0
+    for flag in ("--ipc", "--bn-pool", "--selection", "--crop-scale", "--set", "--config", "--primary"):
+        assert flag in out
+    assert "[default: 10]" in out  # ipc's default is shown
+    code, out, _ = _run(cli, capsys, ["squeeze", "--help"])
+    assert code == 0 and "--arch" in out and "--epochs" in out
+
+
+def test_datasets_table(cli, capsys):
+    code, out, _ = _run(cli, capsys, ["datasets"])
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert lines[0].split(" | ")[0].strip() == "name" and "available" in lines[0] and "description" in lines[0]
+    rows = {line.split(" | ")[0].strip(): line for line in lines[2:]}
+    assert {"digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder"} <= set(rows)
+    assert "scikit-learn" in rows["digits"]
+    assert "no (" in rows["imagefolder"]  # not available without --data-root, with how to get it
+
+
+def test_models_table(cli, capsys):
+    code, out, _ = _run(cli, capsys, ["models"])
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert [c.strip() for c in lines[0].split(" | ")] == ["name", "family", "batchnorm", "pretrained", "description"]
+    rows = {line.split(" | ")[0].strip(): [c.strip() for c in line.split(" | ")] for line in lines[2:]}
+    assert set(ARCHS.names()) <= set(rows)
+    assert rows["alexnet"][2] == "False" and rows["convnet_in"][2] == "False" and rows["resnet18"][2] == "True"
+    assert any(name.startswith("timm:") for name in rows)
+
+
+def test_methods_table(cli, capsys):
+    code, out, _ = _run(cli, capsys, ["methods"])
+    assert code == 0
+    rows = {line.split(" | ")[0].strip(): line for line in out.strip().splitlines()[2:]}
+    assert set(rows) == set(METHODS.names())
+    assert "selection=intra" in rows["prism"] and "selection=pre" in rows["prism-pre"]
+    assert "init=noise" in rows["sre2l"] and "budget=early_late" in rows["delt"]
+
+
+def _one_line_error(code, err):
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("prismdd: error:"), err
+    return lines[0]
+
+
+def test_unknown_method(cli, capsys, tmp_path):
+    code, _, err = _run(cli, capsys, ["recover", "--method", "prizm", "--dataset", "digits",
+                                      "--out", tmp_path / "r", "--device", "cpu"])
+    msg = _one_line_error(code, err)
+    assert "prizm" in msg
+    for name in METHODS.names():
+        assert name in msg
+
+
+def test_unknown_method_via_set(cli, capsys, tmp_path):
+    code, _, err = _run(cli, capsys, ["recover", "--set", "method=nope", "--out", tmp_path / "r"])
+    msg = _one_line_error(code, err)
+    assert "nope" in msg and "sre2l" in msg
+
+
+@pytest.mark.parametrize("stage", ["squeeze", "recover"])
+def test_unknown_dataset(cli, capsys, tmp_path, stage):
+    extra = ["--teachers", tmp_path] if stage == "recover" else []
+    code, _, err = _run(cli, capsys, [stage, "--dataset", "cifar11", "--out", tmp_path / "o", "--device", "cpu"]
+                        + extra)
+    msg = _one_line_error(code, err)
+    assert "cifar11" in msg and "digits" in msg and "fashion-mnist" in msg
+
+
+def test_unknown_dataset_check_data(cli, capsys):
+    code, _, err = _run(cli, capsys, ["check-data", "--dataset", "nope"])
+    assert "digits" in _one_line_error(code, err)
+
+
+def test_unknown_arch(cli, capsys, tmp_path):
+    code, _, err = _run(cli, capsys, ["squeeze", "--dataset", "digits", "--arch", "resnet17", "--epochs", "1",
+                                      "--out", tmp_path / "t", "--device", "cpu"])
+    msg = _one_line_error(code, err)
+    assert "resnet17" in msg and "resnet18" in msg and "mobilenet_v2" in msg
+    assert not (tmp_path / "t" / "resnet17" / "card.json").exists()
+
+
+def test_unknown_set_key_lists_valid_keys(cli, capsys, tmp_path):
+    code, _, err = _run(cli, capsys, ["squeeze", "--dataset", "digits", "--out", tmp_path / "t",
+                                      "--set", "epoch=3"])
+    msg = _one_line_error(code, err)
+    assert "'epoch'" in msg
+    for key in ("epochs", "arch", "width", "batch_size", "seed"):
+        assert key in msg
+    code, _, err = _run(cli, capsys, ["recover", "--set", "ipcs=3", "--out", tmp_path / "r"])
+    msg = _one_line_error(code, err)
+    assert "'ipcs'" in msg and "ipc" in msg and "bn_pool" in msg
+
+
+def test_unknown_key_in_config_file(cli, capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochs: 1\nlearning_rate: 0.1\n")
+    code, _, err = _run(cli, capsys, ["squeeze", "--config", cfg, "--out", tmp_path / "t"])
+    msg = _one_line_error(code, err)
+    assert "learning_rate" in msg and "lr" in msg
+    code, _, err = _run(cli, capsys, ["squeeze", "--config", tmp_path / "missing.yaml", "--out", tmp_path / "t"])
+    assert "missing.yaml" in _one_line_error(code, err)
+
+
+def test_set_without_equals(cli, capsys, tmp_path):
+    code, _, err = _run(cli, capsys, ["squeeze", "--set", "epochs", "--out", tmp_path / "t"])
+    assert "key=value" in _one_line_error(code, err)
+
+
+def test_unknown_command_is_a_usage_error(cli, capsys):
+    code, _, err = _run(cli, capsys, ["distil"])
+    assert code == 2 and "invalid choice" in err

@@ -1,0 +1,156 @@
+"""report: a self-contained HTML page (data: URIs only) with a row per method, the figure PNGs on disk, honest
+wording, escaping; and a headless-browser render when chromium is installed."""
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from prismdd.data import DatasetInfo
+from prismdd.recover import image_path, save_image
+from prismdd.report import grid_figure, print_table, write_report
+from prismdd.utils import write_json
+
+METHODS = ["prism", "sre2l", "random-real", "full"]
+
+
+def make_distilled(folder, num_classes: int = 10, ipc: int = 2, res: int = 8, seed: int = 0):
+    """A distilled folder in recover's layout (images/<class>/<class>_<k>.png + manifest) without training."""
+    info = DatasetInfo("digits", [str(i) for i in range(num_classes)], 1, res, (0.5,), (0.25,))
+    gen = torch.Generator().manual_seed(seed)
+    images = {}
+    for c in range(num_classes):
+        for k in range(ipc):
+            save_image(image_path(folder, c, k), torch.randn(1, res, res, generator=gen), info)
+            images[f"{c}_{k}"] = {"file": str(image_path(folder, c, k).relative_to(folder)), "class": c, "ipc_index": k}
+    write_json(folder / "manifest.json", {"stage": "recover", "inputs": {"dataset": info.to_dict(), "teachers": {}},
+                                          "outputs": {"images": images}, "config": {"ipc": ipc}})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fake_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    rows = []
+    for i, (m, top1, std) in enumerate([("prism", 81.2, 0.3), ("sre2l", 78.4, 0.5), ("random-real", 80.9, 0.4),
+                                        ("full", 90.1, None)]):
+        rows.append({"method": m, "top1": top1, "top1_std": std, "top5": 99.0 - i,
+                     "intra_class_cos": None if m == "full" else 0.41 + 0.01 * i, "inter_class_cos": 0.2,
+                     "images": 1437 if m == "full" else 20, "seconds": 12.3 * (i + 1),
+                     "distilled": str(make_distilled(tmp / m, seed=i)) if m in ("prism", "sre2l") else None,
+                     "curve": [{"epoch": e, "top1": top1 * (1 - np.exp(-e / 10))} for e in range(5, 55, 5)]})
+    rng = np.random.default_rng(0)
+    labels = ["real"] * 20 + ["prism"] * 20 + ["sre2l"] * 20
+    return tmp, {
+        "dataset": "digits", "ipc": 2, "student": "convnet",
+        "protocol": "ConvNet-D3 student, 300 epochs, soft labels, final epoch", "date": "2026-01-01 12:00",
+        "command": "prismdd run --dataset digits --set note=<script>alert(1)</script>",
+        "rows": rows,
+        "timings": {"squeeze": 10.0, "recover/prism": 5.0, "validate": 200.0},
+        "teachers": {"convnet": {"test_top1": 90.1}, "resnet18": {"test_top1": 88.2, "test_top5": 99.4}},
+        "config": {"dataset": "digits", "recover": {"ipc": 2, "iterations": 300, "marker": "cfg-7731"}},
+        "embedding": {"method": "tsne", "points": rng.normal(size=(60, 2)).tolist(), "labels": labels,
+                      "classes": [i % 10 for i in range(60)]},
+        "audit": {"targets": [{"target": "teacher", "auc": 0.6, "tpr_at_0.1pct_fpr": 0.00123, "tpr_at_1pct_fpr": 0.02},
+                              {"target": "prism", "auc": 0.52, "tpr_at_0.1pct_fpr": 0.001, "tpr_at_1pct_fpr": 0.011}]},
+    }
+
+
+@pytest.fixture(scope="module")
+def report(fake_results):
+    tmp, results = fake_results
+    path = write_report(tmp / "out", results)
+    return path, path.read_text()
+
+
+def test_report_has_a_row_per_method_and_the_numbers_as_given(report):
+    path, html = report
+    assert path.name == "report.html"
+    for m in METHODS:
+        assert f"<td>{m}</td>" in html
+    for text in ("81.2 \u00b1 0.3", "78.4 \u00b1 0.5", "90.1", "0.4100", "1437", "12.3 s"):
+        assert text in html
+    assert "lower intra-class cosine = more diverse" in html
+    # header, teachers, timings, config
+    assert "ConvNet-D3 student, 300 epochs" in html and "2026-01-01 12:00" in html
+    assert "resnet18" in html and "88.20" in html and "recover/prism" in html
+    assert "cfg-7731" in html and "<pre>" in html
+
+
+def test_report_is_self_contained(report):
+    path, html = report
+    assert "http://" not in html and "https://" not in html
+    assert 'src="figures/' not in html and "<script" not in html and "<link" not in html
+    srcs = re.findall(r'src="([^"]*)"', html)
+    assert len(srcs) >= 5  # accuracy, curves, embedding, two grids
+    assert all(s.startswith("data:image/png;base64,") for s in srcs)
+    for s in srcs:  # each is a decodable PNG
+        Image.open(io.BytesIO(base64.b64decode(s.split(",", 1)[1]))).verify()
+    figs = path.parent / "figures"
+    for name in ("accuracy.png", "curves.png", "embedding.png", "grid_prism.png", "grid_sre2l.png"):
+        assert (figs / name).stat().st_size > 1000
+    assert not (figs / "grid_full.png").exists()  # rows without a folder have no grid
+
+
+def test_report_escapes_text_and_states_what_the_audit_is(report):
+    _, html = report
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "not a differential-privacy guarantee" in html
+    assert "0.00123" in html  # small TPRs keep their significant digits
+
+
+def test_report_without_optional_parts(tmp_path, fake_results):
+    _, results = fake_results
+    slim = dict(results, embedding=None, audit=None, teachers={}, timings={},
+                rows=[{"method": "only", "top1": 50.0, "images": 10}], warnings=["observer near chance"],
+                observer={"arch": "mobilenet_v2", "test_top1": 71.5})
+    html = write_report(tmp_path, slim).read_text()
+    assert '<p class="warn">observer near chance</p>' in html
+    assert "<td>only</td>" in html and "50.0" in html
+    assert "Observer: mobilenet_v2 (test top-1 71.5%)" in html
+    assert "membership" not in html.lower() and "No feature embedding" in html and "No training curves" in html
+    assert not (tmp_path / "figures" / "embedding.png").exists()
+
+
+def test_grid_is_capped_at_20_classes_and_10_ipc(tmp_path):
+    folder = make_distilled(tmp_path / "big", num_classes=25, ipc=12)
+    png, caption = grid_figure("big", folder, tmp_path / "grid.png")
+    assert "20 of 25 classes" in caption and "10 of 12 images per class" in caption
+    w, h = Image.open(png).size
+    assert h > w  # 20 rows, 10 columns: taller than wide
+    png, caption = grid_figure("none", tmp_path / "missing", tmp_path / "g2.png")
+    assert png is None and "no images" in caption
+
+
+def test_print_table(fake_results):
+    _, results = fake_results
+    table = print_table(results["rows"])
+    lines = table.splitlines()
+    assert lines[0].split(" | ")[0].strip() == "method" and "intra-class cos" in lines[0]
+    assert len(lines) == 2 + len(METHODS)
+    assert "81.2 \u00b1 0.3" in lines[2] and "0.4100" in lines[2] and "12.3 s" in lines[2]
+    assert lines[5].split("|")[2].strip() == "-"  # full: no intra-class cosine
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
+def test_report_renders_in_a_headless_browser(report, tmp_path):
+    path, _ = report
+    shot = tmp_path / "shot.png"
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--screenshot={shot}", "--window-size=1200,3000", path.resolve().as_uri()],
+                   check=True, capture_output=True, timeout=90)
+    img = np.asarray(Image.open(shot).convert("RGB"))
+    assert img.shape[:2] == (3000, 1200)
+    # the page is drawn: many colours (figures), and ink well below the header (not a blank or error page)
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 500
+    assert (img[2000:] < 200).any()

@@ -1,0 +1,184 @@
+"""squeeze through the CLI on digits: artefacts, skip on re-run, resume after an interruption, teacher loading."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import prismdd.squeeze as sq
+from prismdd.config import load_yaml
+from prismdd.data import load_dataset, normalize
+from prismdd.squeeze import find_teachers, load_teacher
+from prismdd.utils import PrismError, read_json
+
+
+def squeeze_args(out, epochs=2):
+    return ["squeeze", "--dataset", "digits", "--arch", "convnet", "--width", "0.25", "--epochs", str(epochs),
+            "--out", str(out), "--device", "cpu"]
+
+
+def log_epochs(folder):
+    return [json.loads(line)["epoch"] for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def squeezed(tmp_path_factory, cli):
+    """One uninterrupted CLI squeeze (convnet, 2 epochs); tests must not modify it."""
+    out = tmp_path_factory.mktemp("squeeze") / "teachers"
+    assert cli(squeeze_args(out)) == 0
+    return out
+
+
+def test_squeeze_cli_artefacts(squeezed):
+    folder = squeezed / "convnet"
+    for name in ("model.safetensors", "card.json", "log.jsonl", "config.yaml"):
+        assert (folder / name).is_file(), name
+    assert not (folder / "checkpoint.pt").exists()  # removed once the teacher is finished
+    card = read_json(folder / "card.json")
+    assert (card["arch"], card["dataset"], card["epochs"]) == ("convnet", "digits", 2)
+    assert card["class_names"] == [str(i) for i in range(10)]
+    assert card["spec"]["width"] == 0.25 and card["spec"]["in_channels"] == 1 and card["spec"]["resolution"] == 8
+
+    # test_top1 is a percentage: recompute it from the saved weights
+    model, _ = load_teacher(folder)
+    _, test, info = load_dataset("digits")
+    with torch.no_grad():
+        pred = model(normalize(test.images, info)).argmax(1)
+    top1 = 100.0 * (pred == test.targets).float().mean().item()
+    assert card["test_top1"] == pytest.approx(top1, abs=1e-3)
+    assert 1.0 < card["test_top1"] <= 100.0  # a percentage, not a fraction
+
+    assert log_epochs(folder) == [1, 2]
+    last = json.loads((folder / "log.jsonl").read_text().splitlines()[-1])
+    assert last["test_top1"] == pytest.approx(card["test_top1"], abs=1e-3)
+
+    cfg = load_yaml(folder / "config.yaml")
+    assert (cfg["arch"], cfg["epochs"], cfg["width"], cfg["dataset"]) == ("convnet", 2, 0.25, "digits")
+
+    m = read_json(squeezed / "manifest.json")
+    assert m["stage"] == "squeeze" and m["config"]["epochs"] == 2
+    assert m["outputs"]["teachers"]["convnet"]["test_top1"] == card["test_top1"]
+    assert m["inputs"]["dataset"]["name"] == "digits" and m["inputs"]["dataset"]["num_classes"] == 10
+    assert {"torch", "prismdd", "python"} <= set(m["versions"])
+    assert (squeezed / "config.yaml").exists()
+
+
+def test_rerun_skips_finished_teacher(squeezed, tmp_path, cli, capsys):
+    out = tmp_path / "teachers"
+    shutil.copytree(squeezed, out)
+    card = (out / "convnet" / "card.json").read_bytes()
+    weights = (out / "convnet" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert cli(squeeze_args(out)) == 0
+    assert "skipping" in capsys.readouterr().out
+    assert (out / "convnet" / "card.json").read_bytes() == card
+    assert (out / "convnet" / "model.safetensors").read_bytes() == weights
+    assert log_epochs(out / "convnet") == [1, 2]
+
+
+def _interrupt_on_call(monkeypatch, name, n):
+    """Make ``prismdd.squeeze.<name>`` raise on its n-th call (a simulated crash / kill)."""
+    real = getattr(sq, name)
+    calls = {"n": 0}
+
+    def wrapped(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise RuntimeError(f"simulated interruption in {name}")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(sq, name, wrapped)
+
+
+def test_resume_after_interruption(squeezed, tmp_path, cli, capsys, monkeypatch):
+    out = tmp_path / "teachers"
+    folder = out / "convnet"
+    _interrupt_on_call(monkeypatch, "evaluate", 2)  # epoch 2's evaluation: epoch 1 is checkpointed
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        cli(squeeze_args(out))
+    monkeypatch.undo()
+    assert (folder / "checkpoint.pt").exists() and not (folder / "card.json").exists()
+    assert log_epochs(folder) == [1]
+
+    capsys.readouterr()
+    assert cli(squeeze_args(out)) == 0
+    assert "resuming after epoch 1" in capsys.readouterr().out
+    assert log_epochs(folder) == [1, 2]  # every epoch exactly once
+    assert not (folder / "checkpoint.pt").exists()
+    # the resumed teacher is the uninterrupted one, bit for bit (data order, views and LR derive from the seed)
+    a = load_file(str(folder / "model.safetensors"))
+    b = load_file(str(squeezed / "convnet" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert read_json(folder / "card.json")["test_top1"] == read_json(squeezed / "convnet" / "card.json")["test_top1"]
+
+
+def test_resume_after_interruption_during_checkpoint(tmp_path, cli, monkeypatch):
+    out = tmp_path / "teachers"
+    _interrupt_on_call(monkeypatch, "torch_save", 2)  # epoch 2's checkpoint write
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        cli(squeeze_args(out))
+    monkeypatch.undo()
+    assert cli(squeeze_args(out)) == 0
+    assert log_epochs(out / "convnet") == [1, 2]
+
+
+def test_load_teacher_checks_expectations(squeezed):
+    folder = squeezed / "convnet"
+    model, card = load_teacher(folder, arch="convnet", dataset="digits", class_names=[str(i) for i in range(10)])
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    load_teacher(folder / "model.safetensors")  # the weights file works as well
+    with pytest.raises(PrismError, match="expected 'resnet18'"):
+        load_teacher(folder, arch="resnet18")
+    with pytest.raises(PrismError, match="expected 'fashion-mnist'"):
+        load_teacher(folder, dataset="fashion-mnist")
+    with pytest.raises(PrismError, match="classes differ"):
+        load_teacher(folder, class_names=[str(i) for i in range(9)])
+    with pytest.raises(PrismError, match="classes differ"):
+        load_teacher(folder, class_names=[str(i) for i in reversed(range(10))])
+    with pytest.raises(PrismError, match="no card.json"):
+        load_teacher(squeezed)
+    assert find_teachers(squeezed) == {"convnet": folder}
+    assert find_teachers(folder) == {"convnet": folder}
+
+
+def test_load_teacher_weights_of_another_shape(squeezed, tmp_path):
+    folder = tmp_path / "convnet"
+    shutil.copytree(squeezed / "convnet", folder)
+    card = read_json(folder / "card.json")
+    card["spec"]["width"] = 0.5  # the card no longer matches the weights
+    (folder / "card.json").write_text(json.dumps(card))
+    with pytest.raises(PrismError, match="cannot load"):
+        load_teacher(folder)
+
+
+def test_load_teacher_corrupt_weights(squeezed, tmp_path):
+    folder = tmp_path / "convnet"
+    shutil.copytree(squeezed / "convnet", folder)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(PrismError, match="model.safetensors"):
+        load_teacher(folder)
+
+
+def test_bad_set_value_exits_2_with_one_line(tmp_path, cli, capsys):
+    capsys.readouterr()
+    code = cli(squeeze_args(tmp_path / "t") + ["--set", "epochs=abc"])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("prismdd: error:") and "epochs" in lines[0]
+    assert not (tmp_path / "t").exists()  # nothing was started
+
+
+def test_set_wins_over_flags(tmp_path, cli):
+    # --set beats the explicit flag: --epochs 2 --set epochs=1 trains one epoch
+    out = tmp_path / "t"
+    assert cli(squeeze_args(out, epochs=2) + ["--set", "epochs=1", "--set", "batch_size=512"]) == 0
+    card = read_json(out / "convnet" / "card.json")
+    assert card["epochs"] == 1 and card["config"]["batch_size"] == 512
+    assert log_epochs(out / "convnet") == [1]
