@@ -77,7 +77,7 @@ SHADOWS_ON_GPU = 16  # default shadow count when the device is CUDA (LiRA gets m
 
 # settings that decide what each model is trained on / how: a re-run into the same folder must agree on them
 TRAINING_KEYS = ("dataset", "data_root", "resolution", "subset", "seed", "pool_size", "background", "canaries",
-                 "canary_kind", "teacher_arch", "bn_pool", "width", "teacher_epochs", "ipc", "iterations",
+                 "canary_kind", "teacher_arch", "bn_pool", "width", "teacher_epochs", "teacher_batch_size", "ipc", "iterations",
                  "student", "student_width", "student_epochs", "student_protocol")
 
 
@@ -96,6 +96,7 @@ class AuditConfig(CommonConfig):
     bn_pool: str | None = None  # PRISM's BN-teacher pool; None: convnet,resnet18,mobilenet_v2 (quick: convnet,resnet18)
     width: float | None = None  # width multiplier of every teacher; None: 0.5 (quick 0.25)
     teacher_epochs: int | None = None  # None: 20 (quick 30); teachers see only half the pool, so more epochs than usual
+    teacher_batch_size: int = 128  # squeeze batch size; smaller gives more steps per epoch on a small member set
     ipc: int = 10  # images per class of the distilled sets and of the random real subset
     iterations: int | None = None  # recovery iterations per image; None: 300 (quick 50)
     student: str = "convnet"  # student architecture (one)
@@ -125,8 +126,8 @@ class AuditConfig(CommonConfig):
             v = getattr(self, name)
             if v is not None and v < (4 if name == "pool_size" else 0):
                 raise PrismError(f"{name}={v}: must be >= {4 if name == 'pool_size' else 0}")
-        if self.background < 0 or self.canaries < 0 or self.bootstrap < 0 or self.ipc < 1:
-            raise PrismError("background, canaries and bootstrap must be >= 0, ipc >= 1")
+        if self.background < 0 or self.canaries < 0 or self.bootstrap < 0 or self.ipc < 1 or self.teacher_batch_size < 1:
+            raise PrismError("background, canaries and bootstrap must be >= 0; ipc and teacher_batch_size >= 1")
 
     @property
     def target_list(self) -> list[str]:
@@ -434,7 +435,8 @@ def train_pipeline(cfg: AuditConfig, folder: Path, index: int, members: np.ndarr
                    eval_every=cfg.student_epochs, force=cfg.force)
     with open(folder / "stages.log", "a", buffering=1) as log, redirect_stdout(log):  # line-buffered: tail -f works
         squeeze(build_config(SqueezeConfig, common, dict(out=str(teachers), arch=",".join(archs), width=cfg.width,
-                                                         epochs=cfg.teacher_epochs, force=cfg.force)))
+                                                         epochs=cfg.teacher_epochs, batch_size=cfg.teacher_batch_size,
+                                                         force=cfg.force)))
         for method in DISTILLED:
             if method not in targets:
                 continue

@@ -135,9 +135,13 @@ def run(cfg: RunConfig) -> dict:
     teacher_epochs = epochs_for(cfg.teacher_steps, len(train))
     full_epochs = epochs_for(cfg.full_steps, len(train))
     teachers_dir, _, _ = stages.run("teachers", SqueezeConfig, squeeze, dict(
-        common, arch=",".join(zoo), width=cfg.teacher_width, epochs=teacher_epochs))
+        common, arch=",".join(zoo), width=cfg.teacher_width, epochs=teacher_epochs,
+        eval_every=max(1, teacher_epochs // 4)))
+    from .models import ARCHS
+
+    observer_width = cfg.teacher_width if cfg.observer not in ARCHS or ARCHS.get(cfg.observer).has_width else 1.0
     observer_dir, _, _ = stages.run("observer", SqueezeConfig, squeeze, dict(
-        common, arch=cfg.observer, width=cfg.teacher_width, epochs=teacher_epochs,
+        common, arch=cfg.observer, width=observer_width, epochs=teacher_epochs, eval_every=teacher_epochs,
         seed=cfg.seed + 1000))  # another seed as well as another architecture
     primary = zoo[0]
 
@@ -168,20 +172,28 @@ def run(cfg: RunConfig) -> dict:
         rows.append(_row("full", read_json(ev_dir / "metrics.json"), None, stages.timings["validate-full"]))
 
     # ------------------------------------------------------------------ diversity metrics, embedding
-    from .metrics import embed_2d, feature_diversity
-    from .models import FeatureExtractor
+    from .metrics import check_observer, diversity_from_features, embedding, extract_features
     from .validate import random_real_subset
 
-    observer, _ = load_teacher(observer_dir / cfg.observer, device=device)
-    real_idx = random_real_subset(train, info.num_classes, cfg.ipc, cfg.seed)
-    sets = {m: (d.images, d.targets) for m, d in ((m, load_distilled(p)) for m, p in distilled.items())}
+    observer, observer_card = load_teacher(observer_dir / cfg.observer, device=device)
+    warnings = []
+    if observer_card["test_top1"] < 2 * 100 / info.num_classes:
+        warnings.append(f"the observer {cfg.observer} reached only {observer_card['test_top1']:.1f}% test top-1: "
+                        f"its features (and so the diversity numbers) carry little information")
+    real_idx = random_real_subset(train, info.num_classes, cfg.ipc, cfg.seed)  # = the random-real baseline's images
+    sets = {}
+    for m, p in distilled.items():
+        d = load_distilled(p)
+        check_observer(cfg.observer, d.manifest, p)
+        sets[m] = (d.images, d.targets)
     sets["random-real"] = (train.get_images(real_idx), train.targets[real_idx])
-    div = {name: feature_diversity(x, y, info, observer, device) for name, (x, y) in sets.items()}
+    feats = {name: (extract_features(x, info, observer, device), y) for name, (x, y) in sets.items()}
+    div = {name: diversity_from_features(f, y, info.num_classes) for name, (f, y) in feats.items()}
     for r in rows:
-        d = div.get(r["method"])
-        r["intra_class_cos"] = round(d["intra_class_cos"], 4) if d else None
-        r["inter_class_cos"] = round(d["inter_class_cos"], 4) if d else None
-    embedding = _embedding(sets, observer, info, device, cfg.seed)
+        d = div.get(r["method"], {})
+        for key in ("intra_class_cos", "inter_class_cos"):
+            r[key] = None if d.get(key) is None else round(d[key], 4)
+    emb = embedding({("real" if k == "random-real" else k): v for k, v in feats.items()}, cfg.seed)
 
     # ------------------------------------------------------------------ results + report
     teacher_cards = {a: read_json(teachers_dir / a / "card.json") for a in zoo}
@@ -195,7 +207,7 @@ def run(cfg: RunConfig) -> dict:
         "rows": rows, "timings": dict(stages.timings, total=round(total.elapsed, 1)),
         "teachers": {a: {"test_top1": c["test_top1"], "wall_time_s": c["wall_time_s"]} for a, c in teacher_cards.items()},
         "observer": {"arch": cfg.observer, "test_top1": read_json(observer_dir / cfg.observer / "card.json")["test_top1"]},
-        "diversity": div, "config": config_to_dict(cfg), "embedding": embedding,
+        "diversity": div, "config": config_to_dict(cfg), "embedding": emb, "warnings": warnings,
         "audit": read_json(out / "audit" / "audit.json") if (out / "audit" / "audit.json").exists() else None,
     }
     write_json(out / "results.json", results)
@@ -216,22 +228,3 @@ def _row(method: str, m: dict, distilled_dir, seconds: float) -> dict:
             "best_top1": m["best_top1"], "images": m["images"], "seconds": round(seconds, 1),
             "distilled": str(distilled_dir) if distilled_dir else None, "curve": m["curve"],
             "protocol": m["protocol"]}
-
-
-def _embedding(sets: dict, observer, info, device, seed: int) -> dict | None:
-    from .data import normalize
-    from .metrics import embed_2d
-    from .models import FeatureExtractor
-
-    fx = FeatureExtractor(observer)
-    feats, labels, classes = [], [], []
-    order = ["random-real"] + [k for k in sets if k != "random-real"]
-    for name in order:
-        x, y = sets[name]
-        f, _ = fx(normalize(x.to(device), info))
-        feats.append(f.cpu().numpy())
-        labels += ["real" if name == "random-real" else name] * len(y)
-        classes += y.tolist()
-    emb = embed_2d(np.concatenate(feats), seed)
-    points, method = emb if isinstance(emb, tuple) else (emb, "unknown")
-    return {"method": method, "points": np.asarray(points).round(4).tolist(), "labels": labels, "classes": classes}

@@ -41,6 +41,7 @@ class SqueezeConfig(CommonConfig):
     min_scale: float = 1.0  # RandomResizedCrop scale floor for teacher training (1.0 = no crop: best in 2 epochs)
     flip: bool = True
     channels_last: bool = False
+    eval_every: int = 1  # epochs between test evaluations (the last epoch is always evaluated)
     force: bool = False  # retrain teachers that are already finished
 
     def validate(self):
@@ -127,14 +128,18 @@ def train_teacher(cfg: SqueezeConfig, arch: str, train, test, info: DatasetInfo,
             bar.update(1)
             bar.set_postfix(loss=f"{run_loss / seen:.3f}")
         bar.close()
-        ev = evaluate(model, test, info, device, num_workers=cfg.num_workers, channels_last=cfg.channels_last)
+        last = epoch + 1 == cfg.epochs
+        ev = (evaluate(model, test, info, device, num_workers=cfg.num_workers, channels_last=cfg.channels_last)
+              if last or (epoch + 1) % max(1, cfg.eval_every) == 0 else {"top1": None, "top5": None})
         torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
                     "elapsed": elapsed_before + timer.elapsed, "config_hash": teacher_hash(cfg, arch)}, ckpt_path)
         # logged after the checkpoint: a kill in between never makes a resumed run log an epoch twice
         log.write(epoch=epoch + 1, train_loss=run_loss / max(seen, 1), test_top1=ev["top1"], test_top5=ev["top5"])
-        print(f"[squeeze] {arch} epoch {epoch + 1}/{cfg.epochs}: train loss {run_loss / max(seen, 1):.4f}, "
-              f"test top-1 {ev['top1']:.2f}%")
-    final = evaluate(model, test, info, device, num_workers=cfg.num_workers, channels_last=cfg.channels_last)
+        if ev["top1"] is not None:
+            print(f"[squeeze] {arch} epoch {epoch + 1}/{cfg.epochs}: train loss {run_loss / max(seen, 1):.4f}, "
+                  f"test top-1 {ev['top1']:.2f}%")
+    final = ev if cfg.epochs > start_epoch and ev["top1"] is not None else \
+        evaluate(model, test, info, device, num_workers=cfg.num_workers, channels_last=cfg.channels_last)
     save_teacher(folder, model, info, cfg, final, elapsed_before + timer.elapsed)
     ckpt_path.unlink(missing_ok=True)
     print(f"[squeeze] {arch}: test top-1 {final['top1']:.2f}% -> {folder}")
