@@ -34,16 +34,17 @@ class RunConfig(CommonConfig):
     baselines: str = "random-real,full"  # random-real (same IPC, same soft-label protocol) and/or full data
     quick: bool = False  # a smoke-sized run: fewer epochs and iterations everywhere (minutes on a laptop)
     teacher_archs: str = "convnet,resnet18,mobilenet_v2"  # the teacher zoo (BN pool); the first is the primary
-    teacher_width: float = 0.5  # width multiplier of the teachers (CPU-sized)
-    teacher_steps: int = 900  # optimiser steps per teacher (batch 128): 2 epochs of Fashion-MNIST, 82 of digits
+    teacher_width: float = 0.25  # width multiplier of the teachers (CPU-sized; 1.0 on a GPU)
+    teacher_steps: int = 600  # optimiser steps per teacher (batch 128): 1.3 epochs of Fashion-MNIST
     observer: str = "shufflenet_v2_x0_5"  # diversity observer: an architecture that takes no part in synthesis
+    observer_steps: int = 300  # its training steps (it only has to give meaningful features)
     iterations: int = 300  # recovery iterations per image
     recover_batch_size: int = 100
     student: str = "convnet"  # the student architecture (same protocol for every method and baseline)
     student_width: float = 0.5
     student_epochs: int = 300
     seeds: str = "0"  # student seeds (comma list), reported as mean +- std
-    full_steps: int = 900  # steps of the full-data baseline (hard labels, batch 128; 300 epochs of 60k is hours)
+    full_steps: int = 600  # steps of the full-data baseline (hard labels, batch 128; 300 epochs of 60k is hours)
     eval_every: int = 50
     force: bool = False  # redo every stage
 
@@ -71,11 +72,15 @@ class RunConfig(CommonConfig):
 
 
 # quick: a smoke run (CI, a first look); set fields still win over these
-QUICK = {"teacher_steps": 450, "iterations": 60, "student_epochs": 60, "full_steps": 450, "eval_every": 20}
+QUICK = {"teacher_steps": 150, "observer_steps": 150, "iterations": 60, "student_epochs": 60, "full_steps": 150,
+         "eval_every": 20}
 
 
-def epochs_for(steps: int, n: int, batch_size: int = 128) -> int:
-    return max(1, -(-steps // max(1, n // batch_size)))
+def epochs_for(steps: int, n: int, batch_size: int = 128) -> dict:
+    """``epochs`` and ``steps_per_epoch`` that give about ``steps`` optimiser steps on ``n`` images."""
+    full = max(1, n // batch_size)
+    epochs = max(1, -(-steps // full))
+    return {"epochs": epochs, "steps_per_epoch": -(-steps // epochs), "batch_size": batch_size}
 
 
 PRESET_KEY = "quick"  # the CLI layers QUICK under everything the user set when --quick is given
@@ -133,15 +138,16 @@ def run(cfg: RunConfig) -> dict:
     # ------------------------------------------------------------------ squeeze: the zoo + the observer
     zoo = cfg.teacher_list
     teacher_epochs = epochs_for(cfg.teacher_steps, len(train))
+    observer_epochs = epochs_for(cfg.observer_steps, len(train))
     full_epochs = epochs_for(cfg.full_steps, len(train))
     teachers_dir, _, _ = stages.run("teachers", SqueezeConfig, squeeze, dict(
-        common, arch=",".join(zoo), width=cfg.teacher_width, epochs=teacher_epochs,
-        eval_every=max(1, teacher_epochs // 4)))
+        common, arch=",".join(zoo), width=cfg.teacher_width, **teacher_epochs,
+        eval_every=max(1, teacher_epochs["epochs"] // 4)))
     from .models import ARCHS
 
     observer_width = cfg.teacher_width if cfg.observer not in ARCHS or ARCHS.get(cfg.observer).has_width else 1.0
     observer_dir, _, _ = stages.run("observer", SqueezeConfig, squeeze, dict(
-        common, arch=cfg.observer, width=observer_width, epochs=teacher_epochs, eval_every=teacher_epochs,
+        common, arch=cfg.observer, width=observer_width, **observer_epochs, eval_every=observer_epochs["epochs"],
         seed=cfg.seed + 1000))  # another seed as well as another architecture
     primary = zoo[0]
 
@@ -166,8 +172,8 @@ def run(cfg: RunConfig) -> dict:
                          stages.timings["validate-random-real"]))
     if "full" in cfg.baseline_list:
         full_fields = {**protocol_layer("prism"), **common, "full": True, "student": cfg.student,
-                       "student_width": cfg.student_width, "epochs": full_epochs, "seeds": cfg.seeds,
-                       "eval_every": full_epochs, "loss": "ce", "mix": "none", "batch_size": 128}
+                       "student_width": cfg.student_width, **full_epochs, "seeds": cfg.seeds,
+                       "eval_every": full_epochs["epochs"], "loss": "ce", "mix": "none"}
         ev_dir, _, _ = stages.run("validate-full", ValidateConfig, validate, full_fields)
         rows.append(_row("full", read_json(ev_dir / "metrics.json"), None, stages.timings["validate-full"]))
 
@@ -202,7 +208,8 @@ def run(cfg: RunConfig) -> dict:
         "protocol": (f"{cfg.student} (width {cfg.student_width}) trained {cfg.student_epochs} epochs on each set with "
                      f"soft labels of the {primary} teacher computed online (MSE + 0.1 CE, AdamW 1e-3, decayed "
                      f"cosine, RandomResizedCrop 0.25-1 + flip + CutMix); top-1 of the FINAL epoch on the "
-                     f"{len(test)} test images; full = hard labels, {full_epochs} epochs"),
+                     f"{len(test)} test images; full = the same student on all {len(train)} training images with hard labels "
+                     f"for {full_epochs['epochs'] * full_epochs['steps_per_epoch']} steps of 128"),
         "date": time.strftime("%Y-%m-%d %H:%M"), "command": "prismdd " + " ".join(sys.argv[1:]),
         "rows": rows, "timings": dict(stages.timings, total=round(total.elapsed, 1)),
         "teachers": {a: {"test_top1": c["test_top1"], "wall_time_s": c["wall_time_s"]} for a, c in teacher_cards.items()},

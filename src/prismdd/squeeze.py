@@ -41,6 +41,7 @@ class SqueezeConfig(CommonConfig):
     min_scale: float = 1.0  # RandomResizedCrop scale floor for teacher training (1.0 = no crop: best in 2 epochs)
     flip: bool = True
     channels_last: bool = False
+    steps_per_epoch: int | None = None  # cap on optimiser steps per epoch (None: one full pass over the data)
     eval_every: int = 1  # epochs between test evaluations (the last epoch is always evaluated)
     force: bool = False  # retrain teachers that are already finished
 
@@ -105,6 +106,8 @@ def train_teacher(cfg: SqueezeConfig, arch: str, train, test, info: DatasetInfo,
         print(f"[squeeze] {arch}: resuming after epoch {start_epoch}")
     timer = Timer()
     steps_per_epoch = max(1, len(train) // cfg.batch_size)
+    if cfg.steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
     total = max(1, cfg.epochs * steps_per_epoch)
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
@@ -113,6 +116,8 @@ def train_teacher(cfg: SqueezeConfig, arch: str, train, test, info: DatasetInfo,
         run_loss, seen = 0.0, 0
         for step, (x, y) in enumerate(iterate_batches(train, cfg.batch_size, shuffle=True, generator=gen,
                                                       num_workers=cfg.num_workers, drop_last=True)):
+            if step >= steps_per_epoch:
+                break
             set_lr(opt, cfg.lr * lr_factor(cfg.schedule, (epoch * steps_per_epoch + step) / total, cfg.warmup))
             x = normalize(x.to(device), info)
             if cfg.min_scale < 1 or cfg.flip:

@@ -65,6 +65,7 @@ class ValidateConfig(CommonConfig):
     temperature: float = 4.0  # kl: softmax temperature
     min_scale: float = 0.25  # RandomResizedCrop floor (seed Table 3)
     mix: str = "cutmix"  # cutmix | mixup | none
+    steps_per_epoch: int | None = None  # cap on steps per epoch (None: every image once; for --full)
     eval_every: int = 50  # epochs between test evaluations (the final epoch is always evaluated)
     force: bool = False
 
@@ -162,6 +163,8 @@ def train_student(cfg: ValidateConfig, arch: str, seed: int, data: TensorImages,
     bs = labels["batch_size"]
     vc = ViewConfig(bs, cfg.min_scale, cfg.mix)
     steps = math.ceil(len(data) / bs)
+    if cfg.steps_per_epoch:
+        steps = min(steps, cfg.steps_per_epoch)
     total_steps = cfg.epochs * steps
     log = JsonlLog(folder / "log.jsonl")
     ckpt = folder / "checkpoint.pt"
@@ -182,6 +185,8 @@ def train_student(cfg: ValidateConfig, arch: str, seed: int, data: TensorImages,
             plan, soft_all = epoch_plan(len(data), epoch, cfg.seed, vc, info.resolution), None
         run = 0.0
         for b, sl, idx, views, mix in plan.batches(bs):
+            if b >= steps:
+                break
             set_lr(opt, cfg.lr * lr_factor(cfg.schedule, (epoch * steps + b) / total_steps))
             x = make_inputs(data.get_images(idx), info, views, mix, device)
             y = data.targets[idx].to(device)
