@@ -1,0 +1,158 @@
+"""Quality benchmarks: prismdd's methods against random real images, and what PRISM itself adds.
+
+Every experiment is a list of (recover settings, validate settings) cells run through the same cached
+stage runner as ``prismdd run`` (``benchmarks/out/<dataset>/stages/<stage>-<hash>``), so the suite is
+resumable and runnable in parts:
+
+    python benchmarks/quality.py --list
+    python benchmarks/quality.py --only quality/ipc10 --seeds 0,1,2
+    python benchmarks/quality.py --only ablation/bn-set --seeds 0 --student-epochs 100   # smaller
+    python benchmarks/quality.py --smoke                                                 # CI-sized
+
+Each finished cell appends a JSON line to ``benchmarks/out/<dataset>/results.jsonl``; the script prints a
+Markdown table per experiment (final-epoch top-1 mean +- std over seeds, intra-class cosine by an observer
+that took no part in synthesis, wall time per stage). Recovery seed and student seed are the same number
+per repetition, so seed s of two methods is a paired comparison.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prismdd.config import build_config
+from prismdd.data import load_dataset
+from prismdd.metrics import diversity_from_features, extract_features
+from prismdd.pipeline import Stages, epochs_for
+from prismdd.recover import RecoverConfig, load_distilled, recover
+from prismdd.recover import preset_layer as method_layer
+from prismdd.squeeze import SqueezeConfig, load_teacher, squeeze
+from prismdd.validate import ValidateConfig, random_real_subset, validate
+from prismdd.validate import preset_layer as protocol_layer
+
+POOL = ["convnet", "resnet18", "mobilenet_v2", "efficientnet_b0"]  # BN pool (the first is the primary)
+OBSERVER = "shufflenet_v2_x0_5"
+METHODS = ["random-real", "sre2l", "cda", "delt", "gvbsm", "prism", "prism-pre"]
+
+
+def cell(name, method, rec=None, val=None):
+    return {"name": name, "method": method, "rec": rec or {}, "val": val or {}}
+
+
+def experiments(ipcs=(1, 10, 50)) -> dict[str, list[dict]]:
+    ex = {}
+    for ipc in ipcs:
+        ex[f"quality/ipc{ipc}"] = [cell(m, m, {"ipc": ipc}, {"ipc": ipc}) for m in METHODS]
+    ipc = {"ipc": 10}
+    # what PRISM adds: everything held fixed except the BN set
+    ex["ablation/bn-set"] = [
+        cell("prism (intra, pool of 3)", "prism", dict(ipc, bn_pool="convnet,resnet18,mobilenet_v2")),
+        cell("BN set = primary alone", "prism", dict(ipc, selection="single")),
+        *[cell(f"all of {k} BN teachers", "prism", dict(ipc, selection="all", bn_pool=",".join(POOL[:k])))
+          for k in (1, 2, 3, 4)],
+        cell("pre-distillation", "prism-pre", dict(ipc, bn_pool="convnet,resnet18,mobilenet_v2")),
+        cell("per-teacher BN normalisation", "prism", dict(ipc, bn_pool="convnet,resnet18,mobilenet_v2",
+                                                           bn_normalize=True)),
+        cell("BN layer mean instead of sum", "prism", dict(ipc, bn_pool="convnet,resnet18,mobilenet_v2",
+                                                           bn_layer_reduce="mean")),
+        # control: images that barely leave their real start (tiny lr): regularisation vs diversity
+        cell("control: stay near real start (lr 0.005)", "prism", dict(ipc, lr=0.005)),
+        cell("unoptimised real start (iterations=1, lr=0)", "prism", dict(ipc, iterations=1, lr=0.0)),
+        cell("random real", "random-real", {}, ipc),
+    ]
+    ex["ablation/relabel-crop"] = [cell(f"min crop {s}", "prism", ipc, {"min_scale": s})
+                                   for s in (0.1, 0.15, 0.2, 0.25, 0.3, 0.4)]
+    ex["ablation/recover-batch"] = [cell(f"recovery batch {b}", "prism", dict(ipc, batch_size=b)) for b in (20, 50, 100)]
+    ex["cross-arch"] = [cell(f"{m} -> {s}", m, ipc, dict(ipc, student=s))
+                        for s in ("mobilenet_v2", "resnet18") for m in ("random-real", "sre2l", "prism")]
+    return ex
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--only", default="quality/ipc10", help="comma list of experiment names or prefixes")
+    p.add_argument("--list", action="store_true")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--student", default="convnet")
+    p.add_argument("--student-width", type=float, default=0.5)
+    p.add_argument("--student-epochs", type=int, default=300)
+    p.add_argument("--iterations", type=int, default=300)
+    p.add_argument("--teacher-width", type=float, default=0.25)
+    p.add_argument("--teacher-steps", type=int, default=900)
+    p.add_argument("--out", default="benchmarks/out")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on digits (CI)")
+    a = p.parse_args()
+    if a.smoke:
+        a.dataset, a.student_epochs, a.iterations, a.teacher_steps, a.student_width = "digits", 4, 5, 40, 0.25
+    torch.set_num_threads(a.threads)
+    ex = experiments()
+    if a.list:
+        for k, cells in ex.items():
+            print(f"{k}: {len(cells)} cells")
+        return
+    wanted = [k for k in ex if any(k == o or k.startswith(o) for o in a.only.split(","))]
+    if not wanted:
+        sys.exit(f"--only {a.only}: no such experiment; see --list")
+    out = Path(a.out) / a.dataset
+    stages = Stages(out, force=False)
+    common = {"dataset": a.dataset, "device": "auto"}
+    train, test, info = load_dataset(a.dataset)
+    te = epochs_for(a.teacher_steps, len(train))
+    teachers_dir, _, _ = stages.run("teachers", SqueezeConfig, squeeze,
+                                    dict(common, arch=",".join(POOL), width=a.teacher_width, **te,
+                                         eval_every=te["epochs"]))
+    obs_dir, _, _ = stages.run("observer", SqueezeConfig, squeeze,
+                               dict(common, arch=OBSERVER, width=1.0, **te, eval_every=te["epochs"], seed=1000))
+    observer, _ = load_teacher(obs_dir / OBSERVER)
+    seeds = [int(s) for s in a.seeds.split(",")]
+    log = out / "results.jsonl"
+    header = (f"{a.dataset}, student {a.student} (width {a.student_width}), {a.student_epochs} epochs, soft labels "
+              f"of the convnet teacher online (MSE + 0.1 CE), recovery {a.iterations} iterations, seeds {seeds}, "
+              f"{torch.get_num_threads()} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    for name in wanted:
+        print(f"\n### {name}\n{header}\n")
+        print("| cell | top-1 % (final epoch) | intra-class cos | recover s | validate s |")
+        print("|---|---|---|---|---|")
+        for c in ex[name]:
+            top1, cos, rs, vs = [], [], 0.0, 0.0
+            for s in seeds:
+                rec_dir = None
+                val = dict(protocol_layer("prism"), **common, seed=s, seeds=str(s), student=a.student,
+                           student_width=a.student_width, epochs=a.student_epochs, eval_every=a.student_epochs,
+                           teachers=str(teachers_dir), label_teachers=POOL[0])
+                if c["method"] == "random-real":
+                    val.update(random_real=True, **c["val"])
+                    idx = random_real_subset(train, info.num_classes, val.get("ipc", 10), s)
+                    imgs, tg = train.get_images(idx), train.targets[idx]
+                else:
+                    rec = dict(method_layer(c["method"]), **common, seed=s, teachers=str(teachers_dir),
+                               primary=POOL[0], bn_pool=",".join(POOL[:3]), iterations=a.iterations, **c["rec"])
+                    rec_dir, _, _ = stages.run(f"recover-{c['method']}", RecoverConfig, recover, rec)
+                    rs += stages.timings[f"recover-{c['method']}"]
+                    val.update(distilled=str(rec_dir), **{k: v for k, v in c["val"].items() if k != "ipc"})
+                    d = load_distilled(rec_dir)
+                    imgs, tg = d.images, d.targets
+                ev_dir, _, _ = stages.run("validate", ValidateConfig, validate, val)
+                vs += stages.timings["validate"]
+                m = json.loads((ev_dir / "metrics.json").read_text())
+                top1.append(m["top1"])
+                div = diversity_from_features(extract_features(imgs, info, observer, "cpu"), tg, info.num_classes)
+                cos.append(div["intra_class_cos"] if div["intra_class_cos"] is not None else float("nan"))
+                with open(log, "a") as f:
+                    f.write(json.dumps({"experiment": name, "cell": c["name"], "seed": s, "top1": m["top1"],
+                                        "intra_class_cos": cos[-1], "distilled": str(rec_dir) if rec_dir else None,
+                                        "eval": str(ev_dir), "protocol": m["protocol"]}) + "\n")
+            t = np.array(top1)
+            std = f" ± {t.std(ddof=1):.2f}" if len(t) > 1 else ""
+            print(f"| {c['name']} | {t.mean():.2f}{std} | {np.nanmean(cos):.4f} | {rs:.0f} | {vs:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

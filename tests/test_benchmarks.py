@@ -1,0 +1,34 @@
+"""Smoke runs of the benchmark scripts (CI runs only these tiny versions; the real tables are in BENCHMARKS.md)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, tmp_path, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+
+def test_recover_speed_smoke(tmp_path):
+    out = _run(["benchmarks/recover_speed.py", "--iters", "2", "--repeats", "1", "--width", "0.25", "--res", "8",
+                "--batch", "20", "--threads", "1"], tmp_path)
+    lines = [l for l in out.splitlines() if "|" in l]
+    names = [l.split("|")[0].strip() for l in lines[2:]]
+    assert names == ["plain loop (reference structure)", "prismdd engine", "prismdd engine, contiguous"]
+    for l in lines[2:]:
+        assert float(l.split("|")[2]) > 0  # image-iterations per second
+
+
+def test_quality_smoke(tmp_path):
+    out = _run(["benchmarks/quality.py", "--smoke", "--only", "quality/ipc1", "--out", str(tmp_path), "--threads", "1"],
+               tmp_path, timeout=600)
+    rows = [l for l in out.splitlines() if l.startswith("| ") and not l.startswith("| cell")]
+    assert [r.split("|")[1].strip() for r in rows] == ["random-real", "sre2l", "cda", "delt", "gvbsm", "prism", "prism-pre"]
+    assert (tmp_path / "digits" / "results.jsonl").exists()
