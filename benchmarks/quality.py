@@ -97,7 +97,7 @@ def main():
         for k, cells in ex.items():
             print(f"{k}: {len(cells)} cells")
         return
-    wanted = [k for k in ex if any(k == o or k.startswith(o) for o in a.only.split(","))]
+    wanted = [k for k in ex if any(k == o or k.startswith(o.rstrip("/") + "/") for o in a.only.split(","))]
     if not wanted:
         sys.exit(f"--only {a.only}: no such experiment; see --list")
     out = Path(a.out) / a.dataset

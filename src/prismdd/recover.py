@@ -260,7 +260,8 @@ class Engine:
         budgets = torch.tensor([image_budget(cfg, k) for _, k in units], device=self.device)
         n_iter = int(budgets.max())
         start = n_iter - budgets  # late IPC indices join late, so every image ends on the same step
-        x = init.to(self.device).contiguous(memory_format=self.memory_format).requires_grad_(True)
+        # a fresh leaf: never turn the caller's tensor into a parameter
+        x = init.detach().to(self.device).clone(memory_format=self.memory_format).requires_grad_(True)
         m = torch.zeros_like(x)
         v = torch.zeros_like(x)
         b1, b2 = cfg.betas

@@ -49,7 +49,7 @@ class EpochPlan:
         if self.mixes and self.mixes[0] is not None:
             nb, bs = len(self.mixes), max(len(m.perm if isinstance(m, CutMix) else m[0]) for m in self.mixes)
             perm = torch.full((nb, bs), -1, dtype=torch.long)
-            lam = torch.zeros(nb)
+            lam = torch.zeros(nb, dtype=torch.float64)  # float32 would round lambda: replay must be exact
             box = torch.zeros(nb, 4, dtype=torch.long)
             for i, m in enumerate(self.mixes):
                 p = m.perm if isinstance(m, CutMix) else m[0]

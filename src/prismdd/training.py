@@ -16,7 +16,7 @@ def lr_factor(schedule: str, progress: float, warmup: float = 0.0) -> float:
     """Multiplier of the base LR at ``progress`` in [0, 1] of training.
 
     ``decayed_cosine``: PRISM/EDC's "decayed cosine": a cosine stretched by 2.5 (so it only falls to
-    ~0.65 by 5/6 of training), then a linear ramp to 0 over the last sixth.
+    0.75 by 5/6 of training), then a linear ramp to 0 over the last sixth.
     """
     p = min(max(progress, 0.0), 1.0)
     if warmup > 0 and p < warmup:

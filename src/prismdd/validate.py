@@ -24,7 +24,7 @@ from .registry import Registry
 from .relabel import (StoredLabels, ViewConfig, default_batch_size, epoch_plan, load_labelers, make_inputs)
 from .squeeze import save_teacher
 from .training import check_finite, evaluate, lr_factor, make_optimizer, set_lr
-from .utils import (JsonlLog, PrismError, Timer, make_generator, progress, read_json, torch_load, torch_save,
+from .utils import (JsonlLog, PrismError, config_hash, Timer, make_generator, progress, read_json, torch_load, torch_save,
                     write_json, write_manifest)
 
 # protocol presets: named bundles of student-training fields
@@ -80,6 +80,10 @@ class ValidateConfig(CommonConfig):
                              f"--teachers DIR (online), or use --loss ce")
         if self.epochs < 1:
             raise PrismError("epochs: must be >= 1")
+        from .relabel import ENSEMBLES
+
+        if self.ensemble not in ENSEMBLES:
+            raise PrismError(f"--ensemble {self.ensemble!r}: expected one of {', '.join(ENSEMBLES)}")
 
 
 PRESET_KEY = "protocol"  # the CLI layers the named protocol under everything the user set
@@ -148,13 +152,22 @@ def student_loss(cfg: ValidateConfig, out: torch.Tensor, soft: torch.Tensor | No
 
 
 # ----------------------------------------------------------------------------- one student
+def student_hash(cfg: ValidateConfig, arch: str, seed: int) -> str:
+    from .config import replace
+
+    return config_hash(replace(cfg, student=arch, seeds=str(seed)),
+                       exclude=("out", "device", "num_workers", "force", "eval_every"))
 def train_student(cfg: ValidateConfig, arch: str, seed: int, data: TensorImages, test, info: DatasetInfo,
                   labels, ctx, folder: Path) -> dict:
     """Train one student (resumable per epoch); returns its result dict."""
     device = ctx.device
     result_path = folder / "result.json"
+    chash = student_hash(cfg, arch, seed)
     if result_path.exists() and not cfg.force:
-        return read_json(result_path)
+        result = read_json(result_path)
+        if result.get("config_hash") != chash:
+            raise PrismError(f"{folder}: holds a student trained with other settings; use --force or another --out")
+        return result
     torch.manual_seed(seed)
     model = create_model(arch, info.num_classes, info.channels, info.resolution, cfg.student_width).to(device)
     opt = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
@@ -171,6 +184,8 @@ def train_student(cfg: ValidateConfig, arch: str, seed: int, data: TensorImages,
     start, curve = 0, []
     if ckpt.exists() and not cfg.force:
         ck = torch_load(ckpt, map_location=device)
+        if ck.get("config_hash") != chash:
+            raise PrismError(f"{ckpt}: an unfinished student with other settings; use --force or another --out")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         start, curve = int(ck["epoch"]), list(ck["curve"])
@@ -216,12 +231,12 @@ def train_student(cfg: ValidateConfig, arch: str, seed: int, data: TensorImages,
         if ctx.rank == 0:
             log.write(**record)
             torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                        "curve": curve}, ckpt)
+                        "curve": curve, "config_hash": chash}, ckpt)
     final = curve[-1]
     best = max(curve, key=lambda c: c["top1"])
     result = {"student": arch, "seed": seed, "top1": final["top1"], "top5": final["top5"],
               "best_top1": best["top1"], "best_epoch": best["epoch"], "curve": curve,
-              "seconds": round(timer.elapsed, 2)}
+              "seconds": round(timer.elapsed, 2), "config_hash": chash}
     if ctx.rank == 0:
         save_teacher(folder, model, info, cfg, {"top1": final["top1"], "top5": final["top5"]}, timer.elapsed)
         write_json(result_path, result)
@@ -274,8 +289,9 @@ def validate(cfg: ValidateConfig) -> dict:
     label_src = ("stored:" + str(cfg.labels)) if stored else (("online:" + ",".join(online.names)) if online else "hard labels")
     protocol = {"protocol": cfg.protocol, "loss": cfg.loss, "gamma": cfg.gamma if cfg.loss == "mse+ce" else None,
                 "optimizer": cfg.optimizer, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "schedule": cfg.schedule,
-                "epochs": cfg.epochs, "batch_size": bs, "min_scale": cfg.min_scale,
+                "epochs": cfg.epochs, "batch_size": bs,
                 "mix": stored.views["mix"] if stored else cfg.mix, "soft_labels": label_src,
+                "min_scale": stored.views["min_scale"] if stored else cfg.min_scale,
                 "student_width": cfg.student_width, "result": "final epoch", "test_set": f"{info.name} test ({len(test)})"}
     metrics = {"top1": first["top1"], "top5": first["top5"], "top1_std": first["top1_std"],
                "best_top1": first["best_top1"], "curve": first["curve"], "protocol": protocol,
