@@ -309,7 +309,7 @@ def part_accuracy(args) -> dict:
         b = json.loads((out / "manifest.json").read_text())["outputs"]["bytes_per_image_epoch"]
         run_validate(name, b, rt, labels=str(out))
     if args.proposal:
-        for k in [k for k in args.acc_ks if 0 < k < 10]:
+        for k in args.proposal_ks:
             dst = simulate_codec(folders[0], work / "labels" / f"proposal-top{k}", k, 4 * k + 2)
             run_validate(f"proposal: top-{k} + fp16 tail mean (not in prismdd)", 4 * k + 2, None, labels=str(dst))
     run_validate("online (`--teachers`, fp32, nothing stored)", 0.0, None, teachers=str(teachers))
@@ -362,6 +362,7 @@ def main(argv=None):
     ap.add_argument("--resolution", type=int, default=224, help="bytes part: view resolution (CutMix boxes)")
     ap.add_argument("--ks", default="1,5,10,20,50,100", help="bytes part: top-k values")
     ap.add_argument("--acc-ks", default="1,2,3,5", help="accuracy part: top-k values (10 classes)")
+    ap.add_argument("--proposal-ks", default="1,2", help="accuracy part: top-k values of the proposal rows")
     ap.add_argument("--no-proposal", dest="proposal", action="store_false",
                     help="skip the top-k + tail-mean codec rows (not in prismdd)")
     ap.add_argument("--stages", default="runs/main/stages",
@@ -379,6 +380,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     args.ks = [int(k) for k in args.ks.split(",") if k.strip()]
     args.acc_ks = [int(k) for k in args.acc_ks.split(",") if k.strip()]
+    args.proposal_ks = [int(k) for k in args.proposal_ks.split(",") if k.strip()]
     torch.set_num_threads(args.threads)
 
     print("```")

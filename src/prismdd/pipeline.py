@@ -35,17 +35,17 @@ class RunConfig(CommonConfig):
     quick: bool = False  # a smoke-sized run: fewer epochs and iterations everywhere (minutes on a laptop)
     teacher_archs: str = "convnet,resnet18,mobilenet_v2"  # the teacher zoo (BN pool); the first is the primary
     teacher_width: float = 0.25  # width multiplier of the teachers (CPU-sized; 1.0 on a GPU)
-    teacher_steps: int = 600  # optimiser steps per teacher (batch 128): 1.3 epochs of Fashion-MNIST
+    teacher_steps: int = 500  # optimiser steps per teacher (batch 128): about one epoch of Fashion-MNIST
     observer: str = "shufflenet_v2_x0_5"  # diversity observer: an architecture that takes no part in synthesis
-    observer_steps: int = 300  # its training steps (it only has to give meaningful features)
+    observer_steps: int = 200  # its training steps (it only has to give meaningful features)
     iterations: int = 300  # recovery iterations per image
     recover_batch_size: int = 100
     student: str = "convnet"  # the student architecture (same protocol for every method and baseline)
     student_width: float = 0.5
     student_epochs: int = 300
     seeds: str = "0"  # student seeds (comma list), reported as mean +- std
-    full_steps: int = 600  # steps of the full-data baseline (hard labels, batch 128; 300 epochs of 60k is hours)
-    eval_every: int = 50
+    full_steps: int = 300  # steps of the full-data baseline (hard labels, batch 128; 300 epochs of 60k is hours)
+    eval_every: int = 100  # student epochs between test evaluations (the last is always evaluated)
     force: bool = False  # redo every stage
 
     def validate(self):
