@@ -191,10 +191,10 @@ def load_teachers(cfg: RecoverConfig, info: DatasetInfo, device) -> tuple[Teache
     if bn_free:
         raise PrismError(f"--bn-pool: {', '.join(bn_free)} has no BatchNorm layers and would add 0 to the BN mean "
                          f"while counting in it; remove it from --bn-pool")
-    if cfg.selection in ("single",) or not has_batchnorm(teachers[cfg.primary].model):
-        if not has_batchnorm(teachers[cfg.primary].model) and cfg.alpha_bn > 0:
-            raise PrismError(f"--primary {cfg.primary}: has no BatchNorm layers, so it cannot serve the BN term; "
-                             f"pick a BN architecture or --set alpha_bn=0")
+    if cfg.alpha_bn > 0 and not has_batchnorm(teachers[cfg.primary].model):
+        # the primary is always in the BN set (reference behaviour), so it must have BN layers
+        raise PrismError(f"--primary {cfg.primary}: has no BatchNorm layers, so it cannot serve the BN term; "
+                         f"pick a BN architecture or --set alpha_bn=0")
     return teachers[cfg.primary], teachers, pool
 
 
