@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from prismdd.augment import apply_views, jitter, sample_views
 from prismdd.data import DatasetInfo
-from prismdd.models import batchnorm_layers, create_model
+from prismdd.bn import bn_loss_reference
+from prismdd.models import create_model
 from prismdd.recover import Engine, Teacher, recover_config
 
 
@@ -50,23 +51,6 @@ def plain_loop(teachers, primary, bn_set, x0, y, iters, lr=0.05, alpha=0.01, fir
     gen = torch.Generator().manual_seed(seed)
     x = x0.clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=lr, betas=(0.5, 0.9), eps=1e-8)
-    losses = {}
-
-    def hooks(model):
-        hs = []
-        for i, (_, bn) in enumerate(batchnorm_layers(model)):
-            w = first_mult if i == 0 else 1.0
-
-            def hook(module, inputs, output, w=w):
-                inp = inputs[0]
-                c = inp.shape[1]
-                flat = inp.permute(1, 0, 2, 3).reshape(c, -1)
-                mean, var = flat.mean(1), flat.var(1, unbiased=False)
-                losses.setdefault(id(model), []).append(
-                    w * (torch.norm(module.running_mean - mean, 2) + torch.norm(module.running_var - var, 2)))
-
-            hs.append(bn.register_forward_hook(hook))
-        return hs
 
     for it in range(iters):
         for g in opt.param_groups:
@@ -75,15 +59,8 @@ def plain_loop(teachers, primary, bn_set, x0, y, iters, lr=0.05, alpha=0.01, fir
         xa = jitter(apply_views(x, views), jit, gen)
         opt.zero_grad()
         F.cross_entropy(teachers[primary](xa), y).backward(retain_graph=True)  # primary, pass 1
-        for a in bn_set:  # the primary again if it is in the set
-            losses.clear()
-            hs = hooks(teachers[a])
-            try:
-                teachers[a](xa)
-            finally:
-                for h in hs:
-                    h.remove()
-            (alpha / len(bn_set) * torch.stack(losses[id(teachers[a])]).sum()).backward(retain_graph=True)
+        for a in bn_set:  # the primary again if it is in the set; permute/reshape/var forward hooks
+            (alpha / len(bn_set) * bn_loss_reference(teachers[a], xa, first_mult)).backward(retain_graph=True)
         opt.step()
         with torch.no_grad():
             x.clamp_(-1, 1)  # the valid range for mean 0.5, std 0.5, as in the engine

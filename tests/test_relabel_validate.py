@@ -196,14 +196,17 @@ def test_pack_unpack_topk_exact():
     logits = torch.randn(6, 10, generator=g) * 3
     v, i = logits.topk(3, dim=1)
     d = pack_logits(logits, "fp32", 3)
-    assert set(d) == {"values", "indices"} and d["indices"].dtype == torch.int16
+    assert set(d) == {"values", "indices", "tail"} and d["indices"].dtype == torch.int16
     assert torch.equal(d["values"], v) and torch.equal(d["indices"].long(), i)
     out = unpack_logits(d, 10)
     assert out.shape == (6, 10)
     assert torch.equal(out.gather(1, i), v)  # the top-k values, at their classes, exactly
     assert torch.equal(out.argmax(1), logits.argmax(1))
     rest = torch.ones_like(out, dtype=torch.bool).scatter_(1, i, False)
-    assert torch.equal(out[rest].view(6, 7), v[:, -1:].expand(6, 7))  # the rest: the smallest stored logit
+    tail = (logits.sum(1, keepdim=True) - v.sum(1, keepdim=True)) / 7
+    torch.testing.assert_close(out[rest].view(6, 7), tail.expand(6, 7))  # the rest: the mean of the left-out logits
+    old = {"values": d["values"], "indices": d["indices"]}  # files written before the tail was stored
+    assert torch.equal(unpack_logits(old, 10)[rest].view(6, 7), v[:, -1:].expand(6, 7))
     # fp16: values rounded to fp16, indices still exact
     d16 = pack_logits(logits, "fp16", 3)
     assert d16["values"].dtype == torch.float16 and torch.equal(d16["indices"].long(), i)
@@ -214,7 +217,7 @@ def test_pack_unpack_topk_exact():
     assert torch.equal(unpack_logits(pack_logits(logits, "fp32", 10), 10), logits)  # k >= K: everything
 
 
-@pytest.mark.parametrize("storage,topk,per_image", [("fp16", 3, 3 * (2 + 2)), ("fp16", 0, 10 * 2),
+@pytest.mark.parametrize("storage,topk,per_image", [("fp16", 3, 3 * (2 + 2) + 2), ("fp16", 0, 10 * 2),
                                                     ("fp32", 0, 10 * 4)])
 def test_label_bytes_in_manifest(prism_run, zoo, distilled, tmp_path, storage, topk, per_image):
     out = do_relabel(prism_run, zoo, tmp_path / "l", storage=storage, topk=topk, epochs=2)
