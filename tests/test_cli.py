@@ -138,3 +138,17 @@ def test_set_without_equals(cli, capsys, tmp_path):
 def test_unknown_command_is_a_usage_error(cli, capsys):
     code, _, err = _run(cli, capsys, ["distil"])
     assert code == 2 and "invalid choice" in err
+
+
+def test_python_api_exports_keep_stage_modules():
+    import types
+
+    import prismdd
+
+    for name in ("squeeze", "recover", "relabel", "validate", "metrics", "audit"):
+        mod = getattr(prismdd, name)
+        assert isinstance(mod, types.ModuleType), name  # a function here would shadow the module
+        assert callable(getattr(mod, name))  # prismdd.<stage>.<stage>(config)
+    for name in prismdd.__all__:
+        assert hasattr(prismdd, name), name
+    assert prismdd.recover_config("sre2l").init == "noise"
