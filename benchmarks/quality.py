@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prismdd.config import build_config
 from prismdd.data import load_dataset
 from prismdd.metrics import diversity_from_features, extract_features
 from prismdd.pipeline import Stages, epochs_for

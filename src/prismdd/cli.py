@@ -12,7 +12,6 @@ import inspect
 import re
 import sys
 import typing
-from typing import Callable
 
 from .config import build_config, load_yaml, parse_sets
 from .registry import UnknownNameError

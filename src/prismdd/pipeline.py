@@ -11,8 +11,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
 
 from .config import CommonConfig, build_config, config_to_dict
 from .data import load_splits

@@ -13,7 +13,6 @@ batch: units, teachers, losses) and ``manifest.json``.
 from __future__ import annotations
 
 import math
-import os
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +25,13 @@ import torch.nn.functional as F
 from . import distributed as dist
 from .augment import apply_views, jitter, sample_views, scale_jitter
 from .bn import bn_hooks
-from .config import CommonConfig, config_to_dict
+from .config import CommonConfig
 from .data import DatasetInfo, TensorImages, class_indices, denormalize, load_splits, normalize, pixel_bounds
 from .methods import METHODS, method_settings
 from .models import has_batchnorm
 from .squeeze import find_teachers, load_teacher
 from .utils import (JsonlLog, PrismError, config_hash, Timer, atomic_path, make_generator, progress, read_json,
-                    resolve_device, write_json, write_manifest)
+                    write_json, write_manifest)
 
 SELECTIONS = ("intra", "pre", "all", "single", "rotate")
 

@@ -6,7 +6,6 @@ epochs, test top-1, seed, config, wall time), ``log.jsonl``, ``config.yaml``. Wh
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed as dist
-from .config import CommonConfig, config_to_dict
+from .config import CommonConfig
 from .data import DatasetInfo, TensorImages, class_indices, load_splits
 from .models import create_model
 from .registry import Registry
