@@ -199,7 +199,7 @@ def part_bytes(args) -> dict:
                  "epoch file B per image-epoch (labels + view params)", f"files, {epochs} epochs",
                  "file ratio vs full fp16 logits"], rows))
     print("\nView parameters stored in every epoch file beside the labels (the same for every label format; "
-          "`_label_bytes` and the relabel manifest exclude them):\n")
+          "`label_bytes` and the manifest's bytes_per_image_epoch exclude them):\n")
     print(table(["tensor", "dtype", "shape (one epoch)", "B per image-epoch", f"{epochs} epochs"], vrows))
     print(f"\nReconstruction error of `unpack_logits(pack_logits(x, 'fp16', k))` vs x, synthetic {c}-class logits "
           f"({n:,} rows); KL(p_full || p_rec) per sample, nats:\n")

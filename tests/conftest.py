@@ -83,3 +83,19 @@ def png_array(path) -> np.ndarray:
 
     with Image.open(path) as im:
         return np.asarray(im, dtype=np.uint8).copy()
+
+
+def run_torchrun(args: list, nproc: int = 2, timeout: int = 300):
+    """``python -m torch.distributed.run --standalone --nproc_per_node N -m prismdd ARGS`` on CPU (gloo), with
+    one thread per rank and no inherited rank variables; asserts it succeeded and returns the process."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "prismdd", *map(str, args)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from contextlib import ExitStack
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import TINY_RECOVER, ZOO_ARCHS, png_array, png_files
+from conftest import TINY_RECOVER, ZOO_ARCHS, png_array, png_files, run_torchrun
 from prismdd.bn import bn_hooks, bn_loss_reference
 from prismdd.data import class_indices, load_dataset, normalize
 from prismdd.methods import METHODS, method_settings
@@ -537,15 +534,8 @@ def test_missing_teacher_in_pool(recover_run, tmp_path):
 
 def test_torchrun_two_ranks_match_single_process(prism_run, zoo, tmp_path):
     out = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "prismdd", "recover", "--method", "prism", "--dataset", "digits", "--teachers", str(zoo),
-           "--out", str(out), "--ipc", "2", "--iterations", "3", "--batch-size", "8", "--device", "cpu",
-           "--seed", "0"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_torchrun(["recover", "--method", "prism", "--dataset", "digits", "--teachers", zoo, "--out", out,
+                  "--ipc", "2", "--iterations", "3", "--batch-size", "8", "--device", "cpu", "--seed", "0"])
     m = read_json(out / "manifest.json")
     assert m["world_size"] == 2 and m["outputs"]["num_images"] == 20
     # batches are dealt round-robin: rank 0 did batches 0 and 2, rank 1 batch 1

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import prismdd.validate as V
+from conftest import run_torchrun
 from prismdd.augment import CutMix
 from prismdd.config import build_config
 from prismdd.data import load_dataset
@@ -481,15 +479,9 @@ def test_labels_folder_must_be_a_relabel_output(prism_run, tmp_path):
 # ----------------------------------------------------------------------------- torchrun
 def test_torchrun_validate_two_ranks(prism_run, zoo, tmp_path):
     out = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "prismdd", "validate", "--dataset", "digits", "--distilled", str(prism_run), "--teachers", str(zoo),
-           "--epochs", "3", "--eval-every", "1", "--batch-size", "8", "--student-width", "0.25", "--device", "cpu",
-           "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_torchrun(["validate", "--dataset", "digits", "--distilled", prism_run, "--teachers", zoo,
+                  "--epochs", "3", "--eval-every", "1", "--batch-size", "8", "--student-width", "0.25",
+                  "--device", "cpu", "--out", out])
     m = read_json(out / "metrics.json")
     assert 0 <= m["top1"] <= 100 and [c["epoch"] for c in m["curve"]] == [1, 2, 3]
     assert m["protocol"]["soft_labels"] == "online:convnet"

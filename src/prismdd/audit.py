@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import CommonConfig, build_config, config_to_dict
+from .config import CommonConfig, build_config, comma_list, config_to_dict
 from .data import DATASETS, DatasetInfo, TensorImages, class_indices, load_dataset, load_indices, normalize
 from .utils import (PrismError, Timer, derive_seed, make_generator, read_json, resolve_device, write_json,
                     write_manifest)
@@ -131,11 +131,11 @@ class AuditConfig(CommonConfig):
 
     @property
     def target_list(self) -> list[str]:
-        return [t.strip() for t in self.targets.split(",") if t.strip()]
+        return comma_list(self.targets)
 
     @property
     def attack_list(self) -> list[str]:
-        return [a.strip() for a in self.attacks.split(",") if a.strip()]
+        return comma_list(self.attacks)
 
 
 def resolve_config(cfg: AuditConfig) -> AuditConfig:
@@ -427,7 +427,7 @@ def train_pipeline(cfg: AuditConfig, folder: Path, index: int, members: np.ndarr
     common = dict(dataset=dataset, data_root=cfg.data_root, download=cfg.download, device=cfg.device,
                   resolution=cfg.resolution, num_workers=cfg.num_workers, subset=str(subset),
                   seed=model_seed(cfg.seed, index))
-    pool = [a.strip() for a in cfg.bn_pool.split(",") if a.strip()]
+    pool = comma_list(cfg.bn_pool)
     archs = [cfg.teacher_arch] + ([a for a in pool if a != cfg.teacher_arch] if "prism" in targets else [])
     teachers = folder / "teachers"
     student = dict(common, teachers=str(teachers), label_teachers=cfg.teacher_arch, student=cfg.student,

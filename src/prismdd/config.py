@@ -32,6 +32,11 @@ class CommonConfig:
     subset: str | None = None  # .npy/.txt file of training-set indices to use instead of the whole train split
 
 
+def comma_list(text: str | None) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``: the form of every list-valued option (archs, methods, seeds)."""
+    return [t.strip() for t in str(text or "").split(",") if t.strip()]
+
+
 def config_fields(cls_or_obj) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls_or_obj)}
 
@@ -119,7 +124,7 @@ def _coerce(cls, name: str, value: Any, hint) -> Any:
             return str(value)
         if origin in (list, tuple):
             if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
+                value = comma_list(value)
             elif not isinstance(value, (list, tuple)):
                 value = [value]
             elem = args[0] if args else Any

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .config import CommonConfig
+from .config import CommonConfig, comma_list
 from .data import DatasetInfo, TensorImages, class_indices, load_dataset, load_indices, normalize, subset_split
 from .models import FeatureExtractor
 from .utils import PrismError, Timer, make_generator, resolve_device, write_json, write_manifest
@@ -51,7 +51,7 @@ class MetricsConfig(CommonConfig):
 
     @property
     def folders(self) -> list[str]:
-        return [f.strip() for f in self.distilled.split(",") if f.strip()]
+        return comma_list(self.distilled)
 
 
 # ----------------------------------------------------------------------------- the math

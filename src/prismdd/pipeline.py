@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from .config import CommonConfig, build_config, config_to_dict
+from .config import CommonConfig, build_config, comma_list, config_to_dict
 from .data import load_splits
 from .methods import METHODS
 from .recover import RecoverConfig, load_distilled, recover
@@ -58,15 +58,15 @@ class RunConfig(CommonConfig):
 
     @property
     def method_list(self) -> list[str]:
-        return [m.strip() for m in self.methods.split(",") if m.strip()]
+        return comma_list(self.methods)
 
     @property
     def baseline_list(self) -> list[str]:
-        return [m.strip() for m in self.baselines.split(",") if m.strip()]
+        return comma_list(self.baselines)
 
     @property
     def teacher_list(self) -> list[str]:
-        return [m.strip() for m in self.teacher_archs.split(",") if m.strip()]
+        return comma_list(self.teacher_archs)
 
 
 # quick: a smoke run (CI, a first look); set fields still win over these

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from . import distributed as dist
 from .augment import apply_views, jitter, sample_views, scale_jitter
 from .bn import bn_hooks
-from .config import CommonConfig
+from .config import CommonConfig, comma_list
 from .data import DatasetInfo, TensorImages, class_indices, denormalize, load_splits, normalize, pixel_bounds
 from .methods import METHODS, method_settings
 from .models import has_batchnorm
@@ -169,7 +169,7 @@ class Teacher:
 def load_teachers(cfg: RecoverConfig, info: DatasetInfo, device) -> tuple[Teacher, dict[str, Teacher], list[str]]:
     """Load the primary and the BN pool; BN-free architectures are rejected from the pool."""
     found = find_teachers(cfg.teachers)
-    pool = [a.strip() for a in cfg.bn_pool.split(",")] if cfg.bn_pool else list(found)
+    pool = comma_list(cfg.bn_pool) or list(found)
     need = [cfg.primary] + [a for a in pool if a != cfg.primary]
     missing = [a for a in need if a not in found]
     if missing:

@@ -15,7 +15,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from .augment import CutMix, Views, apply_views, sample_cutmix, sample_views
-from .config import CommonConfig
+from .config import CommonConfig, comma_list
 from .data import DatasetInfo, normalize
 from .squeeze import find_teachers, load_teacher
 from .utils import PrismError, Timer, atomic_path, make_generator, progress, read_json, resolve_device, write_manifest
@@ -137,7 +137,7 @@ class SoftLabeler:
 def load_labelers(teachers_dir: str, archs: str | None, default_arch: str | None, info: DatasetInfo,
                   ensemble: str, primary_weight: float, device) -> SoftLabeler:
     found = find_teachers(teachers_dir)
-    names = [a.strip() for a in archs.split(",")] if archs else [default_arch if default_arch in found else next(iter(found))]
+    names = comma_list(archs) or [default_arch if default_arch in found else next(iter(found))]
     missing = [a for a in names if a not in found]
     if missing:
         raise PrismError(f"--label-teachers: no teacher {', '.join(missing)} in {teachers_dir} (found: {', '.join(found)})")
@@ -219,7 +219,7 @@ def relabel(cfg: RelabelConfig) -> Path:
     for epoch in progress(range(cfg.epochs), desc="relabel"):
         path = epoch_file(out, epoch)
         if path.exists() and not cfg.force:
-            total_bytes += _label_bytes(path)
+            total_bytes += label_bytes(load_file(str(path)))
             file_bytes += path.stat().st_size
             continue
         plan = epoch_plan(len(ds), epoch, cfg.seed, vc, info.resolution)
@@ -229,7 +229,7 @@ def relabel(cfg: RelabelConfig) -> Path:
         tensors = {**pack_logits(torch.cat(chunks), cfg.storage, cfg.topk), **plan.to_tensors()}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp))
-        total_bytes += _label_bytes(path)
+        total_bytes += label_bytes(tensors)
         file_bytes += path.stat().st_size
     n_ie = len(ds) * cfg.epochs
     write_manifest(out, "relabel", cfg, inputs={"distilled": str(cfg.distilled), "dataset": info.to_dict(),
@@ -245,9 +245,8 @@ def relabel(cfg: RelabelConfig) -> Path:
     return out
 
 
-def _label_bytes(path: Path) -> int:
+def label_bytes(d: dict[str, torch.Tensor]) -> int:
     """Bytes of the label tensors alone (view parameters excluded), for the storage comparison."""
-    d = load_file(str(path))
     return sum(t.numel() * t.element_size() for k, t in d.items() if k in ("logits", "values", "indices", "tail"))
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .augment import apply_views, sample_views
-from .config import CommonConfig, config_to_dict
+from .config import CommonConfig, comma_list, config_to_dict
 from .data import DatasetInfo, iterate_batches, load_splits, normalize
 from .models import create_model, model_from_spec
 from .training import check_finite, evaluate, lr_factor, make_optimizer, set_lr
@@ -52,7 +52,7 @@ class SqueezeConfig(CommonConfig):
 
     @property
     def archs(self) -> list[str]:
-        return [a.strip() for a in self.arch.split(",") if a.strip()]
+        return comma_list(self.arch)
 
 
 def squeeze(cfg: SqueezeConfig) -> dict[str, Path]:

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed as dist
-from .config import CommonConfig
+from .config import CommonConfig, comma_list
 from .data import DatasetInfo, TensorImages, class_indices, load_splits
 from .models import create_model
 from .registry import Registry
@@ -267,8 +267,8 @@ def validate(cfg: ValidateConfig) -> dict:
         cfg_mix = stored.views["mix"]
         print(f"[validate] using the stored views' mix={cfg_mix} (from {cfg.labels})")
     out = Path(cfg.out)
-    seeds = [int(s) for s in str(cfg.seeds).split(",") if str(s).strip() != ""]
-    students = [s.strip() for s in cfg.student.split(",") if s.strip()]
+    seeds = [int(s) for s in comma_list(cfg.seeds)]
+    students = comma_list(cfg.student)
     per_student = {}
     for arch in students:
         results = [train_student(cfg, arch, s, data, test, info, labels, ctx, out / f"{arch}_seed{s}") for s in seeds]
