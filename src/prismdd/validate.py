@@ -263,9 +263,10 @@ def validate(cfg: ValidateConfig) -> dict:
         online = load_labelers(cfg.teachers, cfg.label_teachers, source.get("primary") or "convnet", info,
                                cfg.ensemble, cfg.primary_weight, ctx.device)
     labels = {"stored": stored, "online": online, "batch_size": bs}
-    if stored is not None and online is None and cfg.mix != stored.views["mix"]:
-        cfg_mix = stored.views["mix"]
-        print(f"[validate] using the stored views' mix={cfg_mix} (from {cfg.labels})")
+    if stored is not None and (cfg.mix, cfg.min_scale) != (stored.views["mix"], stored.views["min_scale"]):
+        # the stored labels belong to their views: replaying them is the only consistent choice
+        print(f"[validate] using the stored views (mix={stored.views['mix']}, min_scale={stored.views['min_scale']}) "
+              f"from {cfg.labels}")
     out = Path(cfg.out)
     seeds = [int(s) for s in comma_list(cfg.seeds)]
     students = comma_list(cfg.student)
