@@ -549,3 +549,72 @@ def test_torchrun_two_ranks_match_single_process(prism_run, zoo, tmp_path):
         np.testing.assert_array_equal(png_array(b[k]), png_array(a[k]), err_msg=k)
     ref = read_json(prism_run / "manifest.json")["outputs"]["images"]
     assert {k: e["teachers"] for k, e in m["outputs"]["images"].items()} == {k: e["teachers"] for k, e in ref.items()}
+
+
+# ----------------------------------------------------------------------------- real starts: selection and tiles
+def test_tile_places_each_image_in_its_cell():
+    from prismdd.recover import tile
+
+    imgs = torch.stack([torch.full((1, 6, 6), float(v)) for v in (1, 2, 3, 4)])
+    out = tile(imgs, 2)
+    assert out.shape == (1, 1, 6, 6)
+    assert out[0, 0, :3, :3].eq(1).all() and out[0, 0, :3, 3:].eq(2).all()
+    assert out[0, 0, 3:, :3].eq(3).all() and out[0, 0, 3:, 3:].eq(4).all()
+    odd = tile(torch.stack([torch.full((1, 7, 7), float(v)) for v in range(1, 10)]), 3)  # 7 px into 3 cells
+    assert odd.shape == (1, 1, 7, 7) and set(odd.unique().tolist()) == set(range(1, 10))
+    assert tile(imgs, 1) is imgs
+
+
+@pytest.mark.parametrize("select", ["first", "random", "low-loss", "mid-loss"])
+def test_choose_starts(select, zoo):
+    from prismdd.recover import _teacher_loss, choose_starts
+    from prismdd.squeeze import load_teacher
+
+    train, _, info = load_dataset("digits")
+    model = load_teacher(zoo / "convnet")[0]
+    members = class_indices(train.targets, 10)
+    # candidates = the whole class, so the loss ranking can be checked against every member
+    cfg = recover_config("prism", **dict(TINY_RECOVER, ipc=2, init_tiles=2, init_select=select, init_candidates=10_000))
+    starts = choose_starts(cfg, train, info, model, torch.device("cpu"))
+    again = choose_starts(cfg, train, info, model, torch.device("cpu"))
+    for c, s in enumerate(starts):
+        assert len(s) == 8 and len(set(s.tolist())) == 8 and set(s.tolist()) <= set(members[c].tolist())
+        assert torch.equal(s, again[c])
+        if select == "first":
+            assert torch.equal(s, members[c][:8])
+        if select in ("low-loss", "mid-loss"):
+            loss = dict(zip(members[c].tolist(), _teacher_loss(model, train, members[c], c, info, "cpu").tolist()))
+            ranked = sorted(loss.values())
+            chosen = sorted(loss[i] for i in s.tolist())
+            lo = 0 if select == "low-loss" else (len(ranked) - 8) // 2
+            assert chosen == pytest.approx(ranked[lo:lo + 8])
+    other = choose_starts(recover_config("prism", **dict(TINY_RECOVER, ipc=2, init_select=select, seed=1,
+                                                         init_candidates=20)), train, info, model, "cpu")
+    if select != "first":
+        assert any(not torch.equal(a[:2], b) for a, b in zip(starts, other))
+
+
+def test_tiled_start_recorded_and_unoptimised_image_is_the_mosaic(recover_run, tmp_path):
+    from prismdd.recover import tile
+
+    out = recover_run(tmp_path / "tiles", "prism", init_tiles=2, init_select="random", iterations=1, lr=0.0)
+    train, _, info = load_dataset("digits")
+    images = read_json(out / "manifest.json")["outputs"]["images"]
+    assert len(images) == 20
+    for key, e in images.items():
+        idx = e["start_indices"]
+        assert len(idx) == 4 and all(int(train.targets[i]) == e["class"] for i in idx)
+        want = tile(train.get_images(torch.tensor(idx)).float(), 2)[0, 0].numpy()
+        assert np.abs(png_array(out / e["file"]).astype(float) - want).max() <= 1  # 8-bit rounding only
+
+
+def test_start_settings_refused():
+    with pytest.raises(PrismError, match="--init-tiles"):
+        recover_config("prism", **dict(TINY_RECOVER, init_tiles=0))
+    with pytest.raises(PrismError, match="--init-select"):
+        recover_config("prism", **dict(TINY_RECOVER, init_select="best"))
+
+
+def test_too_many_starts_named(recover_run, tmp_path):
+    with pytest.raises(PrismError, match="init-tiles"):
+        recover_run(tmp_path / "big", "prism", ipc=10, init_tiles=8)

@@ -34,6 +34,7 @@ from .utils import (JsonlLog, PrismError, config_hash, Timer, atomic_path, make_
                     write_json, write_manifest)
 
 SELECTIONS = ("intra", "pre", "all", "single", "rotate")
+INIT_SELECTS = ("first", "random", "low-loss", "mid-loss")
 
 
 @dataclass
@@ -55,7 +56,10 @@ class RecoverConfig(CommonConfig):
     selection: str = "intra"  # intra | pre | all | single | rotate (G-VBSM-style)
     slots: int = 3  # intra/pre: further BN-set slots besides the primary
     slot_prob: float = 0.5  # intra/pre: probability that a slot is filled
-    init: str = "real"  # real: the k-th real training image of the class | noise (SRe2L)
+    init: str = "real"  # real: start from real training images (chosen by init_select) | noise (SRe2L)
+    init_select: str = "first"  # first: the k-th image of the class (reference) | random | low-loss | mid-loss
+    init_candidates: int = 300  # low-loss/mid-loss: random candidates per class ranked by the primary's CE
+    init_tiles: int = 1  # f: start each image as an f x f mosaic of real images shrunk by f (RDED-style); 1 = off
     crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop scale range of the per-iteration view
     crop_schedule: str = "uniform"  # uniform | cosine (CDA: the lower bound falls from the upper to the floor)
     jitter: int | None = None  # roll limit in pixels; None: 32 px at 224, scaled to the resolution
@@ -78,6 +82,12 @@ class RecoverConfig(CommonConfig):
             raise PrismError(f"--selection {self.selection!r}: expected one of {', '.join(SELECTIONS)}")
         if self.init not in ("real", "noise"):
             raise PrismError(f"--init {self.init!r}: expected real or noise")
+        if self.init_select not in INIT_SELECTS:
+            raise PrismError(f"--init-select {self.init_select!r}: expected one of {', '.join(INIT_SELECTS)}")
+        if not 1 <= self.init_tiles <= 8:
+            raise PrismError(f"--init-tiles {self.init_tiles}: expected 1 (off) to 8 tiles per side")
+        if self.init_candidates < 1:
+            raise PrismError("--init-candidates: must be >= 1")
         if self.budget not in ("constant", "early_late"):
             raise PrismError(f"--budget {self.budget!r}: expected constant or early_late")
         if self.crop_schedule not in ("uniform", "cosine"):
@@ -342,15 +352,69 @@ def save_image(path: Path, x: torch.Tensor, info: DatasetInfo) -> None:
         Image.fromarray(arr).save(tmp, format="PNG")
 
 
-def initial_images(cfg: RecoverConfig, b: int, units, train, info: DatasetInfo, per_class) -> torch.Tensor:
+def choose_starts(cfg: RecoverConfig, train, info: DatasetInfo, primary: nn.Module, device) -> list[torch.Tensor]:
+    """Per class, the ``ipc * init_tiles**2`` real training indices the images start from, in use order.
+
+    Drawn once, before any batch, from (seed, 'init-select'), so every rank and every resume sees the same
+    starts. low-loss keeps the candidates the primary teacher finds easiest (RDED's "realistic" crops);
+    mid-loss the ones around the median (neither trivial nor mislabelled-looking).
+    """
+    need = cfg.ipc * cfg.init_tiles ** 2
+    gen = make_generator(cfg.seed, "init-select")
+    starts = []
+    for c, members in enumerate(class_indices(train.targets, info.num_classes)):
+        if need > len(members):
+            raise PrismError(f"--ipc {cfg.ipc} x --init-tiles {cfg.init_tiles}^2: class {info.class_names[c]!r} has "
+                             f"only {len(members)} training images; lower them or use --init noise")
+        if cfg.init_select == "first":
+            starts.append(members[:need])
+            continue
+        perm = members[torch.randperm(len(members), generator=gen)]
+        if cfg.init_select == "random":
+            starts.append(perm[:need])
+            continue
+        cand = perm[:max(need, cfg.init_candidates)]
+        loss = _teacher_loss(primary, train, cand, c, info, device)
+        order = loss.argsort(stable=True)
+        first = 0 if cfg.init_select == "low-loss" else max(0, (len(order) - need) // 2)
+        starts.append(cand[order[first:first + need]])
+    return starts
+
+
+@torch.no_grad()
+def _teacher_loss(model: nn.Module, train, idx: torch.Tensor, c: int, info: DatasetInfo, device) -> torch.Tensor:
+    out = []
+    for chunk in idx.split(256):
+        logits = model(normalize(train.get_images(chunk), info).to(device))
+        out.append(F.cross_entropy(logits.float(), torch.full((len(chunk),), c, device=device), reduction="none"))
+    return torch.cat(out).cpu()
+
+
+def tile(images: torch.Tensor, f: int) -> torch.Tensor:
+    """(n * f*f, C, H, W) -> (n, C, H, W): each group of f*f images shrunk (area) into an f x f mosaic."""
+    if f == 1:
+        return images
+    n, c, h, w = images.shape
+    ys = [round(i * h / f) for i in range(f + 1)]
+    xs = [round(i * w / f) for i in range(f + 1)]
+    out = images.new_empty(n // (f * f), c, h, w)
+    groups = images.view(n // (f * f), f * f, c, h, w)
+    for i in range(f):
+        for j in range(f):
+            out[:, :, ys[i]:ys[i + 1], xs[j]:xs[j + 1]] = F.interpolate(
+                groups[:, i * f + j], size=(ys[i + 1] - ys[i], xs[j + 1] - xs[j]), mode="area")
+    return out
+
+
+def start_indices(cfg: RecoverConfig, units, starts) -> list[list[int]]:
+    t = cfg.init_tiles ** 2
+    return [starts[c][k * t:(k + 1) * t].tolist() for c, k in units]
+
+
+def initial_images(cfg: RecoverConfig, b: int, units, train, info: DatasetInfo, starts) -> torch.Tensor:
     if cfg.init == "real":
-        idx = []
-        for c, k in units:
-            if k >= len(per_class[c]):
-                raise PrismError(f"--ipc {cfg.ipc}: class {info.class_names[c]!r} has only {len(per_class[c])} "
-                                 f"training images; lower --ipc or use --init noise")
-            idx.append(int(per_class[c][k]))
-        return normalize(train.get_images(torch.tensor(idx)), info)
+        idx = torch.tensor(start_indices(cfg, units, starts)).flatten()
+        return tile(normalize(train.get_images(idx), info), cfg.init_tiles)
     gen = make_generator(cfg.seed, "noise-init", b)
     return torch.randn(len(units), info.channels, info.resolution, info.resolution, generator=gen)
 
@@ -375,7 +439,7 @@ def recover(cfg: RecoverConfig) -> Path:
     primary, teachers, pool = load_teachers(cfg, info, device)
     batches = plan_batches(info.num_classes, cfg.ipc, cfg.batch_size)
     sets = draw_teacher_sets(cfg, cfg.primary, pool, len(batches))
-    per_class = class_indices(train.targets, info.num_classes) if cfg.init == "real" else None
+    starts = choose_starts(cfg, train, info, primary.model, device) if cfg.init == "real" else None
     if cfg.force and ctx.rank == 0:
         for p in (out / "records").glob("batch_*.json"):
             p.unlink()
@@ -395,13 +459,15 @@ def recover(cfg: RecoverConfig) -> Path:
         bar = progress(total=len(todo), desc=f"recover {cfg.method}", disable=None if ctx.rank == 0 else True)
         for b in todo:
             units = batches[b]
-            x0 = initial_images(cfg, b, units, train, info, per_class)
+            x0 = initial_images(cfg, b, units, train, info, starts)
             t0 = Timer()
             x, record = engine.run_batch(b, units, sets[b], x0, log)
             for (c, k), img in zip(units, x):
                 save_image(image_path(out, c, k), img, info)
             record["seconds"] = round(t0.elapsed, 2)
             record["config_hash"] = chash
+            if starts is not None:  # provenance: which real images each synthetic image grew from
+                record["start_indices"] = start_indices(cfg, units, starts)
             write_json(out / "records" / f"batch_{b:05d}.json", record)  # last: marks the batch finished
             bar.update(1)
             bar.set_postfix(ce=record["final_losses"].get("ce"), bn=record["final_losses"].get("bn_mean"))
@@ -411,7 +477,8 @@ def recover(cfg: RecoverConfig) -> Path:
         records = [read_json(out / "records" / f"batch_{b:05d}.json") for b in range(len(batches))]
         images = {f"{c}_{k}": {"file": str(image_path(out, c, k).relative_to(out)), "class": c, "ipc_index": k,
                                "teachers": r["bn_set"] if cfg.selection != "rotate" else sorted(r.get("rotation_counts", {})),
-                               "primary": r["primary"], "batch": r["batch"], "iterations": r["budgets"][i]}
+                               "primary": r["primary"], "batch": r["batch"], "iterations": r["budgets"][i],
+                               "start_indices": r.get("start_indices", [None] * len(r["units"]))[i]}
                   for r in records for i, (c, k) in enumerate(map(tuple, r["units"]))}
         write_manifest(out, "recover", cfg,
                        inputs={"dataset": info.to_dict(),
