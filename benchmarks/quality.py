@@ -36,7 +36,7 @@ from prismdd.validate import preset_layer as protocol_layer
 
 POOL = ["convnet", "resnet18", "mobilenet_v2", "efficientnet_b0"]  # BN pool (the first is the primary)
 OBSERVER = "shufflenet_v2_x0_5"
-METHODS = ["random-real", "sre2l", "cda", "delt", "gvbsm", "prism", "prism-pre"]
+METHODS = ["random-real", "sre2l", "cda", "delt", "gvbsm", "prism", "prism-pre", "prism-strong-bn"]
 
 
 def cell(name, method, rec=None, val=None):
@@ -46,7 +46,9 @@ def cell(name, method, rec=None, val=None):
 def experiments(ipcs=(1, 10, 50)) -> dict[str, list[dict]]:
     ex = {}
     for ipc in ipcs:
-        ex[f"quality/ipc{ipc}"] = [cell(m, m, {"ipc": ipc}, {"ipc": ipc}) for m in METHODS]
+        ex[f"quality/ipc{ipc}"] = [cell(m, m, {"ipc": ipc}, {"ipc": ipc}) for m in METHODS] + [
+            # PRISM with its BN set cut to the primary: the diversity claim's comparison at every IPC
+            cell("prism, BN set = primary alone", "prism", {"ipc": ipc, "selection": "single"}, {"ipc": ipc})]
     ipc = {"ipc": 10}
     # what PRISM adds: everything held fixed except the BN set
     ex["ablation/bn-set"] = [
@@ -55,6 +57,10 @@ def experiments(ipcs=(1, 10, 50)) -> dict[str, list[dict]]:
         *[cell(f"all of {k} BN teachers", "prism", dict(ipc, selection="all", bn_pool=",".join(POOL[:k])))
           for k in (1, 2, 3, 4)],
         cell("pre-distillation", "prism-pre", dict(ipc, bn_pool="convnet,resnet18,mobilenet_v2")),
+        # at 100 images per batch IPC 10 is ONE batch, so intra and pre draw one identical set; batches of
+        # 10 (one IPC index each, the reference's unit) give intra ten draws against pre's one
+        cell("intra, batch 10", "prism", dict(ipc, batch_size=10)),
+        cell("pre-distillation, batch 10", "prism-pre", dict(ipc, batch_size=10)),
         cell("per-teacher BN normalisation", "prism", dict(ipc, bn_pool="convnet,resnet18,mobilenet_v2",
                                                            bn_normalize=True)),
         cell("BN layer mean instead of sum", "prism", dict(ipc, bn_pool="convnet,resnet18,mobilenet_v2",
@@ -64,12 +70,45 @@ def experiments(ipcs=(1, 10, 50)) -> dict[str, list[dict]]:
         cell("unoptimised real start (iterations=1, lr=0)", "prism", dict(ipc, iterations=1, lr=0.0)),
         cell("random real", "random-real", {}, ipc),
     ]
+    # which real images start the synthesis, and RDED-style f x f mosaics of shrunk real images
+    ex["ablation/init"] = [
+        *[cell(f"start {sel}", "prism", dict(ipc, init_select=sel)) for sel in ("first", "random", "low-loss", "mid-loss")],
+        cell("start low-loss, unoptimised", "prism", dict(ipc, init_select="low-loss", iterations=1, lr=0.0)),
+        cell("start 2x2 mosaic (random)", "prism", dict(ipc, init_select="random", init_tiles=2)),
+        cell("start 2x2 mosaic (random), unoptimised", "prism", dict(ipc, init_select="random", init_tiles=2,
+                                                                      iterations=1, lr=0.0)),
+        cell("random real", "random-real", {}, ipc),
+    ]
+    # the issue's sweep directions, each against the same random-real row
+    ex["sweep/recipe"] = [
+        *[cell(f"alpha_bn {v}", "prism", dict(ipc, alpha_bn=v)) for v in (0.001, 0.01, 0.1, 1.0, 10.0)],
+        *[cell(f"lr {v}", "prism", dict(ipc, lr=v)) for v in (0.01, 0.25)],
+        cell("iterations 1000", "prism", dict(ipc, iterations=1000)),
+        cell("primary resnet18 (the strongest teacher)", "prism", dict(ipc, primary="resnet18")),
+        # 8 % crops of a 28 px image are ~8 px: tiny views the student (floor 0.25) never sees
+        *[cell(f"recovery crop floor {v}", "prism", dict(ipc, crop_scale=(v, 1.0))) for v in (0.25, 0.5)],
+        cell("random real", "random-real", {}, ipc),
+    ]
+    # soft labels from a stronger teacher or an ensemble: applied to every row alike
+    ex["sweep/labels"] = [cell(f"{m}, labels {t}", m, ipc if m != "random-real" else {}, dict(ipc, label_teachers=t))
+                          for t in ("resnet18", "convnet,resnet18,mobilenet_v2") for m in ("prism", "random-real")]
+    # how far the shared protocol is from its ceiling: longer student training, with the best labels
+    ens = "convnet,resnet18,mobilenet_v2"
+    ex["sweep/protocol"] = [cell(f"{m}, {name}", m, ipc if m != "random-real" else {}, dict(ipc, **v))
+                            for name, v in (("1000 epochs", {"epochs": 1000}),
+                                            ("1000 epochs, ensemble labels", {"epochs": 1000, "label_teachers": ens}))
+                            for m in ("prism", "random-real")]
     ex["ablation/relabel-crop"] = [cell(f"min crop {s}", "prism", ipc, {"min_scale": s})
                                    for s in (0.1, 0.15, 0.2, 0.25, 0.3, 0.4)]
     ex["ablation/recover-batch"] = [cell(f"recovery batch {b}", "prism", dict(ipc, batch_size=b)) for b in (20, 50, 100)]
     ex["cross-arch"] = [cell(f"{m} -> {s}", m, ipc, dict(ipc, student=s))
-                        for s in ("mobilenet_v2", "resnet18") for m in ("random-real", "sre2l", "prism")]
+                        for s in ("resnet18", "shufflenet_v2_x0_5") for m in ("random-real", "sre2l", "prism")]
     return ex
+
+
+def cell_wanted(name: str, tokens: list[str], names: list[str]) -> bool:
+    """A token that is some cell's exact name picks that cell only; any other token picks by substring."""
+    return any(t == name or (t not in names and t in name) for t in tokens)
 
 
 def main():
@@ -77,6 +116,7 @@ def main():
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--only", default="quality/ipc10", help="comma list of experiment names or prefixes")
     p.add_argument("--list", action="store_true")
+    p.add_argument("--cells", default=None, help="comma list of cell names (exact), or parts of names")
     p.add_argument("--seeds", default="0")
     p.add_argument("--student", default="convnet")
     p.add_argument("--student-width", type=float, default=0.5)
@@ -120,6 +160,8 @@ def main():
         print("| cell | top-1 % (final epoch) | intra-class cos | recover s | validate s |")
         print("|---|---|---|---|---|")
         for c in ex[name]:
+            if a.cells and not cell_wanted(c["name"], a.cells.split(","), [x["name"] for x in ex[name]]):
+                continue
             top1, cos, rs, vs = [], [], 0.0, 0.0
             for s in seeds:
                 rec_dir = None
@@ -132,7 +174,8 @@ def main():
                     imgs, tg = train.get_images(idx), train.targets[idx]
                 else:
                     rec = dict(method_layer(c["method"]), **common, seed=s, teachers=str(teachers_dir),
-                               primary=POOL[0], bn_pool=",".join(POOL[:3]), iterations=a.iterations, **c["rec"])
+                               primary=POOL[0], bn_pool=",".join(POOL[:3]), iterations=a.iterations)
+                    rec.update(c["rec"])  # a cell's own settings win (e.g. iterations=1 for the unoptimised start)
                     rec_dir, _, _ = stages.run(f"recover-{c['method']}", RecoverConfig, recover, rec)
                     rs += stages.timings[f"recover-{c['method']}"]
                     val.update(distilled=str(rec_dir), **{k: v for k, v in c["val"].items() if k != "ipc"})
@@ -150,7 +193,9 @@ def main():
                                         "eval": str(ev_dir), "protocol": m["protocol"]}) + "\n")
             t = np.array(top1)
             std = f" ± {t.std(ddof=1):.2f}" if len(t) > 1 else ""
-            print(f"| {c['name']} | {t.mean():.2f}{std} | {np.nanmean(cos):.4f} | {rs:.0f} | {vs:.0f} |", flush=True)
+            # one image per class has no pairs to compare: no intra-class cosine at IPC 1
+            cos_s = f"{np.nanmean(cos):.4f}" if not np.isnan(cos).all() else "n/a"
+            print(f"| {c['name']} | {t.mean():.2f}{std} | {cos_s} | {rs:.0f} | {vs:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

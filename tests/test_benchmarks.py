@@ -30,5 +30,15 @@ def test_quality_smoke(tmp_path):
     out = _run(["benchmarks/quality.py", "--smoke", "--only", "quality/ipc1", "--out", str(tmp_path), "--threads", "1"],
                tmp_path, timeout=600)
     rows = [l for l in out.splitlines() if l.startswith("| ") and not l.startswith("| cell")]
-    assert [r.split("|")[1].strip() for r in rows] == ["random-real", "sre2l", "cda", "delt", "gvbsm", "prism", "prism-pre"]
+    assert [r.split("|")[1].strip() for r in rows] == ["random-real", "sre2l", "cda", "delt", "gvbsm", "prism", "prism-pre",
+                                                      "prism-strong-bn", "prism, BN set = primary alone"]
     assert (tmp_path / "digits" / "results.jsonl").exists()
+    # IPC 1 has no image pairs within a class: the cosine column says so instead of printing nan
+    assert all(r.split("|")[3].strip() == "n/a" for r in rows)
+    # --cells picks cells by name; the teachers trained above are reused from the same --out
+    out = _run(["benchmarks/quality.py", "--smoke", "--only", "ablation/init", "--cells", "unoptimised",
+                "--out", str(tmp_path), "--threads", "1"], tmp_path, timeout=600)
+    rows = [l for l in out.splitlines() if l.startswith("| ") and not l.startswith("| cell")]
+    assert [r.split("|")[1].strip() for r in rows] == ["start low-loss, unoptimised",
+                                                       "start 2x2 mosaic (random), unoptimised"]
+    assert all(0 <= float(r.split("|")[2].split("±")[0]) <= 100 for r in rows)
