@@ -41,11 +41,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from prismdd.config import build_config
-from prismdd.relabel import (RelabelConfig, ViewConfig, default_batch_size, epoch_file, epoch_plan, load_labelers,
-                             make_inputs, pack_logits, relabel, unpack_logits)
+from prismdd.config import build_config, comma_list
+from prismdd.relabel import (LABEL_KEYS, RelabelConfig, ViewConfig, default_batch_size, epoch_file, epoch_plan,
+                             label_bytes, load_labelers, make_inputs, pack_logits, relabel, unpack_logits)
 
-LABEL_KEYS = ("logits", "values", "indices")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -163,7 +162,7 @@ def part_bytes(args) -> dict:
         save_file({**packed, **view_tensors}, str(path))
         size = path.stat().st_size
         d = load_file(str(path))
-        assert sum(t.numel() * t.element_size() for k, t in d.items() if k in LABEL_KEYS) == nbytes(packed)
+        assert label_bytes(d) == nbytes(packed)
         return size / n
 
     row("reference (FKD-style): full fp16 logits per view (logits only; its pickle overhead not counted)", ref)
@@ -172,7 +171,7 @@ def part_bytes(args) -> dict:
         file_bytes(pack_logits(logits, "fp32", 0)))
     for k in args.ks:
         packed = pack_logits(logits, "fp16", k)
-        row(f"prismdd `--topk {k}` (fp16 values + int16 indices)", nbytes(packed) / n, file_bytes(packed))
+        row(f"prismdd `--topk {k}` (fp16 values + int16 indices + fp16 tail mean)", nbytes(packed) / n, file_bytes(packed))
     row("online (`validate --teachers`): nothing stored, one teacher forward per student step", 0.0)
 
     # the view parameters themselves
@@ -185,7 +184,7 @@ def part_bytes(args) -> dict:
         vsum += b
         vrows.append([f"`{key}`", str(t.dtype).replace("torch.", ""), tuple(t.shape), f"{b / n:.3f}", human(b * epochs)])
     size = epoch_file(tmp, 0).stat().st_size
-    header = size - vsum - sum(t.numel() * t.element_size() for k, t in d.items() if k in LABEL_KEYS)
+    header = size - vsum - label_bytes(d)
     vrows.append(["safetensors header", "-", "-", f"{header / n:.3f}", human(header * epochs)])
     vrows.append(["**all view parameters + header**", "", "", f"**{(vsum + header) / n:.2f}**",
                   f"**{human((vsum + header) * epochs)}**"])
@@ -379,9 +378,9 @@ def main(argv=None):
     ap.add_argument("--seeds", default="0,1", help="student seeds")
     ap.add_argument("--recon-epochs", type=int, default=30, help="epochs of real views for the error table")
     args = ap.parse_args(argv)
-    args.ks = [int(k) for k in args.ks.split(",") if k.strip()]
-    args.acc_ks = [int(k) for k in args.acc_ks.split(",") if k.strip()]
-    args.proposal_ks = [int(k) for k in args.proposal_ks.split(",") if k.strip()]
+    args.ks = [int(k) for k in comma_list(args.ks)]
+    args.acc_ks = [int(k) for k in comma_list(args.acc_ks)]
+    args.proposal_ks = [int(k) for k in comma_list(args.proposal_ks)]
     torch.set_num_threads(args.threads)
 
     print("```")

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prismdd.config import comma_list
 from prismdd.data import load_dataset
 from prismdd.metrics import diversity_from_features, extract_features
 from prismdd.pipeline import Stages, epochs_for
@@ -160,7 +161,7 @@ def main():
         print("| cell | top-1 % (final epoch) | intra-class cos | recover s | validate s |")
         print("|---|---|---|---|---|")
         for c in ex[name]:
-            if a.cells and not cell_wanted(c["name"], a.cells.split(","), [x["name"] for x in ex[name]]):
+            if a.cells and not cell_wanted(c["name"], comma_list(a.cells), [x["name"] for x in ex[name]]):
                 continue
             top1, cos, rs, vs = [], [], 0.0, 0.0
             for s in seeds:

@@ -42,3 +42,12 @@ def test_quality_smoke(tmp_path):
     assert [r.split("|")[1].strip() for r in rows] == ["start low-loss, unoptimised",
                                                        "start 2x2 mosaic (random), unoptimised"]
     assert all(0 <= float(r.split("|")[2].split("±")[0]) <= 100 for r in rows)
+
+
+def test_label_storage_bytes_smoke(tmp_path):
+    # the byte check inside the script compares the file's label tensors with pack_logits' output, tail included
+    out = _run(["benchmarks/label_storage.py", "--part", "bytes", "--classes", "20", "--ipc", "2", "--ks", "1,5",
+                "--resolution", "32", "--label-epochs", "3", "--threads", "1"], tmp_path)
+    rows = {l.split("|")[1].strip(): l.split("|")[2].strip() for l in out.splitlines() if l.startswith("| prismdd")}
+    assert float(rows["prismdd `--topk 1` (fp16 values + int16 indices + fp16 tail mean)"]) == 1 * (2 + 2) + 2
+    assert float(rows["prismdd default (`relabel`: storage fp16, topk 0)"]) == 20 * 2

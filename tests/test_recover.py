@@ -567,7 +567,8 @@ def test_tile_places_each_image_in_its_cell():
 
 @pytest.mark.parametrize("select", ["first", "random", "low-loss", "mid-loss"])
 def test_choose_starts(select, zoo):
-    from prismdd.recover import _teacher_loss, choose_starts
+    from prismdd.audit import example_scores
+    from prismdd.recover import choose_starts
     from prismdd.squeeze import load_teacher
 
     train, _, info = load_dataset("digits")
@@ -583,7 +584,8 @@ def test_choose_starts(select, zoo):
         if select == "first":
             assert torch.equal(s, members[c][:8])
         if select in ("low-loss", "mid-loss"):
-            loss = dict(zip(members[c].tolist(), _teacher_loss(model, train, members[c], c, info, "cpu").tolist()))
+            scores = example_scores(model, train.get_images(members[c]), torch.full((len(members[c]),), c), info, "cpu")
+            loss = dict(zip(members[c].tolist(), scores["loss"].tolist()))
             ranked = sorted(loss.values())
             chosen = sorted(loss[i] for i in s.tolist())
             lo = 0 if select == "low-loss" else (len(ranked) - 8) // 2

@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from .config import CommonConfig, build_config, comma_list, config_to_dict
 from .data import load_splits
 from .methods import METHODS

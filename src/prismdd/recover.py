@@ -359,6 +359,8 @@ def choose_starts(cfg: RecoverConfig, train, info: DatasetInfo, primary: nn.Modu
     starts. low-loss keeps the candidates the primary teacher finds easiest (RDED's "realistic" crops);
     mid-loss the ones around the median (neither trivial nor mislabelled-looking).
     """
+    from .audit import example_scores  # audit imports this module lazily; no cycle
+
     need = cfg.ipc * cfg.init_tiles ** 2
     gen = make_generator(cfg.seed, "init-select")
     starts = []
@@ -374,20 +376,12 @@ def choose_starts(cfg: RecoverConfig, train, info: DatasetInfo, primary: nn.Modu
             starts.append(perm[:need])
             continue
         cand = perm[:max(need, cfg.init_candidates)]
-        loss = _teacher_loss(primary, train, cand, c, info, device)
-        order = loss.argsort(stable=True)
+        # the audit's per-example scores: one definition of "the teacher's loss on an image"
+        loss = example_scores(primary, train.get_images(cand), torch.full((len(cand),), c), info, device)["loss"]
+        order = torch.from_numpy(np.argsort(loss, kind="stable"))
         first = 0 if cfg.init_select == "low-loss" else max(0, (len(order) - need) // 2)
         starts.append(cand[order[first:first + need]])
     return starts
-
-
-@torch.no_grad()
-def _teacher_loss(model: nn.Module, train, idx: torch.Tensor, c: int, info: DatasetInfo, device) -> torch.Tensor:
-    out = []
-    for chunk in idx.split(256):
-        logits = model(normalize(train.get_images(chunk), info).to(device))
-        out.append(F.cross_entropy(logits.float(), torch.full((len(chunk),), c, device=device), reduction="none"))
-    return torch.cat(out).cpu()
 
 
 def tile(images: torch.Tensor, f: int) -> torch.Tensor:
@@ -411,10 +405,11 @@ def start_indices(cfg: RecoverConfig, units, starts) -> list[list[int]]:
     return [starts[c][k * t:(k + 1) * t].tolist() for c, k in units]
 
 
-def initial_images(cfg: RecoverConfig, b: int, units, train, info: DatasetInfo, starts) -> torch.Tensor:
-    if cfg.init == "real":
-        idx = torch.tensor(start_indices(cfg, units, starts)).flatten()
-        return tile(normalize(train.get_images(idx), info), cfg.init_tiles)
+def initial_images(cfg: RecoverConfig, b: int, units, train, info: DatasetInfo, start: list[list[int]] | None
+                   ) -> torch.Tensor:
+    """The batch's starting images: its real starts (``start_indices``), tiled, or seeded noise."""
+    if start is not None:
+        return tile(normalize(train.get_images(torch.tensor(start).flatten()), info), cfg.init_tiles)
     gen = make_generator(cfg.seed, "noise-init", b)
     return torch.randn(len(units), info.channels, info.resolution, info.resolution, generator=gen)
 
@@ -459,15 +454,16 @@ def recover(cfg: RecoverConfig) -> Path:
         bar = progress(total=len(todo), desc=f"recover {cfg.method}", disable=None if ctx.rank == 0 else True)
         for b in todo:
             units = batches[b]
-            x0 = initial_images(cfg, b, units, train, info, starts)
+            start = start_indices(cfg, units, starts) if starts is not None else None
+            x0 = initial_images(cfg, b, units, train, info, start)
             t0 = Timer()
             x, record = engine.run_batch(b, units, sets[b], x0, log)
             for (c, k), img in zip(units, x):
                 save_image(image_path(out, c, k), img, info)
             record["seconds"] = round(t0.elapsed, 2)
             record["config_hash"] = chash
-            if starts is not None:  # provenance: which real images each synthetic image grew from
-                record["start_indices"] = start_indices(cfg, units, starts)
+            if start is not None:  # provenance: which real images each synthetic image grew from
+                record["start_indices"] = start
             write_json(out / "records" / f"batch_{b:05d}.json", record)  # last: marks the batch finished
             bar.update(1)
             bar.set_postfix(ce=record["final_losses"].get("ce"), bn=record["final_losses"].get("bn_mean"))

@@ -245,9 +245,12 @@ def relabel(cfg: RelabelConfig) -> Path:
     return out
 
 
+LABEL_KEYS = ("logits", "values", "indices", "tail")  # what pack_logits writes; the rest of a file is its views
+
+
 def label_bytes(d: dict[str, torch.Tensor]) -> int:
     """Bytes of the label tensors alone (view parameters excluded), for the storage comparison."""
-    return sum(t.numel() * t.element_size() for k, t in d.items() if k in ("logits", "values", "indices", "tail"))
+    return sum(t.numel() * t.element_size() for k, t in d.items() if k in LABEL_KEYS)
 
 
 class StoredLabels:
