@@ -1,57 +1,48 @@
 """The ``prismdd`` command: a thin layer over the Python API.
 
-Every stage's flags are generated from its dataclass config (one source of truth for names, defaults
-and help), so ``--config FILE.yaml`` and ``--set key=value`` reach exactly the same fields as the flags.
+Every stage's flags are generated from its dataclass config (names, defaults and help text come from the
+fields' own metadata), so ``--config FILE.yaml`` and ``--set key=value`` reach exactly the same fields as
+the flags, and a field cannot exist without its help.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
-import inspect
-import re
 import sys
 import typing
 
-from .config import build_config, load_yaml, parse_sets
-from .registry import UnknownNameError
-from .utils import PrismError
+from .audit import AuditConfig, audit
+from .core.config import build_config, field_default, field_help, load_yaml, parse_sets
+from .core.data import check_data, list_datasets
+from .core.errors import PrismError
+from .core.models import list_models
+from .core.presets import list_presets
+from .core.text import format_table
+from .pipeline import RunConfig, run
+from .stages.metrics import MetricsConfig, metrics
+from .stages.recover import RecoverConfig, recover
+from .stages.relabel import RelabelConfig, relabel
+from .stages.squeeze import SqueezeConfig, squeeze
+from .stages.validate import ValidateConfig, validate
 
-# stage name -> (module, config class, function, one-line help)
-STAGES: dict[str, tuple[str, str, str, str]] = {
-    "squeeze": ("squeeze", "SqueezeConfig", "squeeze", "train teacher networks (a zoo: --arch a,b,c)"),
-    "recover": ("recover", "RecoverConfig", "recover", "synthesise images through frozen teachers (PRISM and baselines)"),
-    "relabel": ("relabel", "RelabelConfig", "relabel", "store teacher soft labels on replayable augmented views"),
-    "validate": ("validate", "ValidateConfig", "validate", "train a fresh student on distilled data, test on real data"),
-    "run": ("pipeline", "RunConfig", "run", "the whole job: teachers, every method, students, metrics, report"),
-    "metrics": ("metrics", "MetricsConfig", "metrics", "diversity metrics of distilled sets (observer network)"),
-    "audit": ("audit", "AuditConfig", "audit", "membership-inference audit of the privacy claim"),
+# command -> (config class, function, one-line help)
+STAGES: dict[str, tuple[type, typing.Callable, str]] = {
+    "squeeze": (SqueezeConfig, squeeze, "train teacher networks (a zoo: --arch a,b,c)"),
+    "recover": (RecoverConfig, recover, "synthesise images through frozen teachers (PRISM and baselines)"),
+    "relabel": (RelabelConfig, relabel, "store teacher soft labels on replayable augmented views"),
+    "validate": (ValidateConfig, validate, "train a fresh student on distilled data, test on real data"),
+    "run": (RunConfig, run, "the whole job: teachers, every method, students, metrics, report"),
+    "metrics": (MetricsConfig, metrics, "diversity metrics of distilled sets (observer network)"),
+    "audit": (AuditConfig, audit, "membership-inference audit of the privacy claim"),
 }
-
-
-def _field_help(cls) -> dict[str, str]:
-    """Trailing ``# comment`` of each dataclass field, walking base classes: the flag's help text."""
-    out = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            src = inspect.getsource(klass)
-        except (OSError, TypeError):
-            continue
-        for m in re.finditer(r"^\s+(\w+):[^\n=]*=[^\n#]*#\s*(.+)$", src, re.M):
-            out[m.group(1)] = m.group(2).strip()
-    return out
 
 
 def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
     hints = typing.get_type_hints(cls)
-    helps = _field_help(cls)
     g = p.add_argument_group("options (any of them also as --set key=value or in --config FILE.yaml)")
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        h = f"{helps.get(f.name, '')} [default: {default}]".strip().replace("%", "%%")
+        h = f"{field_help(f)} [default: {field_default(f)}]".strip().replace("%", "%%")
         if hints[f.name] is bool:
             g.add_argument(flag, dest=f.name, action="store_const", const=True, default=None, help=h)
         else:
@@ -61,25 +52,12 @@ def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
                    help="override any option (repeatable), e.g. --set iterations=500")
 
 
-def _load_stage(name: str):
-    mod_name, cls_name, fn_name, _ = STAGES[name]
-    mod = importlib.import_module(f".{mod_name}", __package__)
-    return getattr(mod, cls_name), getattr(mod, fn_name), mod
-
-
 def config_from_args(name: str, args: argparse.Namespace):
-    cls, _, mod = _load_stage(name)
+    """Defaults < preset (picked by the layers below) < --config < flags < --set."""
+    cls = STAGES[name][0]
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
-    sets = parse_sets(args.sets)
     file_layer = load_yaml(args.config) if args.config else {}
-    layers = [file_layer, flags, sets]
-    # a method preset sits between the defaults and everything the user wrote
-    preset = getattr(mod, "preset_layer", None)
-    if preset is not None:
-        key = getattr(mod, "PRESET_KEY", "method")
-        name = next((l[key] for l in reversed(layers) if key in l and l[key] is not None), None)
-        layers.insert(0, preset(name))
-    return build_config(cls, *layers)
+    return build_config(cls, file_layer, flags, parse_sets(args.sets))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,21 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dataset", default="fashion-mnist")
     c.add_argument("--data-root", default=None)
     c.add_argument("--resolution", type=int, default=None)
-    for name, (_, _, _, help_) in STAGES.items():
-        sp = sub.add_parser(name, help=help_, description=help_)
-        try:
-            cls, _, _ = _load_stage(name)
-        except ImportError:  # a stage under construction must not break the others
-            continue
-        _add_config_flags(sp, cls)
+    for name, (cls, _, help_) in STAGES.items():
+        _add_config_flags(sub.add_parser(name, help=help_, description=help_), cls)
     return p
-
-
-def _table(rows: list[dict], cols: list[str]) -> str:
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
-    lines = [" | ".join(c.ljust(widths[c]) for c in cols), "-+-".join("-" * widths[c] for c in cols)]
-    lines += [" | ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols) for r in rows]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,21 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if args.command == "datasets":
-            from .data import list_datasets
-
             rows = [dict(r, available=r["available"] or f"no ({r['how_to_get']})") for r in list_datasets(args.data_root)]
-            print(_table(rows, ["name", "available", "description"]))
+            print(format_table(rows, ["name", "available", "description"]))
         elif args.command == "models":
-            from .models import list_models
-
-            print(_table(list_models(), ["name", "family", "batchnorm", "pretrained", "description"]))
+            print(format_table(list_models(), ["name", "family", "batchnorm", "pretrained", "description"]))
         elif args.command == "methods":
-            from .methods import list_methods
-
-            print(_table(list_methods(), ["name", "description", "settings"]))
+            print(format_table(list_presets("recover"), ["name", "description", "settings"]))
         elif args.command == "check-data":
-            from .data import check_data
-
             res = check_data(args.dataset, args.data_root, args.resolution)
             print(f"{res['dataset']}: {res['train']} train, {res['test']} test, {res['classes']} classes, "
                   f"{len(res['bad_files'])} unreadable files")
@@ -144,14 +102,13 @@ def main(argv: list[str] | None = None) -> int:
                 print("  " + b)
             return 1 if res["bad_files"] else 0
         else:
-            cfg = config_from_args(args.command, args)
-            _, fn, _ = _load_stage(args.command)
-            fn(cfg)
-    except (PrismError, UnknownNameError) as e:
+            cls, fn, _ = STAGES[args.command]
+            fn(config_from_args(args.command, args))
+    except PrismError as e:
         print(f"prismdd: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("prismdd: interrupted; finished work is kept, re-run the same command to resume", file=sys.stderr)
+        print("\nprismdd: interrupted; finished work is kept, re-run the same command to resume", file=sys.stderr)
         return 130
     return 0
 

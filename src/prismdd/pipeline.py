@@ -1,8 +1,10 @@
 """``prismdd run``: the main job. Teachers -> every method's recovery -> students -> metrics -> report.
 
-Each stage writes into ``<out>/stages/<name>-<hash>``, where the hash covers that stage's resolved config
-(and the hashes of the stages it reads), so re-running the same command reuses finished stages and a
-changed setting redoes only what depends on it. ``--force`` redoes everything.
+It calls the stages, never re-implements them. Each stage writes into ``<out>/stages/<name>-<hash>``,
+where the hash covers that stage's resolved config (which names the folders of the stages it reads), so
+re-running the same command reuses finished stages and a changed setting redoes only what depends on it.
+``--force`` redoes everything. ``Stages`` is also what the privacy audit and the benchmarks use to run the
+same stages, so there is one way to compose them.
 """
 from __future__ import annotations
 
@@ -10,48 +12,55 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, ClassVar
 
-from .config import CommonConfig, build_config, comma_list, config_to_dict
-from .data import load_splits
-from .methods import METHODS
-from .recover import RecoverConfig, load_distilled, recover
-from .recover import preset_layer as method_layer
-from .squeeze import SqueezeConfig, load_teacher, squeeze
-from .utils import PrismError, Timer, config_hash, read_json, resolve_device, write_json, write_manifest
-from .validate import ValidateConfig, preset_layer as protocol_layer, validate
+from .artifacts import ACCURACY_FILE, CARD, METRICS_FILE, MANIFEST, reusable, write_manifest
+from .core.config import CommonConfig, build_config, comma_list, config_hash, config_to_dict, opt
+from .core.data import load_splits
+from .core.errors import PrismError
+from .core.io import read_json, write_json
+from .core.models import ARCHS
+from .core.presets import METHODS
+from .core.runtime import Timer
+from .report import print_table, write_report
+from .stages.metrics import MetricsConfig, metrics
+from .stages.recover import RecoverConfig, recover
+from .stages.squeeze import SqueezeConfig, squeeze
+from .stages.validate import ValidateConfig, validate
 
 BASELINES = ("random-real", "full")
 
 
 @dataclass
 class RunConfig(CommonConfig):
-    out: str = "runs/main"
-    ipc: int = 10  # images per class
-    methods: str = "prism,sre2l"  # comma list from `prismdd methods`
-    baselines: str = "random-real,full"  # random-real (same IPC, same soft-label protocol) and/or full data
-    quick: bool = False  # a smoke-sized run: fewer epochs and iterations everywhere (minutes on a laptop)
-    teacher_archs: str = "convnet,resnet18,mobilenet_v2"  # the teacher zoo (BN pool); the first is the primary
-    teacher_width: float = 0.25  # width multiplier of the teachers (CPU-sized; 1.0 on a GPU)
-    teacher_steps: int = 500  # optimiser steps per teacher (batch 128): about one epoch of Fashion-MNIST
-    observer: str = "shufflenet_v2_x0_5"  # diversity observer: an architecture that takes no part in synthesis
-    observer_steps: int = 200  # its training steps (it only has to give meaningful features)
-    iterations: int = 300  # recovery iterations per image
-    recover_batch_size: int = 100
-    student: str = "convnet"  # the student architecture (same protocol for every method and baseline)
-    student_width: float = 0.5
-    student_epochs: int = 300
-    seeds: str = "0"  # student seeds (comma list), reported as mean +- std
-    full_steps: int = 300  # steps of the full-data baseline (hard labels, batch 128; 300 epochs of 60k is hours)
-    eval_every: int = 100  # student epochs between test evaluations (the last is always evaluated)
-    force: bool = False  # redo every stage
+    PRESET_FAMILY: ClassVar[str] = "run"
+    PRESET_FIELD: ClassVar[str] = "quick"
 
-    def validate(self):
-        for m in self.method_list:
-            if m not in METHODS:
-                raise PrismError(f"--methods: unknown method {m!r}; valid: {', '.join(METHODS.names())}")
-        for b in self.baseline_list:
-            if b not in BASELINES:
-                raise PrismError(f"--baselines: unknown baseline {b!r}; valid: {', '.join(BASELINES)}")
+    out: str = opt("runs/main", "output folder: results.json, report.html, stages/", hashed=False)
+    ipc: int = opt(10, "images per class", minimum=1)
+    methods: str = opt("prism,sre2l", "comma list from `prismdd methods`", choices=METHODS.names(), many=True)
+    baselines: str = opt("random-real,full", "random-real (same IPC, same soft-label protocol) and/or full data",
+                         choices=BASELINES, many=True)
+    quick: bool = opt(False, "a smoke-sized run: fewer steps, iterations and epochs everywhere (settings you give win)")
+    teacher_archs: str = opt("convnet,resnet18,mobilenet_v2", "the teacher zoo (BN pool); the first is the primary")
+    teacher_width: float = opt(0.25, "width multiplier of the teachers (CPU-sized; 1.0 on a GPU)", minimum=0.01)
+    teacher_steps: int = opt(500, "optimiser steps per teacher (batch 128): about one epoch of Fashion-MNIST",
+                             minimum=1)
+    observer: str = opt("shufflenet_v2_x0_5", "diversity observer: an architecture that takes no part in synthesis")
+    observer_steps: int = opt(200, "its training steps (it only has to give meaningful features)", minimum=1)
+    iterations: int = opt(300, "recovery iterations per image", minimum=1)
+    recover_batch_size: int = opt(100, "images per recovery batch", minimum=1)
+    student: str = opt("convnet", "the student architecture (same protocol for every method and baseline)")
+    student_width: float = opt(0.5, "width multiplier of the student", minimum=0.01)
+    student_epochs: int = opt(300, "student training epochs on every set", minimum=1)
+    seeds: str = opt("0", "student seeds (comma list), reported as mean +- std")
+    full_steps: int = opt(300, "steps of the full-data baseline (hard labels, batch 128; 300 epochs of 60k is hours)",
+                          minimum=1)
+    eval_every: int = opt(100, "student epochs between test evaluations (the last is always evaluated)", minimum=1,
+                          hashed=False)
+    force: bool = opt(False, "redo every stage", hashed=False)
+
+    def check(self):
         if self.observer in self.teacher_list:
             raise PrismError(f"--observer {self.observer}: also a teacher; the observer must take no part in synthesis")
 
@@ -68,9 +77,9 @@ class RunConfig(CommonConfig):
         return comma_list(self.teacher_archs)
 
 
-# quick: a smoke run (CI, a first look); set fields still win over these
-QUICK = {"teacher_steps": 120, "observer_steps": 100, "iterations": 60, "student_epochs": 60, "full_steps": 100,
-         "eval_every": 60}  # quick: test evaluation (10k images on Fashion-MNIST) only at the end
+def run_config(**overrides) -> RunConfig:
+    """API twin of the CLI: defaults < the quick preset (if quick=True) < overrides."""
+    return build_config(RunConfig, overrides)
 
 
 def epochs_for(steps: int, n: int, batch_size: int = 128) -> dict:
@@ -80,47 +89,56 @@ def epochs_for(steps: int, n: int, batch_size: int = 128) -> dict:
     return {"epochs": epochs, "steps_per_epoch": -(-steps // epochs), "batch_size": batch_size}
 
 
-PRESET_KEY = "quick"  # the CLI layers QUICK under everything the user set when --quick is given
+COMMON_KEYS = ("dataset", "data_root", "download", "device", "seed", "num_workers", "resolution", "subset")
 
 
-def preset_layer(quick) -> dict:
-    return dict(QUICK, quick=True) if quick else {}
-
-
-def run_config(**overrides) -> RunConfig:
-    """API twin of the CLI: defaults < QUICK (if quick=True) < overrides."""
-    return build_config(RunConfig, preset_layer(overrides.get("quick")), overrides)
-
-
-def _common(cfg: RunConfig) -> dict:
-    return {k: getattr(cfg, k) for k in ("dataset", "data_root", "download", "device", "seed", "num_workers",
-                                         "resolution", "subset")}
+def common_fields(cfg) -> dict:
+    """The options every stage of a job shares, taken from the job's config."""
+    return {k: getattr(cfg, k) for k in COMMON_KEYS}
 
 
 class Stages:
-    """Runs stage functions into hash-named folders, reusing finished ones."""
+    """Runs stage functions into hash-named folders under ``<root>/stages``, reusing finished ones.
 
-    def __init__(self, root: Path, force: bool):
-        self.root, self.force, self.timings = root, force, {}
+    The one way stages are composed: the main job, the privacy audit's pipelines and the quality
+    benchmark all go through it, so a stage is configured, reused and timed the same way everywhere.
+    """
 
-    def folder(self, name: str, cfg) -> Path:
-        return self.root / "stages" / f"{name}-{config_hash(cfg, exclude=('out', 'device', 'num_workers', 'force'))[:10]}"
+    def __init__(self, root, force: bool = False):
+        self.root, self.force, self.timings = Path(root), force, {}
 
-    def run(self, name: str, cls, fn, fields: dict):
+    def run(self, name: str, cls, fn: Callable, fields: dict) -> Path:
+        """Run ``fn`` on ``cls(**fields)`` in ``<root>/stages/<name>-<hash>`` unless it already finished there."""
         probe = build_config(cls, dict(fields, out="x"))
-        folder = self.folder(name, probe)
+        folder = self.root / "stages" / f"{name}-{config_hash(probe)[:10]}"
         cfg = build_config(cls, dict(fields, out=str(folder), force=self.force))
-        done = (folder / "manifest.json").exists() and not self.force
         t = Timer()
-        if done:
+        if reusable(folder / MANIFEST, config_hash(cfg), force=self.force, what=f"stage {name}") is not None:
             print(f"[run] {name}: reusing {folder}")
-            result = None
         else:
             print(f"[run] {name} -> {folder}")
-            result = fn(cfg)
-        m = read_json(folder / "manifest.json")
-        self.timings[name] = m.get("wall_time_s") or round(t.elapsed, 2)
-        return folder, result, cfg
+            fn(cfg)
+        self.timings[name] = read_json(folder / MANIFEST).get("wall_time_s") or round(t.elapsed, 2)
+        return folder
+
+    def teachers(self, name: str, common: dict, archs: list[str], **fields) -> Path:
+        return self.run(name, SqueezeConfig, squeeze, dict(common, arch=",".join(archs), **fields))
+
+    def recover(self, method: str, common: dict, teachers: Path, name: str | None = None, **fields) -> Path:
+        """A method's recovery (its preset under ``fields``) from the zoo in ``teachers``."""
+        return self.run(name or f"recover-{method}", RecoverConfig, recover,
+                        dict(common, method=method, teachers=str(teachers), **fields))
+
+    def validate(self, name: str, common: dict, **fields) -> tuple[Path, dict]:
+        """A student evaluation; returns its folder and its ``accuracy.json``."""
+        folder = self.run(name, ValidateConfig, validate, dict(common, **fields))
+        return folder, read_json(folder / ACCURACY_FILE)
+
+    def metrics(self, name: str, common: dict, distilled: list[Path], observer: Path, **fields) -> dict:
+        """Diversity of the distilled sets under ``observer``; returns its ``metrics.json``."""
+        folder = self.run(name, MetricsConfig, metrics,
+                          dict(common, distilled=",".join(map(str, distilled)), observer=str(observer), **fields))
+        return read_json(folder / METRICS_FILE)
 
 
 def run(cfg: RunConfig) -> dict:
@@ -128,8 +146,7 @@ def run(cfg: RunConfig) -> dict:
     total = Timer()
     out = Path(cfg.out)
     stages = Stages(out, cfg.force)
-    common = _common(cfg)
-    device = resolve_device(cfg.device)
+    common = common_fields(cfg)
     train, test, info = load_splits(cfg)  # fail early on missing data, before any training
 
     # ------------------------------------------------------------------ squeeze: the zoo + the observer
@@ -137,69 +154,47 @@ def run(cfg: RunConfig) -> dict:
     teacher_epochs = epochs_for(cfg.teacher_steps, len(train))
     observer_epochs = epochs_for(cfg.observer_steps, len(train))
     full_epochs = epochs_for(cfg.full_steps, len(train))
-    teachers_dir, _, _ = stages.run("teachers", SqueezeConfig, squeeze, dict(
-        common, arch=",".join(zoo), width=cfg.teacher_width, **teacher_epochs,
-        eval_every=max(1, teacher_epochs["epochs"] // 4)))
-    from .models import ARCHS
-
+    teachers_dir = stages.teachers("teachers", common, zoo, width=cfg.teacher_width, **teacher_epochs,
+                                   eval_every=max(1, teacher_epochs["epochs"] // 4))
     observer_width = cfg.teacher_width if cfg.observer not in ARCHS or ARCHS.get(cfg.observer).has_width else 1.0
-    observer_dir, _, _ = stages.run("observer", SqueezeConfig, squeeze, dict(
-        common, arch=cfg.observer, width=observer_width, **observer_epochs, eval_every=observer_epochs["epochs"],
-        seed=cfg.seed + 1000))  # another seed as well as another architecture
+    observer_dir = stages.teachers("observer", dict(common, seed=cfg.seed + 1000),  # another seed as well as arch
+                                   [cfg.observer], width=observer_width, **observer_epochs,
+                                   eval_every=observer_epochs["epochs"])
     primary = zoo[0]
 
     # ------------------------------------------------------------------ recover + validate per method
-    val_common = dict(common, student=cfg.student, student_width=cfg.student_width, epochs=cfg.student_epochs,
-                      seeds=cfg.seeds, eval_every=cfg.eval_every, teachers=str(teachers_dir),
-                      label_teachers=primary, **protocol_layer("prism"))
+    student = dict(protocol="prism", student=cfg.student, student_width=cfg.student_width, epochs=cfg.student_epochs,
+                   seeds=cfg.seeds, eval_every=cfg.eval_every, teachers=str(teachers_dir), label_teachers=primary)
     rows, distilled = [], {}
     for method in cfg.method_list:
-        rec_fields = dict(method_layer(method), **common, teachers=str(teachers_dir), primary=primary,
-                          ipc=cfg.ipc, iterations=cfg.iterations, batch_size=cfg.recover_batch_size)
-        rec_dir, _, _ = stages.run(f"recover-{method}", RecoverConfig, recover, rec_fields)
+        rec_dir = stages.recover(method, common, teachers_dir, primary=primary, ipc=cfg.ipc,
+                                 iterations=cfg.iterations, batch_size=cfg.recover_batch_size)
         distilled[method] = rec_dir
-        ev_dir, _, _ = stages.run(f"validate-{method}", ValidateConfig, validate,
-                                  dict(val_common, distilled=str(rec_dir)))
-        rows.append(_row(method, read_json(ev_dir / "metrics.json"), rec_dir,
-                         stages.timings[f"recover-{method}"] + stages.timings[f"validate-{method}"]))
+        _, acc = stages.validate(f"validate-{method}", common, **student, distilled=str(rec_dir))
+        rows.append(_row(method, acc, rec_dir, stages.timings[f"recover-{method}"] + stages.timings[f"validate-{method}"]))
     if "random-real" in cfg.baseline_list:
-        ev_dir, _, _ = stages.run("validate-random-real", ValidateConfig, validate,
-                                  dict(val_common, random_real=True, ipc=cfg.ipc))
-        rows.append(_row("random-real", read_json(ev_dir / "metrics.json"), None,
-                         stages.timings["validate-random-real"]))
+        _, acc = stages.validate("validate-random-real", common, **student, random_real=True, ipc=cfg.ipc)
+        rows.append(_row("random-real", acc, None, stages.timings["validate-random-real"]))
     if "full" in cfg.baseline_list:
-        full_fields = {**protocol_layer("prism"), **common, "full": True, "student": cfg.student,
-                       "student_width": cfg.student_width, **full_epochs, "seeds": cfg.seeds,
-                       "eval_every": full_epochs["epochs"], "loss": "ce", "mix": "none"}
-        ev_dir, _, _ = stages.run("validate-full", ValidateConfig, validate, full_fields)
-        rows.append(_row("full", read_json(ev_dir / "metrics.json"), None, stages.timings["validate-full"]))
+        _, acc = stages.validate("validate-full", common, protocol="prism", full=True, student=cfg.student,
+                                 student_width=cfg.student_width, **full_epochs, seeds=cfg.seeds,
+                                 eval_every=full_epochs["epochs"], loss="ce", mix="none")
+        rows.append(_row("full", acc, None, stages.timings["validate-full"]))
 
-    # ------------------------------------------------------------------ diversity metrics, embedding
-    from .metrics import check_observer, diversity_from_features, embedding, extract_features
-    from .validate import random_real_subset
-
-    observer, observer_card = load_teacher(observer_dir / cfg.observer, device=device)
-    warnings = []
-    if observer_card["test_top1"] < 2 * 100 / info.num_classes:
-        warnings.append(f"the observer {cfg.observer} reached only {observer_card['test_top1']:.1f}% test top-1: "
-                        f"its features (and so the diversity numbers) carry little information")
-    real_idx = random_real_subset(train, info.num_classes, cfg.ipc, cfg.seed)  # = the random-real baseline's images
-    sets = {}
-    for m, p in distilled.items():
-        d = load_distilled(p)
-        check_observer(cfg.observer, d.manifest, p)
-        sets[m] = (d.images, d.targets)
-    sets["random-real"] = (train.get_images(real_idx), train.targets[real_idx])
-    feats = {name: (extract_features(x, info, observer, device), y) for name, (x, y) in sets.items()}
-    div = {name: diversity_from_features(f, y, info.num_classes) for name, (f, y) in feats.items()}
+    # ------------------------------------------------------------------ diversity metrics (the metrics stage)
+    diversity = {"sets": {}, "embedding": None, "warnings": [], "observer": None}
+    if distilled:
+        # random_ipc_seed = the job's seed: the reference set is exactly the random-real baseline's images
+        diversity = stages.metrics("metrics", common, list(distilled.values()), observer_dir / cfg.observer,
+                                   random_ipc_seed=cfg.seed)
     for r in rows:
-        d = div.get(r["method"], {})
+        d = diversity["sets"].get(r["method"], {})
         for key in ("intra_class_cos", "inter_class_cos"):
             r[key] = None if d.get(key) is None else round(d[key], 4)
-    emb = embedding({("real" if k == "random-real" else k): v for k, v in feats.items()}, cfg.seed)
 
     # ------------------------------------------------------------------ results + report
-    teacher_cards = {a: read_json(teachers_dir / a / "card.json") for a in zoo}
+    teacher_cards = {a: read_json(teachers_dir / a / CARD) for a in zoo}
+    observer_card = read_json(observer_dir / cfg.observer / CARD)
     results = {
         "dataset": info.name, "ipc": cfg.ipc, "student": cfg.student,
         "protocol": (f"{cfg.student} (width {cfg.student_width}) trained {cfg.student_epochs} epochs on each set with "
@@ -210,13 +205,12 @@ def run(cfg: RunConfig) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M"), "command": "prismdd " + " ".join(sys.argv[1:]),
         "rows": rows, "timings": dict(stages.timings, total=round(total.elapsed, 1)),
         "teachers": {a: {"test_top1": c["test_top1"], "wall_time_s": c["wall_time_s"]} for a, c in teacher_cards.items()},
-        "observer": {"arch": cfg.observer, "test_top1": read_json(observer_dir / cfg.observer / "card.json")["test_top1"]},
-        "diversity": div, "config": config_to_dict(cfg), "embedding": emb, "warnings": warnings,
+        "observer": {"arch": cfg.observer, "test_top1": observer_card["test_top1"]},
+        "diversity": {k: v for k, v in diversity["sets"].items()}, "config": config_to_dict(cfg),
+        "embedding": diversity["embedding"], "warnings": diversity["warnings"],
         "audit": read_json(out / "audit" / "audit.json") if (out / "audit" / "audit.json").exists() else None,
     }
     write_json(out / "results.json", results)
-    from .report import print_table, write_report
-
     report = write_report(out, results)
     write_manifest(out, "run", cfg, inputs={"dataset": info.to_dict()},
                    outputs={"results": "results.json", "report": str(report.name),

@@ -27,7 +27,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .utils import atomic_path
+from .core.io import atomic_path
+from .core.text import format_table
 
 MAX_GRID_CLASSES = 20  # rows of a per-method image grid
 MAX_GRID_IPC = 10  # columns of a per-method image grid

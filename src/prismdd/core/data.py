@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import Dataset
 
 from .registry import Registry
-from .utils import PrismError
+from .errors import PrismError
+from .runtime import make_generator
 
 DEBIAN_ROOT = Path("/usr/share/datasets")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -396,6 +397,21 @@ def _resize_split(split: TensorImages, resolution: int) -> TensorImages:
 def class_indices(targets: torch.Tensor, num_classes: int) -> list[torch.Tensor]:
     """Indices of each class's samples in dataset order."""
     return [torch.nonzero(targets == c).flatten() for c in range(num_classes)]
+
+
+def random_real_indices(train, num_classes: int, ipc: int, seed: int) -> torch.Tensor:
+    """``ipc`` seeded random training indices per class, class by class: the random-real baseline's images.
+
+    One definition shared by the student baseline (validate), the diversity reference (metrics) and the
+    main job, so for one seed all three see exactly the same images.
+    """
+    gen = make_generator(seed, "random-real")
+    idx = []
+    for c, members in enumerate(class_indices(train.targets, num_classes)):
+        if len(members) < ipc:
+            raise PrismError(f"--ipc {ipc}: class {c} has only {len(members)} training images")
+        idx.append(members[torch.randperm(len(members), generator=gen)[:ipc]])
+    return torch.cat(idx)
 
 
 def check_data(name: str, root: str | None = None, resolution: int | None = None) -> dict:

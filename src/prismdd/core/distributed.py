@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
-from .utils import resolve_device
+from .runtime import resolve_device
 
 
 @dataclass

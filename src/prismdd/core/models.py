@@ -14,7 +14,8 @@ import torch.nn as nn
 import torchvision.models as tvm
 
 from .registry import Registry
-from .utils import PrismError, torch_load
+from .errors import PrismError
+from .io import load_tensors, torch_load
 
 SMALL_IMAGE_THRESHOLD = 64  # below this resolution the ImageNet stem (stride 4) would throw away too much
 
@@ -237,9 +238,7 @@ def _load_pretrained(model: nn.Module, arch: str, entry: ArchEntry, pretrained: 
 
 def load_state_dict_file(path: str) -> dict:
     if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        return load_tensors(path)
     state = torch_load(path)
     return state.get("state_dict", state) if isinstance(state, dict) else state
 

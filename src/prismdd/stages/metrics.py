@@ -25,12 +25,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .config import CommonConfig, comma_list
-from .data import DatasetInfo, TensorImages, class_indices, load_dataset, load_indices, normalize, subset_split
-from .models import FeatureExtractor
-from .utils import PrismError, Timer, make_generator, resolve_device, write_json, write_manifest
+from ..artifacts import METRICS_FILE, find_one_teacher, load_distilled, load_model, write_manifest
+from ..core.config import CommonConfig, comma_list, opt
+from ..core.data import (DatasetInfo, TensorImages, class_indices, load_dataset, load_indices, random_real_indices,
+                         subset_split)
+from ..core.errors import PrismError
+from ..core.io import write_json
+from ..core.runtime import Timer, make_generator, resolve_device
+from ..core.text import format_table
+from ..core.training import extract_features
 
-FEATURE_BATCH = 256  # images per observer forward pass (features only, no gradients)
 COS_EPS = 1e-12  # guards the norm of an all-zero feature vector (its cosine with anything counts as 0)
 REFERENCE_NAME = "random-real"
 EMBED_PCA_DIMS = 50  # PCA before t-SNE/UMAP: removes noise dimensions, keeps t-SNE fast on a CPU
@@ -44,10 +48,10 @@ COLLAPSED_COS = 0.99  # warn when real class means are this similar: the observe
 class MetricsConfig(CommonConfig):
     """``dataset`` and the resolution come from the distilled sets themselves (all must agree)."""
 
-    out: str = "runs/metrics"  # output folder: metrics.json, manifest.json, config.yaml
-    distilled: str = ""  # comma list of distilled folders (recover outputs) to measure
-    observer: str = "runs/teachers/observer"  # teacher folder of a network that took NO part in synthesis
-    random_ipc_seed: int = 0  # seed of the random real subset (same IPC) reported as a reference point
+    out: str = opt("runs/metrics", "output folder: metrics.json, manifest.json, config.yaml", hashed=False)
+    distilled: str = opt("", "comma list of distilled folders (recover outputs) to measure")
+    observer: str = opt("runs/teachers/observer", "teacher folder of a network that took NO part in synthesis")
+    random_ipc_seed: int = opt(0, "seed of the random real subset (same IPC) reported as a reference point")
 
     @property
     def folders(self) -> list[str]:
@@ -55,30 +59,6 @@ class MetricsConfig(CommonConfig):
 
 
 # ----------------------------------------------------------------------------- the math
-def extract_features(images_uint8: torch.Tensor, info: DatasetInfo, model: nn.Module, device,
-                     batch_size: int = FEATURE_BATCH) -> torch.Tensor:
-    """Penultimate (pre-classifier) features of uint8 (N, C, H, W) images -> float (N, D) on the CPU.
-
-    The model runs in eval mode (running BN statistics, so a feature never depends on its batch-mates);
-    its previous mode is restored afterwards.
-    """
-    device = torch.device(device) if not isinstance(device, torch.device) else device
-    was_training = model.training
-    model.eval()
-    extractor = FeatureExtractor(model)
-    feats = []
-    try:
-        for s in range(0, len(images_uint8), batch_size):
-            x = normalize(images_uint8[s: s + batch_size].to(device), info)
-            f, _ = extractor(x)
-            feats.append(f.float().cpu())
-    finally:
-        model.train(was_training)
-    if not feats:
-        return torch.zeros(0, 0)
-    return torch.cat(feats)
-
-
 def diversity_from_features(features: torch.Tensor, targets: torch.Tensor, num_classes: int) -> dict:
     """Cosine-similarity diversity statistics of (N, D) features with class ``targets`` (N,).
 
@@ -144,14 +124,12 @@ def feature_diversity(images_uint8: torch.Tensor, targets: torch.Tensor, info: D
 def random_real_reference(train_split, num_classes: int, ipc: int, seed: int) -> TensorImages:
     """A seeded random real subset with ``ipc`` images of every class, as uint8 ``TensorImages``.
 
-    The draw is ``validate.random_real_subset``'s, so for the same seed these are exactly the images the
-    random-real student baseline trains on. The chosen train indices are in ``.indices``.
+    The draw is ``random_real_indices``, so for the same seed these are exactly the images the random-real
+    student baseline trains on. The chosen train indices are in ``.indices``.
     """
-    from .validate import random_real_subset
-
     if ipc < 1:
         raise PrismError(f"random real reference: ipc must be >= 1, got {ipc}")
-    indices = random_real_subset(train_split, num_classes, ipc, seed)
+    indices = random_real_indices(train_split, num_classes, ipc, seed)
     sub = subset_split(train_split, indices)
     if not isinstance(sub, TensorImages):  # file-backed split: decode the few chosen images once
         sub = TensorImages(sub.get_images(torch.arange(len(sub))), sub.targets)
@@ -236,20 +214,6 @@ def check_observer(observer_arch: str, manifest: dict, folder) -> None:
             f"of another architecture, e.g. `prismdd squeeze --arch mobilenet_v2 --out runs/teachers/observer`")
 
 
-def _find_observer(path: str) -> Path:
-    from .squeeze import find_teachers
-
-    folder = Path(path)
-    if not folder.exists():
-        raise PrismError(f"--observer {path}: folder not found; train an observer that took no part in synthesis "
-                         f"with `prismdd squeeze --arch <arch> --out {path}`")
-    found = find_teachers(folder)
-    if len(found) > 1:
-        raise PrismError(f"--observer {path}: holds several teachers ({', '.join(found)}); pass one of their "
-                         f"folders, e.g. --observer {next(iter(found.values()))}")
-    return next(iter(found.values()))
-
-
 def _set_name(manifest: dict, folder: Path, taken: set) -> str:
     name = (manifest.get("config") or {}).get("method") or manifest.get("stage") or folder.name
     if name in taken or name in (REFERENCE_NAME, "real"):
@@ -274,10 +238,6 @@ def _same_dataset(a: DatasetInfo, b: DatasetInfo) -> bool:
 
 def metrics(cfg: MetricsConfig) -> dict:
     """Measure every distilled set (plus a random real reference) with the observer; write metrics.json."""
-    from .recover import load_distilled
-    from .report import format_table
-    from .squeeze import load_teacher
-
     timer = Timer()
     if not cfg.folders:
         raise PrismError("--distilled: give one or more recover output folders, comma separated")
@@ -290,11 +250,9 @@ def metrics(cfg: MetricsConfig) -> dict:
         if not _same_dataset(s.info, info):
             raise PrismError(f"--distilled: {s.folder} is {s.info.name} at {s.info.resolution} px, {sets[0].folder} "
                              f"is {info.name} at {info.resolution} px; measure one dataset per run")
-    obs_folder = _find_observer(cfg.observer)
-    observer, card = load_teacher(obs_folder, dataset=info.name, class_names=info.class_names, device=device)
-    if card["spec"]["resolution"] != info.resolution:
-        raise PrismError(f"--observer {obs_folder}: trained at {card['spec']['resolution']} px, the distilled "
-                         f"images are {info.resolution} px")
+    obs_folder = find_one_teacher(cfg.observer, "--observer")
+    observer, card = load_model(obs_folder, dataset=info.name, class_names=info.class_names,
+                                resolution=info.resolution, device=device)
     for s in sets:
         check_observer(card["arch"], s.manifest, s.folder)
     warnings = []
@@ -341,10 +299,10 @@ def metrics(cfg: MetricsConfig) -> dict:
     report = {"dataset": info.name, "observer": observer_info, "sets": results, "embedding": emb, "warnings": warnings,
               "note": "cosine similarity of the observer's penultimate features; lower intra-class cosine = "
                       "more diverse"}
-    write_json(out / "metrics.json", report)
+    write_json(out / METRICS_FILE, report)
     write_manifest(out, "metrics", cfg,
                    inputs={"dataset": info.to_dict(), "distilled": inputs, "observer": observer_info},
-                   outputs={"metrics": "metrics.json",
+                   outputs={"metrics": METRICS_FILE,
                             "summary": {k: {"intra_class_cos": v["intra_class_cos"],
                                             "inter_class_cos": v["inter_class_cos"], "images": v["num_images"]}
                                         for k, v in results.items()}},

@@ -16,22 +16,25 @@ import math
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import distributed as dist
-from .augment import apply_views, jitter, sample_views, scale_jitter
-from .bn import bn_hooks
-from .config import CommonConfig, comma_list
-from .data import DatasetInfo, TensorImages, class_indices, denormalize, load_splits, normalize, pixel_bounds
-from .methods import METHODS, method_settings
-from .models import has_batchnorm
-from .squeeze import find_teachers, load_teacher
-from .utils import (JsonlLog, PrismError, config_hash, Timer, atomic_path, make_generator, progress, read_json,
-                    write_json, write_manifest)
+from ..artifacts import image_path, load_model, find_teachers, record_path, reusable, save_image, write_manifest
+from ..core import distributed as dist
+from ..core.augment import apply_views, jitter, sample_views, scale_jitter
+from ..core.bn import bn_hooks
+from ..core.config import CommonConfig, build_config, comma_list, config_hash, opt
+from ..core.data import DatasetInfo, class_indices, load_splits, normalize, pixel_bounds
+from ..core.errors import PrismError
+from ..core.io import JsonlLog, read_json, write_json
+from ..core.models import has_batchnorm
+from ..core.presets import METHODS
+from ..core.runtime import Timer, make_generator, progress
+from ..core.training import example_scores
 
 SELECTIONS = ("intra", "pre", "all", "single", "rotate")
 INIT_SELECTS = ("first", "random", "low-loss", "mid-loss")
@@ -39,81 +42,67 @@ INIT_SELECTS = ("first", "random", "low-loss", "mid-loss")
 
 @dataclass
 class RecoverConfig(CommonConfig):
-    out: str = "runs/prism"
-    method: str = "prism"  # a preset from `prismdd methods`; its fields sit under everything you set
-    teachers: str = "runs/teachers"  # a squeeze output folder (one sub-folder per architecture)
-    primary: str = "convnet"  # the logit (CE) teacher's architecture
-    bn_pool: str | None = None  # comma list of BN-teacher architectures; default: every teacher found
-    ipc: int = 10  # images per class
-    iterations: int = 1000  # per image (paper: 4000 at ImageNet scale)
-    batch_size: int = 100  # images per optimisation batch, across classes (paper: 100; larger helps)
-    lr: float = 0.05  # Adam learning rate on normalised pixels
-    betas: tuple[float, float] = (0.5, 0.9)
-    alpha_bn: float = 0.01  # weight of the (averaged) BN term
-    first_bn_multiplier: float = 10.0  # weight of the first BN layer in R_BN
-    bn_layer_reduce: str = "sum"  # sum over BN layers (paper) | mean (teachers with many layers stop dominating)
-    bn_normalize: bool = False  # divide each teacher's R_BN by its first-iteration value (off = paper)
-    selection: str = "intra"  # intra | pre | all | single | rotate (G-VBSM-style)
-    slots: int = 3  # intra/pre: further BN-set slots besides the primary
-    slot_prob: float = 0.5  # intra/pre: probability that a slot is filled
-    init: str = "real"  # real: start from real training images (chosen by init_select) | noise (SRe2L)
-    init_select: str = "first"  # first: the k-th image of the class (reference) | random | low-loss | mid-loss
-    init_candidates: int = 300  # low-loss/mid-loss: random candidates per class ranked by the primary's CE
-    init_tiles: int = 1  # f: start each image as an f x f mosaic of real images shrunk by f (RDED-style); 1 = off
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop scale range of the per-iteration view
-    crop_schedule: str = "uniform"  # uniform | cosine (CDA: the lower bound falls from the upper to the floor)
-    jitter: int | None = None  # roll limit in pixels; None: 32 px at 224, scaled to the resolution
-    flip: bool = True
-    budget: str = "constant"  # constant | early_late (DELT: fewer iterations for later IPC indices)
-    early_late_step: float = 0.125  # early_late: budget cut per IPC index, as a fraction (500 of 4000)
-    early_late_cycle: int = 8  # early_late: the cut repeats every this many IPC indices
-    tv_l2: float = 0.0  # total-variation (L2) image prior weight
-    l2: float = 0.0  # L2 image prior weight
-    channels_last: bool = True  # NHWC convolutions: 1.2-1.6x faster on CPU
-    compile: bool = False  # torch.compile the teachers (cold compile costs seconds to minutes)
-    amp: bool = False  # bf16 autocast on CUDA
-    log_every: int = 50  # iterations between JSON-lines loss records
-    force: bool = False  # redo finished batches
+    PRESET_FAMILY: ClassVar[str] = "recover"
+    PRESET_FIELD: ClassVar[str] = "method"
 
-    def validate(self):
-        if self.method not in METHODS:
-            raise PrismError(f"--method {self.method!r}: unknown; valid: {', '.join(METHODS.names())}")
-        if self.selection not in SELECTIONS:
-            raise PrismError(f"--selection {self.selection!r}: expected one of {', '.join(SELECTIONS)}")
-        if self.init not in ("real", "noise"):
-            raise PrismError(f"--init {self.init!r}: expected real or noise")
-        if self.init_select not in INIT_SELECTS:
-            raise PrismError(f"--init-select {self.init_select!r}: expected one of {', '.join(INIT_SELECTS)}")
-        if not 1 <= self.init_tiles <= 8:
+    out: str = opt("runs/prism", "output folder: images/, records/, manifest.json", hashed=False)
+    method: str = opt("prism", "a preset from `prismdd methods`; its fields sit under everything you set",
+                      choices=METHODS.names())
+    teachers: str = opt("runs/teachers", "a squeeze output folder (one sub-folder per architecture)")
+    primary: str = opt("convnet", "the logit (CE) teacher's architecture")
+    bn_pool: str | None = opt(None, "comma list of BN-teacher architectures; default: every teacher found")
+    ipc: int = opt(10, "images per class", minimum=1)
+    iterations: int = opt(1000, "optimisation steps per image (paper: 4000 at ImageNet scale)", minimum=1)
+    batch_size: int = opt(100, "images per optimisation batch, across classes (paper: 100; larger helps)", minimum=1)
+    lr: float = opt(0.05, "Adam learning rate on normalised pixels", minimum=0.0)
+    betas: tuple[float, float] = opt((0.5, 0.9), "Adam's moment decay rates (beta1, beta2), as in SRe2L's recovery")
+    alpha_bn: float = opt(0.01, "weight of the (averaged) BN term", minimum=0.0)
+    first_bn_multiplier: float = opt(10.0, "weight of the first BN layer in R_BN", minimum=0.0)
+    bn_layer_reduce: str = opt("sum", "sum over BN layers (paper) | mean (teachers with many layers stop dominating)",
+                               choices=("sum", "mean"))
+    bn_normalize: bool = opt(False, "divide each teacher's R_BN by its first-iteration value (off = paper)")
+    selection: str = opt("intra", "BN set per batch: intra (redrawn) | pre (one draw) | all | single | rotate "
+                                  "(G-VBSM-style)", choices=SELECTIONS)
+    slots: int = opt(3, "intra/pre: further BN-set slots besides the primary", minimum=0)
+    slot_prob: float = opt(0.5, "intra/pre: probability that a slot is filled", minimum=0.0)
+    init: str = opt("real", "real: start from real training images (chosen by init_select) | noise (SRe2L)",
+                    choices=("real", "noise"))
+    init_select: str = opt("first", "first: the k-th image of the class (reference) | random | low-loss | mid-loss",
+                           choices=INIT_SELECTS)
+    init_candidates: int = opt(300, "low-loss/mid-loss: random candidates per class ranked by the primary's CE",
+                               minimum=1)
+    init_tiles: int = opt(1, "f: start each image as an f x f mosaic of real images shrunk by f (RDED-style); 1 = off",
+                          minimum=1)
+    crop_scale: tuple[float, float] = opt((0.08, 1.0), "RandomResizedCrop scale range of the per-iteration view")
+    crop_schedule: str = opt("uniform", "uniform | cosine (CDA: the lower bound falls from the upper to the floor)",
+                             choices=("uniform", "cosine"))
+    jitter: int | None = opt(None, "roll limit in pixels; None: 32 px at 224, scaled to the resolution", minimum=0)
+    flip: bool = opt(True, "random horizontal flip of each view")
+    budget: str = opt("constant", "constant | early_late (DELT: fewer iterations for later IPC indices)",
+                      choices=("constant", "early_late"))
+    early_late_step: float = opt(0.125, "early_late: budget cut per IPC index, as a fraction (500 of 4000)",
+                                 minimum=0.0)
+    early_late_cycle: int = opt(8, "early_late: the cut repeats every this many IPC indices", minimum=1)
+    tv_l2: float = opt(0.0, "total-variation (L2) image prior weight", minimum=0.0)
+    l2: float = opt(0.0, "L2 image prior weight", minimum=0.0)
+    channels_last: bool = opt(True, "NHWC convolutions: 1.2-1.6x faster on CPU", hashed=False)
+    compile: bool = opt(False, "torch.compile the teachers (cold compile costs seconds to minutes)", hashed=False)
+    amp: bool = opt(False, "bf16 autocast on CUDA")
+    log_every: int = opt(50, "iterations between JSON-lines loss records", minimum=1, hashed=False)
+    force: bool = opt(False, "redo finished batches", hashed=False)
+
+    def check(self):
+        if self.init_tiles > 8:
             raise PrismError(f"--init-tiles {self.init_tiles}: expected 1 (off) to 8 tiles per side")
-        if self.init_candidates < 1:
-            raise PrismError("--init-candidates: must be >= 1")
-        if self.budget not in ("constant", "early_late"):
-            raise PrismError(f"--budget {self.budget!r}: expected constant or early_late")
-        if self.crop_schedule not in ("uniform", "cosine"):
-            raise PrismError(f"--crop-schedule {self.crop_schedule!r}: expected uniform or cosine")
-        if self.bn_layer_reduce not in ("sum", "mean"):
-            raise PrismError(f"--bn-layer-reduce {self.bn_layer_reduce!r}: expected sum or mean")
-        if self.ipc < 1 or self.iterations < 1 or self.batch_size < 1:
-            raise PrismError("ipc, iterations and batch_size must be >= 1")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise PrismError(f"crop_scale {self.crop_scale}: expected 0 < low <= high <= 1")
-
-
-PRESET_KEY = "method"
-
-
-def preset_layer(method: str | None) -> dict:
-    """The fields a method preset sets (the CLI layers them under user settings)."""
-    _, settings = method_settings(method or "prism")
-    return dict(settings, method=method or "prism")
+            raise PrismError(f"--crop-scale {self.crop_scale}: expected 0 < low <= high <= 1")
+        if self.slot_prob > 1:
+            raise PrismError(f"--slot-prob {self.slot_prob}: a probability, expected 0 to 1")
 
 
 def recover_config(method: str = "prism", **overrides) -> RecoverConfig:
-    """API twin of the CLI: defaults < preset < overrides."""
-    from .config import build_config
-
-    return build_config(RecoverConfig, preset_layer(method), dict(overrides, method=method))
+    """API twin of the CLI: defaults < the method's preset < overrides."""
+    return build_config(RecoverConfig, dict(overrides, method=method))
 
 
 # ----------------------------------------------------------------------------- planning
@@ -188,11 +177,8 @@ def load_teachers(cfg: RecoverConfig, info: DatasetInfo, device) -> tuple[Teache
                          f"--out {cfg.teachers}`")
     teachers = {}
     for arch in need:
-        model, card = load_teacher(found[arch], arch=arch, dataset=info.name, class_names=info.class_names,
-                                   device=device)
-        if card["spec"]["resolution"] != info.resolution:
-            raise PrismError(f"{found[arch]}: teacher was trained at {card['spec']['resolution']} px, the data is at "
-                             f"{info.resolution} px; pass --resolution {card['spec']['resolution']}")
+        model, card = load_model(found[arch], arch=arch, dataset=info.name, class_names=info.class_names,
+                                 resolution=info.resolution, device=device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         teachers[arch] = Teacher(arch, model, card, str(found[arch]))
@@ -333,25 +319,6 @@ class Engine:
         x.sub_(step)
 
 
-# ----------------------------------------------------------------------------- I/O
-def class_dirname(c: int) -> str:
-    return f"{c:03d}"  # zero-padded index: ImageFolder's sorted order is the class order
-
-
-def image_path(out: Path, c: int, k: int) -> Path:
-    return out / "images" / class_dirname(c) / f"{class_dirname(c)}_{k:03d}.png"
-
-
-def save_image(path: Path, x: torch.Tensor, info: DatasetInfo) -> None:
-    """Normalised (C, H, W) -> 8-bit PNG (lossless), written atomically."""
-    from PIL import Image
-
-    arr = (denormalize(x[None].float().cpu(), info)[0].clamp(0, 1) * 255).round().to(torch.uint8)
-    arr = arr[0].numpy() if arr.shape[0] == 1 else arr.permute(1, 2, 0).numpy()
-    with atomic_path(path) as tmp:
-        Image.fromarray(arr).save(tmp, format="PNG")
-
-
 def choose_starts(cfg: RecoverConfig, train, info: DatasetInfo, primary: nn.Module, device) -> list[torch.Tensor]:
     """Per class, the ``ipc * init_tiles**2`` real training indices the images start from, in use order.
 
@@ -359,8 +326,6 @@ def choose_starts(cfg: RecoverConfig, train, info: DatasetInfo, primary: nn.Modu
     starts. low-loss keeps the candidates the primary teacher finds easiest (RDED's "realistic" crops);
     mid-loss the ones around the median (neither trivial nor mislabelled-looking).
     """
-    from .audit import example_scores  # audit imports this module lazily; no cycle
-
     need = cfg.ipc * cfg.init_tiles ** 2
     gen = make_generator(cfg.seed, "init-select")
     starts = []
@@ -376,7 +341,7 @@ def choose_starts(cfg: RecoverConfig, train, info: DatasetInfo, primary: nn.Modu
             starts.append(perm[:need])
             continue
         cand = perm[:max(need, cfg.init_candidates)]
-        # the audit's per-example scores: one definition of "the teacher's loss on an image"
+        # the per-example scores the privacy audit also uses: one definition of "the teacher's loss on an image"
         loss = example_scores(primary, train.get_images(cand), torch.full((len(cand),), c), info, device)["loss"]
         order = torch.from_numpy(np.argsort(loss, kind="stable"))
         first = 0 if cfg.init_select == "low-loss" else max(0, (len(order) - need) // 2)
@@ -414,13 +379,10 @@ def initial_images(cfg: RecoverConfig, b: int, units, train, info: DatasetInfo, 
     return torch.randn(len(units), info.channels, info.resolution, info.resolution, generator=gen)
 
 
-def recover_hash(cfg: RecoverConfig) -> str:
-    """Hash of the settings that shape the images (not where they go, nor how fast they are made)."""
-    return config_hash(cfg, exclude=("out", "device", "num_workers", "force", "log_every", "compile"))
-
-
-def _batch_done(out: Path, b: int, units) -> bool:
-    return (out / "records" / f"batch_{b:05d}.json").exists() and all(image_path(out, c, k).exists() for c, k in units)
+def _batch_done(out: Path, b: int, units, chash: str) -> bool:
+    """A batch is finished when its record (written last) matches these settings and its images exist."""
+    return reusable(record_path(out, b), chash, what="a recovery batch") is not None and \
+        all(image_path(out, c, k).exists() for c, k in units)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -439,13 +401,11 @@ def recover(cfg: RecoverConfig) -> Path:
         for p in (out / "records").glob("batch_*.json"):
             p.unlink()
     dist.barrier(ctx)
-    chash = recover_hash(cfg)
-    stale = [p.name for p in sorted((out / "records").glob("batch_*.json")) if read_json(p).get("config_hash") != chash]
-    if stale:
-        raise PrismError(f"{out}: holds batches made with other settings ({stale[0]} ...); use --force to redo them, "
-                         f"or another --out")
+    chash = config_hash(cfg)
+    for p in sorted((out / "records").glob("batch_*.json")):  # every batch of the folder, not only ours
+        reusable(p, chash, what="a recovery batch")
     mine = [b for b in range(len(batches)) if b % ctx.world_size == ctx.rank]
-    todo = [b for b in mine if not _batch_done(out, b, batches[b])]
+    todo = [b for b in mine if not _batch_done(out, b, batches[b], chash)]
     if ctx.rank == 0 and len(todo) < len(mine):
         print(f"[recover] resuming: {len(mine) - len(todo)} of {len(mine)} batches already finished")
     log = JsonlLog(out / "logs" / f"rank{ctx.rank}.jsonl")
@@ -464,13 +424,13 @@ def recover(cfg: RecoverConfig) -> Path:
             record["config_hash"] = chash
             if start is not None:  # provenance: which real images each synthetic image grew from
                 record["start_indices"] = start
-            write_json(out / "records" / f"batch_{b:05d}.json", record)  # last: marks the batch finished
+            write_json(record_path(out, b), record)  # last: marks the batch finished
             bar.update(1)
             bar.set_postfix(ce=record["final_losses"].get("ce"), bn=record["final_losses"].get("bn_mean"))
         bar.close()
     dist.barrier(ctx)
     if ctx.rank == 0:
-        records = [read_json(out / "records" / f"batch_{b:05d}.json") for b in range(len(batches))]
+        records = [read_json(record_path(out, b)) for b in range(len(batches))]
         images = {f"{c}_{k}": {"file": str(image_path(out, c, k).relative_to(out)), "class": c, "ipc_index": k,
                                "teachers": r["bn_set"] if cfg.selection != "rotate" else sorted(r.get("rotation_counts", {})),
                                "primary": r["primary"], "batch": r["batch"], "iterations": r["budgets"][i],
@@ -488,37 +448,3 @@ def recover(cfg: RecoverConfig) -> Path:
         print(f"[recover] {len(images)} images -> {out / 'images'} ({timer.elapsed:.1f}s)")
     dist.barrier(ctx)
     return out
-
-
-# ----------------------------------------------------------------------------- reading a distilled set
-class DistilledSet(TensorImages):
-    """A recovered set as an in-memory dataset (uint8 images, class targets) with its provenance."""
-
-    def __init__(self, images, targets, info: DatasetInfo, manifest: dict, folder: Path):
-        super().__init__(images, targets)
-        self.info, self.manifest, self.folder = info, manifest, folder
-
-
-def load_distilled(folder) -> DistilledSet:
-    from PIL import Image
-
-    from .utils import read_manifest
-
-    folder = Path(folder)
-    m = read_manifest(folder)
-    if m["stage"] not in ("recover", "random-real"):
-        raise PrismError(f"{folder}: expected a recover output, found stage {m['stage']!r}")
-    info = DatasetInfo(**{k: v for k, v in m["inputs"]["dataset"].items() if k != "num_classes"})
-    entries = sorted(m["outputs"]["images"].values(), key=lambda e: (e["class"], e["ipc_index"]))
-    imgs = []
-    for e in entries:
-        path = folder / e["file"]
-        try:
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert("L" if info.channels == 1 else "RGB"), dtype=np.uint8)
-        except Exception as err:
-            raise PrismError(f"{path}: cannot read distilled image ({err}); re-run recover to rewrite it") from None
-        t = torch.from_numpy(arr.copy())
-        imgs.append(t[None] if t.ndim == 2 else t.permute(2, 0, 1))
-    targets = torch.tensor([e["class"] for e in entries])
-    return DistilledSet(torch.stack(imgs), targets, info, m, folder)

@@ -7,14 +7,9 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Generic, Iterator, TypeVar
 
+from .errors import UnknownNameError
+
 T = TypeVar("T")
-
-
-class UnknownNameError(KeyError):
-    """Raised for a name that is not registered; ``str()`` is a one-line message with the valid names."""
-
-    def __str__(self) -> str:  # KeyError quotes its message otherwise
-        return self.args[0]
 
 
 class Registry(Generic[T]):

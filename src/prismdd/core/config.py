@@ -1,0 +1,264 @@
+"""Dataclass configs shared by the CLI and the Python API, filled from YAML files and ``key=value``.
+
+Precedence (lowest first): dataclass defaults < preset (``--method``, ``--protocol``, ``--quick``) <
+``--config FILE.yaml`` < explicit CLI flags < ``--set key=value``. Unknown keys are an error listing the
+valid ones.
+
+Every field is declared with ``opt(default, help, ...)``: its help text (the CLI's ``--help``), its
+allowed values or lower bound (checked when the config is built, so a bad value fails before any work),
+and whether it shapes results (fields that do not, such as ``out`` or ``device``, are left out of the
+config hash that decides whether finished work may be reused).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from .errors import PrismError
+from .io import atomic_path
+from .presets import preset_settings
+
+
+def opt(default: Any, help: str, *, choices: Iterable[Any] | None = None, many: bool = False,
+        minimum: float | None = None, hashed: bool = True):
+    """A config field with its help text. ``choices``: the allowed values (``many``: the field is a comma
+    list and each item must be one of them); ``minimum``: the smallest allowed number; ``hashed=False``: the
+    field does not change results (where outputs go, how fast they are made), so the config hash skips it."""
+    meta = {"help": help, "hashed": hashed, "many": many}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if minimum is not None:
+        meta["minimum"] = minimum
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class CommonConfig:
+    """Options every stage honours."""
+
+    dataset: str = opt("fashion-mnist", "a name from `prismdd datasets`")
+    data_root: str | None = opt(None, "folder with the dataset files; default: Debian's /usr/share/datasets/<name>")
+    download: bool = opt(False, "allow torchvision to download data (needs internet)")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N", hashed=False)
+    seed: int = opt(0, "every random choice derives from this (and is recorded)")
+    out: str = opt("runs/out", "output folder", hashed=False)
+    num_workers: int = opt(0, "DataLoader workers for file-backed datasets (in-memory sets need none)", minimum=0,
+                           hashed=False)
+    resolution: int | None = opt(None, "image side in pixels; None: the dataset's own (imagefolder: 224)", minimum=1)
+    subset: str | None = opt(None, ".npy/.txt file of training-set indices to use instead of the whole train split")
+    force: bool = opt(False, "redo finished work in --out instead of reusing it", hashed=False)
+
+
+def comma_list(text: str | None) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``: the form of every list-valued option (archs, methods, seeds)."""
+    return [t.strip() for t in str(text or "").split(",") if t.strip()]
+
+
+def config_fields(cls_or_obj) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls_or_obj)}
+
+
+def field_help(f: dataclasses.Field) -> str:
+    return f.metadata.get("help", "")
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def hashed_fields(cls_or_obj) -> list[str]:
+    """The fields that shape a stage's results: what the config hash covers."""
+    return [f.name for f in dataclasses.fields(cls_or_obj) if f.metadata.get("hashed", True)]
+
+
+def config_hash(cfg, **changes) -> str:
+    """Hash of the fields that shape results (``changes`` replace values first, e.g. one arch of a zoo).
+
+    The one definition of "made with the same settings": every resume guard and the main job's stage
+    folders compare it.
+    """
+    d = config_to_dict(cfg)
+    d.update({k: _plain(v) for k, v in changes.items()})
+    d = {k: d[k] for k in hashed_fields(cfg)}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_to_dict(cfg) -> dict:
+    return {k: _plain(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def _plain(v):
+    if isinstance(v, tuple):
+        return list(v)
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def save_config(cfg, path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def load_yaml(path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise PrismError(f"--config {path}: file not found")
+    if path.is_dir():
+        raise PrismError(f"--config {path}: is a directory; pass a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise PrismError(f"--config {path}: not UTF-8 text; save the file as UTF-8") from None
+    except yaml.YAMLError as e:
+        raise PrismError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise PrismError(f"--config {path}: expected a mapping of key: value at the top level")
+    return data
+
+
+def parse_sets(items: Iterable[str]) -> dict:
+    """``["a=1", "b=x,y"]`` -> ``{"a": 1, "b": "x,y"}`` (values parsed as YAML scalars)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise PrismError(f"--set {item!r}: expected key=value, e.g. --set iterations=500")
+        k, v = item.split("=", 1)
+        # kept as text: _coerce parses it as YAML only for fields that are not strings (out=1.10 stays "1.10")
+        out[k.strip().replace("-", "_")] = v.strip() if v.strip() else None
+    return out
+
+
+def _coerce(cls, name: str, value: Any, hint) -> Any:
+    """Convert ``value`` to the field's annotated type, with a one-line error naming the key."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if value is None:
+        if type(None) in args or hint is Any:
+            return None
+        raise PrismError(f"{name}: may not be empty")
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if isinstance(value, str) and value.lower() in ("none", "null", "~"):
+            return None
+        return _coerce(cls, name, value, inner[0]) if len(inner) == 1 else value
+    if isinstance(value, str) and hint is not str:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise PrismError(f"{name}={value!r}: not a valid value") from None
+        if value is None:
+            raise PrismError(f"{name}: may not be empty")
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if hint in (int, float) and isinstance(value, bool):
+            raise ValueError(value)  # `epochs=true` is a mistake, not 1
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return str(value)
+        if origin in (list, tuple):
+            if isinstance(value, str):
+                value = comma_list(value)
+            elif not isinstance(value, (list, tuple)):
+                value = [value]
+            elem = args[0] if args else Any
+            items = [_coerce(cls, name, v, elem) if elem is not Any else v for v in value]
+            if origin is tuple:
+                if len(args) == 2 and args[1] is not Ellipsis and len(items) != 2:
+                    raise ValueError(value)
+                return tuple(items)
+            return items
+    except (TypeError, ValueError):
+        raise PrismError(f"{name}={value!r}: expected {getattr(hint, '__name__', hint)}") from None
+    return value
+
+
+def preset_name(cls, layers) -> str | None:
+    """The preset a config of ``cls`` asks for: the last layer's value of its PRESET_FIELD, else the default."""
+    key = getattr(cls, "PRESET_FIELD", None)
+    if key is None:
+        return None
+    fields = config_fields(cls)
+    value = field_default(fields[key])
+    for layer in layers:
+        for k, v in (layer or {}).items():
+            if k.replace("-", "_") == key and v is not None:
+                value = v
+    hint = typing.get_type_hints(cls)[key]
+    value = _coerce(cls, key, value, hint)
+    if hint is bool:  # a switch such as --quick: the preset is named after the field
+        return key if value else None
+    return value
+
+
+def build_config(cls, *layers: Mapping[str, Any] | None, source: str = "config"):
+    """Create ``cls`` from layered mappings (later layers win) on top of its preset (if it has presets).
+
+    Every value is converted to the field's type and checked against the field's ``choices``/``minimum``;
+    then the class's own ``check()`` runs for rules that involve several fields.
+    """
+    hints = typing.get_type_hints(cls)
+    valid = config_fields(cls)
+    name = preset_name(cls, layers)
+    if name is not None:
+        layers = (preset_settings(cls.PRESET_FAMILY, name)[1],) + tuple(layers)
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for k, v in (layer or {}).items():
+            key = k.replace("-", "_")
+            if key not in valid:
+                raise PrismError(
+                    f"unknown {source} key {k!r} for {cls.__name__}; valid keys: {', '.join(valid)}"
+                )
+            merged[key] = v
+    values = {k: _coerce(cls, k, v, hints[k]) for k, v in merged.items()}
+    for k, v in values.items():
+        _check_field(valid[k], v)
+    cfg = cls(**values)
+    if hasattr(cfg, "check"):
+        cfg.check()
+    return cfg
+
+
+def _check_field(f: dataclasses.Field, value: Any) -> None:
+    flag = "--" + f.name.replace("_", "-")
+    choices = f.metadata.get("choices")
+    if choices is not None and value is not None:
+        items = comma_list(value) if f.metadata.get("many") else [value]
+        bad = [v for v in items if v not in choices]
+        if bad or not items:
+            raise PrismError(f"{flag} {value!r}: expected {'a comma list of ' if f.metadata.get('many') else 'one of '}"
+                             f"{', '.join(map(str, choices))}")
+    low = f.metadata.get("minimum")
+    if low is not None and value is not None:
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if v < low:
+                raise PrismError(f"{flag} {v}: must be >= {low}")
+
+
+def replace(cfg, **changes):
+    return build_config(type(cfg), config_to_dict(cfg), changes)
+
+
+__all__ = ["CommonConfig", "build_config", "config_hash", "config_to_dict", "comma_list", "opt", "save_config",
+           "load_yaml", "parse_sets", "replace", "field", "dataclass"]

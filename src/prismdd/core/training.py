@@ -1,0 +1,240 @@
+"""Supervised training every stage shares: the one training loop (``fit``), evaluation, LR schedules,
+optimisers, and what a frozen network says about images (penultimate features, per-example scores,
+ensemble logits)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import DatasetInfo, iterate_batches, normalize
+from .errors import PrismError
+from .io import JsonlLog, torch_save
+from .models import FeatureExtractor
+from .runtime import Timer, progress
+
+FEATURE_BATCH = 256  # images per forward pass when extracting features (no gradients)
+SCORE_BATCH = 500  # images per forward pass when scoring examples
+PHI_CLIP = 1e4  # |phi| beyond this is clipped (a float32 softmax saturates long before)
+
+
+SCHEDULES = ("cosine", "decayed_cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "sgd", "adam")
+
+
+def lr_factor(schedule: str, progress: float, warmup: float = 0.0) -> float:
+    """Multiplier of the base LR at ``progress`` in [0, 1] of training.
+
+    ``decayed_cosine``: PRISM/EDC's "decayed cosine": a cosine stretched by 2.5 (so it only falls to
+    0.75 by 5/6 of training), then a linear ramp to 0 over the last sixth.
+    """
+    p = min(max(progress, 0.0), 1.0)
+    if warmup > 0 and p < warmup:
+        return p / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * p))
+    if schedule == "linear":
+        return 1.0 - p
+    if schedule == "decayed_cosine":
+        knee = 5 / 6
+        at = lambda q: 0.5 * (1 + math.cos(math.pi * q / 2.5))
+        return at(p) if p <= knee else at(knee) * (1 - p) / (1 - knee)
+    raise PrismError(f"schedule {schedule!r}: expected cosine, decayed_cosine, linear or constant")
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float, momentum: float = 0.9):
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise PrismError(f"optimizer {name!r}: expected adamw, sgd or adam")
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split, info: DatasetInfo, device, batch_size: int = 500,
+             num_workers: int = 0, channels_last: bool = False) -> dict:
+    """Top-1/top-5 (percent) and mean CE loss of ``model`` on a split."""
+    model.eval()
+    n, c1, c5, loss = 0, 0, 0, 0.0
+    for x, y in iterate_batches(split, batch_size, shuffle=False, num_workers=num_workers):
+        x = normalize(x.to(device), info)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = y.to(device)
+        out = model(x)
+        loss += F.cross_entropy(out, y, reduction="sum").item()
+        top = out.topk(min(5, out.shape[1]), 1).indices
+        c1 += (top[:, 0] == y).sum().item()
+        c5 += (top == y[:, None]).any(1).sum().item()
+        n += len(y)
+    return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss / n, "n": n}
+
+
+def check_finite(loss: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(loss):
+        raise PrismError(f"{what}: loss became {loss.item()}; lower the learning rate or check the inputs")
+
+
+# ----------------------------------------------------------------------------- the training loop
+def fit(model: nn.Module, optimizer, batches: Callable[[int], Iterable], loss_fn: Callable[..., dict], *,
+        epochs: int, steps_per_epoch: int, lr: float, schedule: str, warmup: float = 0.0,
+        evaluate_fn: Callable[[], dict], eval_every: int, checkpoint: Path, config_hash: str,
+        resume: dict | None, log: JsonlLog | None, desc: str, is_main: bool = True) -> dict:
+    """Train ``model`` for ``epochs`` epochs, resumably; the one loop behind teachers and students.
+
+    ``batches(epoch)`` yields each epoch's batches (at most ``steps_per_epoch`` are used); ``loss_fn(batch)``
+    returns named loss terms with the optimised one under ``"total"``. The LR follows ``schedule`` over
+    all steps. Test accuracy (``evaluate_fn``) every ``eval_every`` epochs and after the last. After every
+    epoch ``checkpoint`` holds model, optimiser, epoch and the accuracy curve (written by the main process;
+    the log line follows it, so a kill in between never logs an epoch twice). ``resume``: such a
+    checkpoint, already checked against ``config_hash`` by the caller's resume guard.
+    Returns ``{"curve", "final", "seconds"}``; ``seconds`` counts time before a resume too.
+    """
+    start, curve, before = 0, [], 0.0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        start, curve, before = int(resume["epoch"]), list(resume.get("curve", [])), float(resume.get("elapsed", 0.0))
+    timer = Timer()
+    total_steps = max(1, epochs * steps_per_epoch)
+    for epoch in range(start, epochs):
+        model.train()
+        bar = progress(total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{epochs}", leave=False,
+                       disable=None if is_main else True)
+        running, steps = 0.0, 0
+        for step, batch in enumerate(batches(epoch)):
+            if step >= steps_per_epoch:
+                break
+            set_lr(optimizer, lr * lr_factor(schedule, (epoch * steps_per_epoch + step) / total_steps, warmup))
+            terms = loss_fn(batch)
+            check_finite(terms["total"], f"{desc} epoch {epoch + 1}")
+            optimizer.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            optimizer.step()
+            running += float(terms["total"].detach())
+            steps += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{running / steps:.3f}")
+        bar.close()
+        record = {"epoch": epoch + 1, "train_loss": running / max(steps, 1), "lr": optimizer.param_groups[0]["lr"]}
+        if (epoch + 1) % max(1, eval_every) == 0 or epoch + 1 == epochs:
+            ev = evaluate_fn()
+            record.update(test_top1=ev["top1"], test_top5=ev["top5"])
+            curve.append({"epoch": epoch + 1, "top1": round(ev["top1"], 3), "top5": round(ev["top5"], 3)})
+        if is_main:
+            torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                        "curve": curve, "elapsed": before + timer.elapsed, "config_hash": config_hash}, checkpoint)
+            if log is not None:
+                log.write(**record)
+    if not curve or curve[-1]["epoch"] != epochs:  # nothing trained here (0 epochs): measure what we have
+        ev = evaluate_fn()
+        curve.append({"epoch": epochs, "top1": round(ev["top1"], 3), "top5": round(ev["top5"], 3)})
+    return {"curve": curve, "final": curve[-1], "seconds": before + timer.elapsed}
+
+
+# ----------------------------------------------------------------------------- what a frozen network says
+def extract_features(images_uint8: torch.Tensor, info: DatasetInfo, model: nn.Module, device,
+                     batch_size: int = FEATURE_BATCH) -> torch.Tensor:
+    """Penultimate (pre-classifier) features of uint8 (N, C, H, W) images -> float (N, D) on the CPU.
+
+    The model runs in eval mode (running BN statistics, so a feature never depends on its batch-mates);
+    its previous mode is restored afterwards.
+    """
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+    was_training = model.training
+    model.eval()
+    extractor = FeatureExtractor(model)
+    feats = []
+    try:
+        for s in range(0, len(images_uint8), batch_size):
+            x = normalize(images_uint8[s: s + batch_size].to(device), info)
+            f, _ = extractor(x)
+            feats.append(f.float().cpu())
+    finally:
+        model.train(was_training)
+    if not feats:
+        return torch.zeros(0, 0)
+    return torch.cat(feats)
+
+
+def _true_class_stats(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, phi) per example from logits (B, K): phi = log p_y - log(1 - p_y) = z_y - logsumexp_{j != y} z_j,
+    computed without forming 1 - p (which underflows to 0 for a confident model)."""
+    z = logits.float()
+    loss = F.cross_entropy(z, y, reduction="none")
+    z_y = z.gather(1, y[:, None]).squeeze(1)
+    others = z.scatter(1, y[:, None], float("-inf"))
+    phi = (z_y - torch.logsumexp(others, dim=1)).clamp(-PHI_CLIP, PHI_CLIP)
+    return loss, phi
+
+
+@torch.no_grad()
+def example_scores(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, info: DatasetInfo, device,
+                   *, flip: bool = False, batch_size: int = SCORE_BATCH) -> dict[str, np.ndarray]:
+    """Per-example ``loss``, true-class ``confidence``, its logit ``logit_confidence`` = log(p / (1 - p))
+    and the LiRA statistic ``phi`` of ``model`` (eval mode), as float64 numpy arrays (N,).
+
+    ``images``: uint8 (N, C, H, W); ``targets``: (N,) the labels the model was trained with. ``flip``:
+    ``phi`` is the mean of the logit over the image and its horizontal flip (the others: the image alone).
+    """
+    model.eval()
+    device = torch.device(device)
+    losses, plain, phis = [], [], []
+    for s in range(0, len(targets), batch_size):
+        x = normalize(images[s: s + batch_size].to(device), info)
+        y = torch.as_tensor(targets[s: s + batch_size]).long().to(device)
+        loss, phi = _true_class_stats(model(x), y)
+        plain.append(phi.cpu())
+        if flip:
+            phi = 0.5 * (phi + _true_class_stats(model(x.flip(-1)), y)[1])
+        losses.append(loss.cpu())
+        phis.append(phi.cpu())
+    loss = torch.cat(losses).double().numpy()
+    return {"loss": loss, "confidence": np.exp(-loss), "logit_confidence": torch.cat(plain).double().numpy(),
+            "phi": torch.cat(phis).double().numpy()}
+
+
+ENSEMBLES = ("mean", "norm-matched", "weighted")
+
+
+def combine_logits(logits: list[torch.Tensor], how: str, primary_weight: float = 0.5) -> torch.Tensor:
+    """Ensemble of teacher logits (B, K) each. norm-matched: every teacher rescaled to the mean per-sample
+    L2 norm before averaging (the reference), so no teacher dominates by scale."""
+    if len(logits) == 1:
+        return logits[0]
+    stack = torch.stack(logits)  # (T, B, K)
+    if how == "mean":
+        return stack.mean(0)
+    if how == "norm-matched":
+        norms = stack.norm(dim=2, keepdim=True).clamp_min(1e-12)  # (T, B, 1)
+        return (stack / norms * norms.mean(0, keepdim=True)).mean(0)
+    if how == "weighted":
+        rest = (1 - primary_weight) / (len(logits) - 1)
+        w = torch.tensor([primary_weight] + [rest] * (len(logits) - 1), device=stack.device).view(-1, 1, 1)
+        return (stack * w).sum(0)
+    raise PrismError(f"ensemble {how!r}: expected one of {', '.join(ENSEMBLES)}")
+
+
+class SoftLabeler:
+    """Teacher (ensemble) logits on given inputs; the same object serves relabel and online validation."""
+
+    def __init__(self, teachers: list[nn.Module], names: list[str], ensemble: str = "mean", primary_weight: float = 0.5):
+        self.teachers, self.names, self.ensemble, self.primary_weight = teachers, names, ensemble, primary_weight
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return combine_logits([t(x).float() for t in self.teachers], self.ensemble, self.primary_weight)

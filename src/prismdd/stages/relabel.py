@@ -1,0 +1,84 @@
+"""relabel: FKD-style soft labels on replayable views, stored one file per epoch (or computed online).
+
+For epoch e, ``epoch_plan`` draws from (seed, e) an image order, one RandomResizedCrop+flip view per
+image and one CutMix/Mixup per batch. The teacher logits on exactly those views are stored together with
+the view parameters, so the student (``validate``) replays identical inputs. Nothing is pickled and
+PyTorch is not patched: a plain safetensors file per epoch and our own batch iterator.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..artifacts import epoch_file, label_bytes, load_distilled, load_labelers, pack_logits, reusable, write_manifest
+from ..core.augment import ViewConfig, default_view_batch, epoch_plan, make_inputs
+from ..core.config import CommonConfig, config_hash, opt
+from ..core.io import load_tensors, save_tensors
+from ..core.runtime import Timer, progress, resolve_device
+from ..core.training import ENSEMBLES
+
+
+@dataclass
+class RelabelConfig(CommonConfig):
+    out: str = opt("runs/prism/labels", "output folder: one label file per epoch", hashed=False)
+    distilled: str = opt("runs/prism", "a recover output folder")
+    teachers: str = opt("runs/teachers", "a squeeze output folder")
+    label_teachers: str | None = opt(None, "comma list of teacher archs; default: the recover run's primary")
+    ensemble: str = opt("mean", "how several teachers' logits combine: mean | norm-matched | weighted",
+                        choices=ENSEMBLES)
+    primary_weight: float = opt(0.5, "weighted: share of the first teacher", minimum=0.0)
+    epochs: int = opt(300, "one view (and one label file) per epoch of student training", minimum=1)
+    batch_size: int | None = opt(None, "None: 50 at IPC <= 10, else 100 (seed Table 1); validate must use the same",
+                                 minimum=1)
+    min_scale: float = opt(0.25, "RandomResizedCrop floor of the views (seed Table 3)", minimum=0.0)
+    mix: str = opt("cutmix", "cutmix | mixup | none", choices=("cutmix", "mixup", "none"))
+    storage: str = opt("fp16", "fp16 | fp32 (fp32: online validation is bit-identical)", choices=("fp16", "fp32"))
+    topk: int = opt(0, "keep only the top-k logits per view (0 = all)", minimum=0)
+    force: bool = opt(False, "recompute label files that exist", hashed=False)
+
+
+def relabel(cfg: RelabelConfig) -> Path:
+    timer = Timer()
+    device = resolve_device(cfg.device)
+    ds = load_distilled(cfg.distilled)
+    info = ds.info
+    # the dataset is the distilled set's own; record that (not the CLI default) in config.yaml and the manifest
+    cfg = dataclasses.replace(cfg, dataset=info.name, resolution=info.resolution)
+    # what an epoch's labels depend on: every setting but the epoch count (more epochs extend a folder),
+    # and the distilled set's content (its config hash), not its path
+    chash = config_hash(cfg, epochs=None, distilled=ds.manifest.get("config_hash"))
+    primary = ds.manifest["config"].get("primary")
+    labeler = load_labelers(cfg.teachers, cfg.label_teachers, primary, info, cfg.ensemble, cfg.primary_weight, device)
+    bs = cfg.batch_size or default_view_batch(len(ds), info.num_classes)
+    vc = ViewConfig(bs, cfg.min_scale, cfg.mix)
+    out = Path(cfg.out)
+    total_bytes = file_bytes = 0
+    for epoch in progress(range(cfg.epochs), desc="relabel"):
+        path = epoch_file(out, epoch)
+        if reusable(path, chash, force=cfg.force, what="a label file") is not None:
+            total_bytes += label_bytes(load_tensors(path))
+            file_bytes += path.stat().st_size
+            continue
+        plan = epoch_plan(len(ds), epoch, cfg.seed, vc, info.resolution)
+        chunks = []
+        for _, _, idx, views, mix in plan.batches(bs):
+            chunks.append(labeler(make_inputs(ds.images[idx], info, views, mix, device)).cpu())
+        tensors = {**pack_logits(torch.cat(chunks), cfg.storage, cfg.topk), **plan.to_tensors()}
+        save_tensors(tensors, path, metadata={"config_hash": chash})
+        total_bytes += label_bytes(tensors)
+        file_bytes += path.stat().st_size
+    n_ie = len(ds) * cfg.epochs
+    write_manifest(out, "relabel", cfg, inputs={"distilled": str(cfg.distilled), "dataset": info.to_dict(),
+                                                "label_teachers": labeler.names},
+                   outputs={"epochs": cfg.epochs, "images": len(ds), "batch_size": bs, "label_bytes": total_bytes,
+                            "bytes_per_image_epoch": round(total_bytes / max(1, n_ie), 2),
+                            "file_bytes": file_bytes,  # labels + the stored view parameters + headers
+                            "file_bytes_per_image_epoch": round(file_bytes / max(1, n_ie), 2)},
+                   wall_time=timer.elapsed, extra={"views": {"batch_size": bs, "min_scale": cfg.min_scale,
+                                                             "mix": cfg.mix, "seed": cfg.seed}})
+    print(f"[relabel] {cfg.epochs} epochs x {len(ds)} images, {total_bytes / 1e6:.2f} MB "
+          f"({total_bytes / max(1, n_ie):.1f} B per image-epoch) -> {out}")
+    return out

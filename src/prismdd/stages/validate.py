@@ -1,0 +1,266 @@
+"""validate: train a fresh student on distilled images (+ soft labels) and test it on real data.
+
+The FINAL epoch's accuracy is the result; the best epoch is reported separately and marked as such.
+Soft labels come from a relabel folder (``--labels``, replaying its stored views) or are computed online
+from teachers (``--teachers``) on the very same views. Baselines: ``--random-real`` (a seeded random real
+subset with the same IPC) and ``--full`` (the whole training set), under the same protocol.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..artifacts import (ACCURACY_FILE, StoredLabels, load_distilled, load_labelers, reusable, save_model,
+                         write_manifest)
+from ..core import distributed as dist
+from ..core.augment import ViewConfig, default_view_batch, epoch_plan, make_inputs, mix_partners
+from ..core.config import CommonConfig, build_config, comma_list, config_hash, opt
+from ..core.data import DatasetInfo, TensorImages, load_splits, random_real_indices
+from ..core.errors import PrismError
+from ..core.io import JsonlLog, write_json
+from ..core.models import create_model
+from ..core.presets import PROTOCOLS
+from ..core.runtime import Timer
+from ..core.training import ENSEMBLES, OPTIMIZERS, SCHEDULES, evaluate, fit, make_optimizer
+
+
+@dataclass
+class ValidateConfig(CommonConfig):
+    PRESET_FAMILY: ClassVar[str] = "validate"
+    PRESET_FIELD: ClassVar[str] = "protocol"
+
+    out: str = opt("runs/prism/eval", "output folder: accuracy.json and one folder per student", hashed=False)
+    protocol: str = opt("prism", "a student-training preset; fields you set win", choices=PROTOCOLS.names())
+    distilled: str | None = opt(None, "a recover output folder (its dataset, data root and resolution are used)")
+    labels: str | None = opt(None, "a relabel output folder (stored soft labels)")
+    teachers: str | None = opt(None, "a squeeze folder: soft labels computed online (no storage)")
+    label_teachers: str | None = opt(None, "comma list of teacher archs; default: the recover run's primary")
+    ensemble: str = opt("mean", "how several teachers' logits combine: mean | norm-matched | weighted",
+                        choices=ENSEMBLES)
+    primary_weight: float = opt(0.5, "weighted: share of the first teacher", minimum=0.0)
+    random_real: bool = opt(False, "baseline: a seeded random real subset with --ipc images per class")
+    full: bool = opt(False, "baseline: the whole real training set")
+    ipc: int = opt(10, "images per class of --random-real", minimum=1)
+    student: str = opt("convnet", "one architecture or a comma list")
+    student_width: float = opt(1.0, "width multiplier of the student", minimum=0.01)
+    seeds: str = opt("0", "comma list: one student per seed, reported as mean +- std")
+    epochs: int = opt(300, "training epochs of each student", minimum=1)
+    batch_size: int | None = opt(None, "None: 50 at IPC <= 10, else 100 (seed Table 1)", minimum=1)
+    optimizer: str = opt("adamw", "adamw | sgd | adam", choices=OPTIMIZERS)
+    lr: float = opt(0.001, "peak learning rate", minimum=0.0)
+    weight_decay: float = opt(0.01, "weight decay", minimum=0.0)
+    schedule: str = opt("decayed_cosine", "decayed_cosine (PRISM) | cosine | linear | constant", choices=SCHEDULES)
+    loss: str = opt("mse+ce", "mse+ce (PRISM) | kl | ce (hard labels)", choices=("mse+ce", "kl", "ce"))
+    gamma: float = opt(0.1, "mse+ce: weight of the hard-label CE", minimum=0.0)
+    temperature: float = opt(4.0, "kl: softmax temperature", minimum=0.0)
+    min_scale: float = opt(0.25, "RandomResizedCrop floor (seed Table 3)", minimum=0.0)
+    mix: str = opt("cutmix", "cutmix | mixup | none", choices=("cutmix", "mixup", "none"))
+    steps_per_epoch: int | None = opt(None, "cap on steps per epoch (None: every image once; for --full)", minimum=1)
+    eval_every: int = opt(50, "epochs between test evaluations (the final epoch is always evaluated)", minimum=1,
+                          hashed=False)
+    force: bool = opt(False, "retrain students that are already finished", hashed=False)
+
+    def check(self):
+        sources = sum(bool(x) for x in (self.distilled, self.random_real, self.full))
+        if sources != 1:
+            raise PrismError("validate: give exactly one of --distilled DIR, --random-real, --full")
+        if self.loss != "ce" and not (self.labels or self.teachers):
+            raise PrismError(f"--loss {self.loss} needs soft labels: pass --labels DIR (from relabel) or "
+                             f"--teachers DIR (online), or use --loss ce")
+        try:
+            [int(s) for s in comma_list(self.seeds)]
+        except ValueError:
+            raise PrismError(f"--seeds {self.seeds!r}: expected a comma list of integers, e.g. 0,1,2") from None
+        if not comma_list(self.seeds):
+            raise PrismError("--seeds: give at least one seed")
+
+    @property
+    def seed_list(self) -> list[int]:
+        return [int(s) for s in comma_list(self.seeds)]
+
+
+def validate_config(protocol: str = "prism", **overrides) -> ValidateConfig:
+    """API twin of the CLI: defaults < the protocol's preset < overrides."""
+    return build_config(ValidateConfig, dict(overrides, protocol=protocol))
+
+
+# ----------------------------------------------------------------------------- data sources
+def training_images(cfg: ValidateConfig, train, info: DatasetInfo) -> tuple[TensorImages, dict]:
+    if cfg.distilled:
+        ds = load_distilled(cfg.distilled)
+        if ds.info.name != info.name:
+            raise PrismError(f"--distilled {cfg.distilled}: made from {ds.info.name!r}, but --dataset is {info.name!r}")
+        return ds, {"source": "distilled", "folder": cfg.distilled, "primary": ds.manifest["config"].get("primary"),
+                    "config_hash": ds.manifest.get("config_hash")}
+    if cfg.random_real:
+        idx = random_real_indices(train, info.num_classes, cfg.ipc, cfg.seed)
+        return TensorImages(train.get_images(idx), train.targets[idx]), {"source": "random-real", "ipc": cfg.ipc,
+                                                                         "indices": idx.tolist()}
+    return train, {"source": "full"}  # file-backed splits decode each batch's images as they are needed
+
+
+def from_distilled(cfg: ValidateConfig) -> ValidateConfig:
+    """A distilled set names its dataset, data root and resolution: use them rather than the defaults."""
+    if not cfg.distilled:
+        return cfg
+    made = load_distilled(cfg.distilled).manifest["config"]
+    return dataclasses.replace(cfg, dataset=made.get("dataset", cfg.dataset),
+                               data_root=cfg.data_root or made.get("data_root"),
+                               resolution=made.get("resolution") or cfg.resolution)
+
+
+# ----------------------------------------------------------------------------- losses
+def student_loss(cfg: ValidateConfig, out: torch.Tensor, soft: torch.Tensor | None, y: torch.Tensor,
+                 y2: torch.Tensor, lam: float) -> dict:
+    # mixed inputs: the hard-label CE is mixed in the same proportion as the pixels
+    ce = F.cross_entropy(out, y) if lam == 1.0 else lam * F.cross_entropy(out, y) + (1 - lam) * F.cross_entropy(out, y2)
+    if cfg.loss == "ce":
+        return {"ce": ce, "total": ce}
+    if cfg.loss == "mse+ce":
+        mse = F.mse_loss(out, soft)
+        return {"mse": mse, "ce": ce, "total": mse + cfg.gamma * ce}
+    t = cfg.temperature
+    kl = F.kl_div(F.log_softmax(out / t, 1), F.log_softmax(soft / t, 1), reduction="batchmean", log_target=True) * t * t
+    return {"kl": kl, "total": kl}
+
+
+# ----------------------------------------------------------------------------- one student
+def train_student(cfg: ValidateConfig, arch: str, seed: int, data: TensorImages, test, info: DatasetInfo,
+                  labels, ctx, folder: Path) -> dict:
+    """Train one student (resumable per epoch); returns its result dict."""
+    device = ctx.device
+    chash = config_hash(cfg, student=arch, seeds=str(seed))
+    result = reusable(folder / "result.json", chash, force=cfg.force, what="a student")
+    if result is not None:
+        return result
+    resume = reusable(folder / "checkpoint.pt", chash, force=cfg.force, what="an unfinished student")
+    torch.manual_seed(seed)
+    model = create_model(arch, info.num_classes, info.channels, info.resolution, cfg.student_width).to(device)
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
+    ddp = ctx.world_size > 1
+    net = nn.parallel.DistributedDataParallel(model) if ddp else model
+    bs = labels["batch_size"]
+    vc = ViewConfig(bs, cfg.min_scale, cfg.mix)
+    steps = math.ceil(len(data) / bs)
+    if cfg.steps_per_epoch:
+        steps = min(steps, cfg.steps_per_epoch)
+
+    def batches(epoch):
+        if labels["stored"] is not None:
+            plan, soft_all = labels["stored"].epoch(epoch)
+        else:
+            plan, soft_all = epoch_plan(len(data), epoch, cfg.seed, vc, info.resolution), None
+        for _, sl, idx, views, mix in plan.batches(bs):
+            yield sl, idx, views, mix, soft_all
+
+    def loss_fn(batch):
+        sl, idx, views, mix, soft_all = batch
+        x = make_inputs(data.get_images(idx), info, views, mix, device)
+        y = data.targets[idx].to(device)
+        if soft_all is not None:
+            soft = soft_all[sl].to(device)
+        elif labels["online"] is not None and cfg.loss != "ce":
+            soft = labels["online"](x)
+        else:
+            soft = None
+        y2, lam = mix_partners(y, mix)
+        if ddp:  # each rank trains on its share of the (already mixed) batch; DDP averages the gradients
+            part = slice(ctx.rank, None, ctx.world_size)
+            x, y, y2 = x[part], y[part], y2[part]
+            soft = soft[part] if soft is not None else None
+        return student_loss(cfg, net(x), soft, y, y2, lam)
+
+    run = fit(model, optimizer, batches, loss_fn, epochs=cfg.epochs, steps_per_epoch=steps, lr=cfg.lr,
+              schedule=cfg.schedule, evaluate_fn=lambda: evaluate(model, test, info, device,
+                                                                   num_workers=cfg.num_workers),
+              eval_every=cfg.eval_every, checkpoint=folder / "checkpoint.pt", config_hash=chash, resume=resume,
+              log=JsonlLog(folder / "log.jsonl"), desc=f"validate {arch} seed {seed}", is_main=ctx.rank == 0)
+    curve, final = run["curve"], run["final"]
+    best = max(curve, key=lambda c: c["top1"])
+    result = {"student": arch, "seed": seed, "top1": final["top1"], "top5": final["top5"],
+              "best_top1": best["top1"], "best_epoch": best["epoch"], "curve": curve,
+              "seconds": round(run["seconds"], 2), "config_hash": chash}
+    if ctx.rank == 0:
+        save_model(folder, model, info, cfg, final, run["seconds"], chash)
+        write_json(folder / "result.json", result)
+        (folder / "checkpoint.pt").unlink(missing_ok=True)
+    return result
+
+
+# ----------------------------------------------------------------------------- the stage
+def validate(cfg: ValidateConfig) -> dict:
+    timer = Timer()
+    ctx = dist.init(cfg.device)
+    cfg = from_distilled(cfg)
+    train, test, info = load_splits(cfg)
+    data, source = training_images(cfg, train, info)
+    stored = online = None
+    bs = cfg.batch_size or default_view_batch(len(data), info.num_classes)
+    if cfg.labels:
+        stored = StoredLabels(cfg.labels, info.num_classes)
+        v = stored.views
+        if cfg.batch_size and cfg.batch_size != v["batch_size"]:
+            raise PrismError(f"--batch-size {cfg.batch_size}: the labels in {cfg.labels} were made for batch size "
+                             f"{v['batch_size']}; drop --batch-size or relabel")
+        bs = v["batch_size"]
+    elif cfg.teachers and cfg.loss != "ce":
+        online = load_labelers(cfg.teachers, cfg.label_teachers, source.get("primary") or "convnet", info,
+                               cfg.ensemble, cfg.primary_weight, ctx.device)
+    labels = {"stored": stored, "online": online, "batch_size": bs}
+    if stored is not None and (cfg.mix, cfg.min_scale) != (stored.views["mix"], stored.views["min_scale"]):
+        # the stored labels belong to their views: replaying them is the only consistent choice
+        print(f"[validate] using the stored views (mix={stored.views['mix']}, min_scale={stored.views['min_scale']}) "
+              f"from {cfg.labels}")
+    out = Path(cfg.out)
+    seeds = cfg.seed_list
+    students = comma_list(cfg.student)
+    per_student = {}
+    for arch in students:
+        results = [train_student(cfg, arch, s, data, test, info, labels, ctx, out / f"{arch}_seed{s}") for s in seeds]
+        t1 = np.array([r["top1"] for r in results])
+        t5 = np.array([r["top5"] for r in results])
+        per_student[arch] = {
+            "top1": round(float(t1.mean()), 3), "top1_std": round(float(t1.std(ddof=1)) if len(t1) > 1 else 0.0, 3),
+            "top5": round(float(t5.mean()), 3), "top5_std": round(float(t5.std(ddof=1)) if len(t5) > 1 else 0.0, 3),
+            "best_top1": round(float(np.mean([r["best_top1"] for r in results])), 3),
+            "seeds": seeds, "runs": results,
+            "curve": _mean_curve([r["curve"] for r in results]),
+        }
+        if ctx.rank == 0:
+            r = per_student[arch]
+            print(f"[validate] {arch}: final-epoch top-1 {r['top1']:.2f} +- {r['top1_std']:.2f}% "
+                  f"(best epoch {r['best_top1']:.2f}%, marked best, not the result) over seeds {seeds}")
+    first = per_student[students[0]]
+    label_src = ("stored:" + str(cfg.labels)) if stored else (("online:" + ",".join(online.names)) if online else "hard labels")
+    protocol = {"protocol": cfg.protocol, "loss": cfg.loss, "gamma": cfg.gamma if cfg.loss == "mse+ce" else None,
+                "optimizer": cfg.optimizer, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "schedule": cfg.schedule,
+                "epochs": cfg.epochs, "batch_size": bs,
+                "mix": stored.views["mix"] if stored else cfg.mix, "soft_labels": label_src,
+                "min_scale": stored.views["min_scale"] if stored else cfg.min_scale,
+                "student_width": cfg.student_width, "result": "final epoch", "test_set": f"{info.name} test ({len(test)})"}
+    accuracy = {"top1": first["top1"], "top5": first["top5"], "top1_std": first["top1_std"],
+                "best_top1": first["best_top1"], "curve": first["curve"], "protocol": protocol,
+                "seeds": seeds, "students": per_student, "source": {k: v for k, v in source.items() if k != "indices"},
+                "images": len(data)}
+    if ctx.rank == 0:
+        write_json(out / ACCURACY_FILE, accuracy)
+        write_manifest(out, "validate", cfg, inputs={"dataset": info.to_dict(), "source": source},
+                       outputs={"accuracy": ACCURACY_FILE, "top1": accuracy["top1"]}, wall_time=timer.elapsed)
+    dist.barrier(ctx)
+    return accuracy
+
+
+def _mean_curve(curves: list[list[dict]]) -> list[dict]:
+    by_epoch: dict[int, list[float]] = {}
+    for c in curves:
+        for p in c:
+            by_epoch.setdefault(p["epoch"], []).append(p["top1"])
+    return [{"epoch": e, "top1": round(float(np.mean(v)), 3)} for e, v in sorted(by_epoch.items())]
