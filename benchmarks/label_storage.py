@@ -41,9 +41,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from prismdd.config import build_config, comma_list
-from prismdd.relabel import (LABEL_KEYS, RelabelConfig, ViewConfig, default_batch_size, epoch_file, epoch_plan,
-                             label_bytes, load_labelers, make_inputs, pack_logits, relabel, unpack_logits)
+from prismdd.core.config import build_config, comma_list
+from prismdd.artifacts import LABEL_KEYS, epoch_file, label_bytes, load_labelers, pack_logits, unpack_logits
+from prismdd.stages.relabel import RelabelConfig, relabel
+from prismdd.core.augment import ViewConfig, default_view_batch, epoch_plan, make_inputs
 
 
 
@@ -152,7 +153,7 @@ def part_bytes(args) -> dict:
                      "-" if file_per_ie is None else f"{ref / file_per_ie:.1f}x"])
 
     # one real epoch file per format, written as relabel writes it
-    bs = default_batch_size(n, c)
+    bs = default_view_batch(n, c)
     plan = epoch_plan(n, 0, args.seed, ViewConfig(bs), args.resolution)
     view_tensors = plan.to_tensors()
     tmp = Path(tempfile.mkdtemp(prefix="label_storage_"))
@@ -221,8 +222,8 @@ def setup(args, work: Path) -> tuple[Path, Path, str]:
     t, r = find_stage(stages, "teachers"), find_stage(stages, "recover-prism")
     if t and r and not args.build:
         return t, r, f"reused read-only from {stages}"
-    from prismdd.recover import recover, recover_config
-    from prismdd.squeeze import SqueezeConfig, squeeze
+    from prismdd.stages.recover import recover, recover_config
+    from prismdd.stages.squeeze import SqueezeConfig, squeeze
 
     base = work / (f"setup-{args.dataset}-w{args.teacher_width}-st{args.teacher_steps}-e{args.teacher_epochs}"
                    f"-it{args.iterations}-s{args.seed}")
@@ -241,12 +242,12 @@ def setup(args, work: Path) -> tuple[Path, Path, str]:
 
 def real_logits(teachers: Path, distilled: Path, epochs: int, seed: int) -> torch.Tensor:
     """fp32 teacher logits on exactly the views relabel draws, for the first ``epochs`` epochs."""
-    from prismdd.recover import load_distilled
+    from prismdd.artifacts import load_distilled
 
     ds = load_distilled(distilled)
     info = ds.info
     lab = load_labelers(str(teachers), None, ds.manifest["config"].get("primary"), info, "mean", 0.5, "cpu")
-    bs = default_batch_size(len(ds), info.num_classes)
+    bs = default_view_batch(len(ds), info.num_classes)
     out = []
     for e in range(epochs):
         plan = epoch_plan(len(ds), e, seed, ViewConfig(bs), info.resolution)
@@ -270,7 +271,7 @@ def simulate_codec(src: Path, dst: Path, k: int, bytes_per_ie: float) -> Path:
 
 
 def part_accuracy(args) -> dict:
-    from prismdd.validate import validate, validate_config
+    from prismdd.stages.validate import validate, validate_config
 
     t0 = time.perf_counter()
     work = Path(args.workdir)
@@ -328,7 +329,7 @@ def part_accuracy(args) -> dict:
                      "-" if r is base else f"{dm:+.2f} ± {ds:.2f}",
                      " / ".join(f"{x:.2f}" for x in r["per_seed"]),
                      "-" if r["relabel_s"] is None else f"{r['relabel_s']:.0f}", f"{r['validate_s']:.0f}"])
-    from prismdd.squeeze import find_teachers, load_teacher
+    from prismdd.artifacts import find_teachers, load_teacher
 
     cards = {a: load_teacher(f)[1] for a, f in find_teachers(str(teachers)).items()}
     print(f"\n## Part 2: accuracy, {args.dataset} IPC 10 (100 images), ConvNet student width 0.5\n")

@@ -25,15 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prismdd.config import comma_list
-from prismdd.data import load_dataset
-from prismdd.metrics import diversity_from_features, extract_features
+from prismdd.artifacts import load_distilled, load_model
+from prismdd.core.config import comma_list
+from prismdd.core.data import load_dataset, random_real_indices
+from prismdd.core.training import extract_features
 from prismdd.pipeline import Stages, epochs_for
-from prismdd.recover import RecoverConfig, load_distilled, recover
-from prismdd.recover import preset_layer as method_layer
-from prismdd.squeeze import SqueezeConfig, load_teacher, squeeze
-from prismdd.validate import ValidateConfig, random_real_subset, validate
-from prismdd.validate import preset_layer as protocol_layer
+from prismdd.stages.metrics import diversity_from_features
 
 POOL = ["convnet", "resnet18", "mobilenet_v2", "efficientnet_b0"]  # BN pool (the first is the primary)
 OBSERVER = "shufflenet_v2_x0_5"
@@ -145,12 +142,10 @@ def main():
     common = {"dataset": a.dataset, "device": "auto"}
     train, test, info = load_dataset(a.dataset)
     te = epochs_for(a.teacher_steps, len(train))
-    teachers_dir, _, _ = stages.run("teachers", SqueezeConfig, squeeze,
-                                    dict(common, arch=",".join(POOL), width=a.teacher_width, **te,
-                                         eval_every=te["epochs"]))
-    obs_dir, _, _ = stages.run("observer", SqueezeConfig, squeeze,
-                               dict(common, arch=OBSERVER, width=1.0, **te, eval_every=te["epochs"], seed=1000))
-    observer, _ = load_teacher(obs_dir / OBSERVER)
+    teachers_dir = stages.teachers("teachers", common, POOL, width=a.teacher_width, **te, eval_every=te["epochs"])
+    obs_dir = stages.teachers("observer", dict(common, seed=1000), [OBSERVER], width=1.0, **te,
+                              eval_every=te["epochs"])
+    observer, _ = load_model(obs_dir / OBSERVER)
     seeds = [int(s) for s in a.seeds.split(",")]
     log = out / "results.jsonl"
     header = (f"{a.dataset}, student {a.student} (width {a.student_width}), {a.student_epochs} epochs, soft labels "
@@ -166,25 +161,24 @@ def main():
             top1, cos, rs, vs = [], [], 0.0, 0.0
             for s in seeds:
                 rec_dir = None
-                val = dict(protocol_layer("prism"), **common, seed=s, seeds=str(s), student=a.student,
-                           student_width=a.student_width, epochs=a.student_epochs, eval_every=a.student_epochs,
-                           teachers=str(teachers_dir), label_teachers=POOL[0])
+                val = dict(protocol="prism", seeds=str(s), student=a.student, student_width=a.student_width,
+                           epochs=a.student_epochs, eval_every=a.student_epochs, teachers=str(teachers_dir),
+                           label_teachers=POOL[0])
+                run_common = dict(common, seed=s)
                 if c["method"] == "random-real":
                     val.update(random_real=True, **c["val"])
-                    idx = random_real_subset(train, info.num_classes, val.get("ipc", 10), s)
+                    idx = random_real_indices(train, info.num_classes, val.get("ipc", 10), s)
                     imgs, tg = train.get_images(idx), train.targets[idx]
                 else:
-                    rec = dict(method_layer(c["method"]), **common, seed=s, teachers=str(teachers_dir),
-                               primary=POOL[0], bn_pool=",".join(POOL[:3]), iterations=a.iterations)
-                    rec.update(c["rec"])  # a cell's own settings win (e.g. iterations=1 for the unoptimised start)
-                    rec_dir, _, _ = stages.run(f"recover-{c['method']}", RecoverConfig, recover, rec)
+                    # a cell's own settings win (e.g. iterations=1 for the unoptimised start)
+                    rec = dict(dict(primary=POOL[0], bn_pool=",".join(POOL[:3]), iterations=a.iterations), **c["rec"])
+                    rec_dir = stages.recover(c["method"], run_common, teachers_dir, **rec)
                     rs += stages.timings[f"recover-{c['method']}"]
                     val.update(distilled=str(rec_dir), **{k: v for k, v in c["val"].items() if k != "ipc"})
                     d = load_distilled(rec_dir)
                     imgs, tg = d.images, d.targets
-                ev_dir, _, _ = stages.run("validate", ValidateConfig, validate, val)
+                ev_dir, m = stages.validate("validate", run_common, **val)
                 vs += stages.timings["validate"]
-                m = json.loads((ev_dir / "metrics.json").read_text())
                 top1.append(m["top1"])
                 div = diversity_from_features(extract_features(imgs, info, observer, "cpu"), tg, info.num_classes)
                 cos.append(div["intra_class_cos"] if div["intra_class_cos"] is not None else float("nan"))

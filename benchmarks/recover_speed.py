@@ -23,11 +23,11 @@ from contextlib import ExitStack
 import torch
 import torch.nn.functional as F
 
-from prismdd.augment import apply_views, jitter, sample_views
-from prismdd.data import DatasetInfo
-from prismdd.bn import bn_loss_reference
-from prismdd.models import create_model
-from prismdd.recover import Engine, Teacher, recover_config
+from prismdd.core.augment import apply_views, jitter, sample_views
+from prismdd.core.data import DatasetInfo
+from prismdd.core.bn import bn_loss_reference
+from prismdd.core.models import create_model
+from prismdd.stages.recover import Engine, Teacher, recover_config
 
 
 def make_teachers(archs, width, res, channels, classes, seed=0):

@@ -29,8 +29,8 @@ def zoo(tmp_path_factory) -> Path:
 
     Read-only for tests: copy it (``shutil.copytree``) before adding teachers to it.
     """
-    from prismdd.config import build_config
-    from prismdd.squeeze import SqueezeConfig, squeeze
+    from prismdd.core.config import build_config
+    from prismdd.stages.squeeze import SqueezeConfig, squeeze
 
     out = tmp_path_factory.mktemp("zoo")
     # batch 256: 5 steps per epoch; the teachers' accuracy does not matter for these tests
@@ -56,7 +56,7 @@ def cli():
 @pytest.fixture(scope="session")
 def recover_run(zoo):
     """``recover_run(out, method="prism", **overrides) -> out``: a tiny recover run with the session zoo."""
-    from prismdd.recover import recover, recover_config
+    from prismdd.stages.recover import recover, recover_config
 
     def run(out, method: str = "prism", **overrides) -> Path:
         settings = dict(TINY_RECOVER, teachers=str(zoo), out=str(out))

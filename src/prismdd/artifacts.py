@@ -164,7 +164,11 @@ def load_model(path, *, arch: str | None = None, dataset: str | None = None,
         raise PrismError(f"{folder}: trained at {card['spec'].get('resolution')} px, the images are {resolution} px; "
                          f"pass --resolution {card['spec'].get('resolution')} or use teachers of this resolution")
     model = model_from_spec(card["spec"])
-    model.load_state_dict(load_tensors(folder / WEIGHTS))
+    try:
+        model.load_state_dict(load_tensors(folder / WEIGHTS))
+    except RuntimeError as e:  # shapes or names differ from what card.json describes
+        raise PrismError(f"{folder / WEIGHTS}: cannot load into the architecture card.json describes "
+                         f"({str(e).splitlines()[0]}); retrain it with `prismdd squeeze --force`") from None
     model.eval().to(device)
     for p in model.parameters():
         p.requires_grad_(False)

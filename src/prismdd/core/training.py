@@ -93,7 +93,7 @@ def check_finite(loss: torch.Tensor, what: str) -> None:
 def fit(model: nn.Module, optimizer, batches: Callable[[int], Iterable], loss_fn: Callable[..., dict], *,
         epochs: int, steps_per_epoch: int, lr: float, schedule: str, warmup: float = 0.0,
         evaluate_fn: Callable[[], dict], eval_every: int, checkpoint: Path, config_hash: str,
-        resume: dict | None, log: JsonlLog | None, desc: str, is_main: bool = True) -> dict:
+        resume: dict | None, log: JsonlLog | None, desc: str, is_main: bool = True, verbose: bool = False) -> dict:
     """Train ``model`` for ``epochs`` epochs, resumably; the one loop behind teachers and students.
 
     ``batches(epoch)`` yields each epoch's batches (at most ``steps_per_epoch`` are used); ``loss_fn(batch)``
@@ -101,7 +101,8 @@ def fit(model: nn.Module, optimizer, batches: Callable[[int], Iterable], loss_fn
     all steps. Test accuracy (``evaluate_fn``) every ``eval_every`` epochs and after the last. After every
     epoch ``checkpoint`` holds model, optimiser, epoch and the accuracy curve (written by the main process;
     the log line follows it, so a kill in between never logs an epoch twice). ``resume``: such a
-    checkpoint, already checked against ``config_hash`` by the caller's resume guard.
+    checkpoint, already checked against ``config_hash`` by the caller's resume guard. ``verbose``: print a
+    line per evaluation (teachers; students show it on their progress bar).
     Returns ``{"curve", "final", "seconds"}``; ``seconds`` counts time before a resume too.
     """
     start, curve, before = 0, [], 0.0
@@ -135,6 +136,9 @@ def fit(model: nn.Module, optimizer, batches: Callable[[int], Iterable], loss_fn
             ev = evaluate_fn()
             record.update(test_top1=ev["top1"], test_top5=ev["top5"])
             curve.append({"epoch": epoch + 1, "top1": round(ev["top1"], 3), "top5": round(ev["top5"], 3)})
+            if verbose and is_main:
+                print(f"[{desc}] epoch {epoch + 1}/{epochs}: train loss {record['train_loss']:.4f}, "
+                      f"test top-1 {ev['top1']:.2f}%")
         if is_main:
             torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                         "curve": curve, "elapsed": before + timer.elapsed, "config_hash": config_hash}, checkpoint)

@@ -313,7 +313,7 @@ def metrics(cfg: MetricsConfig) -> dict:
     print(format_table(rows, ["set", "ipc", "intra-class cos", "inter-class cos", "images"]))
     for w in warnings:
         print(f"[metrics] WARNING: {w}")
-    print(f"[metrics] -> {out / 'metrics.json'} ({timer.elapsed:.1f}s)")
+    print(f"[metrics] -> {out / METRICS_FILE} ({timer.elapsed:.1f}s)")
     return report
 
 

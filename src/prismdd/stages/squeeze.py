@@ -118,14 +118,12 @@ def train_teacher(cfg: SqueezeConfig, arch: str, train, test, info: DatasetInfo,
         return {"total": loss}
 
     def evaluate_fn():
-        ev = evaluate(model, test, info, device, num_workers=cfg.num_workers, channels_last=cfg.channels_last)
-        print(f"[squeeze] {arch}: test top-1 {ev['top1']:.2f}%")
-        return ev
+        return evaluate(model, test, info, device, num_workers=cfg.num_workers, channels_last=cfg.channels_last)
 
     result = fit(model, opt_, batches, loss_fn, epochs=cfg.epochs, steps_per_epoch=steps, lr=cfg.lr,
                  schedule=cfg.schedule, warmup=cfg.warmup, evaluate_fn=evaluate_fn, eval_every=cfg.eval_every,
                  checkpoint=folder / "checkpoint.pt", config_hash=chash, resume=resume,
-                 log=JsonlLog(folder / "log.jsonl"), desc=f"squeeze {arch}")
+                 log=JsonlLog(folder / "log.jsonl"), desc=f"squeeze {arch}", verbose=True)
     save_model(folder, model, info, cfg, result["final"], result["seconds"], chash)
     (folder / "checkpoint.pt").unlink(missing_ok=True)
     print(f"[squeeze] {arch}: test top-1 {result['final']['top1']:.2f}% -> {folder}")

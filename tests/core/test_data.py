@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from prismdd import data as D
-from prismdd.config import CommonConfig, build_config
-from prismdd.data import (FASHION_CLASSES, IDX_FILES, check_data, list_datasets, load_dataset, load_splits,
-                          read_idx, write_idx)
-from prismdd.utils import PrismError
+from prismdd.core import data as D
+from prismdd.core.config import CommonConfig, build_config
+from prismdd.core.data import FASHION_CLASSES, IDX_FILES, check_data, list_datasets, load_dataset, load_splits, read_idx, write_idx
+from prismdd.core.errors import PrismError
 
 
 # ----------------------------------------------------------------------------- IDX files

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from prismdd.config import build_config, config_to_dict
-from prismdd.data import DatasetInfo, TensorImages, load_dataset
-from prismdd.metrics import (MetricsConfig, check_observer, diversity_from_features, embed_2d, embedding,
-                             feature_diversity, metrics, random_real_reference)
-from prismdd.utils import PrismError, read_json
+from prismdd.core.config import build_config, config_to_dict
+from prismdd.core.data import DatasetInfo, TensorImages, load_dataset
+from prismdd.stages.metrics import MetricsConfig, check_observer, diversity_from_features, embed_2d, embedding, feature_diversity, metrics, random_real_reference
+from prismdd.core.errors import PrismError
+from prismdd.core.io import read_json
 
 # mean 0, std 1: normalize(x) = x / 255, so the fake observer's features are the pixels / 255
 FAKE_INFO = DatasetInfo("fake", ["a", "b", "c"], 1, 2, (0.0,), (1.0,))
@@ -116,7 +116,7 @@ def test_random_real_reference_is_seeded_and_has_ipc_per_class():
     assert len(set(a.indices.tolist())) == 30
     # a larger IPC extends the subset, and the draw is the random-real student baseline's own
     assert set(a.indices.tolist()) <= set(random_real_reference(train, 10, 5, seed=5).indices.tolist())
-    from prismdd.validate import random_real_subset
+    from prismdd.core.data import random_real_indices as random_real_subset
 
     assert torch.equal(a.indices, random_real_subset(train, 10, 3, 5))
 
@@ -159,8 +159,8 @@ def test_observer_that_took_part_in_synthesis_is_refused():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A real tiny run: a 2-teacher zoo and an outside observer on digits, then PRISM recovery at IPC 2."""
-    from prismdd.recover import recover, recover_config
-    from prismdd.squeeze import SqueezeConfig, squeeze
+    from prismdd.stages.recover import recover, recover_config
+    from prismdd.stages.squeeze import SqueezeConfig, squeeze
 
     tmp = tmp_path_factory.mktemp("tiny")
     squeeze(build_config(SqueezeConfig, dict(dataset="digits", arch="convnet,resnet18", width=0.25, epochs=1,

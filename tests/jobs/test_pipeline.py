@@ -11,15 +11,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from prismdd.data import DATASETS
-from prismdd.methods import METHODS
-from prismdd.utils import read_json
+from prismdd.core.data import DATASETS
+from prismdd.core.presets import METHODS
+from prismdd.core.io import read_json
 
 # smaller than --quick: the whole job takes well under a minute on one CPU thread
 SMALL = ["--set", "teacher_steps=60", "--set", "observer_steps=60", "--set", "iterations=10",
          "--set", "student_epochs=6", "--set", "full_steps=30", "--set", "eval_every=3"]
 STAGES = ["teachers", "observer", "recover-prism", "validate-prism", "recover-sre2l", "validate-sre2l",
-          "validate-random-real", "validate-full"]
+          "validate-random-real", "validate-full", "metrics"]
 METHOD_ROWS = ["prism", "sre2l", "random-real", "full"]
 
 
@@ -127,13 +127,13 @@ def test_changed_recovery_setting_redoes_only_what_depends_on_it(cli, quick_run)
     assert r.code == 0, r.err[-3000:]
     for stage in ("teachers", "observer", "validate-random-real", "validate-full"):
         assert re.search(rf"\[run\] {stage}: reusing ", r.out), stage
-    for stage in ("recover-prism", "validate-prism", "recover-sre2l", "validate-sre2l"):
+    for stage in ("recover-prism", "validate-prism", "recover-sre2l", "validate-sre2l", "metrics"):
         assert re.search(rf"\[run\] {stage} -> ", r.out), stage
         assert not re.search(rf"\[run\] {stage}: reusing", r.out), stage
     after = stage_manifests(quick_run.dir)
     for name, mtime in quick_run.stages.items():  # the first run's stages are kept untouched
         assert after[name] == mtime
-    assert len(after) == len(quick_run.stages) + 4
+    assert len(after) == len(quick_run.stages) + 5
     res = read_json(quick_run.dir / "results.json")
     assert res["config"]["iterations"] == 11
     recovered = read_json(Path(res["rows"][0]["distilled"]) / "manifest.json")

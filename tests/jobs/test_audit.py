@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from prismdd.audit import (ATTACKS, AuditConfig, NOTE, TARGETS, attack_scores, bootstrap_ci, canary_dataset,
-                           example_scores, fit_gaussians, lira_scores, make_plan, roc_metrics, shadow_masks,
-                           tpr_at_fpr)
-from prismdd.config import build_config
+from prismdd.audit import ATTACKS, AuditConfig, NOTE, TARGETS, attack_scores, bootstrap_ci, canary_dataset, fit_gaussians, lira_scores, make_plan, roc_metrics, shadow_masks, tpr_at_fpr
+from prismdd.core.training import example_scores
+from prismdd.core.config import build_config
 
 REQUIRED_ROW_KEYS = ("target", "attack", "auc", "auc_ci", "tpr_at_0.1pct_fpr", "tpr_at_0.1pct_fpr_ci",
                      "tpr_at_1pct_fpr", "tpr_at_1pct_fpr_ci", "members", "non_members", "shadow_models")
@@ -126,7 +125,7 @@ def test_plan_is_seeded_and_disjoint():
 
 
 def test_mislabel_canaries_change_exactly_their_labels():
-    from prismdd.data import load_dataset
+    from prismdd.core.data import load_dataset
 
     cfg = build_config(AuditConfig, dict(dataset="digits", pool_size=300, canaries=25))
     plan = make_plan(cfg, 1437, 10)
@@ -145,7 +144,8 @@ OVERFIT = dict(arch="convnet", width=0.25, epochs=150, batch_size=25, lr=0.01, s
 
 
 def _overfit(out, dataset: str, members: np.ndarray):
-    from prismdd.squeeze import SqueezeConfig, load_teacher, squeeze
+    from prismdd.stages.squeeze import SqueezeConfig, squeeze
+    from prismdd.artifacts import load_teacher
 
     np.save(out / "members.npy", np.sort(members))
     squeeze(build_config(SqueezeConfig, dict(OVERFIT, dataset=dataset, subset=str(out / "members.npy"), out=str(out))))
@@ -153,7 +153,7 @@ def _overfit(out, dataset: str, members: np.ndarray):
 
 
 def _threshold_metrics(model, dataset, idx_in, idx_out):
-    from prismdd.data import load_dataset
+    from prismdd.core.data import load_dataset
 
     train, _, info = load_dataset(dataset)
     idx = torch.as_tensor(np.r_[idx_in, idx_out])
@@ -221,6 +221,10 @@ def test_quick_audit_writes_every_target(quick_audit):
     assert result["note"] == NOTE and "not a differential-privacy guarantee" in result["note"]
     assert not set(result["member_indices"]) & set(result["non_member_indices"])
     assert (quick_audit / "audit_roc.png").stat().st_size > 0
+    # the members whose pixels a student saw, read from what recover and validate recorded: 10 classes x IPC 10
+    models = result["models"]
+    assert models["prism"]["direct_members"] == models["random-real"]["direct_members"] == 100
+    assert "direct_members" not in models["sre2l"] and "direct_members" not in models["teacher"]  # noise init
     assert json.loads((quick_audit / "manifest.json").read_text())["stage"] == "audit"
 
 

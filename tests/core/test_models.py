@@ -6,9 +6,9 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from prismdd.models import (ARCHS, FeatureExtractor, create_model, has_batchnorm, list_models, model_from_spec)
-from prismdd.registry import UnknownNameError
-from prismdd.utils import PrismError
+from prismdd.core.models import ARCHS, FeatureExtractor, create_model, has_batchnorm, list_models, model_from_spec
+from prismdd.core.errors import UnknownNameError
+from prismdd.core.errors import PrismError
 
 ALL = ARCHS.names()
 BN_FREE = {"convnet_in", "alexnet"}

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from prismdd.methods import METHODS
-from prismdd.models import ARCHS
+from prismdd.core.presets import METHODS
+from prismdd.core.models import ARCHS
 
 
 def _run(cli, capsys, argv):

@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from prismdd.data import DatasetInfo
-from prismdd.recover import image_path, save_image
+from prismdd.core.data import DatasetInfo
+from prismdd.artifacts import image_path, save_image
 from prismdd.report import grid_figure, print_table, write_report
-from prismdd.utils import write_json
+from prismdd.core.io import write_json
 
 METHODS = ["prism", "sre2l", "random-real", "full"]
 

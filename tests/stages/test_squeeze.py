@@ -8,11 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import prismdd.squeeze as sq
-from prismdd.config import load_yaml
-from prismdd.data import load_dataset, normalize
-from prismdd.squeeze import find_teachers, load_teacher
-from prismdd.utils import PrismError, read_json
+import prismdd.core.training as training
+import prismdd.stages.squeeze as sq
+from prismdd.core.config import load_yaml
+from prismdd.core.data import load_dataset, normalize
+from prismdd.artifacts import find_teachers, load_teacher
+from prismdd.core.errors import PrismError
+from prismdd.core.io import read_json
 
 
 def squeeze_args(out, epochs=2):
@@ -79,9 +81,9 @@ def test_rerun_skips_finished_teacher(squeezed, tmp_path, cli, capsys):
     assert log_epochs(out / "convnet") == [1, 2]
 
 
-def _interrupt_on_call(monkeypatch, name, n):
-    """Make ``prismdd.squeeze.<name>`` raise on its n-th call (a simulated crash / kill)."""
-    real = getattr(sq, name)
+def _interrupt_on_call(monkeypatch, name, n, module=sq):
+    """Make ``<module>.<name>`` raise on its n-th call (a simulated crash / kill)."""
+    real = getattr(module, name)
     calls = {"n": 0}
 
     def wrapped(*a, **kw):
@@ -90,7 +92,7 @@ def _interrupt_on_call(monkeypatch, name, n):
             raise RuntimeError(f"simulated interruption in {name}")
         return real(*a, **kw)
 
-    monkeypatch.setattr(sq, name, wrapped)
+    monkeypatch.setattr(module, name, wrapped)
 
 
 def test_resume_after_interruption(squeezed, tmp_path, cli, capsys, monkeypatch):
@@ -119,7 +121,7 @@ def test_resume_after_interruption(squeezed, tmp_path, cli, capsys, monkeypatch)
 
 def test_resume_after_interruption_during_checkpoint(tmp_path, cli, monkeypatch):
     out = tmp_path / "teachers"
-    _interrupt_on_call(monkeypatch, "torch_save", 2)  # epoch 2's checkpoint write
+    _interrupt_on_call(monkeypatch, "torch_save", 2, training)  # epoch 2's checkpoint write (in the shared loop)
     with pytest.raises(RuntimeError, match="simulated interruption"):
         cli(squeeze_args(out))
     monkeypatch.undo()

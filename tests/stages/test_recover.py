@@ -15,12 +15,14 @@ import torch
 import torch.nn as nn
 
 from conftest import TINY_RECOVER, ZOO_ARCHS, png_array, png_files, run_torchrun
-from prismdd.bn import bn_hooks, bn_loss_reference
-from prismdd.data import class_indices, load_dataset, normalize
-from prismdd.methods import METHODS, method_settings
-from prismdd.recover import (Engine, draw_teacher_sets, image_budget, image_path, load_distilled, load_teachers,
-                             plan_batches, recover, recover_config)
-from prismdd.utils import PrismError, read_json
+from prismdd.core.bn import bn_hooks, bn_loss_reference
+from prismdd.core.data import class_indices, load_dataset, normalize
+from prismdd.core.presets import METHODS
+from prismdd.core.presets import preset_settings
+from prismdd.stages.recover import Engine, draw_teacher_sets, image_budget, load_teachers, plan_batches, recover, recover_config
+from prismdd.artifacts import image_path, load_distilled
+from prismdd.core.errors import PrismError
+from prismdd.core.io import read_json
 
 
 # ----------------------------------------------------------------------------- R_BN
@@ -376,7 +378,7 @@ def _check_run(out: Path, cfg, zoo):
 
 @pytest.mark.parametrize("method", METHODS.names())
 def test_recover_every_preset(method, recover_run, zoo, tmp_path):
-    _, settings = method_settings(method)
+    _, settings = preset_settings("recover", method)
     # iterations 8: early-late budgets visible (8 for IPC index 0, 7 for index 1)
     out = recover_run(tmp_path / method, method, iterations=8)
     cfg = recover_config(method, **dict(TINY_RECOVER, teachers=str(zoo), out=str(out), iterations=8))
@@ -491,8 +493,8 @@ def test_force_redoes_everything(prism_run, recover_run, tmp_path):
 @pytest.fixture(scope="module")
 def zoo_with_bn_free(zoo, tmp_path_factory):
     """A copy of the zoo plus a ConvNet with instance norm (BN-free)."""
-    from prismdd.config import build_config
-    from prismdd.squeeze import SqueezeConfig, squeeze
+    from prismdd.core.config import build_config
+    from prismdd.stages.squeeze import SqueezeConfig, squeeze
 
     folder = tmp_path_factory.mktemp("zoo_in") / "zoo"
     shutil.copytree(zoo, folder)
@@ -553,7 +555,7 @@ def test_torchrun_two_ranks_match_single_process(prism_run, zoo, tmp_path):
 
 # ----------------------------------------------------------------------------- real starts: selection and tiles
 def test_tile_places_each_image_in_its_cell():
-    from prismdd.recover import tile
+    from prismdd.stages.recover import tile
 
     imgs = torch.stack([torch.full((1, 6, 6), float(v)) for v in (1, 2, 3, 4)])
     out = tile(imgs, 2)
@@ -567,9 +569,9 @@ def test_tile_places_each_image_in_its_cell():
 
 @pytest.mark.parametrize("select", ["first", "random", "low-loss", "mid-loss"])
 def test_choose_starts(select, zoo):
-    from prismdd.audit import example_scores
-    from prismdd.recover import choose_starts
-    from prismdd.squeeze import load_teacher
+    from prismdd.core.training import example_scores
+    from prismdd.stages.recover import choose_starts
+    from prismdd.artifacts import load_teacher
 
     train, _, info = load_dataset("digits")
     model = load_teacher(zoo / "convnet")[0]
@@ -597,7 +599,7 @@ def test_choose_starts(select, zoo):
 
 
 def test_tiled_start_recorded_and_unoptimised_image_is_the_mosaic(recover_run, tmp_path):
-    from prismdd.recover import tile
+    from prismdd.stages.recover import tile
 
     out = recover_run(tmp_path / "tiles", "prism", init_tiles=2, init_select="random", iterations=1, lr=0.0)
     train, _, info = load_dataset("digits")

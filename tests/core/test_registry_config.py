@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import pytest
 
-from prismdd.config import CommonConfig, build_config, load_yaml, parse_sets
-from prismdd.recover import RecoverConfig, recover_config
-from prismdd.registry import Registry, UnknownNameError
-from prismdd.squeeze import SqueezeConfig
-from prismdd.utils import PrismError
+from prismdd.core.config import CommonConfig, build_config, load_yaml, parse_sets
+from prismdd.stages.recover import RecoverConfig, recover_config
+from prismdd.core.registry import Registry
+from prismdd.core.errors import UnknownNameError
+from prismdd.stages.squeeze import SqueezeConfig
+from prismdd.core.errors import PrismError
 
 
 # ----------------------------------------------------------------------------- registry
@@ -145,11 +146,11 @@ def test_bad_values_give_one_line_error_naming_the_key(cls, raw, key):
 
 
 def test_validate_runs_after_coercion():
-    with pytest.raises(PrismError, match="crop_scale"):
+    with pytest.raises(PrismError, match="crop.scale"):
         build_config(RecoverConfig, parse_sets(["crop_scale=0.9,0.5"]))
     with pytest.raises(PrismError, match="selection"):
         recover_config("prism", selection="sometimes")
-    with pytest.raises(PrismError, match="min_scale"):
+    with pytest.raises(PrismError, match="min.scale"):
         build_config(SqueezeConfig, {"min_scale": 0})
 
 

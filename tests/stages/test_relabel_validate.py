@@ -13,18 +13,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import prismdd.validate as V
+import prismdd.stages.validate as V
 from conftest import run_torchrun
-from prismdd.augment import CutMix
-from prismdd.config import build_config
-from prismdd.data import load_dataset
-from prismdd.recover import load_distilled
-from prismdd.relabel import (EpochPlan, RelabelConfig, SoftLabeler, StoredLabels, ViewConfig, combine_logits,
-                             epoch_file, epoch_plan, load_labelers, make_inputs, pack_logits, relabel,
-                             unpack_logits)
-from prismdd.training import lr_factor
-from prismdd.utils import PrismError, read_json
-from prismdd.validate import validate, validate_config
+from prismdd.core.augment import CutMix
+from prismdd.core.config import build_config
+from prismdd.core.data import load_dataset
+from prismdd.artifacts import load_distilled
+from prismdd.core.augment import EpochPlan, ViewConfig, epoch_plan, make_inputs
+from prismdd.stages.relabel import RelabelConfig, relabel
+from prismdd.core.training import SoftLabeler, combine_logits
+from prismdd.artifacts import StoredLabels, epoch_file, load_labelers, pack_logits, unpack_logits
+from prismdd.core.training import lr_factor
+from prismdd.core.errors import PrismError
+from prismdd.core.io import read_json
+from prismdd.stages.validate import validate, validate_config
 
 CPU = torch.device("cpu")
 # the tiny student every validate run here trains: 20 distilled images, batches of 8, 8, 4
@@ -122,8 +124,8 @@ def test_cutmix_lam_roundtrip_at_28px():
 
 
 def test_validate_stored_equals_online_at_28px(tmp_path):
-    from prismdd.recover import recover, recover_config
-    from prismdd.squeeze import SqueezeConfig, squeeze
+    from prismdd.stages.recover import recover, recover_config
+    from prismdd.stages.squeeze import SqueezeConfig, squeeze
 
     common = dict(dataset="digits", device="cpu", resolution=28, seed=0)
     squeeze(build_config(SqueezeConfig, dict(common, arch="convnet", width=0.25, epochs=1, batch_size=256,
@@ -315,7 +317,7 @@ def test_result_is_final_epoch(prism_run, zoo, tmp_path, monkeypatch):
     run = m["students"]["convnet"]["runs"][0]
     assert run["best_epoch"] == 4 and run["top1"] == 30.0
     assert m["protocol"]["result"] == "final epoch"
-    on_disk = read_json(tmp_path / "v" / "metrics.json")
+    on_disk = read_json(tmp_path / "v" / "accuracy.json")
     assert on_disk["top1"] == 30.0 and on_disk["best_top1"] == 80.0
 
 
@@ -323,7 +325,7 @@ def test_metrics_json_fields(prism_run, labels_fp32, tmp_path):
     out = tmp_path / "v"
     validate(validate_config(**STUDENT, distilled=str(prism_run), labels=str(labels_fp32), epochs=3, eval_every=1,
                              out=str(out)))
-    m = read_json(out / "metrics.json")
+    m = read_json(out / "accuracy.json")
     for key in ("top1", "top5", "top1_std", "best_top1", "curve", "protocol"):
         assert key in m, key
     assert 0 <= m["top1"] <= m["top5"] <= 100 and m["top1_std"] == 0.0
@@ -366,7 +368,7 @@ def test_random_real_is_seeded(tmp_path):
     def indices(seed, name):
         validate(validate_config(dataset="digits", device="cpu", student_width=0.25, random_real=True, ipc=3,
                                  loss="ce", epochs=1, seed=seed, out=str(tmp_path / name)))
-        m = read_json(tmp_path / name / "metrics.json")
+        m = read_json(tmp_path / name / "accuracy.json")
         assert m["images"] == 30 and m["source"] == {"source": "random-real", "ipc": 3}
         return read_json(tmp_path / name / "manifest.json")["inputs"]["source"]["indices"]
 
@@ -395,7 +397,7 @@ def test_appendix_c_protocol_and_explicit_flags_win(cli, capsys, tmp_path):
                                       "--ipc", "2", "--epochs", "1", "--lr", "0.05", "--student-width", "0.25",
                                       "--device", "cpu", "--out", out])
     assert code == 0, err
-    p = read_json(out / "metrics.json")["protocol"]
+    p = read_json(out / "accuracy.json")["protocol"]
     assert (p["protocol"], p["optimizer"], p["schedule"], p["loss"], p["gamma"]) == \
         ("appendix-c", "sgd", "linear", "ce", None)
     assert (p["lr"], p["epochs"], p["batch_size"], p["mix"], p["soft_labels"]) == (0.05, 1, 256, "none", "hard labels")
@@ -425,7 +427,7 @@ def test_resume_after_interrupt(cli, capsys, prism_run, zoo, tmp_path, monkeypat
     assert _run(cli, capsys, argv + ["--out", tmp_path / "res"])[0] == 0
     assert len(calls) == 2  # only epochs 3 and 4 were trained again
     assert [json.loads(x)["epoch"] for x in (folder / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
-    ref, res = read_json(tmp_path / "ref" / "metrics.json"), read_json(tmp_path / "res" / "metrics.json")
+    ref, res = read_json(tmp_path / "ref" / "accuracy.json"), read_json(tmp_path / "res" / "accuracy.json")
     assert (res["top1"], res["curve"]) == (ref["top1"], ref["curve"])
     assert_same_state(student_state(tmp_path / "ref" / "convnet_seed0"), student_state(folder))
     assert not (folder / "checkpoint.pt").exists()
@@ -482,9 +484,18 @@ def test_torchrun_validate_two_ranks(prism_run, zoo, tmp_path):
     run_torchrun(["validate", "--dataset", "digits", "--distilled", prism_run, "--teachers", zoo,
                   "--epochs", "3", "--eval-every", "1", "--batch-size", "8", "--student-width", "0.25",
                   "--device", "cpu", "--out", out])
-    m = read_json(out / "metrics.json")
+    m = read_json(out / "accuracy.json")
     assert 0 <= m["top1"] <= 100 and [c["epoch"] for c in m["curve"]] == [1, 2, 3]
     assert m["protocol"]["soft_labels"] == "online:convnet"
     log = (out / "convnet_seed0" / "log.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in log] == [1, 2, 3]  # rank 0 alone writes the log
     assert (out / "convnet_seed0" / "result.json").exists() and not (out / "convnet_seed0" / "checkpoint.pt").exists()
+
+
+def test_validate_takes_the_dataset_from_the_distilled_folder(cli, capsys, prism_run, zoo, tmp_path):
+    """No --dataset: the distilled set's manifest names it (digits), not the fashion-mnist default."""
+    code, _, err = _run(cli, capsys, ["validate", "--distilled", prism_run, "--teachers", zoo, "--epochs", "1",
+                                      "--student-width", "0.25", "--device", "cpu", "--out", tmp_path / "v"])
+    assert code == 0, err
+    m = read_json(tmp_path / "v" / "manifest.json")
+    assert m["config"]["dataset"] == "digits" and m["inputs"]["dataset"]["name"] == "digits"
