@@ -77,3 +77,9 @@ def test_old_stage_module_names_still_import():
     import prismdd
 
     assert prismdd.recover.recover is recover and prismdd.validate.validate is validate
+
+
+def test_a_different_dataset_than_the_distilled_folders_is_refused(prism_run, zoo, tmp_path):
+    with pytest.raises(PrismError, match=r"--dataset fashion-mnist: .* was distilled from 'digits'"):
+        relabel(build_config(RelabelConfig, dict(dataset="fashion-mnist", distilled=str(prism_run),
+                                                  teachers=str(zoo), epochs=1, out=str(tmp_path / "l"))))

@@ -13,6 +13,7 @@ Stages import this module and ``core``, never each other.
 """
 from __future__ import annotations
 
+import dataclasses
 import platform
 import sys
 import time
@@ -251,6 +252,19 @@ class DistilledSet(TensorImages):
         """Per image (class, then IPC order): the real training indices it started from, or None (noise)."""
         entries = sorted(self.manifest["outputs"]["images"].values(), key=lambda e: (e["class"], e["ipc_index"]))
         return [e.get("start_indices") for e in entries]
+
+
+def with_distilled_dataset(cfg, manifest: dict, folder):
+    """The one rule for stages that read a distilled folder (relabel, validate, metrics): the dataset and data
+    root are the folder's own (its manifest says which), so ``--dataset`` may be left out; a ``--dataset``
+    that names another dataset is refused rather than silently mixed."""
+    made = manifest.get("config") or {}
+    name = made.get("dataset") or manifest["inputs"]["dataset"]["name"]
+    if cfg.dataset is not None and cfg.dataset != name:
+        raise PrismError(f"--dataset {cfg.dataset}: {folder} was distilled from {name!r}; drop --dataset or pass "
+                         f"--dataset {name}")
+    return dataclasses.replace(cfg, dataset=name, data_root=cfg.data_root or made.get("data_root"),
+                               resolution=cfg.resolution or made.get("resolution"))
 
 
 def load_distilled(folder) -> DistilledSet:

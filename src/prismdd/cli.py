@@ -12,7 +12,7 @@ import sys
 import typing
 
 from .audit import AuditConfig, audit
-from .core.config import build_config, field_default, field_help, load_yaml, parse_sets
+from .core.config import build_config, field_default, field_help, load_yaml, parse_sets, preset_defaults
 from .core.data import check_data, list_datasets
 from .core.errors import PrismError
 from .core.models import list_models
@@ -24,6 +24,8 @@ from .stages.recover import RecoverConfig, recover
 from .stages.relabel import RelabelConfig, relabel
 from .stages.squeeze import SqueezeConfig, squeeze
 from .stages.validate import ValidateConfig, validate
+
+TABLE_WIDTH = 100  # `methods` and `models` fit a standard terminal; --wide shows everything
 
 # command -> (config class, function, one-line help)
 STAGES: dict[str, tuple[type, typing.Callable, str]] = {
@@ -37,14 +39,20 @@ STAGES: dict[str, tuple[type, typing.Callable, str]] = {
 }
 
 
-def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
+def _add_config_flags(p: argparse.ArgumentParser, cls, chosen: dict | None = None) -> None:
+    """One flag per config field; ``--help`` shows the defaults in effect for the preset ``chosen`` picks
+    (e.g. ``prismdd recover --method sre2l --help`` shows SRe2L's budget and init, not the base defaults)."""
     hints = typing.get_type_hints(cls)
-    g = p.add_argument_group("options (any of them also as --set key=value or in --config FILE.yaml)")
+    preset, defaults = preset_defaults(cls, chosen or {})
+    g = p.add_argument_group("options (any of them also as --set key=value or in --config FILE.yaml)"
+                             + (f"; defaults shown are those of the preset {preset!r}" if preset else ""))
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        h = f"{field_help(f)} [default: {field_default(f)}]".strip().replace("%", "%%")
-        if hints[f.name] is bool:
-            g.add_argument(flag, dest=f.name, action="store_const", const=True, default=None, help=h)
+        default = defaults[f.name]
+        mark = " from the preset" if preset and default != field_default(f) else ""
+        h = f"{field_help(f)} [default{mark}: {default}]".strip().replace("%", "%%")
+        if hints[f.name] is bool:  # --x switches a field on, --no-x off; unset leaves the default/preset value
+            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
         else:
             g.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=h)
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of key: value settings")
@@ -60,7 +68,30 @@ def config_from_args(name: str, args: argparse.Namespace):
     return build_config(cls, file_layer, flags, parse_sets(args.sets))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen_preset(argv: list[str] | None, command: str) -> dict:
+    """The preset selector (``--method X``, ``--protocol X``, ``--quick``) in ``argv`` when ``command`` is run."""
+    argv = list(argv or [])
+    if command not in argv:
+        return {}
+    cls = STAGES[command][0]
+    key = getattr(cls, "PRESET_FIELD", None)
+    if key is None:
+        return {}
+    flag = "--" + key.replace("_", "-")
+    found = {}
+    for i, a in enumerate(argv):
+        if a == flag:
+            found[key] = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("-") else True
+        elif a.startswith(flag + "="):
+            found[key] = a.split("=", 1)[1]
+        elif a == "--no-" + key.replace("_", "-"):
+            found[key] = False
+        elif a == "--set" and i + 1 < len(argv) and argv[i + 1].replace("-", "_").startswith(key + "="):
+            found[key] = argv[i + 1].split("=", 1)[1]
+    return found
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="prismdd",
         description="Dataset distillation with PRISM (PRIors from diverse Source Models) and the SRe2L family: "
@@ -69,19 +100,37 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     d = sub.add_parser("datasets", help="list datasets and whether each is available here")
     d.add_argument("--data-root", default=None)
-    sub.add_parser("models", help="list architectures")
-    sub.add_parser("methods", help="list method presets (recover) with their settings")
+    m = sub.add_parser("models", help="list architectures")
+    m.add_argument("--wide", action="store_true", help="full descriptions, however long the lines")
+    m = sub.add_parser("methods", help="list method presets (recover); NAME for one preset's source and settings")
+    m.add_argument("name", nargs="?", default=None, help="a preset name: show its description, source and settings")
+    m.add_argument("--wide", action="store_true", help="every preset's settings in the table, however long the lines")
     c = sub.add_parser("check-data", help="decode every file of a dataset and list unreadable ones")
     c.add_argument("--dataset", default="fashion-mnist")
     c.add_argument("--data-root", default=None)
     c.add_argument("--resolution", type=int, default=None)
     for name, (cls, _, help_) in STAGES.items():
-        _add_config_flags(sub.add_parser(name, help=help_, description=help_), cls)
+        try:
+            chosen = _chosen_preset(argv, name)
+            preset_defaults(cls, chosen)
+        except PrismError:  # an unknown preset name: the stage itself reports it with the valid names
+            chosen = {}
+        _add_config_flags(sub.add_parser(name, help=help_, description=help_), cls, chosen)
     return p
 
 
+def fit_table(rows: list[dict], cols: list[str], width: int = TABLE_WIDTH) -> str:
+    """``format_table`` with the last column cut (with an ellipsis) so every line fits ``width`` characters."""
+    fixed = sum(max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in cols[:-1]) + 3 * (len(cols) - 1)
+    room = max(10, width - fixed)
+    last = cols[-1]
+    cut = [dict(r, **{last: (lambda v: v if len(v) <= room else v[: room - 1] + "\u2026")(str(r.get(last, "")))})
+           for r in rows]
+    return format_table(cut, cols)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
@@ -91,9 +140,20 @@ def main(argv: list[str] | None = None) -> int:
             rows = [dict(r, available=r["available"] or f"no ({r['how_to_get']})") for r in list_datasets(args.data_root)]
             print(format_table(rows, ["name", "available", "description"]))
         elif args.command == "models":
-            print(format_table(list_models(), ["name", "family", "batchnorm", "pretrained", "description"]))
+            cols = ["name", "family", "batchnorm", "pretrained", "description"]
+            print(format_table(list_models(), cols) if args.wide else fit_table(list_models(), cols))
         elif args.command == "methods":
-            print(format_table(list_presets("recover"), ["name", "description", "settings"]))
+            rows = list_presets("recover")
+            if args.name:
+                row = next((r for r in rows if r["name"] == args.name.lower()), None)
+                if row is None:
+                    raise PrismError(f"methods {args.name!r}: unknown; valid: {', '.join(r['name'] for r in rows)}")
+                print("\n".join(f"{k}: {row[k]}" for k in ("name", "description", "source", "settings") if row[k]))
+            elif args.wide:
+                print(format_table(rows, ["name", "description", "source", "settings"]))
+            else:
+                print(fit_table(rows, ["name", "description"]))
+                print("`prismdd methods NAME` shows one preset's source and settings; --wide shows them all")
         elif args.command == "check-data":
             res = check_data(args.dataset, args.data_root, args.resolution)
             print(f"{res['dataset']}: {res['train']} train, {res['test']} test, {res['classes']} classes, "

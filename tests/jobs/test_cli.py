@@ -56,12 +56,46 @@ def test_models_table(cli, capsys):
 
 
 def test_methods_table(cli, capsys):
-    code, out, _ = _run(cli, capsys, ["methods"])
+    code, out, _ = _run(cli, capsys, ["methods", "--wide"])
     assert code == 0
     rows = {line.split(" | ")[0].strip(): line for line in out.strip().splitlines()[2:]}
     assert set(rows) == set(METHODS.names())
     assert "selection=intra" in rows["prism"] and "selection=pre" in rows["prism-pre"]
     assert "init=noise" in rows["sre2l"] and "budget=early_late" in rows["delt"]
+
+
+@pytest.mark.parametrize("argv", [["methods"], ["models"]])
+def test_listings_fit_100_columns(cli, capsys, argv):
+    code, out, _ = _run(cli, capsys, argv)
+    assert code == 0 and max(len(line) for line in out.splitlines()) <= 100
+    names = {line.split(" | ")[0].strip() for line in out.strip().splitlines()[2:] if " | " in line}
+    assert names >= set(METHODS.names() if argv == ["methods"] else ARCHS.names())
+
+
+def test_one_method_shows_its_settings(cli, capsys):
+    code, out, _ = _run(cli, capsys, ["methods", "sre2l"])
+    assert code == 0 and "init=noise" in out and out.startswith("name: sre2l")
+    assert _run(cli, capsys, ["methods", "nope"])[0] == 2
+
+
+def test_help_shows_the_chosen_presets_defaults(cli, capsys):
+    code, out, _ = _run(cli, capsys, ["recover", "--method", "sre2l", "--help"])
+    assert code == 0 and "preset 'sre2l'" in out
+    init_help = " ".join(out.split("\n  --init INIT", 1)[1].split("--init-select")[0].split())
+    assert "[default from the preset: noise]" in init_help
+    code, out, _ = _run(cli, capsys, ["recover", "--help"])  # the default method is prism: real init
+    init_help = " ".join(out.split("\n  --init INIT", 1)[1].split("--init-select")[0].split())
+    assert "[default: real]" in init_help
+
+
+def test_boolean_fields_switch_both_ways(cli, capsys):
+    from prismdd.cli import build_parser, config_from_args
+
+    argv = ["recover", "--no-flip", "--no-channels-last", "--bn-normalize"]
+    cfg = config_from_args("recover", build_parser(argv).parse_args(argv))
+    assert (cfg.flip, cfg.channels_last, cfg.bn_normalize) == (False, False, True)
+    argv = ["run", "--quick", "--no-quick"]
+    assert config_from_args("run", build_parser(argv).parse_args(argv)).quick is False
 
 
 def _one_line_error(code, err):

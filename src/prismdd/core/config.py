@@ -40,11 +40,15 @@ def opt(default: Any, help: str, *, choices: Iterable[Any] | None = None, many: 
     return field(default=default, metadata=meta)
 
 
+DEFAULT_DATASET = "fashion-mnist"
+FROM_DISTILLED = "default: the distilled folder's own dataset (a different one given here is refused)"
+
+
 @dataclass
 class CommonConfig:
     """Options every stage honours."""
 
-    dataset: str = opt("fashion-mnist", "a name from `prismdd datasets`")
+    dataset: str = opt(DEFAULT_DATASET, "a name from `prismdd datasets`")
     data_root: str | None = opt(None, "folder with the dataset files; default: Debian's /usr/share/datasets/<name>")
     download: bool = opt(False, "allow torchvision to download data (needs internet)")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N", hashed=False)
@@ -209,6 +213,15 @@ def preset_name(cls, layers) -> str | None:
     if hint is bool:  # a switch such as --quick: the preset is named after the field
         return key if value else None
     return value
+
+
+def preset_defaults(cls, *layers: Mapping[str, Any] | None) -> tuple[str | None, dict]:
+    """(preset name, {field: default}) with the preset the layers pick applied: what ``--help`` shows."""
+    name = preset_name(cls, layers)
+    values = {f.name: field_default(f) for f in dataclasses.fields(cls)}
+    if name is not None:
+        values.update(preset_settings(cls.PRESET_FAMILY, name)[1])
+    return name, values
 
 
 def build_config(cls, *layers: Mapping[str, Any] | None, source: str = "config"):

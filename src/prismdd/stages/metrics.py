@@ -16,7 +16,6 @@ Output in ``out/``: ``metrics.json`` (per set: intra/inter-class cosine, per-cla
 """
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..artifacts import METRICS_FILE, find_one_teacher, load_distilled, load_model, write_manifest
-from ..core.config import CommonConfig, comma_list, opt
+from ..artifacts import (METRICS_FILE, find_one_teacher, load_distilled, load_model, with_distilled_dataset,
+                         write_manifest)
+from ..core.config import FROM_DISTILLED, CommonConfig, comma_list, opt
 from ..core.data import (DatasetInfo, TensorImages, class_indices, load_dataset, load_indices, random_real_indices,
                          subset_split)
 from ..core.errors import PrismError
@@ -48,6 +48,7 @@ COLLAPSED_COS = 0.99  # warn when real class means are this similar: the observe
 class MetricsConfig(CommonConfig):
     """``dataset`` and the resolution come from the distilled sets themselves (all must agree)."""
 
+    dataset: str | None = opt(None, f"a name from `prismdd datasets`; {FROM_DISTILLED}")
     out: str = opt("runs/metrics", "output folder: metrics.json, manifest.json, config.yaml", hashed=False)
     distilled: str = opt("", "comma list of distilled folders (recover outputs) to measure")
     observer: str = opt("runs/teachers/observer", "teacher folder of a network that took NO part in synthesis")
@@ -245,7 +246,7 @@ def metrics(cfg: MetricsConfig) -> dict:
     sets = [load_distilled(f) for f in cfg.folders]
     info = sets[0].info
     # the dataset is the distilled sets' own; record that (not the CLI default) in config.yaml and the manifest
-    cfg = dataclasses.replace(cfg, dataset=info.name)
+    cfg = with_distilled_dataset(cfg, sets[0].manifest, sets[0].folder)
     for s in sets[1:]:
         if not _same_dataset(s.info, info):
             raise PrismError(f"--distilled: {s.folder} is {s.info.name} at {s.info.resolution} px, {sets[0].folder} "

@@ -7,15 +7,15 @@ PyTorch is not patched: a plain safetensors file per epoch and our own batch ite
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..artifacts import epoch_file, label_bytes, load_distilled, load_labelers, pack_logits, reusable, write_manifest
+from ..artifacts import (epoch_file, label_bytes, load_distilled, load_labelers, pack_logits, reusable,
+                         with_distilled_dataset, write_manifest)
 from ..core.augment import ViewConfig, default_view_batch, epoch_plan, make_inputs
-from ..core.config import CommonConfig, config_hash, opt
+from ..core.config import FROM_DISTILLED, CommonConfig, config_hash, opt
 from ..core.io import load_tensors, save_tensors
 from ..core.runtime import Timer, progress, resolve_device
 from ..core.training import ENSEMBLES
@@ -23,6 +23,7 @@ from ..core.training import ENSEMBLES
 
 @dataclass
 class RelabelConfig(CommonConfig):
+    dataset: str | None = opt(None, f"a name from `prismdd datasets`; {FROM_DISTILLED}")
     out: str = opt("runs/prism/labels", "output folder: one label file per epoch", hashed=False)
     distilled: str = opt("runs/prism", "a recover output folder")
     teachers: str = opt("runs/teachers", "a squeeze output folder")
@@ -45,8 +46,7 @@ def relabel(cfg: RelabelConfig) -> Path:
     device = resolve_device(cfg.device)
     ds = load_distilled(cfg.distilled)
     info = ds.info
-    # the dataset is the distilled set's own; record that (not the CLI default) in config.yaml and the manifest
-    cfg = dataclasses.replace(cfg, dataset=info.name, resolution=info.resolution)
+    cfg = with_distilled_dataset(cfg, ds.manifest, cfg.distilled)
     # what an epoch's labels depend on: every setting but the epoch count (more epochs extend a folder),
     # and the distilled set's content (its config hash), not its path
     chash = config_hash(cfg, epochs=None, distilled=ds.manifest.get("config_hash"))

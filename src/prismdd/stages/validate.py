@@ -18,11 +18,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..artifacts import (ACCURACY_FILE, StoredLabels, load_distilled, load_labelers, reusable, save_model,
-                         write_manifest)
+from ..artifacts import (ACCURACY_FILE, StoredLabels, load_distilled, load_labelers, read_manifest, reusable, save_model,
+                         with_distilled_dataset, write_manifest)
 from ..core import distributed as dist
 from ..core.augment import ViewConfig, default_view_batch, epoch_plan, make_inputs, mix_partners
-from ..core.config import CommonConfig, build_config, comma_list, config_hash, opt
+from ..core.config import (DEFAULT_DATASET, FROM_DISTILLED, CommonConfig, build_config, comma_list, config_hash,
+                           opt)
 from ..core.data import DatasetInfo, TensorImages, load_splits, random_real_indices
 from ..core.errors import PrismError
 from ..core.io import JsonlLog, write_json
@@ -37,6 +38,7 @@ class ValidateConfig(CommonConfig):
     PRESET_FAMILY: ClassVar[str] = "validate"
     PRESET_FIELD: ClassVar[str] = "protocol"
 
+    dataset: str | None = opt(None, f"a name from `prismdd datasets`; {FROM_DISTILLED}; else {DEFAULT_DATASET}")
     out: str = opt("runs/prism/eval", "output folder: accuracy.json and one folder per student", hashed=False)
     protocol: str = opt("prism", "a student-training preset; fields you set win", choices=PROTOCOLS.names())
     distilled: str | None = opt(None, "a recover output folder (its dataset, data root and resolution are used)")
@@ -57,10 +59,14 @@ class ValidateConfig(CommonConfig):
     optimizer: str = opt("adamw", "adamw | sgd | adam", choices=OPTIMIZERS)
     lr: float = opt(0.001, "peak learning rate", minimum=0.0)
     weight_decay: float = opt(0.01, "weight decay", minimum=0.0)
-    schedule: str = opt("decayed_cosine", "decayed_cosine (PRISM) | cosine | linear | constant", choices=SCHEDULES)
+    schedule: str = opt("decayed_cosine", "decayed_cosine (PRISM's code: drop to 0.125 at 5/6, then linear to 0) | "
+                                          "decayed_cosine_smooth | cosine | linear | constant", choices=SCHEDULES)
     loss: str = opt("mse+ce", "mse+ce (PRISM) | kl | ce (hard labels)", choices=("mse+ce", "kl", "ce"))
     gamma: float = opt(0.1, "mse+ce: weight of the hard-label CE", minimum=0.0)
+    mix_ce: str = opt("own", "mse+ce under CutMix/Mixup: own (PRISM's code: CE on each image's own, unmixed hard "
+                             "label) | mixed (CE mixed by lambda with the partner's label)", choices=("own", "mixed"))
     temperature: float = opt(4.0, "kl: softmax temperature", minimum=0.0)
+    kl_t2: bool = opt(True, "kl: multiply the KL by T^2 (Hinton); off = SRe2L's train_FKD.py (plain batchmean KL)")
     min_scale: float = opt(0.25, "RandomResizedCrop floor (seed Table 3)", minimum=0.0)
     mix: str = opt("cutmix", "cutmix | mixup | none", choices=("cutmix", "mixup", "none"))
     steps_per_epoch: int | None = opt(None, "cap on steps per epoch (None: every image once; for --full)", minimum=1)
@@ -108,27 +114,29 @@ def training_images(cfg: ValidateConfig, train, info: DatasetInfo) -> tuple[Tens
 
 
 def from_distilled(cfg: ValidateConfig) -> ValidateConfig:
-    """A distilled set names its dataset, data root and resolution: use them rather than the defaults."""
+    """A distilled set names its dataset, data root and resolution; the baselines default to fashion-mnist."""
     if not cfg.distilled:
-        return cfg
-    made = load_distilled(cfg.distilled).manifest["config"]
-    return dataclasses.replace(cfg, dataset=made.get("dataset", cfg.dataset),
-                               data_root=cfg.data_root or made.get("data_root"),
-                               resolution=made.get("resolution") or cfg.resolution)
+        return cfg if cfg.dataset is not None else dataclasses.replace(cfg, dataset=DEFAULT_DATASET)
+    return with_distilled_dataset(cfg, read_manifest(cfg.distilled, ("recover", "random-real"), "--distilled"),
+                                  cfg.distilled)
 
 
 # ----------------------------------------------------------------------------- losses
 def student_loss(cfg: ValidateConfig, out: torch.Tensor, soft: torch.Tensor | None, y: torch.Tensor,
                  y2: torch.Tensor, lam: float) -> dict:
-    # mixed inputs: the hard-label CE is mixed in the same proportion as the pixels
-    ce = F.cross_entropy(out, y) if lam == 1.0 else lam * F.cross_entropy(out, y) + (1 - lam) * F.cross_entropy(out, y2)
+    """ce: hard labels, mixed by lambda under CutMix/Mixup. mse+ce: MSE(student, soft logits) + gamma * CE,
+    the CE on each image's own label (``mix_ce='own'``, PRISM's ``mse_gt``) or lambda-mixed (``'mixed'``).
+    kl: KL(soft || student) at temperature T, batch mean, times T^2 unless ``kl_t2`` is off."""
+    mixed = F.cross_entropy(out, y) if lam == 1.0 else lam * F.cross_entropy(out, y) + (1 - lam) * F.cross_entropy(out, y2)
     if cfg.loss == "ce":
-        return {"ce": ce, "total": ce}
+        return {"ce": mixed, "total": mixed}
     if cfg.loss == "mse+ce":
+        ce = F.cross_entropy(out, y) if cfg.mix_ce == "own" else mixed
         mse = F.mse_loss(out, soft)
         return {"mse": mse, "ce": ce, "total": mse + cfg.gamma * ce}
     t = cfg.temperature
-    kl = F.kl_div(F.log_softmax(out / t, 1), F.log_softmax(soft / t, 1), reduction="batchmean", log_target=True) * t * t
+    kl = F.kl_div(F.log_softmax(out / t, 1), F.log_softmax(soft / t, 1), reduction="batchmean", log_target=True)
+    kl = kl * t * t if cfg.kl_t2 else kl
     return {"kl": kl, "total": kl}
 
 
@@ -157,7 +165,9 @@ def train_student(cfg: ValidateConfig, arch: str, seed: int, data: TensorImages,
         if labels["stored"] is not None:
             plan, soft_all = labels["stored"].epoch(epoch)
         else:
-            plan, soft_all = epoch_plan(len(data), epoch, cfg.seed, vc, info.resolution), None
+            # every random stream of a student (order, views, CutMix/Mixup, and its init above) comes from ITS
+            # seed, so --seeds 0,1,2 measures the whole protocol's spread; stored labels replay their own views
+            plan, soft_all = epoch_plan(len(data), epoch, seed, vc, info.resolution), None
         for _, sl, idx, views, mix in plan.batches(bs):
             yield sl, idx, views, mix, soft_all
 
