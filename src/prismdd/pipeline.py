@@ -222,7 +222,8 @@ def run(cfg: RunConfig) -> dict:
 
 
 def _row(method: str, m: dict, distilled_dir, seconds: float) -> dict:
-    return {"method": method, "top1": m["top1"], "top1_std": m["top1_std"], "top5": m["top5"],
+    return {"method": method, "top1": m["top1"], "top1_std": m["top1_std"], "runs": len(m.get("seeds") or [1]),
+            "top5": m["top5"],
             "best_top1": m["best_top1"], "images": m["images"], "seconds": round(seconds, 1),
             "distilled": str(distilled_dir) if distilled_dir else None, "curve": m["curve"],
             "protocol": m["protocol"]}

@@ -8,8 +8,9 @@ here except formatting and plots.
 ``results`` schema (produced by the pipeline)::
 
     {"dataset", "ipc", "student", "protocol", "date", "command",
-     "rows": [{"method", "top1", "top1_std", "top5", "intra_class_cos", "inter_class_cos", "images",
-               "seconds", "distilled": folder | None, "curve": [{"epoch", "top1"}, ...]}, ...],
+     "rows": [{"method", "top1", "top1_std", "runs" (seeds behind the mean), "top5", "intra_class_cos",
+               "inter_class_cos", "images", "seconds", "distilled": folder | None,
+               "curve": [{"epoch", "top1"}, ...]}, ...],
      "timings": {stage: seconds}, "teachers": {arch: {"test_top1", ...}}, "config": {...},
      "embedding": {"method", "points": [[x, y]], "labels": [set name], "classes": [int]} | None,
      "audit": {"targets": [{"target", "auc", "tpr_at_0.1pct_fpr", "tpr_at_1pct_fpr", ...}]} | None,
@@ -50,6 +51,7 @@ table.meta td:first-child { width: 90px; font-weight: 600; background: #f3f5f7; 
 tr:nth-child(even) td { background: #fafbfc; }
 .note { color: #555; font-size: 13.5px; margin: 4px 0 12px; }
 .warn { background: #fff7e0; border-left: 4px solid #e0a800; padding: 8px 12px; font-size: 14px; }
+.verdict { background: #eef6ee; border-left: 4px solid #2e7d32; padding: 10px 14px; font-size: 15px; }
 figure { margin: 14px 0 22px; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 13.5px; margin-top: 4px; }
@@ -73,13 +75,64 @@ def _num(v, digits: int = 1) -> str | None:
     return f"{f:.{digits}f}" if np.isfinite(f) else str(f)
 
 
+def runs_of(row: dict) -> int:
+    """How many runs (seeds) a row's mean is over; rows written before the count was recorded: 1 unless a
+    non-zero std says otherwise."""
+    if row.get("runs") is not None:
+        return int(row["runs"])
+    return 2 if row.get("top1_std") else 1
+
+
 def fmt_top1(row: dict, dash: str = DASH) -> str:
-    """``81.2 ± 0.3`` (or ``81.2`` without a std, or a dash without a value)."""
+    """``81.2 ± 0.3`` over several runs, ``81.2`` for one run (a std of one run is not a measurement)."""
     top1 = _num(row.get("top1"))
     if top1 is None:
         return dash
     std = _num(row.get("top1_std"))
-    return f"{top1} \u00b1 {std}" if std is not None else top1
+    return f"{top1} \u00b1 {std}" if std is not None and runs_of(row) > 1 else top1
+
+
+REFERENCE_ROWS = ("full",)  # a different kind of number (all the data, hard labels): not in the verdict
+
+
+def verdict(rows: list[dict]) -> str | None:
+    """One paragraph: which set won, by how much, and whether that is more than the seed-to-seed spread."""
+    cands = sorted((r for r in rows if r.get("top1") is not None and r.get("method") not in REFERENCE_ROWS),
+                   key=lambda r: -float(r["top1"]))
+    if not cands:
+        return None
+    best = cands[0]
+    text = f"Best: {best['method']} with {float(best['top1']):.1f}% top-1"
+    if len(cands) > 1:
+        second = cands[1]
+        margin = float(best["top1"]) - float(second["top1"])
+        text += f", {margin:.1f} points ahead of {second['method']} ({float(second['top1']):.1f}%)."
+        n = min(runs_of(best), runs_of(second))
+        if n <= 1:
+            text += " n = 1: no spread measured, so this margin cannot be told apart from seed-to-seed noise."
+        else:
+            spread = max(float(best.get("top1_std") or 0), float(second.get("top1_std") or 0))
+            within = margin <= spread
+            text += (f" Over {n} seeds the margin is {'within' if within else 'larger than'} the seed-to-seed "
+                     f"spread (std up to {spread:.1f} points)" + ("; treat the two as tied." if within else "."))
+        real = next((r for r in cands if r.get("method") == "random-real"), None)
+        if real is not None and best is not real:
+            text += (f" Against a random real subset with the same soft labels: "
+                     f"{float(best['top1']) - float(real['top1']):+.1f} points.")
+        elif real is best:
+            text += " No distilled set beat the random real subset trained with the same soft labels."
+    else:
+        text += "."
+    ref = next((r for r in rows if r.get("method") in REFERENCE_ROWS and r.get("top1") is not None), None)
+    if ref is not None:
+        text += f" Reference: the full training set reached {float(ref['top1']):.1f}% under its own budget."
+    return text
+
+
+def method_colors(names: Iterable[str]) -> dict[str, tuple]:
+    """One colour per method, the same in every figure of a report (order of first appearance)."""
+    cmap = _plt().cm.tab10
+    return {n: cmap(i % 10) for i, n in enumerate(dict.fromkeys(str(n) for n in names))}
 
 
 def fmt_seconds(v, dash: str = DASH) -> str:
@@ -219,17 +272,20 @@ def grid_figure(method: str, folder, path: Path) -> tuple[Path | None, str]:
     return _save(fig, path), f"{method}: {shown}"
 
 
-def accuracy_figure(rows: list[dict], path: Path) -> Path | None:
+def accuracy_figure(rows: list[dict], path: Path, colors: dict | None = None) -> Path | None:
     rows = [r for r in rows if r.get("top1") is not None]
     if not rows:
         return None
     plt = _plt()
     names = [str(r.get("method")) for r in rows]
+    colors = colors or method_colors(names)
     top1 = [float(r["top1"]) for r in rows]
-    std = [float(r.get("top1_std") or 0.0) for r in rows]
+    # error bars only where several runs give a spread; a single run's "0.0" would read as no noise at all
+    std = [float(r.get("top1_std") or 0.0) if runs_of(r) > 1 else 0.0 for r in rows]
+    several = any(runs_of(r) > 1 for r in rows)
     fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(rows) + 2), 3.8))
-    colors = [plt.cm.tab10(i % 10) for i in range(len(rows))]
-    bars = ax.bar(range(len(rows)), top1, yerr=std, capsize=4, color=colors, edgecolor="black", linewidth=0.5)
+    bars = ax.bar(range(len(rows)), top1, yerr=std if several else None, capsize=4,
+                  color=[colors[n] for n in names], edgecolor="black", linewidth=0.5)
     for b, v, s in zip(bars, top1, std):
         ax.text(b.get_x() + b.get_width() / 2, v + s + 0.5, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(rows)))
@@ -238,22 +294,27 @@ def accuracy_figure(rows: list[dict], path: Path) -> Path | None:
     ax.set_ylim(0, min(105, max(t + s for t, s in zip(top1, std)) * 1.12 + 1))
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
-    ax.set_title("Top-1 accuracy (mean \u00b1 std over runs)")
+    ax.set_title("Top-1 accuracy (mean \u00b1 std over runs)" if several else "Top-1 accuracy (one run each)")
     return _save(fig, path)
 
 
-def curves_figure(rows: list[dict], path: Path) -> Path | None:
-    rows = [r for r in rows if r.get("curve")]
+def _curve_points(row: dict) -> list[tuple]:
+    return [(p["epoch"], p["top1"]) for p in row.get("curve") or [] if p.get("top1") is not None]
+
+
+def curves_figure(rows: list[dict], path: Path, colors: dict | None = None) -> Path | None:
+    """Test accuracy during training, for the rows evaluated at two or more epochs (one point is no curve)."""
+    colors = colors or method_colors(str(r.get("method")) for r in rows)
+    rows = [r for r in rows if len(_curve_points(r)) >= 2]
     if not rows:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 4.0))
-    for i, r in enumerate(rows):
-        pts = [(p["epoch"], p["top1"]) for p in r["curve"] if p.get("top1") is not None]
-        if pts:
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o" if len(pts) <= 20 else None, markersize=3, label=str(r.get("method")),
-                    color=plt.cm.tab10(i % 10))
+    for r in rows:
+        pts = _curve_points(r)
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="o" if len(pts) <= 20 else None, markersize=3, label=str(r.get("method")),
+                color=colors[str(r.get("method"))])
     ax.set_xlabel("student epoch")
     ax.set_ylabel("top-1 on real test set (%)")
     ax.grid(alpha=0.3)
@@ -262,7 +323,7 @@ def curves_figure(rows: list[dict], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def embedding_figure(emb: dict, path: Path) -> Path | None:
+def embedding_figure(emb: dict, path: Path, colors: dict | None = None) -> Path | None:
     """One panel per method: real points (grey) vs that method's points (colour); marker = class."""
     pts = np.asarray(emb.get("points") or [], dtype=float).reshape(-1, 2)
     labels = list(emb.get("labels") or [])
@@ -272,6 +333,7 @@ def embedding_figure(emb: dict, path: Path) -> Path | None:
     plt = _plt()
     sets = list(dict.fromkeys(labels))
     methods = [s for s in sets if s != "real"] or sets
+    colors = colors or method_colors(methods)
     has_real = "real" in sets and methods != sets[:1]
     lab, cls = np.array(labels), np.array(classes)
     n = len(methods)
@@ -282,7 +344,7 @@ def embedding_figure(emb: dict, path: Path) -> Path | None:
     uniq_classes = sorted(set(cls.tolist()))
     for i, m in enumerate(methods):
         ax = axes[i // ncols][i % ncols]
-        color = plt.cm.tab10((i + 1) % 10)
+        color = colors.get(m) or plt.cm.tab10(i % 10)
         for j, c in enumerate(uniq_classes):
             mk = CLASS_MARKERS[j % len(CLASS_MARKERS)]
             if has_real:
@@ -330,17 +392,23 @@ def _figure(path: Path | None, caption: str, alt: str) -> str:
             f"<figcaption>{_e(caption)}</figcaption></figure>")
 
 
+COLUMN_NAMES = {"test_top1": "test top-1 (%)", "test_top5": "test top-5 (%)", "wall_time_s": "training time",
+                "epochs": "epochs", "role": "role", "folder": "folder"}
+
+
 def _dict_table(items: dict, key_header: str, preferred: list[str]) -> str:
-    """A table of ``{name: {col: value}}`` with ``preferred`` columns first, then any others present."""
+    """A table of ``{name: {col: value}}`` with ``preferred`` columns first, then any others present;
+    headers are readable names, not the JSON keys."""
     cols = [c for c in preferred if any(c in (v or {}) for v in items.values())]
     cols += sorted({k for v in items.values() for k in (v or {}) if k not in cols})
     body = []
     for name, v in items.items():
         v = v or {}
-        body.append([(name, False)] + [(_cell(v.get(c), 2) if not isinstance(v.get(c), (dict, list))
+        body.append([(name, False)] + [(fmt_seconds(v.get(c)) if c.endswith("_s") and v.get(c) is not None
+                                        else _cell(v.get(c), 2) if not isinstance(v.get(c), (dict, list))
                                         else json.dumps(v.get(c)), isinstance(v.get(c), (int, float)))
                                        for c in cols])
-    return _table([key_header] + cols, body)
+    return _table([key_header] + [COLUMN_NAMES.get(c, c.replace("_", " ")) for c in cols], body)
 
 
 def write_report(out_dir, results: dict) -> Path:
@@ -357,16 +425,21 @@ def write_report(out_dir, results: dict) -> Path:
     parts.append(_table(None, [[(k.upper() if k == "ipc" else k, False), (_cell(v), False)] for k, v in meta],
                         cls="meta"))
 
+    summary = verdict(rows)
+    if summary:
+        parts.append(f'<p class="verdict">{_e(summary)}</p>')
     for w in results.get("warnings") or []:
         parts.append(f'<p class="warn">{_e(w)}</p>')
+    colors = method_colors(str(r.get("method")) for r in rows)
+    several = any(runs_of(r) > 1 for r in rows)
 
     # --- accuracy table
     parts.append("<h2>Results</h2>")
     body = [[(r.get("method", "?"), False), (fmt_top1(r), True), (_cell(r.get("top5")), True),
              (_cell(r.get("intra_class_cos"), 4), True), (_cell(r.get("inter_class_cos"), 4), True),
              (_cell(r.get("images"), 0), True), (fmt_seconds(r.get("seconds")), True)] for r in rows]
-    parts.append(_table(["method", "top-1 (mean \u00b1 std)", "top-5", "intra-class cos", "inter-class cos",
-                         "images", "time"], body))
+    parts.append(_table(["method", "top-1 (mean \u00b1 std)" if several else "top-1 (one run)", "top-5",
+                         "intra-class cos", "inter-class cos", "images", "time"], body))
     obs = results.get("observer") or {}
     obs_text = ""
     if obs.get("arch"):
@@ -379,15 +452,19 @@ def write_report(out_dir, results: dict) -> Path:
 
     # --- figures
     parts.append("<h2>Figures</h2>")
-    parts.append(_figure(accuracy_figure(rows, fig_dir / "accuracy.png"),
-                         "Student top-1 per method; error bars: standard deviation over runs "
-                         "(none drawn where only one run was made)." if any(r.get("top1") is not None for r in rows)
+    acc_caption = ("Student top-1 per method; error bars: standard deviation over runs." if several else
+                   "Student top-1 per method (one run each: no spread measured, so no error bars).")
+    parts.append(_figure(accuracy_figure(rows, fig_dir / "accuracy.png", colors),
+                         acc_caption if any(r.get("top1") is not None for r in rows)
                          else "No accuracy numbers to plot.", "accuracy bar chart"))
-    parts.append(_figure(curves_figure(rows, fig_dir / "curves.png"),
-                         "Top-1 on the real test set during student training." if any(r.get("curve") for r in rows)
+    single = [str(r.get("method")) for r in rows if len(_curve_points(r)) == 1]
+    curves_caption = ("Top-1 on the real test set during student training."
+                      + (f" Evaluated only at the end (no curve): {', '.join(single)}." if single else ""))
+    parts.append(_figure(curves_figure(rows, fig_dir / "curves.png", colors),
+                         curves_caption if any(len(_curve_points(r)) >= 2 for r in rows)
                          else "No training curves were recorded.", "training curves"))
     emb = results.get("embedding")
-    emb_path = embedding_figure(emb, fig_dir / "embedding.png") if emb else None
+    emb_path = embedding_figure(emb, fig_dir / "embedding.png", colors) if emb else None
     parts.append(_figure(emb_path, (f"2-D {emb.get('method', '?')} embedding of observer features, computed jointly "
                                     f"for all sets; grey: real images, colour: distilled images; marker shape: class. "
                                     f"A wider spread within a class means more diverse images."
@@ -407,17 +484,24 @@ def write_report(out_dir, results: dict) -> Path:
         parts.append('<div class="grids">' + "".join(grids) + "</div>")
 
     # --- teachers, timings
-    teachers = results.get("teachers") or {}
+    teachers = dict(results.get("teachers") or {})
+    if obs.get("arch"):  # the observer is not a teacher, but a reader wants its accuracy beside theirs
+        teachers[f"{obs['arch']} (observer, not a teacher)"] = {"test_top1": obs.get("test_top1")}
     if teachers:
-        parts.append("<h2>Teachers</h2>")
-        parts.append(_dict_table(teachers, "architecture", ["test_top1", "test_top5", "role", "epochs", "folder"]))
-        parts.append('<p class="note">test_top1/test_top5: teacher accuracy (%) on the real test split.</p>')
-    timings = results.get("timings") or {}
+        parts.append("<h2>Teachers and observer</h2>")
+        parts.append(_dict_table(teachers, "architecture", ["test_top1", "test_top5", "role", "epochs",
+                                                            "wall_time_s", "folder"]))
+        parts.append('<p class="note">Accuracy (%) on the real test split. The observer only measures diversity '
+                     "(metrics); it took no part in synthesis or labelling.</p>")
+    timings = dict(results.get("timings") or {})
     if timings:
         parts.append("<h2>Timings</h2>")
+        whole = timings.pop("total", None)  # the run's own wall clock, not a sum of stages
         body = [[(k, False), (fmt_seconds(v), True)] for k, v in timings.items()]
-        total = sum(float(v) for v in timings.values() if isinstance(v, (int, float)))
-        body.append([("total (sum of the above)", False), (fmt_seconds(total), True)])
+        stage_sum = sum(float(v) for v in timings.values() if isinstance(v, (int, float)))
+        body.append([("sum of the stages above", False), (fmt_seconds(stage_sum), True)])
+        if whole is not None:
+            body.append([("whole run (wall clock, reused stages cost ~0)", False), (fmt_seconds(whole), True)])
         parts.append(_table(["stage", "wall time"], body))
 
     # --- audit

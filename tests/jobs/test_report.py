@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import re
 import shutil
 import subprocess
@@ -139,18 +140,72 @@ def test_print_table(fake_results):
     assert lines[5].split("|")[2].strip() == "-"  # full: no intra-class cosine
 
 
+def test_verdict_names_the_winner_margin_and_spread(report):
+    _, html = report
+    verdict = re.search(r'<p class="verdict">(.*?)</p>', html).group(1)
+    assert verdict.startswith("Best: prism with 81.2% top-1, 0.3 points ahead of random-real (80.9%).")
+    assert "within the seed-to-seed spread (std up to 0.4 points); treat the two as tied." in verdict
+    assert "full training set reached 90.1%" in verdict  # the full-data row is a reference, not a contender
+
+
+def test_single_runs_show_no_std_and_no_error_bars(tmp_path):
+    rows = [{"method": "prism", "top1": 83.2, "top1_std": 0.0, "runs": 1, "curve": [{"epoch": 1, "top1": 50},
+                                                                                     {"epoch": 2, "top1": 83.2}]},
+            {"method": "random-real", "top1": 83.1, "top1_std": 0.0, "runs": 1, "curve": [{"epoch": 2, "top1": 83.1}]},
+            {"method": "full", "top1": 79.2, "top1_std": 0.0, "runs": 1, "curve": [{"epoch": 300, "top1": 79.2}]}]
+    html = write_report(tmp_path, {"dataset": "digits", "ipc": 10, "rows": rows,
+                                   "timings": {"teachers": 10.0, "recover-prism": 20.0, "total": 35.0}}).read_text()
+    assert "\u00b1" not in html and "top-1 (one run)" in html and "one run each" in html
+    assert "n = 1: no spread measured" in html
+    assert "Evaluated only at the end (no curve): random-real, full." in html
+    assert "83.2 \u00b1" not in print_table(rows) and "83.2" in print_table(rows)
+
+
+def test_timing_totals_add_up(tmp_path):
+    html = write_report(tmp_path, {"dataset": "digits", "ipc": 10, "rows": [],
+                                   "timings": {"teachers": 10.0, "recover-prism": 20.0, "total": 35.0}}).read_text()
+    cells = re.findall(r"<tr><td>(.*?)</td><td class=\"num\">(.*?)</td></tr>", html)
+    assert ("sum of the stages above", "30.0 s") in cells
+    assert ("whole run (wall clock, reused stages cost ~0)", "35.0 s") in cells
+    assert not any(name == "total" for name, _ in cells)  # the run's total is not summed into itself
+
+
+def test_teacher_table_has_readable_columns_and_the_observer(tmp_path, fake_results):
+    _, results = fake_results
+    html = write_report(tmp_path, dict(results, observer={"arch": "shufflenet_v2_x0_5", "test_top1": 77.4},
+                                       teachers={"convnet": {"test_top1": 90.1, "wall_time_s": 21.0}})).read_text()
+    assert "<th>test top-1 (%)</th>" in html and "<th>training time</th>" in html and "test_top1" not in html
+    assert "shufflenet_v2_x0_5 (observer, not a teacher)" in html and "77.40" in html
+
+
+def test_one_colour_per_method_across_figures():
+    from prismdd.report import method_colors
+
+    c = method_colors(["prism", "sre2l", "random-real", "prism"])
+    assert list(c) == ["prism", "sre2l", "random-real"] and len(set(c.values())) == 3
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+IN_CI = bool(os.environ.get("CI"))  # .ci/run installs chromium: there the browser test must run, not skip
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
+@pytest.mark.skipif(CHROMIUM is None and not IN_CI, reason="chromium not installed (apt-get install chromium)")
 def test_report_renders_in_a_headless_browser(report, tmp_path):
-    path, _ = report
+    assert CHROMIUM is not None, "CI must have chromium (.ci/run installs it)"
+    path, html = report
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    dom = subprocess.run(flags + ["--dump-dom", path.resolve().as_uri()], check=True, capture_output=True,
+                         text=True, timeout=90).stdout
+    # the browser parsed every section and figure of the page
+    for section in ("Results", "Figures", "Teachers and observer", "Timings", "Privacy audit (membership inference)",
+                    "Resolved configuration"):
+        assert f"<h2>{section}</h2>" in dom, section
+    assert dom.count("<img ") == html.count("<img ") >= 5 and 'class="verdict"' in dom
     shot = tmp_path / "shot.png"
-    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--screenshot={shot}", "--window-size=1200,3000", path.resolve().as_uri()],
+    subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1200,3000", path.resolve().as_uri()],
                    check=True, capture_output=True, timeout=90)
     img = np.asarray(Image.open(shot).convert("RGB"))
     assert img.shape[:2] == (3000, 1200)
-    # the page is drawn: many colours (figures), and ink well below the header (not a blank or error page)
+    # the page is drawn: many colours (decoded figures), and ink well below the header (not a blank or error page)
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 500
     assert (img[2000:] < 200).any()
