@@ -61,7 +61,7 @@ def test_methods_table(cli, capsys):
     rows = {line.split(" | ")[0].strip(): line for line in out.strip().splitlines()[2:]}
     assert set(rows) == set(METHODS.names())
     assert "selection=intra" in rows["prism"] and "selection=pre" in rows["prism-pre"]
-    assert "init=noise" in rows["sre2l"] and "budget=early_late" in rows["delt"]
+    assert "init=noise" in rows["sre2l"] and "budget=rounds" in rows["delt"]
 
 
 @pytest.mark.parametrize("argv", [["methods"], ["models"]])

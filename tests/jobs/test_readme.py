@@ -15,7 +15,7 @@ def test_api_snippet_runs_as_written(tmp_path):
     proc = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True,
                           timeout=300, env={"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == "100 recover"
+    assert proc.stdout.strip().splitlines()[-1] == "20 recover"
 
 
 def test_every_file_the_readme_links_exists():

@@ -19,7 +19,8 @@ from prismdd.core.bn import bn_hooks, bn_loss_reference
 from prismdd.core.data import class_indices, load_dataset, normalize
 from prismdd.core.presets import METHODS
 from prismdd.core.presets import preset_settings
-from prismdd.stages.recover import Engine, draw_teacher_sets, image_budget, load_teachers, plan_batches, recover, recover_config
+from prismdd.stages.recover import (Engine, batch_teacher_sets, draw_teacher_sets, image_budget, load_teachers,
+                                    plan_batches, recover, recover_config)
 from prismdd.artifacts import image_path, load_distilled
 from prismdd.core.errors import PrismError
 from prismdd.core.io import read_json
@@ -329,7 +330,8 @@ def test_engine_losses_run_each_teacher_once(zoo):
 
 # ----------------------------------------------------------------------------- end to end
 def _check_run(out: Path, cfg, zoo):
-    """Images, records and manifest of a tiny digits run (10 classes x ipc 2, batches 8/8/4)."""
+    """Images, records and manifest of a tiny digits run (10 classes x ipc 2; batch size 8: batches 8/2/8/2 when
+    batches stay within one IPC index (pack=ipc, the reference), 8/8/4 across indices (pack=cross))."""
     files = png_files(out)
     assert sorted(files) == sorted(f"images/{c:03d}/{c:03d}_{k:03d}.png" for c in range(10) for k in range(2))
     for c in range(10):
@@ -342,11 +344,13 @@ def _check_run(out: Path, cfg, zoo):
     m = read_json(out / "manifest.json")
     assert m["stage"] == "recover" and m["outputs"]["num_images"] == 20 and m["world_size"] in (1, 2)
     assert (out / "config.yaml").exists()
-    records = [read_json(out / "records" / f"batch_{b:05d}.json") for b in range(3)]
-    assert [len(r["units"]) for r in records] == [8, 8, 4]
+    plan = plan_batches(10, 2, 8, cfg.pack)
+    records = [read_json(out / "records" / f"batch_{b:05d}.json") for b in range(len(plan))]
+    assert [len(r["units"]) for r in records] == ([8, 2, 8, 2] if cfg.pack == "ipc" else [8, 8, 4])
+    assert [[tuple(u) for u in r["units"]] for r in records] == plan
     pool = m["inputs"]["bn_pool"]
     assert sorted(pool) == sorted(ZOO_ARCHS)
-    expected_sets = draw_teacher_sets(cfg, cfg.primary, pool, 3)  # seeded: the run's draws can be recomputed
+    expected_sets = batch_teacher_sets(cfg, cfg.primary, pool, plan)  # seeded: the run's draws can be recomputed
     images = m["outputs"]["images"]
     assert len(images) == 20
     for r in records:
@@ -372,7 +376,7 @@ def _check_run(out: Path, cfg, zoo):
         assert len({tuple(r["bn_set"]) for r in records}) == 1
     assert sorted(m["inputs"]["teachers"]) == sorted(ZOO_ARCHS)
     log = [json.loads(line) for line in (out / "logs" / "rank0.jsonl").read_text().splitlines()]
-    assert {rec["batch"] for rec in log} == {0, 1, 2} and all("total" in rec for rec in log)
+    assert {rec["batch"] for rec in log} == set(range(len(plan))) and all("total" in rec for rec in log)
     return m, records
 
 
@@ -386,7 +390,7 @@ def test_recover_every_preset(method, recover_run, zoo, tmp_path):
     m, records = _check_run(out, cfg, zoo)
     assert m["config"]["method"] == method and m["config"]["selection"] == settings["selection"]
     budgets = {k: image_budget(cfg, k) for k in range(2)}
-    assert budgets == ({0: 8, 1: 7} if settings["budget"] == "early_late" else {0: 8, 1: 8})
+    assert budgets == ({0: 8, 1: 7} if settings["budget"] in ("early_late", "rounds") else {0: 8, 1: 8})
     # the images moved away from their starting point
     train, _, info = load_dataset("digits")
     per_class = class_indices(train.targets, 10)
@@ -398,8 +402,8 @@ def test_recover_every_preset(method, recover_run, zoo, tmp_path):
 
 
 def test_recorded_intra_sets_vary_across_batches(recover_run, tmp_path):
-    # batch 1 image per batch: 20 batches, enough for the per-batch redraw to show
-    out = recover_run(tmp_path / "intra", "prism", batch_size=1, iterations=1, ipc=2)
+    # batch 1 image per batch: 20 batches, enough for the per-batch redraw (pack=cross) to show
+    out = recover_run(tmp_path / "intra", "prism", batch_size=1, iterations=1, ipc=2, pack="cross")
     sets = [read_json(p)["bn_set"] for p in sorted((out / "records").glob("batch_*.json"))]
     assert len(sets) == 20 and len({tuple(s) for s in sets}) > 1
     images = read_json(out / "manifest.json")["outputs"]["images"]
@@ -441,16 +445,17 @@ def test_determinism_same_seed_same_pngs(prism_run, recover_run, tmp_path):
 def test_resume_redoes_only_the_missing_batch(prism_run, recover_run, tmp_path, capsys):
     out = tmp_path / "resume"
     shutil.copytree(prism_run, out)
-    records = {b: read_json(out / "records" / f"batch_{b:05d}.json") for b in range(3)}
+    # the prism preset packs within IPC indices (pack=ipc): batches of 8, 2, 8, 2 images
+    records = {b: read_json(out / "records" / f"batch_{b:05d}.json") for b in range(4)}
     victim = [image_path(out, c, k) for c, k in records[1]["units"]]
     (out / "records" / "batch_00001.json").unlink()
     for p in victim:
         p.unlink()
     before = {k: p.stat().st_mtime_ns for k, p in png_files(out).items()}
-    assert len(before) == 12
+    assert len(before) == 18
     capsys.readouterr()
     recover_run(out, "prism")
-    assert "resuming: 2 of 3 batches already finished" in capsys.readouterr().out
+    assert "resuming: 3 of 4 batches already finished" in capsys.readouterr().out
     after = png_files(out)
     assert len(after) == 20 and (out / "records" / "batch_00001.json").exists()
     for k, t in before.items():
@@ -464,7 +469,7 @@ def test_resume_redoes_only_the_missing_batch(prism_run, recover_run, tmp_path, 
     assert m["outputs"]["num_images"] == 20
     # a second re-run has nothing to do
     recover_run(out, "prism")
-    assert "resuming: 3 of 3" in capsys.readouterr().out
+    assert "resuming: 4 of 4" in capsys.readouterr().out
     assert all(after[k].stat().st_mtime_ns == p.stat().st_mtime_ns for k, p in png_files(out).items())
 
 
@@ -540,8 +545,8 @@ def test_torchrun_two_ranks_match_single_process(prism_run, zoo, tmp_path):
                   "--ipc", "2", "--iterations", "3", "--batch-size", "8", "--device", "cpu", "--seed", "0"])
     m = read_json(out / "manifest.json")
     assert m["world_size"] == 2 and m["outputs"]["num_images"] == 20
-    # batches are dealt round-robin: rank 0 did batches 0 and 2, rank 1 batch 1
-    for rank, want in ((0, {0, 2}), (1, {1})):
+    # batches (8, 2, 8, 2 images: pack=ipc) are dealt round-robin: rank 0 did batches 0 and 2, rank 1 1 and 3
+    for rank, want in ((0, {0, 2}), (1, {1, 3})):
         log = (out / "logs" / f"rank{rank}.jsonl").read_text().splitlines()
         assert {json.loads(line)["batch"] for line in log} == want
     a, b = png_files(prism_run), png_files(out)

@@ -239,18 +239,19 @@ def test_combine_logits():
     g = torch.Generator().manual_seed(1)
     a, b, c = (torch.randn(5, 4, generator=g) * s for s in (1.0, 10.0, 3.0))
     torch.testing.assert_close(combine_logits([a, b, c], "mean"), (a + b + c) / 3)
-    # norm-matched: every teacher rescaled (per sample) to the mean L2 norm of the teachers, then averaged
+    # norm-matched-sample (prismdd's option; the reference's batch-norm version is tested in test_fidelity.py):
+    # every teacher rescaled (per sample) to the mean L2 norm of the teachers, then averaged
     na, nb, nc = (t.norm(dim=1, keepdim=True) for t in (a, b, c))
     target = (na + nb + nc) / 3
     want = (a / na * target + b / nb * target + c / nc * target) / 3
-    got = combine_logits([a, b, c], "norm-matched")
+    got = combine_logits([a, b, c], "norm-matched-sample")
     torch.testing.assert_close(got, want)
     for t in (a, b, c):  # every teacher contributes with the same norm per sample
         torch.testing.assert_close((t / t.norm(dim=1, keepdim=True) * target).norm(dim=1, keepdim=True), target)
     torch.testing.assert_close(combine_logits([a, b, c], "weighted", 0.6), 0.6 * a + 0.2 * b + 0.2 * c)
     torch.testing.assert_close(combine_logits([a, b], "weighted"), 0.5 * a + 0.5 * b)
     assert torch.equal(combine_logits([a], "norm-matched"), a)
-    with pytest.raises(PrismError, match="mean, norm-matched, weighted"):
+    with pytest.raises(PrismError, match="mean, norm-matched, norm-matched-sample, weighted"):
         combine_logits([a, b], "median")
     labeler = SoftLabeler([torch.nn.Identity(), torch.nn.Identity()], ["x", "y"], "mean")
     assert torch.equal(labeler(a), a)
@@ -272,19 +273,21 @@ def test_lr_factor_schedules():
     assert lr_factor("constant", 0.7) == 1.0
     # clamped outside [0, 1]
     assert lr_factor("linear", -1) == approx(1) and lr_factor("linear", 2) == approx(0)
+    # decayed_cosine_smooth (prismdd's continuous variant; the reference's decayed_cosine, with its drop at
+    # 5/6, is tested against train_FKD_parallel.py's formula in test_fidelity.py)
     knee = 5 / 6
     for p in np.linspace(0, knee, 11):
-        assert lr_factor("decayed_cosine", p) == approx(0.5 * (1 + math.cos(math.pi * p / 2.5)))
+        assert lr_factor("decayed_cosine_smooth", p) == approx(0.5 * (1 + math.cos(math.pi * p / 2.5)))
     at_knee = 0.5 * (1 + math.cos(math.pi * knee / 2.5))
-    assert lr_factor("decayed_cosine", knee - 1e-9) == approx(at_knee, abs=1e-6)
-    assert lr_factor("decayed_cosine", knee + 1e-9) == approx(at_knee, abs=1e-6)  # continuous at 5/6
+    assert lr_factor("decayed_cosine_smooth", knee - 1e-9) == approx(at_knee, abs=1e-6)
+    assert lr_factor("decayed_cosine_smooth", knee + 1e-9) == approx(at_knee, abs=1e-6)  # continuous at 5/6
     assert at_knee == pytest.approx(0.75)  # cos(pi/3): the stretched cosine has fallen to 3/4 at the knee
     # linear from the knee to 0 at the end
     mid = (knee + 1) / 2
-    assert lr_factor("decayed_cosine", mid) == approx(at_knee / 2)
-    assert lr_factor("decayed_cosine", 1) == approx(0, abs=1e-12)
+    assert lr_factor("decayed_cosine_smooth", mid) == approx(at_knee / 2)
+    assert lr_factor("decayed_cosine_smooth", 1) == approx(0, abs=1e-12)
     ps = np.linspace(0, 1, 601)
-    vals = [lr_factor("decayed_cosine", p) for p in ps]
+    vals = [lr_factor("decayed_cosine_smooth", p) for p in ps]
     assert all(x >= y - 1e-12 for x, y in zip(vals, vals[1:]))  # monotone non-increasing
     # warm-up: linear from 0 up to the schedule's value
     assert lr_factor("cosine", 0.0, warmup=0.1) == 0.0

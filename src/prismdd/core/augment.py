@@ -32,9 +32,18 @@ class Views:
 
 
 def sample_views(n: int, generator: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                 flip: bool = True, attempts: int = 10) -> Views:
+                 flip: bool = True, attempts: int = 10, per: str = "image") -> Views:
     """torchvision's RandomResizedCrop sampling, vectorised: ``attempts`` candidates per image, the first
-    that fits is taken, else the whole image (torchvision falls back to a centre crop)."""
+    that fits is taken, else the whole image (torchvision falls back to a centre crop).
+
+    ``per='batch'``: ONE crop box and ONE flip bit shared by all ``n`` images, as the SRe2L/PRISM recovery
+    scripts do (they apply ``RandomResizedCrop`` and ``RandomHorizontalFlip`` to the whole 4-D tensor).
+    """
+    if per == "batch":
+        one = sample_views(1, generator, scale, ratio, flip, attempts)
+        return Views(one.boxes.expand(n, 4).clone(), one.flips.expand(n).clone())
+    if per != "image":
+        raise PrismError(f"crop per {per!r}: expected batch or image")
     lo, hi = float(scale[0]), float(scale[1])
     area = torch.empty(n, attempts).uniform_(lo, hi, generator=generator)
     logr = torch.empty(n, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
@@ -93,11 +102,23 @@ def sample_cutmix(n: int, size: int, generator: torch.Generator) -> CutMix:
     return CutMix(perm, torch.tensor([y0, y1, x0, x1]), lam)
 
 
-def jitter(x: torch.Tensor, limit: int, generator: torch.Generator) -> torch.Tensor:
-    """Roll the whole batch by up to ``limit`` pixels in each direction (the reference's jitter)."""
+JITTER_MODES = ("reference", "symmetric")
+
+
+def jitter(x: torch.Tensor, limit: int, generator: torch.Generator, mode: str = "reference") -> torch.Tensor:
+    """Roll the whole batch (one offset pair for all images) along H and W.
+
+    ``reference``: offsets from randint(0, limit) inclusive on each axis, as the SRe2L/PRISM scripts
+    (``random.randint(0, lim)`` then ``torch.roll(..., dims=(2, 3))``); ``symmetric``: from -limit..limit.
+    """
     if limit <= 0:
         return x
-    dx, dy = torch.randint(-limit, limit + 1, (2,), generator=generator).tolist()
+    if mode == "reference":
+        dx, dy = torch.randint(0, limit + 1, (2,), generator=generator).tolist()
+    elif mode == "symmetric":
+        dx, dy = torch.randint(-limit, limit + 1, (2,), generator=generator).tolist()
+    else:
+        raise PrismError(f"jitter mode {mode!r}: expected one of {', '.join(JITTER_MODES)}")
     return torch.roll(x, shifts=(dx, dy), dims=(2, 3))
 
 

@@ -33,9 +33,14 @@ class BNCollector:
 
 
 def bn_stat_loss(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
+    """Always in float32: under autocast a layer's input arrives in bf16/fp16 and ``var_mean`` has no
+    autocast rule, so without the cast the statistics (and the norms) would be computed in half precision.
+    The reference computes them in fp32 (it never uses autocast)."""
     dims = [0] + list(range(2, x.ndim))  # (N, H, W) for images, (N,) for BatchNorm1d
-    var, mean = torch.var_mean(x, dim=dims, unbiased=False)
-    return torch.linalg.vector_norm(mean - running_mean) + torch.linalg.vector_norm(var - running_var)
+    with torch.autocast(x.device.type, enabled=False):
+        var, mean = torch.var_mean(x.float(), dim=dims, unbiased=False)
+        return (torch.linalg.vector_norm(mean - running_mean.float())
+                + torch.linalg.vector_norm(var - running_var.float()))
 
 
 @contextmanager

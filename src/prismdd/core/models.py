@@ -5,6 +5,7 @@ stem below 64 px, a width multiplier where the family has one); no per-architect
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -175,8 +176,11 @@ def list_models() -> list[dict]:
 # ----------------------------------------------------------------------------- construction
 def create_model(arch: str, num_classes: int, in_channels: int = 3, resolution: int = 224, width: float = 1.0,
                  small_stem: bool | None = None, pretrained: bool | str = False) -> nn.Module:
-    """Build ``arch`` for a dataset. ``pretrained``: True for torchvision's ImageNet weights (download), or
-    a path to a state-dict file (``.pth``/``.safetensors``) holding those weights."""
+    """Build ``arch`` for a dataset. ``pretrained`` (see ``resolve_pretrained``): True = torchvision's
+    ``IMAGENET1K_V1`` (what ``pretrained=True`` loads in the reference scripts), ``"torchvision:NAME"`` = any
+    member of the architecture's weights enum (``DEFAULT``, ``IMAGENET1K_V2`` ...), read from the torch-hub
+    cache (``$TORCH_HOME/hub/checkpoints``) when present, else downloaded; a state-dict file
+    (``.pth``/``.safetensors``); or ``"arch=SPEC,arch=SPEC"``, one of those per architecture."""
     spec = ModelSpec(arch, num_classes, in_channels, resolution, width, small_stem)
     if arch.startswith("timm:"):
         model = _create_timm(spec, pretrained)
@@ -224,13 +228,63 @@ def _create_timm(spec: ModelSpec, pretrained) -> nn.Module:
         raise PrismError(f"{spec.arch}: {e}") from None
 
 
+TV_PREFIX = "torchvision:"
+REFERENCE_WEIGHTS = "IMAGENET1K_V1"  # torchvision's `pretrained=True`, as the SRe2L/PRISM scripts load them
+
+
+def resolve_pretrained(arch: str, pretrained: bool | str) -> bool | str:
+    """This architecture's entry of a per-architecture ``"arch=SPEC,arch=SPEC"`` list (a plain spec applies
+    to every architecture); ``"torchvision"`` alone means the reference's ``IMAGENET1K_V1``."""
+    if not isinstance(pretrained, str):
+        return pretrained
+    if "=" in pretrained and not os.path.exists(pretrained):
+        table = {}
+        for item in (p.strip() for p in pretrained.split(",") if p.strip()):
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip() or not value.strip():
+                raise PrismError(f"--pretrained {pretrained!r}: expected arch=FILE_OR_torchvision:NAME pairs, "
+                                 f"comma separated, e.g. resnet18=r18.pth,mobilenet_v2=torchvision:IMAGENET1K_V1")
+            table[key.strip()] = value.strip()
+        if arch not in table:
+            raise PrismError(f"--pretrained: no weights given for {arch} (given for {', '.join(table)}); "
+                             f"add {arch}=FILE or {arch}=torchvision:{REFERENCE_WEIGHTS}")
+        pretrained = table[arch]
+    return True if pretrained == "torchvision" else pretrained
+
+
+def torchvision_weights(arch: str, entry: ArchEntry, name: str = REFERENCE_WEIGHTS):
+    """The member ``name`` of ``arch``'s torchvision weights enum (e.g. ResNet18_Weights.IMAGENET1K_V1)."""
+    enum = getattr(tvm, entry.tv_weights)
+    try:
+        return enum[name] if name != "DEFAULT" else enum.DEFAULT
+    except KeyError:
+        raise PrismError(f"--pretrained torchvision:{name}: {arch} has no such weights; choose from "
+                         f"{', '.join(['DEFAULT'] + [m.name for m in enum])}") from None
+
+
+def hub_cache_file(weights) -> str:
+    """Where torch.hub keeps (and looks for) a torchvision weights file: $TORCH_HOME/hub/checkpoints/<name>."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+
+
 def _load_pretrained(model: nn.Module, arch: str, entry: ArchEntry, pretrained: bool | str) -> None:
-    if isinstance(pretrained, str):
+    pretrained = resolve_pretrained(arch, pretrained)
+    if isinstance(pretrained, str) and not pretrained.startswith(TV_PREFIX):
         state = load_state_dict_file(pretrained)
     else:
-        weights = getattr(tvm, entry.tv_weights).DEFAULT
-        state = weights.get_state_dict(progress=True)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+        name = pretrained[len(TV_PREFIX):] if isinstance(pretrained, str) else REFERENCE_WEIGHTS
+        weights = torchvision_weights(arch, entry, name)
+        cached = hub_cache_file(weights)
+        try:  # torch.hub reads the cached file without any network access when it is there
+            state = weights.get_state_dict(progress=not os.path.exists(cached))
+        except OSError as e:  # URLError, no network
+            raise PrismError(f"--pretrained: {arch} weights {weights} are not in the torch-hub cache {cached} and "
+                             f"could not be downloaded ({e}); copy the file there or pass {arch}=FILE") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches raise even when strict=False
+        raise PrismError(f"{arch}: pretrained weights do not match the architecture "
+                         f"({str(e).splitlines()[-1].strip()[:160]})") from None
     if missing or unexpected:
         raise PrismError(f"{arch}: pretrained weights do not match the architecture "
                          f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")

@@ -23,15 +23,18 @@ SCORE_BATCH = 500  # images per forward pass when scoring examples
 PHI_CLIP = 1e4  # |phi| beyond this is clipped (a float32 softmax saturates long before)
 
 
-SCHEDULES = ("cosine", "decayed_cosine", "linear", "constant")
+SCHEDULES = ("cosine", "decayed_cosine", "decayed_cosine_smooth", "linear", "constant")
 OPTIMIZERS = ("adamw", "sgd", "adam")
 
 
 def lr_factor(schedule: str, progress: float, warmup: float = 0.0) -> float:
     """Multiplier of the base LR at ``progress`` in [0, 1] of training.
 
-    ``decayed_cosine``: PRISM/EDC's "decayed cosine": a cosine stretched by 2.5 (so it only falls to
-    0.75 by 5/6 of training), then a linear ramp to 0 over the last sixth.
+    ``decayed_cosine``: PRISM's "decayed cosine" exactly as its ``validate/train_FKD_parallel.py``
+    (``--cos``), with t = progress * E: 0.5 (1 + cos(pi t / (2.5 E))) for t <= 5E/6 (0.75 at the knee),
+    then 0.5 (1 + cos(pi 5 / (6 * 2.5))) * (6E - 6t) / (6E) = 0.75 (1 - p): a DROP to 0.125 just after
+    the knee, then a linear fall to 0. ``decayed_cosine_smooth`` (prismdd's earlier curve): the same
+    cosine, then a continuous linear ramp 0.75 -> 0 over the last sixth.
     """
     p = min(max(progress, 0.0), 1.0)
     if warmup > 0 and p < warmup:
@@ -42,11 +45,13 @@ def lr_factor(schedule: str, progress: float, warmup: float = 0.0) -> float:
         return 0.5 * (1 + math.cos(math.pi * p))
     if schedule == "linear":
         return 1.0 - p
-    if schedule == "decayed_cosine":
+    if schedule in ("decayed_cosine", "decayed_cosine_smooth"):
         knee = 5 / 6
         at = lambda q: 0.5 * (1 + math.cos(math.pi * q / 2.5))
-        return at(p) if p <= knee else at(knee) * (1 - p) / (1 - knee)
-    raise PrismError(f"schedule {schedule!r}: expected cosine, decayed_cosine, linear or constant")
+        if p <= knee:
+            return at(p)
+        return at(knee) * (1 - p) if schedule == "decayed_cosine" else at(knee) * (1 - p) / (1 - knee)
+    raise PrismError(f"schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}")
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float, momentum: float = 0.9):
@@ -91,14 +96,14 @@ def check_finite(loss: torch.Tensor, what: str) -> None:
 
 # ----------------------------------------------------------------------------- the training loop
 def fit(model: nn.Module, optimizer, batches: Callable[[int], Iterable], loss_fn: Callable[..., dict], *,
-        epochs: int, steps_per_epoch: int, lr: float, schedule: str, warmup: float = 0.0,
+        epochs: int, steps_per_epoch: int, lr: float, schedule: str, warmup: float = 0.0, lr_every: str = "step",
         evaluate_fn: Callable[[], dict], eval_every: int, checkpoint: Path, config_hash: str,
         resume: dict | None, log: JsonlLog | None, desc: str, is_main: bool = True, verbose: bool = False) -> dict:
     """Train ``model`` for ``epochs`` epochs, resumably; the one loop behind teachers and students.
 
     ``batches(epoch)`` yields each epoch's batches (at most ``steps_per_epoch`` are used); ``loss_fn(batch)``
     returns named loss terms with the optimised one under ``"total"``. The LR follows ``schedule`` over
-    all steps. Test accuracy (``evaluate_fn``) every ``eval_every`` epochs and after the last. After every
+    all steps (``lr_every="step"``) or changes once per epoch (``"epoch"``). Test accuracy (``evaluate_fn``) every ``eval_every`` epochs and after the last. After every
     epoch ``checkpoint`` holds model, optimiser, epoch and the accuracy curve (written by the main process;
     the log line follows it, so a kill in between never logs an epoch twice). ``resume``: such a
     checkpoint, already checked against ``config_hash`` by the caller's resume guard. ``verbose``: print a
@@ -120,7 +125,9 @@ def fit(model: nn.Module, optimizer, batches: Callable[[int], Iterable], loss_fn
         for step, batch in enumerate(batches(epoch)):
             if step >= steps_per_epoch:
                 break
-            set_lr(optimizer, lr * lr_factor(schedule, (epoch * steps_per_epoch + step) / total_steps, warmup))
+            # "epoch": the LR changes once per epoch, as a LambdaLR stepped after each epoch (the reference code)
+            at = epoch / epochs if lr_every == "epoch" else (epoch * steps_per_epoch + step) / total_steps
+            set_lr(optimizer, lr * lr_factor(schedule, at, warmup))
             terms = loss_fn(batch)
             check_finite(terms["total"], f"{desc} epoch {epoch + 1}")
             optimizer.zero_grad(set_to_none=True)
@@ -212,19 +219,25 @@ def example_scores(model: nn.Module, images: torch.Tensor, targets: torch.Tensor
             "phi": torch.cat(phis).double().numpy()}
 
 
-ENSEMBLES = ("mean", "norm-matched", "weighted")
+ENSEMBLES = ("mean", "norm-matched", "norm-matched-sample", "weighted")
 
 
 def combine_logits(logits: list[torch.Tensor], how: str, primary_weight: float = 0.5) -> torch.Tensor:
-    """Ensemble of teacher logits (B, K) each. norm-matched: every teacher rescaled to the mean per-sample
-    L2 norm before averaging (the reference), so no teacher dominates by scale."""
+    """Ensemble of teacher logits (B, K) each.
+
+    ``norm-matched`` (the reference, ``relabel/generate_soft_label_r18.py``): each teacher's logits are
+    divided by the Frobenius norm of that teacher's WHOLE batch (B, K) and multiplied by the mean of those
+    norms over teachers, then averaged. ``norm-matched-sample``: the same with a per-sample L2 norm (each
+    image's logit vector), so no teacher dominates any single image by scale.
+    """
     if len(logits) == 1:
         return logits[0]
     stack = torch.stack(logits)  # (T, B, K)
     if how == "mean":
         return stack.mean(0)
-    if how == "norm-matched":
-        norms = stack.norm(dim=2, keepdim=True).clamp_min(1e-12)  # (T, B, 1)
+    if how in ("norm-matched", "norm-matched-sample"):
+        dims = (1, 2) if how == "norm-matched" else (2,)
+        norms = torch.linalg.vector_norm(stack, dim=dims, keepdim=True).clamp_min(1e-12)  # (T, 1, 1) | (T, B, 1)
         return (stack / norms * norms.mean(0, keepdim=True)).mean(0)
     if how == "weighted":
         rest = (1 - primary_weight) / (len(logits) - 1)

@@ -3,7 +3,7 @@
     L(x) = CE(f_primary(A(x)), y) + alpha_BN * mean_{t in S} R_BN(t, A(x))  [+ TV-L2, L2 priors]
 
 Work is split into (class, IPC index) units; units are packed, IPC index first, into cross-class batches
-of up to ``batch_size`` images. Every random choice of a batch (views, jitter, noise init, rotation)
+of up to ``batch_size`` images (``pack='ipc'``, the reference: the classes of one IPC index per batch). Every random choice of a batch (views, jitter, noise init, rotation)
 derives from (seed, batch index), and the teacher draws are made for all batches up front, so the images
 do not depend on resume points or on how many processes share the work.
 
@@ -23,9 +23,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..artifacts import image_path, load_model, find_teachers, record_path, reusable, save_image, write_manifest
+from ..artifacts import (clear_outputs, guard_inputs, image_path, load_model, find_teachers, locked_stage, record_path,
+                         reusable, save_image, teacher_digests, write_manifest)
 from ..core import distributed as dist
-from ..core.augment import apply_views, jitter, sample_views, scale_jitter
+from ..core.augment import JITTER_MODES, apply_views, jitter, sample_views, scale_jitter
 from ..core.bn import bn_hooks
 from ..core.config import CommonConfig, build_config, comma_list, config_hash, opt
 from ..core.data import DatasetInfo, class_indices, load_splits, normalize, pixel_bounds
@@ -37,7 +38,7 @@ from ..core.runtime import Timer, make_generator, progress
 from ..core.training import example_scores
 
 SELECTIONS = ("intra", "pre", "all", "single", "rotate")
-INIT_SELECTS = ("first", "random", "low-loss", "mid-loss")
+INIT_SELECTS = ("first", "random", "low-loss", "mid-loss", "delt-medium")
 
 
 @dataclass
@@ -67,21 +68,32 @@ class RecoverConfig(CommonConfig):
     slot_prob: float = opt(0.5, "intra/pre: probability that a slot is filled", minimum=0.0)
     init: str = opt("real", "real: start from real training images (chosen by init_select) | noise (SRe2L)",
                     choices=("real", "noise"))
-    init_select: str = opt("first", "first: the k-th image of the class (reference) | random | low-loss | mid-loss",
-                           choices=INIT_SELECTS)
+    init_select: str = opt("first", "first: the k-th image of the class (reference) | random | low-loss | mid-loss | "
+                                    "delt-medium (DELT: every class image ranked by the primary's true-class probability, "
+                                    "taken alternately around the median)", choices=INIT_SELECTS)
     init_candidates: int = opt(300, "low-loss/mid-loss: random candidates per class ranked by the primary's CE",
                                minimum=1)
     init_tiles: int = opt(1, "f: start each image as an f x f mosaic of real images shrunk by f (RDED-style); 1 = off",
                           minimum=1)
     crop_scale: tuple[float, float] = opt((0.08, 1.0), "RandomResizedCrop scale range of the per-iteration view")
+    crop_per: str = opt("batch", "batch: ONE crop box and ONE flip per batch and iteration (the SRe2L/PRISM scripts) | "
+                                 "image: an independent crop and flip per image (prismdd)", choices=("batch", "image"))
     crop_schedule: str = opt("uniform", "uniform | cosine (CDA: the lower bound falls from the upper to the floor)",
                              choices=("uniform", "cosine"))
     jitter: int | None = opt(None, "roll limit in pixels; None: 32 px at 224, scaled to the resolution", minimum=0)
+    jitter_mode: str = opt("reference", "reference: roll by randint(0, jitter) on each axis (the SRe2L/PRISM scripts) | "
+                                        "symmetric: by -jitter..jitter (prismdd)", choices=JITTER_MODES)
+    pack: str = opt("ipc", "ipc: batches never mix IPC indices (classes of one index per batch) and the intra BN set is "
+                           "drawn once per IPC index, shared by all its batches (the reference) | cross: batches fill "
+                           "across IPC indices, one draw per batch (prismdd) | class: class-major batches, every IPC "
+                           "index of a class together (DELT)", choices=("ipc", "cross", "class"))
     flip: bool = opt(True, "random horizontal flip of each view")
-    budget: str = opt("constant", "constant | early_late (DELT: fewer iterations for later IPC indices)",
-                      choices=("constant", "early_late"))
-    early_late_step: float = opt(0.125, "early_late: budget cut per IPC index, as a fraction (500 of 4000)",
-                                 minimum=0.0)
+    budget: str = opt("constant", "constant | early_late (PRISM's code: iterations - step * (ipc index mod cycle)) | "
+                                  "rounds (DELT's code: a class's IPC indices split into contiguous groups, group r "
+                                  "joins at round r; only joined images are forwarded; one Adam step count, LR and crop "
+                                  "schedule per batch)", choices=("constant", "early_late", "rounds"))
+    early_late_step: float = opt(0.125, "early_late: budget cut per IPC index; rounds: round length; as a fraction of "
+                                        "the iterations (500 of 4000)", minimum=0.0)
     early_late_cycle: int = opt(8, "early_late: the cut repeats every this many IPC indices", minimum=1)
     tv_l2: float = opt(0.0, "total-variation (L2) image prior weight", minimum=0.0)
     l2: float = opt(0.0, "L2 image prior weight", minimum=0.0)
@@ -106,16 +118,39 @@ def recover_config(method: str = "prism", **overrides) -> RecoverConfig:
 
 
 # ----------------------------------------------------------------------------- planning
-def plan_batches(num_classes: int, ipc: int, batch_size: int) -> list[list[tuple[int, int]]]:
-    """(class, ipc index) units, IPC index first, packed into cross-class batches."""
+def plan_batches(num_classes: int, ipc: int, batch_size: int, pack: str = "cross") -> list[list[tuple[int, int]]]:
+    """(class, ipc index) units, IPC index first, packed into cross-class batches.
+
+    ``pack='ipc'`` (the reference's ``for ipc_id: for start in range(0, classes, batch_size)``): a batch holds
+    classes of ONE IPC index only; ``'cross'``: batches are filled across IPC indices; ``'class'`` (DELT's
+    unshuffled class-ordered loader): class first, every IPC index of a class next to each other."""
+    if pack == "class":
+        units = [(c, k) for c in range(num_classes) for k in range(ipc)]
+        return [units[i: i + batch_size] for i in range(0, len(units), batch_size)]
+    if pack == "ipc":
+        return [[(c, k) for c in range(s, min(s + batch_size, num_classes))]
+                for k in range(ipc) for s in range(0, num_classes, batch_size)]
     units = [(c, k) for k in range(ipc) for c in range(num_classes)]
     return [units[i: i + batch_size] for i in range(0, len(units), batch_size)]
 
 
+def delt_start_round(ipc: int, rounds: int, k: int) -> int:
+    """DELT (recover.py get_round_imgs_indx): the ipc images of a class are split into ``rounds`` contiguous
+    groups (ipc // rounds each, the first ipc % rounds one more); image k joins in its group's round."""
+    sizes = [ipc // rounds + (1 if r < ipc % rounds else 0) for r in range(rounds)]
+    cum = np.cumsum(sizes)
+    return int(np.nonzero(k < cum)[0][0])
+
+
 def image_budget(cfg: RecoverConfig, k: int) -> int:
-    """Iterations for IPC index k: constant, or DELT's early-late (iterations - step * (k mod cycle))."""
+    """Iterations for IPC index k: constant; PRISM's early-late (iterations - step * (k mod cycle)); or DELT's
+    rounds ((rounds - start round) * round length)."""
     if cfg.budget == "constant":
         return cfg.iterations
+    if cfg.budget == "rounds":
+        length = max(1, int(round(cfg.early_late_step * cfg.iterations)))
+        rounds = max(1, cfg.iterations // length)
+        return (rounds - delt_start_round(cfg.ipc, rounds, k)) * length
     cut = int(round(cfg.early_late_step * cfg.iterations)) * (k % cfg.early_late_cycle)
     return max(1, cfg.iterations - cut)
 
@@ -123,9 +158,10 @@ def image_budget(cfg: RecoverConfig, k: int) -> int:
 def draw_teacher_sets(cfg: RecoverConfig, primary: str, pool: list[str], n_batches: int) -> list[list[str]]:
     """The BN set of every batch, drawn up front from (seed, 'selection') and recorded.
 
-    intra: per batch, the primary plus each of ``slots`` further slots filled with probability
-    ``slot_prob`` by a distinct pool member (the reference draws per IPC index: with one IPC index per
-    batch, as at ImageNet scale, that is the same thing). pre: one such draw for the whole run.
+    intra: per draw, the primary plus each of ``slots`` further slots filled with probability
+    ``slot_prob`` by a distinct pool member; ``n_batches`` draws (``batch_teacher_sets`` maps them to
+    batches: one per IPC index under ``pack='ipc'``, as the reference's ``main_syn(ipc_id)``, else one per
+    batch). pre: one such draw for the whole run.
     """
     gen = make_generator(cfg.seed, "selection")
     others = [a for a in pool if a != primary]
@@ -149,7 +185,18 @@ def draw_teacher_sets(cfg: RecoverConfig, primary: str, pool: list[str], n_batch
     return [[primary] + others for _ in range(n_batches)]  # rotate: the candidates; one is used per iteration
 
 
+def batch_teacher_sets(cfg: RecoverConfig, primary: str, pool: list[str], batches) -> list[list[str]]:
+    """The BN set of every batch: under ``pack='ipc'`` one draw per IPC index, shared by every batch of that
+    index (all units of a batch then share one index); under ``'cross'`` one draw per batch."""
+    if cfg.pack == "ipc":
+        per_ipc = draw_teacher_sets(cfg, primary, pool, cfg.ipc)
+        return [list(per_ipc[units[0][1]]) for units in batches]
+    return draw_teacher_sets(cfg, primary, pool, len(batches))
+
+
 def crop_low(cfg: RecoverConfig, progress_: float) -> float:
+    """Lower crop-scale bound at ``progress_`` = iteration / iterations (CDA's ``recover_cda_in1k.py`` with
+    milestone 1: 0.08 + 0.92 (1 + cos(pi it / iters)) / 2 for crop_scale (0.08, 1))."""
     lo, hi = cfg.crop_scale
     if cfg.crop_schedule == "uniform":
         return lo
@@ -263,10 +310,17 @@ class Engine:
         norms = None
         rotate_counts: dict[str, int] = {}
         last: dict[str, float] = {}
+        rounds = cfg.budget == "rounds"  # DELT: only the images that joined are forwarded (their own BN statistics)
         for it in range(n_iter):
-            views = sample_views(len(units), gen, (crop_low(cfg, it / max(1, n_iter - 1)), cfg.crop_scale[1]),
-                                 flip=cfg.flip)
-            xa = jitter(apply_views(x, views), self.jitter, gen).contiguous(memory_format=self.memory_format)
+            if rounds:
+                joined = torch.nonzero(start <= it).squeeze(1)
+                xs, ys = x[joined], y[joined]
+            else:
+                xs, ys = x, y
+            views = sample_views(len(xs), gen, (crop_low(cfg, it / n_iter), cfg.crop_scale[1]),
+                                 flip=cfg.flip, per=cfg.crop_per)
+            xa = jitter(apply_views(xs, views), self.jitter, gen, cfg.jitter_mode).contiguous(
+                memory_format=self.memory_format)
             if cfg.selection == "rotate":
                 pick = bn_set[int(torch.randint(len(bn_set), (1,), generator=gen))]
                 rotate_counts[pick] = rotate_counts.get(pick, 0) + 1
@@ -275,17 +329,20 @@ class Engine:
                 ce_teacher, active_set = self.primary.arch, bn_set
             if cfg.bn_normalize and norms is None and cfg.alpha_bn > 0:
                 with torch.no_grad():  # per-teacher scale: R_BN of the starting images, so each starts at 1
-                    first = self.losses(xa.detach(), y, ce_teacher, bn_set, None)
+                    first = self.losses(xa.detach(), ys, ce_teacher, bn_set, None)
                 norms = {a: first[f"bn/{a}"].clamp_min(1e-8) for a in bn_set}
-            terms = self.losses(xa, y, ce_teacher, active_set, norms)
-            terms.update(self.image_priors(x))
+            terms = self.losses(xa, ys, ce_teacher, active_set, norms)
+            terms.update(self.image_priors(xs))
             total = terms["total"] + cfg.tv_l2 * terms.get("tv_l2", 0) + cfg.l2 * terms.get("l2", 0)
             if not torch.isfinite(total):
                 raise PrismError(f"recover batch {b}: loss became {total.item()} with teachers "
                                  f"{', '.join(active_set)}; lower --lr or check those teachers")
             grad, = torch.autograd.grad(total, x)
             with torch.no_grad():
-                self._adam_step(x, grad, m, v, it, start, budgets, b1, b2)
+                if rounds:
+                    self._adam_step_global(x, grad, m, v, it, n_iter, b1, b2)
+                else:
+                    self._adam_step(x, grad, m, v, it, start, budgets, b1, b2)
                 x.clamp_(self.lo, self.hi)  # stay a valid image
             if log is not None and (it % cfg.log_every == 0 or it == n_iter - 1):
                 rec = {k: round(float(t.detach()), 6) for k, t in terms.items()}
@@ -299,6 +356,16 @@ class Engine:
         if rotate_counts:
             record["rotation_counts"] = rotate_counts
         return x.detach(), record
+
+    def _adam_step_global(self, x, g, m, v, it, n_iter, b1, b2, eps: float = 1e-8):
+        """DELT (recover.py:92-112): ONE torch Adam over the whole batch tensor: one step count and one cosine LR
+        over the batch's iterations. Images that have not joined get zero gradients, so their moments stay 0
+        and they do not move; an image that joins late gets the batch's (small) LR and bias corrections."""
+        lr = self.cfg.lr * 0.5 * (1 + math.cos(math.pi * it / n_iter))
+        m.mul_(b1).add_((1 - b1) * g)
+        v.mul_(b2).add_((1 - b2) * g * g)
+        t = it + 1
+        x.sub_(lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps))
 
     def _adam_step(self, x, g, m, v, it, start, budgets, b1, b2, eps: float = 1e-8):
         """Adam with a per-image step count and cosine LR over each image's own budget.
@@ -336,6 +403,10 @@ def choose_starts(cfg: RecoverConfig, train, info: DatasetInfo, primary: nn.Modu
         if cfg.init_select == "first":
             starts.append(members[:need])
             continue
+        if cfg.init_select == "delt-medium":
+            starts.append(members[delt_medium(_true_class_prob(primary, train, members, c, info, device), need,
+                                              info.class_names[c])])
+            continue
         perm = members[torch.randperm(len(members), generator=gen)]
         if cfg.init_select == "random":
             starts.append(perm[:need])
@@ -347,6 +418,28 @@ def choose_starts(cfg: RecoverConfig, train, info: DatasetInfo, primary: nn.Modu
         first = 0 if cfg.init_select == "low-loss" else max(0, (len(order) - need) // 2)
         starts.append(cand[order[first:first + need]])
     return starts
+
+
+def _true_class_prob(primary: nn.Module, train, members, c: int, info: DatasetInfo, device) -> np.ndarray:
+    """The primary's softmax probability of class ``c`` on every given training image (DELT's ranking score)."""
+    return example_scores(primary, train.get_images(members), torch.full((len(members),), c), info, device)["confidence"]
+
+
+def delt_medium(prob: np.ndarray, need: int, class_name: str = "") -> torch.Tensor:
+    """DELT's ``store_medium`` (data_selection.py): rank the class's images by true-class probability (ascending),
+    start at position ceil(n / 2) and alternate: mid, mid + 1, mid - 1, mid + 2, mid - 2, ...; image k of the
+    class is the k-th pick. Returns positions into ``prob``."""
+    order = np.argsort(prob, kind="stable")
+    mid = math.ceil(len(order) / 2)
+    picks, sign = [], -1
+    for i in range(need):
+        j = mid + int(sign * (i + 1) / 2)
+        sign = -sign
+        if not 0 <= j < len(order):
+            raise PrismError(f"--init-select delt-medium: class {class_name!r} has {len(order)} training images, too few "
+                             f"for {need} medium picks; lower --ipc or use --init-select first")
+        picks.append(int(order[j]))
+    return torch.tensor(picks, dtype=torch.long)
 
 
 def tile(images: torch.Tensor, f: int) -> torch.Tensor:
@@ -386,6 +479,7 @@ def _batch_done(out: Path, b: int, units, chash: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- the stage
+@locked_stage("recover")
 def recover(cfg: RecoverConfig) -> Path:
     """Run recovery; returns the output folder. Resumable; shards batches over torchrun ranks."""
     timer = Timer()
@@ -394,12 +488,13 @@ def recover(cfg: RecoverConfig) -> Path:
     out = Path(cfg.out)
     train, _, info = load_splits(cfg)
     primary, teachers, pool = load_teachers(cfg, info, device)
-    batches = plan_batches(info.num_classes, cfg.ipc, cfg.batch_size)
-    sets = draw_teacher_sets(cfg, cfg.primary, pool, len(batches))
+    batches = plan_batches(info.num_classes, cfg.ipc, cfg.batch_size, cfg.pack)
+    sets = batch_teacher_sets(cfg, cfg.primary, pool, batches)
     starts = choose_starts(cfg, train, info, primary.model, device) if cfg.init == "real" else None
-    if cfg.force and ctx.rank == 0:
-        for p in (out / "records").glob("batch_*.json"):
-            p.unlink()
+    if cfg.force and ctx.rank == 0:  # every image and record of the replaced run goes (a smaller IPC leaves none)
+        clear_outputs(out, "records/batch_*.json", "images/*/*.png", "logs/rank*.jsonl")
+    if ctx.rank == 0:  # teachers retrained in place since the finished batches were made: refused
+        guard_inputs(out, teacher_digests({a: t.folder for a, t in teachers.items()}), force=cfg.force)
     dist.barrier(ctx)
     chash = config_hash(cfg)
     for p in sorted((out / "records").glob("batch_*.json")):  # every batch of the folder, not only ours
@@ -441,7 +536,8 @@ def recover(cfg: RecoverConfig) -> Path:
                                "teachers": {a: {"folder": t.folder, "test_top1": t.card.get("test_top1"),
                                                 "role": ("primary" if a == cfg.primary else "bn")}
                                             for a, t in teachers.items()},
-                               "bn_pool": pool},
+                               "bn_pool": pool,
+                               "digests": teacher_digests({a: t.folder for a, t in teachers.items()})},
                        outputs={"images": images, "num_images": len(images), "batches": records},
                        wall_time=timer.elapsed,
                        extra={"world_size": ctx.world_size})

@@ -18,13 +18,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..artifacts import (ACCURACY_FILE, StoredLabels, load_distilled, load_labelers, read_manifest, reusable, save_model,
-                         with_distilled_dataset, write_manifest)
+from ..artifacts import (ACCURACY_FILE, StoredLabels, consumed_digests, guard_inputs, load_distilled, load_labelers,
+                         locked_stage, read_manifest, reusable, save_model, with_distilled_dataset, write_manifest)
 from ..core import distributed as dist
 from ..core.augment import ViewConfig, default_view_batch, epoch_plan, make_inputs, mix_partners
 from ..core.config import (DEFAULT_DATASET, FROM_DISTILLED, CommonConfig, build_config, comma_list, config_hash,
                            opt)
-from ..core.data import DatasetInfo, TensorImages, load_splits, random_real_indices
+from ..core.data import DatasetInfo, TensorImages, check_class_coverage, load_splits, random_real_indices
 from ..core.errors import PrismError
 from ..core.io import JsonlLog, write_json
 from ..core.models import create_model
@@ -63,6 +63,8 @@ class ValidateConfig(CommonConfig):
                                           "decayed_cosine_smooth | cosine | linear | constant", choices=SCHEDULES)
     loss: str = opt("mse+ce", "mse+ce (PRISM) | kl | ce (hard labels)", choices=("mse+ce", "kl", "ce"))
     gamma: float = opt(0.1, "mse+ce: weight of the hard-label CE", minimum=0.0)
+    lr_every: str = opt("step", "epoch: the LR changes once per epoch (the reference code's LambdaLR) | step: "
+                                "every step (a smoother curve)", choices=("step", "epoch"))
     mix_ce: str = opt("own", "mse+ce under CutMix/Mixup: own (PRISM's code: CE on each image's own, unmixed hard "
                              "label) | mixed (CE mixed by lambda with the partner's label)", choices=("own", "mixed"))
     temperature: float = opt(4.0, "kl: softmax temperature", minimum=0.0)
@@ -189,7 +191,7 @@ def train_student(cfg: ValidateConfig, arch: str, seed: int, data: TensorImages,
         return student_loss(cfg, net(x), soft, y, y2, lam)
 
     run = fit(model, optimizer, batches, loss_fn, epochs=cfg.epochs, steps_per_epoch=steps, lr=cfg.lr,
-              schedule=cfg.schedule, evaluate_fn=lambda: evaluate(model, test, info, device,
+              schedule=cfg.schedule, lr_every=cfg.lr_every, evaluate_fn=lambda: evaluate(model, test, info, device,
                                                                    num_workers=cfg.num_workers),
               eval_every=cfg.eval_every, checkpoint=folder / "checkpoint.pt", config_hash=chash, resume=resume,
               log=JsonlLog(folder / "log.jsonl"), desc=f"validate {arch} seed {seed}", is_main=ctx.rank == 0)
@@ -206,16 +208,19 @@ def train_student(cfg: ValidateConfig, arch: str, seed: int, data: TensorImages,
 
 
 # ----------------------------------------------------------------------------- the stage
+@locked_stage("validate")
 def validate(cfg: ValidateConfig) -> dict:
     timer = Timer()
     ctx = dist.init(cfg.device)
     cfg = from_distilled(cfg)
     train, test, info = load_splits(cfg)
+    check_class_coverage(info, test=test)  # an empty val/ or a class missing from it: refused now, not after an epoch
     data, source = training_images(cfg, train, info)
     stored = online = None
     bs = cfg.batch_size or default_view_batch(len(data), info.num_classes)
     if cfg.labels:
         stored = StoredLabels(cfg.labels, info.num_classes)
+        stored.check_source(data, cfg.distilled)  # labels made for another set (or before recover re-ran): refused
         v = stored.views
         if cfg.batch_size and cfg.batch_size != v["batch_size"]:
             raise PrismError(f"--batch-size {cfg.batch_size}: the labels in {cfg.labels} were made for batch size "
@@ -225,6 +230,9 @@ def validate(cfg: ValidateConfig) -> dict:
         online = load_labelers(cfg.teachers, cfg.label_teachers, source.get("primary") or "convnet", info,
                                cfg.ensemble, cfg.primary_weight, ctx.device)
     labels = {"stored": stored, "online": online, "batch_size": bs}
+    digests = consumed_digests(data, stored, cfg.teachers, online.names if online else ())
+    if ctx.rank == 0:  # finished students made from other images, labels or teachers are not reused
+        guard_inputs(cfg.out, digests, force=cfg.force)
     if stored is not None and (cfg.mix, cfg.min_scale) != (stored.views["mix"], stored.views["min_scale"]):
         # the stored labels belong to their views: replaying them is the only consistent choice
         print(f"[validate] using the stored views (mix={stored.views['mix']}, min_scale={stored.views['min_scale']}) "
@@ -262,7 +270,7 @@ def validate(cfg: ValidateConfig) -> dict:
                 "images": len(data)}
     if ctx.rank == 0:
         write_json(out / ACCURACY_FILE, accuracy)
-        write_manifest(out, "validate", cfg, inputs={"dataset": info.to_dict(), "source": source},
+        write_manifest(out, "validate", cfg, inputs={"dataset": info.to_dict(), "source": source, "digests": digests},
                        outputs={"accuracy": ACCURACY_FILE, "top1": accuracy["top1"]}, wall_time=timer.elapsed)
     dist.barrier(ctx)
     return accuracy
