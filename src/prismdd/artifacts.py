@@ -14,9 +14,16 @@ Stages import this module and ``core``, never each other.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import functools
+import hashlib
+import json
+import os
 import platform
+import socket
 import sys
 import time
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -30,7 +37,8 @@ from .core.augment import EpochPlan
 from .core.config import comma_list, config_hash, config_to_dict, save_config
 from .core.data import DatasetInfo, TensorImages, denormalize
 from .core.errors import PrismError
-from .core.io import atomic_path, load_tensors, read_json, save_tensors, tensors_metadata, torch_load, write_json
+from .core.io import (atomic_path, load_tensors, pid_alive, read_json, remove_orphans, save_tensors, tensors_metadata,
+                      torch_load, write_json)
 from .core.models import model_from_spec
 from .core.training import SoftLabeler
 
@@ -38,6 +46,8 @@ MANIFEST = "manifest.json"
 CARD = "card.json"
 WEIGHTS = "model.safetensors"
 ACCURACY_FILE = "accuracy.json"  # validate: the student's test accuracy (final epoch) and its protocol
+INPUTS_FILE = "inputs.json"  # digests of what a folder's finished work was made from (``guard_inputs``)
+LOCK_FILE = ".prismdd.lock"  # the one writer of a folder: its PID, host and stage (``output_lock``)
 METRICS_FILE = "metrics.json"  # metrics: diversity of distilled sets under an observer network
 
 
@@ -96,7 +106,8 @@ def read_manifest(folder, stage: str | None = None, option: str | None = None) -
     return m
 
 
-def reusable(path, expected_hash: str, *, force: bool = False, what: str = "an output") -> dict | None:
+def reusable(path, expected_hash: str, *, force: bool = False, what: str = "an output",
+             inputs: dict | None = None) -> dict | None:
     """The resume guard every stage uses before reusing finished (or half-finished) work.
 
     ``path``: a JSON record, a ``.pt`` checkpoint or a ``.safetensors`` file (hash in its header) that
@@ -115,7 +126,179 @@ def reusable(path, expected_hash: str, *, force: bool = False, what: str = "an o
     found = record.get("config_hash") if isinstance(record, dict) else None
     if found != expected_hash:
         raise PrismError(f"{path}: {what} made with other settings; use --force to redo it, or another --out")
+    if inputs is not None:  # ``inputs``: {name: digest} it must have been made from (files without them: older)
+        recorded = record.get("inputs")
+        if isinstance(recorded, str):  # a safetensors header holds text
+            recorded = json.loads(recorded)
+        if recorded:
+            check_inputs(recorded, inputs, f"{path}: {what}")
     return record
+
+
+# ----------------------------------------------------------------------------- provenance
+_DIGESTS: dict[tuple, str] = {}
+
+
+def file_digest(path) -> str:
+    """sha256 of a file's bytes (cached per path, size and modification time within a process)."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def teacher_digests(folders: dict) -> dict[str, str]:
+    """``{"teacher <arch>": sha256 of its model.safetensors}``: retraining a teacher in place changes it."""
+    return {f"teacher {a}": file_digest(Path(f) / WEIGHTS) for a, f in sorted(folders.items())}
+
+
+def images_digest(images: torch.Tensor, targets: torch.Tensor) -> str:
+    """sha256 of a set's pixels (uint8) and classes, in their order: what soft labels and students depend on."""
+    h = hashlib.sha256(str((tuple(images.shape), str(images.dtype))).encode())
+    h.update(images.contiguous().numpy().tobytes())
+    h.update(targets.to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_inputs(recorded: dict, current: dict, what: str) -> None:
+    """Refuse, naming the first input that differs, when ``current`` digests are not the ``recorded`` ones."""
+    for name in sorted(set(recorded) | set(current)):
+        was, now = recorded.get(name), current.get(name)
+        if was == now:
+            continue
+        if was is None:
+            change = f"{name} is new (not among the inputs it was made from)"
+        elif now is None:
+            change = f"{name} is no longer among the inputs"
+        else:
+            change = f"{name} changed since (sha256 {str(was)[:12]} then, {str(now)[:12]} now)"
+        raise PrismError(f"{what} was made from other inputs: {change}; use --force to redo it, or another --out")
+
+
+def guard_inputs(folder, inputs: dict, *, force: bool = False) -> None:
+    """The run-level provenance of a folder whose work is resumed piece by piece: ``inputs.json`` records the
+    digests of what the work was made from; a resume with other inputs (e.g. teachers retrained in place
+    between a kill and the re-run) is refused, ``--force`` starts the record anew."""
+    path = Path(folder) / INPUTS_FILE
+    if path.exists() and not force:
+        check_inputs(read_json(path), inputs, f"--out {folder}: its finished work")
+    if force or not path.exists() or read_json(path) != inputs:
+        write_json(path, inputs)
+
+
+def clear_outputs(folder, *patterns: str) -> None:
+    """``--force``: delete what the run replaces (files matching ``patterns`` and the old manifest), so that
+    nothing from the previous run (e.g. images of a larger IPC) survives under the new manifest."""
+    folder = Path(folder)
+    for pattern in (*patterns, MANIFEST, INPUTS_FILE):
+        for p in folder.glob(pattern):
+            if p.is_file():
+                p.unlink()
+
+
+# ----------------------------------------------------------------------------- one writer per folder
+_HELD: dict[str, int] = {}  # folders this process holds the lock of (re-entrant: the pipeline nests stages)
+
+
+def _lock_owner(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # unreadable or empty: written by no finished acquire (ours is written before it is linked)
+
+
+def _owner_alive(owner: dict) -> bool:
+    if owner.get("host") != socket.gethostname():
+        return True  # another machine's process: cannot be checked from here
+    return pid_alive(int(owner.get("pid", -1)))
+
+
+@contextmanager
+def output_lock(folder, stage: str, option: str = "--out"):
+    """Hold ``folder`` as its one writer for the block: a second prismdd process writing there gets one line
+    naming the first (PID, stage, start time); a lock left by a process that no longer runs (kill -9, power
+    loss) is taken over. Leftover temporary files of dead writers are removed once the lock is held."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise PrismError(f"{option} {folder}: is a file, not a folder; pass a folder path")
+    folder.mkdir(parents=True, exist_ok=True)
+    key = str(folder.resolve())
+    if _HELD.get(key):
+        _HELD[key] += 1
+        try:
+            yield folder
+        finally:
+            _HELD[key] -= 1
+        return
+    lock = folder / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "stage": stage,
+          "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)[:500]}
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # serialises acquisitions (and stale take-overs) of this folder
+        owner = _lock_owner(lock)
+        if owner is not None:
+            if owner and _owner_alive(owner):
+                raise PrismError(f"{option} {folder}: in use by prismdd {owner.get('stage')} (pid {owner.get('pid')} "
+                                 f"on {owner.get('host')}, since {owner.get('started')}); wait for it to finish or "
+                                 f"pass another {option} (if no such process runs, delete {lock})")
+            print(f"[{stage}] taking over the lock of a process that no longer runs "
+                  f"(pid {owner.get('pid', '?')}, {owner.get('stage', '?')}) in {folder}", file=sys.stderr)
+            lock.unlink(missing_ok=True)
+        with atomic_path(lock) as tmp:
+            tmp.write_text(json.dumps(me) + "\n")
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    _HELD[key] = 1
+    try:
+        remove_orphans(folder)
+        yield folder
+    finally:
+        _HELD.pop(key, None)
+        if (_lock_owner(lock) or {}).get("pid") == os.getpid():
+            lock.unlink(missing_ok=True)
+
+
+def locked_stage(stage: str):
+    """Decorator of a stage function ``fn(cfg)``: holds ``cfg.out`` (``output_lock``) for the stage's life,
+    released on any exit. Under torchrun only rank 0 takes it (the ranks of one job share the folder)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(cfg, *args, **kwargs):
+            if int(os.environ.get("RANK", "0")) != 0:
+                return fn(cfg, *args, **kwargs)
+            with output_lock(cfg.out, stage):
+                return fn(cfg, *args, **kwargs)
+        return run
+    return wrap
+
+
+# ----------------------------------------------------------------------------- finite checks
+def check_finite_state(state: dict, what: str, fix: str) -> None:
+    """Refuse weights or BN running statistics that hold NaN or inf, naming the first such tensor."""
+    for name, t in state.items():
+        if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise PrismError(f"{what}: {name} holds {bad} NaN/inf values of {t.numel()}; {fix}")
+
+
+def check_finite_labels(logits: torch.Tensor, teachers: list[str], where) -> None:
+    """Soft labels are checked before they are stored: a NaN teacher must not become a silent label file."""
+    bad = ~torch.isfinite(logits)
+    if bad.any():
+        rows = int(bad.any(dim=1).sum())
+        raise PrismError(f"{where}: teacher {', '.join(teachers)} gave NaN/inf logits on {rows} of {len(logits)} "
+                         f"views; check that teacher (retrain it with `prismdd squeeze --force`) or pick "
+                         f"another with --label-teachers")
 
 
 # ----------------------------------------------------------------------------- model cards
@@ -165,8 +348,11 @@ def load_model(path, *, arch: str | None = None, dataset: str | None = None,
         raise PrismError(f"{folder}: trained at {card['spec'].get('resolution')} px, the images are {resolution} px; "
                          f"pass --resolution {card['spec'].get('resolution')} or use teachers of this resolution")
     model = model_from_spec(card["spec"])
+    state = load_tensors(folder / WEIGHTS)
+    check_finite_state(state, f"{folder / WEIGHTS} ({card['arch']})",
+                       "its training diverged or the file is damaged; retrain it with `prismdd squeeze --force`")
     try:
-        model.load_state_dict(load_tensors(folder / WEIGHTS))
+        model.load_state_dict(state)
     except RuntimeError as e:  # shapes or names differ from what card.json describes
         raise PrismError(f"{folder / WEIGHTS}: cannot load into the architecture card.json describes "
                          f"({str(e).splitlines()[0]}); retrain it with `prismdd squeeze --force`") from None
@@ -264,7 +450,9 @@ def with_distilled_dataset(cfg, manifest: dict, folder):
         raise PrismError(f"--dataset {cfg.dataset}: {folder} was distilled from {name!r}; drop --dataset or pass "
                          f"--dataset {name}")
     return dataclasses.replace(cfg, dataset=name, data_root=cfg.data_root or made.get("data_root"),
-                               resolution=cfg.resolution or made.get("resolution"))
+                               resolution=cfg.resolution or made.get("resolution"),
+                               channels=cfg.channels or made.get("channels"),
+                               eval_crop=made.get("eval_crop", "auto") if cfg.eval_crop == "auto" else cfg.eval_crop)
 
 
 def load_distilled(folder) -> DistilledSet:
@@ -298,9 +486,15 @@ def pack_logits(logits: torch.Tensor, storage: str, topk: int) -> dict[str, torc
         # the mean of the logits left out (one number per view): filling them with it instead of the k-th
         # value cut the reconstruction error 4-50x and kept 4 accuracy points at top-2 (BENCHMARKS.md)
         tail = (logits.sum(1, keepdim=True) - v.sum(1, keepdim=True)) / (logits.shape[1] - topk)
-        return {"values": v.to(dtype).contiguous(), "indices": i.to(idx_dtype).contiguous(),
-                "tail": tail.to(dtype).contiguous()}
-    return {"logits": logits.to(dtype).contiguous()}
+        out = {"values": v.to(dtype).contiguous(), "indices": i.to(idx_dtype).contiguous(),
+               "tail": tail.to(dtype).contiguous()}
+    else:
+        out = {"logits": logits.to(dtype).contiguous()}
+    for k, t in out.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise PrismError(f"soft labels: {k} is not finite after conversion to {storage} (logits up to "
+                             f"{float(logits.abs().max()):.3g}); use --storage fp32")
+    return out
 
 
 def unpack_logits(d: dict[str, torch.Tensor], num_classes: int) -> torch.Tensor:
@@ -312,6 +506,23 @@ def unpack_logits(d: dict[str, torch.Tensor], num_classes: int) -> torch.Tensor:
     fill = d["tail"].float() if "tail" in d else v.min(dim=1, keepdim=True).values
     out = fill.expand(-1, num_classes).clone()
     return out.scatter_(1, i, v)
+
+
+def consumed_digests(data=None, labels: "StoredLabels | None" = None, teachers_dir=None,
+                     teacher_names=()) -> dict[str, str]:
+    """What a student depends on beyond its config: the distilled pixels, the stored labels (their config
+    hash and recorded inputs), the online label teachers' weights."""
+    out = {}
+    if isinstance(data, DistilledSet):
+        out["distilled images"] = images_digest(data.images, data.targets)
+    if labels is not None:
+        m = labels.manifest
+        blob = json.dumps([m.get("config_hash"), (m.get("inputs") or {}).get("digests")], sort_keys=True)
+        out["labels"] = hashlib.sha256(blob.encode()).hexdigest()
+    if teachers_dir and teacher_names:
+        found = find_teachers(teachers_dir)
+        out.update(teacher_digests({a: found[a] for a in teacher_names}))
+    return out
 
 
 def epoch_file(folder, epoch: int) -> Path:
@@ -335,6 +546,18 @@ class StoredLabels:
         self.views = m["views"]
         self.epochs = m["outputs"]["epochs"]
         self.num_classes = num_classes
+
+    def check_source(self, data, distilled) -> None:
+        """Refuse labels made for another distilled set than ``data`` (or for its images before a
+        ``recover --force`` rewrote them): relabel records the digest of the pixels it labelled."""
+        recorded = (self.manifest.get("inputs") or {}).get("distilled_digest")
+        if recorded is None or not hasattr(data, "images"):
+            return  # labels of an older prismdd (no digest), or a source that is not an image tensor
+        now = images_digest(data.images, data.targets)
+        if now != recorded:
+            raise PrismError(f"--labels {self.folder}: made for other images than --distilled {distilled} holds "
+                             f"(sha256 {recorded[:12]} then, {now[:12]} now: another set, or recover re-ran); "
+                             f"relabel it: prismdd relabel --distilled {distilled} --out {self.folder} --force")
 
     def epoch(self, e: int) -> tuple[EpochPlan, torch.Tensor]:
         if e >= self.epochs:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import sys
 import typing
+
+from safetensors import SafetensorError
 
 from .audit import AuditConfig, audit
 from .core.config import build_config, field_default, field_help, load_yaml, parse_sets, preset_defaults
@@ -108,7 +111,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     c = sub.add_parser("check-data", help="decode every file of a dataset and list unreadable ones")
     c.add_argument("--dataset", default="fashion-mnist")
     c.add_argument("--data-root", default=None)
-    c.add_argument("--resolution", type=int, default=None)
+    c.add_argument("--resolution", type=int, default=None, help="default: the dataset's own (imagefolder: inferred)")
+    c.add_argument("--channels", type=int, default=None, choices=(1, 3), help="default: the dataset's own")
     for name, (cls, _, help_) in STAGES.items():
         try:
             chosen = _chosen_preset(argv, name)
@@ -127,6 +131,35 @@ def fit_table(rows: list[dict], cols: list[str], width: int = TABLE_WIDTH) -> st
     cut = [dict(r, **{last: (lambda v: v if len(v) <= room else v[: room - 1] + "\u2026")(str(r.get(last, "")))})
            for r in rows]
     return format_table(cut, cols)
+
+
+_ERRNO_FIX = {
+    errno.ENOSPC: "the disk is full: free space or pass another --out, then re-run the same command to resume",
+    errno.EFBIG: "the file grew past a size limit (ulimit -f): raise it or pass another --out, then re-run",
+    errno.EDQUOT: "the disk quota is used up: free space or pass another --out, then re-run",
+    errno.EACCES: "permission denied: pass a folder you may write (e.g. --out under your home) or fix its permissions",
+    errno.EPERM: "operation not permitted: pass a folder you may write or fix its permissions",
+    errno.EROFS: "read-only file system: pass an --out on a writable disk",
+    errno.ENOTDIR: "a file stands where a folder is expected: pass a folder path",
+    errno.EISDIR: "a folder stands where a file is expected: pass a file path",
+    errno.EEXIST: "a file of that name exists where a folder is expected: pass a folder path",
+    errno.ENOENT: "no such file or folder: check the path",
+}
+
+
+def environment_error(e: BaseException) -> str:
+    """One line for an error of the machine rather than of prismdd (permissions, a full disk, a file where a
+    folder belongs, a file that is not UTF-8): the path it concerns and what to do."""
+    if isinstance(e, UnicodeDecodeError):
+        return (f"a file is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 "
+                f"(a YAML --config, a card.json or a class list)")
+    if isinstance(e, OSError):
+        path = e.filename if e.filename is not None else "?"
+        if e.filename2 is not None:
+            path = f"{path} -> {e.filename2}"
+        fix = _ERRNO_FIX.get(e.errno, "check the path and the disk")
+        return f"{path}: {e.strerror or e} ({fix})"
+    return f"{str(e).splitlines()[0]}: a safetensors file could not be read or written (disk full or damaged file)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,9 +188,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(fit_table(rows, ["name", "description"]))
                 print("`prismdd methods NAME` shows one preset's source and settings; --wide shows them all")
         elif args.command == "check-data":
-            res = check_data(args.dataset, args.data_root, args.resolution)
+            res = check_data(args.dataset, args.data_root, args.resolution, args.channels)
             print(f"{res['dataset']}: {res['train']} train, {res['test']} test, {res['classes']} classes, "
-                  f"{len(res['bad_files'])} unreadable files")
+                  f"{res['resolution']} px x {res['channels']} channels, {len(res['bad_files'])} unreadable files")
+            if res.get("modes"):
+                print("  image modes: " + ", ".join(f"{m} x {n}" for m, n in sorted(res["modes"].items())))
+            for n in res["notes"]:
+                print("  note: " + n)
             for b in res["bad_files"]:
                 print("  " + b)
             return 1 if res["bad_files"] else 0
@@ -166,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
             fn(config_from_args(args.command, args))
     except PrismError as e:
         print(f"prismdd: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, UnicodeDecodeError, SafetensorError) as e:  # the environment, not a bug: one line, no traceback
+        print(f"prismdd: error: {environment_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nprismdd: interrupted; finished work is kept, re-run the same command to resume", file=sys.stderr)

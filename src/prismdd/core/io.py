@@ -1,9 +1,10 @@
 """File I/O every stage shares: atomic writes (temp file + rename), JSON, checkpoints, JSON-lines logs."""
 from __future__ import annotations
 
+import errno
 import json
 import os
-import tempfile
+import secrets
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,14 +26,75 @@ def atomic_path(path: str | os.PathLike):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _new_tmp(path)
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:  # a failed write() names no file: name the one being written
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+TMP_SUFFIX = ".tmp"
+
+
+def _new_tmp(path: Path) -> Path:
+    """An empty, new file ``.<name>.<pid>.<random>.tmp`` beside ``path``, created with mode 0o666 so the
+    kernel applies the umask exactly as for a plain ``open()`` (``mkstemp`` would make it 0600 whatever the
+    umask, and the rename keeps that mode). The PID in the name lets ``remove_orphans`` tell a dead writer's
+    leftover from a live writer's file."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "cannot create a temporary file", str(path.parent))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (a zombie, killed but not yet reaped, counts as dead)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def remove_orphans(folder, depth: int = 2) -> list[Path]:
+    """Delete the temporary files (``.<name>.<pid>.<8 hex>.tmp``) that writers killed mid-write left in
+    ``folder`` and its sub-folders down to ``depth`` levels (``images/<class>/`` is the deepest a stage
+    writes); files of a writer that still runs are kept. Returns what was removed."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    found = [p for d in range(depth + 1) for p in folder.glob("*/" * d + f".*{TMP_SUFFIX}")]
+    for p in found:
+        parts = p.name[: -len(TMP_SUFFIX)].split(".")
+        ours = len(parts) >= 4 and parts[-2].isdigit() and len(parts[-1]) == 8 and all(
+            ch in "0123456789abcdef" for ch in parts[-1])
+        if not ours or int(parts[-2]) == os.getpid() or pid_alive(int(parts[-2])):
+            continue  # another program's file, or a writer that still runs
+        try:
+            p.unlink()
+            removed.append(p)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def write_json(path, obj: Any) -> None:
@@ -62,9 +124,21 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
+def _write_failed(path, e: Exception) -> PrismError:
+    """torch.save and safetensors report a failed write (disk full, file-size limit) as their own errors
+    (``enforce fail at inline_container.cc``, ``SafetensorError: ... IoError``): one line naming the file."""
+    return PrismError(f"{path}: cannot write ({str(e).strip().splitlines()[0][:200]}); the disk may be full: free "
+                      f"space or pass another --out, then re-run the same command to resume")
+
+
 def torch_save(obj, path) -> None:
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except OSError:
+            raise
+        except RuntimeError as e:
+            raise _write_failed(path, e) from None
 
 
 def torch_load(path, map_location="cpu"):
@@ -75,8 +149,16 @@ def torch_load(path, map_location="cpu"):
 def save_tensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
     """A flat dict of tensors as one safetensors file (no pickle), written atomically; ``metadata``: text
     fields stored in the file's header (e.g. the config hash it was made with)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except OSError:
+            raise
+        except Exception as e:  # SafetensorError "I/O error: ... (os error 28)": the write failed
+            if "I/O error" in str(e) or "os error" in str(e):
+                raise _write_failed(path, e) from None
+            raise
 
 
 def tensors_metadata(path) -> dict[str, str]:
@@ -108,8 +190,13 @@ class JsonlLog:
 
     def write(self, **record) -> None:
         record.setdefault("time", round(time.time(), 3))
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, default=_json_default) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, default=_json_default) + "\n")
+        except OSError as e:
+            if e.filename is None:
+                raise OSError(e.errno, e.strerror, str(self.path)) from None
+            raise
 
     def read(self) -> list[dict]:
         """Every complete record; a last line cut off by a kill mid-write is skipped, not an error."""

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..artifacts import (METRICS_FILE, find_one_teacher, load_distilled, load_model, with_distilled_dataset,
-                         write_manifest)
+from ..artifacts import (METRICS_FILE, WEIGHTS, file_digest, find_one_teacher, images_digest, load_distilled,
+                         load_model, locked_stage, with_distilled_dataset, write_manifest)
 from ..core.config import FROM_DISTILLED, CommonConfig, comma_list, opt
 from ..core.data import (DatasetInfo, TensorImages, class_indices, load_dataset, load_indices, random_real_indices,
                          subset_split)
@@ -237,6 +237,7 @@ def _same_dataset(a: DatasetInfo, b: DatasetInfo) -> bool:
                                                                         b.resolution)
 
 
+@locked_stage("metrics")
 def metrics(cfg: MetricsConfig) -> dict:
     """Measure every distilled set (plus a random real reference) with the observer; write metrics.json."""
     timer = Timer()
@@ -262,7 +263,8 @@ def metrics(cfg: MetricsConfig) -> dict:
         warnings.append(f"observer {card['arch']} has test top-1 {card['test_top1']:.1f}% (chance {chance:.1f}%): "
                         f"its features say little about the images; train it longer")
 
-    train, _, _ = load_dataset(info.name, cfg.data_root, cfg.download, info.resolution)
+    train, _, _ = load_dataset(info.name, cfg.data_root, cfg.download, info.resolution, info.channels, cfg.eval_crop,
+                               cfg.num_workers)
     if cfg.subset:
         train = subset_split(train, load_indices(cfg.subset, len(train)))
 
@@ -275,7 +277,8 @@ def metrics(cfg: MetricsConfig) -> dict:
         results[name] = dict(kind="distilled", folder=str(s.folder), ipc=_ipc(s.targets, s.manifest),
                              **diversity_from_features(feats, s.targets, info.num_classes))
         features[name] = (feats, s.targets)
-        inputs[name] = {"folder": str(s.folder), "config_hash": s.manifest.get("config_hash")}
+        inputs[name] = {"folder": str(s.folder), "config_hash": s.manifest.get("config_hash"),
+                        "images_sha256": images_digest(s.images, s.targets)}
     ipcs = sorted({r["ipc"] for r in results.values()})
     references, real_feats = {}, None
     for ipc in ipcs:
@@ -296,7 +299,7 @@ def metrics(cfg: MetricsConfig) -> dict:
     emb = embedding({"real": real_feats, **features}, cfg.seed)
     out = Path(cfg.out)
     observer_info = {"arch": card["arch"], "folder": str(obs_folder), "test_top1": card.get("test_top1"),
-                     "width": card["spec"].get("width")}
+                     "width": card["spec"].get("width"), "sha256": file_digest(obs_folder / WEIGHTS)}
     report = {"dataset": info.name, "observer": observer_info, "sets": results, "embedding": emb, "warnings": warnings,
               "note": "cosine similarity of the observer's penultimate features; lower intra-class cosine = "
                       "more diverse"}

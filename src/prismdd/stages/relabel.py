@@ -7,12 +7,14 @@ PyTorch is not patched: a plain safetensors file per epoch and our own batch ite
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..artifacts import (epoch_file, label_bytes, load_distilled, load_labelers, pack_logits, reusable,
+from ..artifacts import (check_finite_labels, clear_outputs, epoch_file, find_teachers, images_digest, label_bytes,
+                         load_distilled, load_labelers, locked_stage, pack_logits, reusable, teacher_digests,
                          with_distilled_dataset, write_manifest)
 from ..core.augment import ViewConfig, default_view_batch, epoch_plan, make_inputs
 from ..core.config import FROM_DISTILLED, CommonConfig, config_hash, opt
@@ -41,8 +43,11 @@ class RelabelConfig(CommonConfig):
     force: bool = opt(False, "recompute label files that exist", hashed=False)
 
 
+@locked_stage("relabel")
 def relabel(cfg: RelabelConfig) -> Path:
     timer = Timer()
+    if cfg.force:  # nothing of the replaced labels survives (e.g. epochs beyond the new --epochs)
+        clear_outputs(cfg.out, "epoch_*.safetensors")
     device = resolve_device(cfg.device)
     ds = load_distilled(cfg.distilled)
     info = ds.info
@@ -52,13 +57,16 @@ def relabel(cfg: RelabelConfig) -> Path:
     chash = config_hash(cfg, epochs=None, distilled=ds.manifest.get("config_hash"))
     primary = ds.manifest["config"].get("primary")
     labeler = load_labelers(cfg.teachers, cfg.label_teachers, primary, info, cfg.ensemble, cfg.primary_weight, device)
+    found = find_teachers(cfg.teachers)  # provenance: the pixels labelled and the teachers' weights
+    inputs = {"distilled images": images_digest(ds.images, ds.targets),
+              **teacher_digests({a: found[a] for a in labeler.names})}
     bs = cfg.batch_size or default_view_batch(len(ds), info.num_classes)
     vc = ViewConfig(bs, cfg.min_scale, cfg.mix)
     out = Path(cfg.out)
     total_bytes = file_bytes = 0
     for epoch in progress(range(cfg.epochs), desc="relabel"):
         path = epoch_file(out, epoch)
-        if reusable(path, chash, force=cfg.force, what="a label file") is not None:
+        if reusable(path, chash, force=cfg.force, what="a label file", inputs=inputs) is not None:
             total_bytes += label_bytes(load_tensors(path))
             file_bytes += path.stat().st_size
             continue
@@ -66,13 +74,17 @@ def relabel(cfg: RelabelConfig) -> Path:
         chunks = []
         for _, _, idx, views, mix in plan.batches(bs):
             chunks.append(labeler(make_inputs(ds.images[idx], info, views, mix, device)).cpu())
-        tensors = {**pack_logits(torch.cat(chunks), cfg.storage, cfg.topk), **plan.to_tensors()}
-        save_tensors(tensors, path, metadata={"config_hash": chash})
+        logits = torch.cat(chunks)
+        check_finite_labels(logits, labeler.names, f"relabel epoch {epoch}")  # a NaN teacher stores nothing
+        tensors = {**pack_logits(logits, cfg.storage, cfg.topk), **plan.to_tensors()}
+        save_tensors(tensors, path, metadata={"config_hash": chash, "inputs": json.dumps(inputs)})
         total_bytes += label_bytes(tensors)
         file_bytes += path.stat().st_size
     n_ie = len(ds) * cfg.epochs
     write_manifest(out, "relabel", cfg, inputs={"distilled": str(cfg.distilled), "dataset": info.to_dict(),
-                                                "label_teachers": labeler.names},
+                                                "label_teachers": labeler.names,
+                                                "distilled_config_hash": ds.manifest.get("config_hash"),
+                                                "distilled_digest": inputs["distilled images"], "digests": inputs},
                    outputs={"epochs": cfg.epochs, "images": len(ds), "batch_size": bs, "label_bytes": total_bytes,
                             "bytes_per_image_epoch": round(total_bytes / max(1, n_ie), 2),
                             "file_bytes": file_bytes,  # labels + the stored view parameters + headers

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..artifacts import CARD, reusable, save_model, write_manifest
+from ..artifacts import CARD, locked_stage, reusable, save_model, write_manifest
 from ..core.augment import apply_views, sample_views
 from ..core.config import CommonConfig, comma_list, config_hash, opt
-from ..core.data import DatasetInfo, iterate_batches, load_splits, normalize
+from ..core.data import DatasetInfo, check_class_coverage, iterate_batches, load_splits, normalize
 from ..core.errors import PrismError
 from ..core.io import JsonlLog, read_json
 from ..core.models import create_model
@@ -59,11 +59,13 @@ class SqueezeConfig(CommonConfig):
         return comma_list(self.arch)
 
 
+@locked_stage("squeeze")
 def squeeze(cfg: SqueezeConfig) -> dict[str, Path]:
     """Train (or reuse) every teacher of ``cfg.arch``; returns ``{arch: folder}``."""
     timer = Timer()
     device = resolve_device(cfg.device)
     train, test, info = load_splits(cfg)
+    check_class_coverage(info, train, test)  # an empty val/ or class folder: refused now, not after an epoch
     folders = {arch: train_teacher(cfg, arch, train, test, info, device) for arch in cfg.archs}
     cards = {a: read_json(p / CARD) for a, p in folders.items()}
     write_manifest(cfg.out, "squeeze", cfg, inputs={"dataset": info.to_dict()},
