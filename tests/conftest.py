@@ -13,6 +13,14 @@ import torch
 # OMP_NUM_THREADS=1 subprocesses of the torchrun test.
 torch.set_num_threads(1)
 os.environ.pop("WORLD_SIZE", None)  # recover must run as a single process unless a test launches torchrun
+# decoded ImageFolder caches go to a throw-away folder, never the user's ~/.cache/prismdd
+if "PRISMDD_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["PRISMDD_CACHE"] = tempfile.mkdtemp(prefix="prismdd-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["PRISMDD_CACHE"], True)
 
 ZOO_ARCHS = ("convnet", "resnet18", "mobilenet_v2")
 # the tiny recover run every end-to-end test uses: 10 classes x ipc 2 = 20 units -> batches of 8, 8, 4
@@ -21,6 +29,7 @@ TINY_RECOVER = dict(dataset="digits", ipc=2, iterations=3, batch_size=8, device=
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a minute on 2 CPU cores")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one; benchmarks/gpu_check.sh runs them)")
 
 
 @pytest.fixture(scope="session")

@@ -8,18 +8,21 @@ same stages, so there is one way to compose them.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar
 
+import torch
+
 from .artifacts import ACCURACY_FILE, CARD, METRICS_FILE, MANIFEST, reusable, write_manifest
 from .core.config import CommonConfig, build_config, comma_list, config_hash, config_to_dict, opt
 from .core.data import load_splits
 from .core.errors import PrismError
 from .core.io import read_json, write_json
-from .core.models import ARCHS
+from .core.models import ARCHS, create_model, has_batchnorm
 from .core.presets import METHODS
 from .core.runtime import Timer
 from .report import print_table, write_report
@@ -89,7 +92,8 @@ def epochs_for(steps: int, n: int, batch_size: int = 128) -> dict:
     return {"epochs": epochs, "steps_per_epoch": -(-steps // epochs), "batch_size": batch_size}
 
 
-COMMON_KEYS = ("dataset", "data_root", "download", "device", "seed", "num_workers", "resolution", "subset")
+COMMON_KEYS = ("dataset", "data_root", "download", "device", "seed", "num_workers", "resolution", "channels",
+               "eval_crop", "subset")
 
 
 def common_fields(cfg) -> dict:
@@ -141,6 +145,63 @@ class Stages:
         return read_json(folder / METRICS_FILE)
 
 
+def preflight(cfg: RunConfig, common: dict, train, test, info) -> None:
+    """Check, before any compute is spent, that every requested stage can run on this data: each stage's config
+    builds, every class has the real images that recovery (real init) and the random-real baseline draw, the
+    test split is not empty, and every network (teachers, observer, student) runs on the images' size and
+    channels; the primary teacher has BatchNorm. All problems are reported together in one line."""
+    problems = []
+    counts = torch.bincount(train.targets, minlength=info.num_classes).tolist()
+
+    def short_classes(need: int) -> str | None:
+        few = [(info.class_names[c], n) for c, n in enumerate(counts) if n < need]
+        return None if not few else f"class {few[0][0]!r} has {few[0][1]} training images" + (
+            f" ({len(few) - 1} more classes too few)" if len(few) > 1 else "")
+
+    if len(test) == 0:
+        problems.append("the test split is empty (every student is evaluated on it)")
+    for method in cfg.method_list:
+        try:
+            rc = build_config(RecoverConfig, dict(common, method=method, teachers="-", primary=cfg.teacher_list[0],
+                                                  ipc=cfg.ipc, iterations=cfg.iterations,
+                                                  batch_size=cfg.recover_batch_size, out="-"))
+            build_config(ValidateConfig, dict(common, protocol="prism", distilled="-", teachers="-", out="-",
+                                              student=cfg.student, student_width=cfg.student_width))
+        except PrismError as e:
+            problems.append(f"method {method}: {e}")
+            continue
+        need = cfg.ipc * rc.init_tiles ** 2 if rc.init == "real" else 0
+        if need and (msg := short_classes(need)):
+            problems.append(f"--ipc {cfg.ipc}: method {method} starts from {need} real images per class, but {msg}; "
+                            f"lower --ipc")
+    if "random-real" in cfg.baseline_list and (msg := short_classes(cfg.ipc)):
+        problems.append(f"--ipc {cfg.ipc}: the random-real baseline draws {cfg.ipc} images per class, but {msg}")
+    nets = [("--teacher-archs", a, cfg.teacher_width) for a in cfg.teacher_list]
+    nets.append(("--observer", cfg.observer, cfg.teacher_width if cfg.observer not in ARCHS
+                 or ARCHS.get(cfg.observer).has_width else 1.0))
+    nets.append(("--student", cfg.student, cfg.student_width))
+    x = torch.zeros(2, info.channels, info.resolution, info.resolution)
+    for flag, arch, width in nets:
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():  # leaves the global random state untouched
+                model = create_model(arch, info.num_classes, info.channels, info.resolution, width).eval()
+                model(x)
+        except PrismError as e:
+            problems.append(f"{flag} {arch}: {e}")
+            continue
+        except Exception as e:  # noqa: BLE001 - a network that cannot take this image size fails here, not hours later
+            problems.append(f"{flag} {arch}: cannot run on {info.resolution} px {info.channels}-channel images "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); pick another or pass --resolution")
+            continue
+        if flag == "--teacher-archs" and arch == cfg.teacher_list[0] and not has_batchnorm(model):
+            problems.append(f"--teacher-archs: the primary {arch} has no BatchNorm layers; put a BN architecture first")
+    existing = next(p for p in [Path(cfg.out).absolute(), *Path(cfg.out).absolute().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        problems.append(f"--out {cfg.out}: {existing} is not a writable folder")
+    if problems:
+        raise PrismError("run: nothing was computed, fix first: " + "; ".join(problems))
+
+
 def run(cfg: RunConfig) -> dict:
     """The whole job; returns the results dict (also written to ``<out>/results.json``)."""
     total = Timer()
@@ -148,6 +209,7 @@ def run(cfg: RunConfig) -> dict:
     stages = Stages(out, cfg.force)
     common = common_fields(cfg)
     train, test, info = load_splits(cfg)  # fail early on missing data, before any training
+    preflight(cfg, common, train, test, info)
 
     # ------------------------------------------------------------------ squeeze: the zoo + the observer
     zoo = cfg.teacher_list

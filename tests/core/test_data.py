@@ -252,9 +252,11 @@ def test_imagefolder_loads_sorted_classes(tmp_path):
     assert D.DATASETS.get("imagefolder").available(str(root)) == str(root)
 
 
-def test_imagefolder_default_resolution_224(tmp_path):
-    root = _png_tree(tmp_path / "tree", per_class=1)
+def test_imagefolder_resolution_inferred_or_given(tmp_path):
+    root = _png_tree(tmp_path / "tree", per_class=1)  # 20 x 12 RGB: the shorter side, 12 px, is the default
     train, _, info = load_dataset("imagefolder", str(root))
+    assert (info.channels, info.resolution) == (3, 12) and train[0][0].shape == (3, 12, 12)
+    train, _, info = load_dataset("imagefolder", str(root), resolution=224)
     assert info.resolution == 224 and train[0][0].shape == (3, 224, 224)
 
 
@@ -277,12 +279,12 @@ def test_corrupt_image_named_and_listed(tmp_path, cli, capsys):
     root = _png_tree(tmp_path / "tree")
     bad = root / "val" / "cat" / "cat_1.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
-    train, test, _ = load_dataset("imagefolder", str(root), resolution=8)
-    train.get_images(torch.arange(len(train)))  # the good split decodes
-    i = [p for p, _ in test.samples].index(str(bad))
-    with pytest.raises(PrismError) as ei:
-        test[i]
+    with pytest.raises(PrismError) as ei:  # decoding the split into its cache names the bad file
+        load_dataset("imagefolder", str(root), resolution=8)
     assert str(bad) in str(ei.value) and "check-data" in str(ei.value)
+    test = D.FolderImages([(str(bad), 0)], 8)  # the lazy path (PRISMDD_CACHE=off) names it too
+    with pytest.raises(PrismError, match="check-data"):
+        test[0]
 
     res = check_data("imagefolder", str(root), resolution=8)
     assert (res["train"], res["test"], res["classes"]) == (4, 4, 2)
@@ -296,6 +298,7 @@ def test_corrupt_image_named_and_listed(tmp_path, cli, capsys):
 
 def test_check_data_clean_dataset(cli, capsys):
     res = check_data("digits")
-    assert res == {"dataset": "digits", "train": 1437, "test": 360, "classes": 10, "bad_files": []}
+    assert res == {"dataset": "digits", "train": 1437, "test": 360, "classes": 10, "resolution": 8, "channels": 1,
+                   "bad_files": [], "notes": []}
     assert cli(["check-data", "--dataset", "digits"]) == 0
     assert "0 unreadable files" in capsys.readouterr().out

@@ -56,7 +56,13 @@ class CommonConfig:
     out: str = opt("runs/out", "output folder", hashed=False)
     num_workers: int = opt(0, "DataLoader workers for file-backed datasets (in-memory sets need none)", minimum=0,
                            hashed=False)
-    resolution: int | None = opt(None, "image side in pixels; None: the dataset's own (imagefolder: 224)", minimum=1)
+    resolution: int | None = opt(None, "image side in pixels; None: the dataset's own (imagefolder: the most common "
+                                       "shorter side of its images)", minimum=1)
+    channels: int | None = opt(None, "1 (grey) or 3 (RGB); None: the dataset's own (imagefolder: 1 if every image is "
+                                     "greyscale)", choices=(1, 3))
+    eval_crop: str = opt("auto", "test-split preprocessing: none (shorter side to --resolution, centre crop) | imagenet "
+                                 "(Resize 256 + CenterCrop 224: shorter side to resolution*256/224, centre crop) | auto "
+                                 "(imagenet at 224 px and above)", choices=("auto", "none", "imagenet"))
     subset: str | None = opt(None, ".npy/.txt file of training-set indices to use instead of the whole train split")
     force: bool = opt(False, "redo finished work in --out instead of reusing it", hashed=False)
 

@@ -2,13 +2,22 @@
 
 Images stay uint8 (N, C, H, W) until a batch reaches the device; ``normalize`` turns them into the
 float tensors models see. Small datasets live in memory as one tensor (``TensorImages``), so batches are
-sliced without a DataLoader; ImageNet-style folders load lazily (``FolderImages``).
+sliced without a DataLoader. ImageFolders (``imagefolder``) are decoded once into a memory-mapped uint8 cache
+(``decode_cache``; ``CachedFolderImages`` is a ``TensorImages`` over it), so they behave like in-memory sets;
+with the cache off they decode lazily (``FolderImages``).
 """
 from __future__ import annotations
 
+import fcntl
 import gzip
+import hashlib
+import json
 import os
+import shutil
 import struct
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,7 +28,8 @@ from torch.utils.data import Dataset
 
 from .registry import Registry
 from .errors import PrismError
-from .runtime import make_generator
+from .io import atomic_path
+from .runtime import make_generator, progress
 
 DEBIAN_ROOT = Path("/usr/share/datasets")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -65,39 +75,34 @@ class TensorImages(Dataset):
 
 
 class FolderImages(Dataset):
-    """Lazily decoded image files (ImageFolder layout), resized and centre-cropped to ``resolution``."""
+    """Lazily decoded image files (ImageFolder layout), resized and centre-cropped to ``resolution``
+    (``crop`` < 1: the shorter side goes to ``resolution / crop`` first, ImageNet's eval preprocessing).
+    Used to fill the decoded cache, and directly when the cache is off (``PRISMDD_CACHE=off``)."""
 
-    def __init__(self, samples: list[tuple[str, int]], resolution: int, channels: int = 3):
+    def __init__(self, samples: list[tuple[str, int]], resolution: int, channels: int = 3, crop: float = 1.0,
+                 workers: int = 0):
         self.samples = samples
         self.targets = torch.tensor([s[1] for s in samples], dtype=torch.long)
         self.resolution = resolution
         self.channels = channels
+        self.crop = crop
+        self.workers = workers  # get_images decodes a batch with this many threads (PIL releases the GIL)
 
     def __len__(self):
         return len(self.samples)
 
+    def load(self, i) -> torch.Tensor:
+        return load_image(self.samples[i][0], self.resolution, self.channels, self.crop)
+
     def __getitem__(self, i):
-        return load_image(self.samples[i][0], self.resolution, self.channels), self.targets[i]
+        return self.load(i), self.targets[i]
 
     def get_images(self, idx) -> torch.Tensor:
-        return torch.stack([self[int(i)][0] for i in torch.as_tensor(idx).reshape(-1)])
-
-
-def load_image(path, resolution: int, channels: int = 3) -> torch.Tensor:
-    """Decode one image file to uint8 (C, R, R); a clear error names an unreadable file."""
-    from PIL import Image
-    from torchvision.transforms import functional as TF
-
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB" if channels == 3 else "L")
-            im = TF.center_crop(TF.resize(im, resolution), resolution)
-            arr = np.asarray(im, dtype=np.uint8)
-    except Exception as e:  # PIL raises many types for broken files
-        raise PrismError(f"{path}: cannot decode image ({type(e).__name__}: {e}); remove or replace the file "
-                         f"(`prismdd check-data` lists all bad files)") from None
-    t = torch.from_numpy(arr.copy())
-    return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
+        idx = [int(i) for i in torch.as_tensor(idx).reshape(-1)]
+        if self.workers > 1 and len(idx) > 1:
+            with ThreadPoolExecutor(self.workers) as pool:
+                return torch.stack(list(pool.map(self.load, idx)))
+        return torch.stack([self.load(i) for i in idx])
 
 
 def normalize(x: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
@@ -174,10 +179,11 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
 # ----------------------------------------------------------------------------- registry
 @dataclass
 class DatasetSpec:
-    loader: Callable  # (root, download, resolution) -> (train, test, info)
+    loader: Callable  # (root, download, resolution[, channels, eval_crop, num_workers]) -> (train, test, info)
     description: str
     available: Callable[[str | None], str | None]  # -> the source that would be used, or None
     how_to_get: str = ""
+    options: bool = False  # the loader takes channels=, eval_crop=, num_workers= itself (else load_dataset applies them)
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
@@ -301,7 +307,63 @@ for _name, _cls, _mean, _std, _desc in [
     _load, _avail = _make_cifar(_name, _cls, _mean, _std)
     DATASETS.register(_name, DatasetSpec(_load, _desc + " (torchvision)", _avail, "--download (needs internet)"))
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".jpeg", ".ppm", ".pgm")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+IMAGENET_CROP = 224 / 256  # "Resize 256 + CenterCrop 224": the crop keeps 87.5 % of the shorter side
+EVAL_CROPS = ("auto", "none", "imagenet")
+INFER_SAMPLE = 2000  # image headers read to infer an ImageFolder's size and channels
+MAX_INFERRED = 224  # photos larger than this are decoded at 224 px unless --resolution says otherwise
+
+
+def crop_ratio(eval_crop: str, resolution: int) -> float:
+    """The test split's centre-crop ratio: 1.0 (shorter side resized to ``resolution``, centre crop) or
+    224/256 (shorter side to ``resolution * 256 / 224``, then the centre crop: ImageNet's eval preprocessing).
+    ``auto`` = imagenet at 224 px and above (ImageNet-sized images), none below (small images keep their edges)."""
+    if eval_crop == "imagenet" or (eval_crop == "auto" and resolution >= 224):
+        return IMAGENET_CROP
+    return 1.0
+
+
+def to_8bit(im):
+    """A PIL image in any mode -> an 8-bit one ("L" or a colour mode), scaling deeper pixels correctly.
+
+    16-bit images (modes I;16*, and I, which is how PIL opens some 16-bit files) span 0..65535 and are divided
+    by 257 (65535 -> 255); float images (mode F) in [0, 1] are multiplied by 255, other float ranges are
+    clipped to [0, 255]. A plain ``convert("L")`` clips instead, which turns a 16-bit image all white.
+    """
+    from PIL import Image
+
+    if im.mode in SIXTEEN_BIT_MODES:
+        arr = np.asarray(im).astype(np.float64)
+        return Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8), "L")
+    if im.mode == "F":
+        arr = np.nan_to_num(np.asarray(im).astype(np.float64))
+        if arr.size and arr.min() >= 0 and arr.max() <= 1:
+            arr = arr * 255.0
+        return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), "L")
+    return im
+
+
+def load_image(path, resolution: int, channels: int = 3, crop: float = 1.0) -> torch.Tensor:
+    """Decode one image file to uint8 (C, R, R): 8-bit conversion (``to_8bit``), the shorter side resized to
+    ``resolution / crop``, then the centre R x R crop. A clear error names an unreadable file."""
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    try:
+        with Image.open(path) as im:
+            im = to_8bit(im).convert("RGB" if channels == 3 else "L")
+            side = resolution if crop >= 1.0 else int(round(resolution / crop))
+            if min(im.size) != side:
+                im = TF.resize(im, side)
+            im = TF.center_crop(im, resolution)
+            arr = np.asarray(im, dtype=np.uint8)
+    except Exception as e:  # PIL raises many types for broken files
+        raise PrismError(f"{path}: cannot decode image ({type(e).__name__}: {e}); remove or replace the file "
+                         f"(`prismdd check-data` lists all bad files)") from None
+    t = torch.from_numpy(arr.copy())
+    return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
 
 
 def _scan_folder(split_dir: Path, classes: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
@@ -312,7 +374,8 @@ def _scan_folder(split_dir: Path, classes: list[str] | None = None) -> tuple[lis
     for c in found:
         if c not in index:
             raise PrismError(f"{split_dir / c}: class folder not present in train/; class folders must match")
-        for dirpath, _, files in os.walk(split_dir / c):
+        for dirpath, dirs, files in os.walk(split_dir / c):
+            dirs.sort()
             for f in sorted(files):
                 if f.lower().endswith(IMAGE_EXTENSIONS):
                     samples.append((os.path.join(dirpath, f), index[c]))
@@ -330,20 +393,228 @@ def _imagefolder_splits(root: str | None) -> tuple[Path, Path]:
     return train, test
 
 
-def _load_imagefolder(root, download, resolution):
+def infer_geometry(paths: list[str], sample: int = INFER_SAMPLE) -> tuple[int, int, str | None]:
+    """``(resolution, channels, notice)`` of an ImageFolder from its image headers (see ``_load_imagefolder``)."""
+    from PIL import Image
+
+    pick = paths if len(paths) <= sample else [paths[int(i)] for i in np.linspace(0, len(paths) - 1, sample)]
+    sides: Counter = Counter()
+    colour = 0
+    for p in pick:
+        try:
+            with Image.open(p) as im:
+                sides[min(im.size)] += 1
+                colour += im.mode not in GREY_MODES
+        except Exception:  # noqa: BLE001 - unreadable files are reported when decoded (check-data lists them)
+            continue
+    if not sides:
+        raise PrismError(f"{Path(paths[0]).parent.parent}: no readable image among {len(pick)} files; "
+                         f"run `prismdd check-data --dataset imagefolder --data-root DIR`")
+    resolution, count = max(sides.items(), key=lambda kv: (kv[1], kv[0]))
+    notice = None
+    if len(sides) > 1:
+        notice = (f"[data] imagefolder: images have {len(sides)} sizes (shorter side {min(sides)}-{max(sides)} px); "
+                  f"using the most common, {min(resolution, MAX_INFERRED)} px ({count} of {sum(sides.values())} "
+                  f"read); pass --resolution N to choose")
+    if resolution > MAX_INFERRED:
+        notice = (f"[data] imagefolder: images are {resolution} px (most common shorter side); using {MAX_INFERRED} "
+                  f"px, ImageNet's convention; pass --resolution N to choose")
+        resolution = MAX_INFERRED
+    return resolution, (3 if colour else 1), notice
+
+
+class CachedFolderImages(TensorImages):
+    """An ImageFolder split decoded once into a uint8 memory-mapped array (``decode_cache``): sliced like an
+    in-memory split; ``samples`` still names each image's file."""
+
+    def __init__(self, images, targets, samples, resolution: int, channels: int, cache: Path):
+        super().__init__(images, targets)
+        self.samples, self.resolution, self.channels, self.cache = samples, resolution, channels, cache
+
+
+def cache_root() -> Path | None:
+    """Where decoded ImageFolders are kept: ``$PRISMDD_CACHE``, else ``$XDG_CACHE_HOME/prismdd`` or
+    ``~/.cache/prismdd``; ``PRISMDD_CACHE=off`` (or 0/none) decodes every batch from the files instead."""
+    env = os.environ.get("PRISMDD_CACHE")
+    if env is not None and env.strip().lower() in ("", "0", "off", "none", "false", "no"):
+        return None
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "prismdd"
+
+
+class _Decode(Dataset):
+    """Cache building: one image per item, errors returned (not raised) so every worker reports its files."""
+
+    def __init__(self, split: FolderImages):
+        self.split = split
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, i):
+        try:
+            return self.split.load(i), ""
+        except PrismError as e:
+            return torch.zeros(self.split.channels, self.split.resolution, self.split.resolution, dtype=torch.uint8), str(e)
+
+
+def files_digest(samples: list[tuple[str, int]]) -> str:
+    """What a decoded cache depends on in the files: each path, label, size and modification time."""
+    h = hashlib.sha256()
+    for path, label in samples:
+        st = os.stat(path)
+        h.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _cache_key(digest: str, **settings) -> str:
+    return hashlib.sha256(json.dumps({"version": CACHE_VERSION, "files": digest, **settings},
+                                     sort_keys=True).encode()).hexdigest()[:24]
+
+
+CACHE_VERSION = 1
+
+
+def decode_cache(split: FolderImages, key: str, num_workers: int = 0, what: str = "images"):
+    """``split`` decoded once into ``<cache_root>/imagefolder/<key>/images.u8`` (uint8 N x C x R x R, memory-mapped
+    read-only-shared: pages are loaded as touched and shared between processes), written atomically under a lock
+    so parallel ranks decode it once. Returns a ``CachedFolderImages``, or ``split`` itself when caching is off or
+    the disk lacks room (a one-line notice says so)."""
+    root = cache_root()
+    if root is None or len(split) == 0:
+        return split
+    folder = root / "imagefolder" / key
+    shape = (len(split), split.channels, split.resolution, split.resolution)
+    nbytes = int(np.prod(shape))
+    if not (folder / "meta.json").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(root).free
+        if free < nbytes * 1.05 + (1 << 30):
+            print(f"[data] {what}: decoded cache needs {nbytes / 1e9:.1f} GB, {root} has {free / 1e9:.1f} GB free; "
+                  f"decoding from the files every epoch instead (set PRISMDD_CACHE=DIR elsewhere)")
+            return split
+        (root / "imagefolder").mkdir(parents=True, exist_ok=True)
+        with open(root / "imagefolder" / f"{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another process decoding the same folder: wait, then reuse its work
+            if not (folder / "meta.json").exists():
+                _write_cache(split, folder, shape, num_workers, what)
+    meta = json.loads((folder / "meta.json").read_text())
+    if tuple(meta["shape"]) != shape:
+        raise PrismError(f"{folder}: decoded cache has shape {meta['shape']}, expected {list(shape)}; delete the folder")
+    arr = np.memmap(folder / "images.u8", dtype=np.uint8, mode="c", shape=shape)  # copy-on-write: never written back
+    return CachedFolderImages(torch.from_numpy(arr), split.targets, split.samples, split.resolution, split.channels,
+                              folder)
+
+
+def _write_cache(split: FolderImages, folder: Path, shape, num_workers: int, what: str) -> None:
+    t0 = time.perf_counter()
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    arr = np.memmap(tmp / "images.u8", dtype=np.uint8, mode="w+", shape=shape)
+    workers = num_workers or (min(8, os.cpu_count() or 1) if len(split) > 2000 else 0)
+    loader = torch.utils.data.DataLoader(_Decode(split), batch_size=64, num_workers=workers)
+    errors, pos = [], 0
+    try:
+        for x, err in progress(loader, desc=f"decode {what}", total=len(loader)):
+            arr[pos: pos + len(x)] = x.numpy()
+            errors += [e for e in err if e]
+            pos += len(x)
+    except BaseException:  # interrupted: leave no half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if errors:
+        shutil.rmtree(tmp, ignore_errors=True)
+        more = f" (and {len(errors) - 1} more: `prismdd check-data` lists them)" if len(errors) > 1 else ""
+        raise PrismError(errors[0] + more)
+    arr.flush()
+    del arr
+    meta = {"shape": list(shape), "files": len(split), "source": str(Path(split.samples[0][0]).parents[1]),
+            "decode_seconds": round(time.perf_counter() - t0, 2), "workers": workers}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process finished first (no lock on this file system): keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"[data] {what}: decoded {len(split)} images once into {folder} ({np.prod(shape) / 1e6:.1f} MB, "
+          f"{meta['decode_seconds']:.1f}s); every later load reuses it")
+
+
+def _load_imagefolder(root, download, resolution, channels=None, eval_crop="auto", num_workers=0):
+    """ImageFolder (``train/`` and ``val/`` or ``test/``, one sub-folder per class).
+
+    The rule for size and channels, unless ``--resolution`` / ``--channels`` say otherwise: the resolution is
+    the most common shorter side among the training images (up to 2,000 headers read, evenly spread; a mixed
+    set gets a one-line notice), capped at 224 px (larger photos, e.g. ImageNet's, get ImageNet's 224 with a
+    notice), and the images are 1-channel when every one read is greyscale (L, 1, 16-bit or float), else RGB. Each image's shorter side is resized to the resolution and the centre square kept;
+    the test split can use ImageNet's "Resize 256 + CenterCrop 224" instead (``--eval-crop``; ``auto``: at
+    224 px and above). Normalisation: ImageNet's mean/std for RGB (what pretrained torchvision teachers
+    expect), the training images' own for grey. Both splits are decoded once into a memory-mapped cache
+    (``cache_root``) that every stage and epoch reuses.
+    """
     train_dir, test_dir = _imagefolder_splits(root)
-    resolution = resolution or 224
     train_samples, classes = _scan_folder(train_dir)
     test_samples, _ = _scan_folder(test_dir, classes)
     if not train_samples:
         raise PrismError(f"{train_dir}: no image files found")
-    info = DatasetInfo("imagefolder", classes, 3, resolution, IMAGENET_MEAN, IMAGENET_STD, str(root))
-    return FolderImages(train_samples, resolution), FolderImages(test_samples, resolution), info
+    # what the request resolves to (the inferred size/channels) is remembered per file list, so a later load
+    # reads no image header; the decoded arrays are keyed by the resolved values, whoever asked for them
+    digest = files_digest(train_samples)
+    scan_key = _cache_key(digest, split="train", resolution=resolution, channels=channels)
+    scan = _read_scan(scan_key)
+    if scan is None:
+        res, ch, notice = infer_geometry([p for p, _ in train_samples])
+        scan = {"resolution": resolution or res, "channels": channels or ch, "notice": None if resolution else notice}
+        _write_scan(scan_key, scan)
+    res, ch = scan["resolution"], scan["channels"]
+    if scan["notice"]:
+        print(scan["notice"])
+    key = _cache_key(digest, split="train", resolution=res, channels=ch)
+    crop = crop_ratio(eval_crop, res)
+    train = decode_cache(FolderImages(train_samples, res, ch, workers=num_workers), key, num_workers,
+                         "imagefolder train")
+    test_key = _cache_key(files_digest(test_samples), split="test", resolution=res, channels=ch, crop=crop)
+    test = decode_cache(FolderImages(test_samples, res, ch, crop, num_workers), test_key, num_workers,
+                        "imagefolder test")
+    if ch == 3:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    else:
+        mean, std = channel_stats(_spread_sample(train, 10000 if isinstance(train, TensorImages) else 500))
+    info = DatasetInfo("imagefolder", classes, ch, res, mean, std, str(root))
+    return train, test, info
+
+
+def _read_scan(key: str) -> dict | None:
+    root = cache_root()
+    path = root / "imagefolder" / f"{key}.scan.json" if root else None
+    try:
+        return json.loads(path.read_text()) if path and path.exists() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _write_scan(key: str, scan: dict) -> None:
+    root = cache_root()
+    if root is None:
+        return
+    try:
+        with atomic_path(root / "imagefolder" / f"{key}.scan.json") as tmp:
+            tmp.write_text(json.dumps(scan))
+    except OSError:  # a read-only cache only costs the header scan next time
+        pass
+
+
+def _spread_sample(split, n: int) -> torch.Tensor:
+    idx = torch.linspace(0, len(split) - 1, min(n, len(split))).long()
+    return split.get_images(idx)
 
 
 DATASETS.register("imagefolder", DatasetSpec(
-    _load_imagefolder, "--data-root DIR with train/ and val/ class folders (ImageNet layout), RGB, --resolution (224)",
-    lambda root: (root if root and Path(root, "train").is_dir() else None), "--data-root DIR"))
+    _load_imagefolder, "--data-root DIR with train/ and val/ class folders (ImageNet layout); size (most common, "
+                       "at most 224 px) and channels inferred from the images (--resolution/--channels override); "
+                       "decoded once into a cache",
+    lambda root: (root if root and Path(root, "train").is_dir() else None), "--data-root DIR", options=True))
 
 
 def list_datasets(root: str | None = None) -> list[dict]:
@@ -351,19 +622,41 @@ def list_datasets(root: str | None = None) -> list[dict]:
             for n, s in DATASETS.items()]
 
 
-def load_dataset(name: str, root: str | None = None, download: bool = False, resolution: int | None = None):
-    """Return ``(train, test, info)`` for a registered dataset."""
+def load_dataset(name: str, root: str | None = None, download: bool = False, resolution: int | None = None,
+                 channels: int | None = None, eval_crop: str = "auto", num_workers: int = 0):
+    """Return ``(train, test, info)`` for a registered dataset.
+
+    ``resolution``/``channels`` override the dataset's own (in-memory sets are resized with antialiasing;
+    grey -> RGB repeats the channel, RGB -> grey takes the luma); ``eval_crop`` picks the test split's
+    preprocessing (``crop_ratio``); ``num_workers`` decodes file-backed sets in parallel.
+    """
     spec = DATASETS.get(name)
+    if eval_crop not in EVAL_CROPS:
+        raise PrismError(f"--eval-crop {eval_crop!r}: expected one of {', '.join(EVAL_CROPS)}")
+    if spec.options:
+        return spec.loader(root, download, resolution, channels=channels, eval_crop=eval_crop,
+                           num_workers=num_workers)
     train, test, info = spec.loader(root, download, resolution)
-    if resolution and resolution != info.resolution and isinstance(train, TensorImages):
+    if not isinstance(train, TensorImages):
+        return train, test, info
+    if channels and channels != info.channels:
+        train, test = (_convert_channels(s, channels) for s in (train, test))
+        info.channels = channels
+        info.mean, info.std = channel_stats(_spread_sample(train, 10000))
+    if resolution and resolution != info.resolution:
         train, test = (_resize_split(s, resolution) for s in (train, test))
         info.resolution = resolution
+    if crop_ratio(eval_crop, info.resolution) < 1.0:
+        test = _centre_crop_split(test, crop_ratio(eval_crop, info.resolution))
     return train, test, info
 
 
 def load_splits(cfg) -> tuple:
-    """``load_dataset`` for a stage config: honours ``resolution`` and ``subset`` (a file of train indices)."""
-    train, test, info = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.resolution)
+    """``load_dataset`` for a stage config: honours ``resolution``, ``channels``, ``eval_crop``, ``num_workers``
+    and ``subset`` (a file of train indices)."""
+    train, test, info = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.resolution,
+                                     getattr(cfg, "channels", None), getattr(cfg, "eval_crop", "auto"),
+                                     getattr(cfg, "num_workers", 0))
     if cfg.subset:
         idx = load_indices(cfg.subset, len(train))
         train = subset_split(train, idx)
@@ -386,7 +679,25 @@ def load_indices(path, n: int) -> torch.Tensor:
 def subset_split(split, idx: torch.Tensor):
     if isinstance(split, TensorImages):
         return TensorImages(split.images[idx], split.targets[idx])
-    return FolderImages([split.samples[i] for i in idx.tolist()], split.resolution, split.channels)
+    return FolderImages([split.samples[i] for i in idx.tolist()], split.resolution, split.channels, split.crop,
+                        split.workers)
+
+
+def _convert_channels(split: TensorImages, channels: int) -> TensorImages:
+    x = split.images
+    if channels == 3:
+        return TensorImages(x.expand(-1, 3, -1, -1).contiguous(), split.targets)
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    return TensorImages((x.float() * luma).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8), split.targets)
+
+
+def _centre_crop_split(split: TensorImages, crop: float) -> TensorImages:
+    """The in-memory twin of ``load_image``'s crop: resize to ``side / crop`` then keep the centre ``side``."""
+    side = split.images.shape[-1]
+    big = int(round(side / crop))
+    x = torch.nn.functional.interpolate(split.images.float(), size=big, mode="bilinear", antialias=True)
+    o = (big - side) // 2
+    return TensorImages(x[..., o: o + side, o: o + side].round().clamp(0, 255).to(torch.uint8), split.targets)
 
 
 def _resize_split(split: TensorImages, resolution: int) -> TensorImages:
@@ -395,8 +706,12 @@ def _resize_split(split: TensorImages, resolution: int) -> TensorImages:
 
 
 def class_indices(targets: torch.Tensor, num_classes: int) -> list[torch.Tensor]:
-    """Indices of each class's samples in dataset order."""
-    return [torch.nonzero(targets == c).flatten() for c in range(num_classes)]
+    """Indices of each class's samples in dataset order (one stable sort: linear-ish in N, not classes x N)."""
+    targets = torch.as_tensor(targets).long()
+    order = torch.sort(targets, stable=True).indices
+    counts = torch.bincount(targets, minlength=num_classes)[:num_classes].tolist()
+    return list(torch.split(order, counts)) if sum(counts) == len(order) else [
+        torch.nonzero(targets == c).flatten() for c in range(num_classes)]
 
 
 def random_real_indices(train, num_classes: int, ipc: int, seed: int) -> torch.Tensor:
@@ -414,18 +729,47 @@ def random_real_indices(train, num_classes: int, ipc: int, seed: int) -> torch.T
     return torch.cat(idx)
 
 
-def check_data(name: str, root: str | None = None, resolution: int | None = None) -> dict:
-    """Decode every file of a dataset; returns counts and the list of unreadable files."""
-    train, test, info = load_dataset(name, root, False, resolution)
-    bad = []
-    for split in (train, test):
-        if isinstance(split, FolderImages):
-            for path, _ in split.samples:
-                try:
-                    load_image(path, split.resolution, split.channels)
-                except PrismError as e:
-                    bad.append(str(e))
-    return {"dataset": name, "train": len(train), "test": len(test), "classes": info.num_classes, "bad_files": bad}
+def check_data(name: str, root: str | None = None, resolution: int | None = None,
+               channels: int | None = None) -> dict:
+    """Decode every file of a dataset; returns counts, the size and channels used, the list of unreadable
+    files and notes (mixed sizes, 16-bit or float images and how they were scaled, images that decode flat)."""
+    if DATASETS.get(name).loader is not _load_imagefolder:
+        train, test, info = load_dataset(name, root, False, resolution, channels)
+        return {"dataset": name, "train": len(train), "test": len(test), "classes": info.num_classes,
+                "resolution": info.resolution, "channels": info.channels, "bad_files": [], "notes": []}
+    from PIL import Image
+
+    train_dir, test_dir = _imagefolder_splits(root)
+    train, classes = _scan_folder(train_dir)
+    test, _ = _scan_folder(test_dir, classes)
+    if not train:
+        raise PrismError(f"{train_dir}: no image files found")
+    res, ch, notice = infer_geometry([p for p, _ in train])
+    res, ch = resolution or res, channels or ch
+    modes: Counter = Counter()
+    bad, flat = [], []
+    for path, _ in train + test:
+        try:
+            x = load_image(path, res, ch)
+        except PrismError as e:
+            bad.append(str(e))
+            continue
+        with Image.open(path) as im:
+            modes[im.mode] += 1
+        if int(x.max()) == int(x.min()):
+            flat.append(path)
+    notes = [notice] if notice and not resolution else []
+    deep = sum(modes[m] for m in SIXTEEN_BIT_MODES)
+    if deep:
+        notes.append(f"{deep} 16-bit images ({', '.join(m for m in SIXTEEN_BIT_MODES if modes[m])}): scaled to 8 bit "
+                     f"(divided by 257)")
+    if modes["F"]:
+        notes.append(f"{modes['F']} float images (F): values in [0, 1] scaled by 255, other ranges clipped to 0-255")
+    if flat:
+        notes.append(f"{len(flat)} images decode to one flat value (first: {flat[0]}); check their content and "
+                     f"bit depth")
+    return {"dataset": name, "train": len(train), "test": len(test), "classes": len(classes), "resolution": res,
+            "channels": ch, "modes": dict(modes), "bad_files": bad, "notes": notes}
 
 
 def iterate_batches(split, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
@@ -444,3 +788,20 @@ def iterate_batches(split, batch_size: int, *, shuffle: bool, generator: torch.G
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(split, idx.tolist()), batch_size=batch_size,
                                          shuffle=False, num_workers=num_workers, drop_last=drop_last)
     yield from loader
+
+
+def check_class_coverage(info: DatasetInfo, train=None, test=None) -> None:
+    """Refuse splits that would be trained or tested on silently: no test images at all (an empty val/), a
+    class without training images (an empty class folder) or without test images (missing from val/)."""
+    for split, name, where in ((train, "training", "an empty class folder"), (test, "test", "missing from val/")):
+        if split is None:
+            continue
+        if len(split) == 0:
+            raise PrismError(f"--dataset {info.name}: the {name} split has no images ({info.source}; an empty "
+                             f"{'val' if name == 'test' else 'train'}/ folder?): add images")
+        counts = torch.bincount(torch.as_tensor(split.targets).long(), minlength=info.num_classes)
+        empty = [info.class_names[c] for c in range(info.num_classes) if counts[c] == 0]
+        if empty:
+            shown = ", ".join(map(repr, empty[:5])) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+            raise PrismError(f"--dataset {info.name}: class {shown} has no {name} images ({where}; {info.source}): "
+                             f"add images or remove the class from both splits")
