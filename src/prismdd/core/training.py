@@ -69,10 +69,16 @@ def set_lr(optimizer, lr: float) -> None:
         g["lr"] = lr
 
 
+EVAL_PIXELS = 500 * 64 * 64  # pixels per evaluation batch: 500 images up to 64 px, fewer above (224 px: 40)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, split, info: DatasetInfo, device, batch_size: int = 500,
+def evaluate(model: nn.Module, split, info: DatasetInfo, device, batch_size: int | None = None,
              num_workers: int = 0, channels_last: bool = False) -> dict:
-    """Top-1/top-5 (percent) and mean CE loss of ``model`` on a split."""
+    """Top-1/top-5 (percent) and mean CE loss of ``model`` on a split. The default batch shrinks with the
+    resolution: 500 images of 224 px peaked at 5-7 GB per process on CPU (BENCHMARKS.md section 7)."""
+    if batch_size is None:
+        batch_size = max(16, min(500, EVAL_PIXELS // (info.resolution ** 2)))
     model.eval()
     n, c1, c5, loss = 0, 0, 0, 0.0
     for x, y in iterate_batches(split, batch_size, shuffle=False, num_workers=num_workers):
