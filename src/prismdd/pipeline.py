@@ -240,7 +240,8 @@ def run(cfg: RunConfig) -> dict:
     if "full" in cfg.baseline_list:
         _, acc = stages.validate("validate-full", common, protocol="prism", full=True, student=cfg.student,
                                  student_width=cfg.student_width, **full_epochs, seeds=cfg.seeds,
-                                 eval_every=full_epochs["epochs"], loss="ce", mix="none")
+                                 eval_every=full_epochs["epochs"], loss="ce", mix="none",
+                                 lr_every="step")  # one capped epoch: a per-epoch LR would never decay
         rows.append(_row("full", acc, None, stages.timings["validate-full"]))
 
     # ------------------------------------------------------------------ diversity metrics (the metrics stage)

@@ -166,14 +166,6 @@ def _audit_cell(v) -> str:
     return _cell(v)
 
 
-def format_table(rows: list[dict], cols: list[str]) -> str:
-    """Plain-text table with a header rule; cells are ``str(row.get(col, ""))``."""
-    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in cols}
-    lines = [" | ".join(c.ljust(widths[c]) for c in cols), "-+-".join("-" * widths[c] for c in cols)]
-    lines += [" | ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols) for r in rows]
-    return "\n".join(lines)
-
-
 def print_table(rows: list[dict]) -> str:
     """The terminal summary ``method | top-1 | intra-class cos | images | time`` as a string.
 

@@ -76,6 +76,8 @@ def test_results_rows(quick_run):
         assert Path(by[m]["distilled"]).parent == quick_run.dir / "stages"
         assert Path(by[m]["distilled"]).name.startswith(f"recover-{m}-")
     assert by["full"]["protocol"]["loss"] == "ce" and by["prism"]["protocol"]["loss"] == "mse+ce"
+    # the full baseline is one capped epoch: its LR must decay per step, the distilled sets' per epoch (reference)
+    assert by["full"]["protocol"]["lr_every"] == "step" and by["prism"]["protocol"]["lr_every"] == "epoch"
     assert set(res["timings"]) >= set(STAGES)
     assert res["dataset"] == "digits" and res["ipc"] == 10 and "FINAL epoch" in res["protocol"]
 

@@ -260,6 +260,7 @@ def validate(cfg: ValidateConfig) -> dict:
     label_src = ("stored:" + str(cfg.labels)) if stored else (("online:" + ",".join(online.names)) if online else "hard labels")
     protocol = {"protocol": cfg.protocol, "loss": cfg.loss, "gamma": cfg.gamma if cfg.loss == "mse+ce" else None,
                 "optimizer": cfg.optimizer, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "schedule": cfg.schedule,
+                "lr_every": cfg.lr_every,
                 "epochs": cfg.epochs, "batch_size": bs,
                 "mix": stored.views["mix"] if stored else cfg.mix, "soft_labels": label_src,
                 "min_scale": stored.views["min_scale"] if stored else cfg.min_scale,
