@@ -16,11 +16,11 @@ import torch.nn as nn
 
 from conftest import TINY_RECOVER, ZOO_ARCHS, png_array, png_files, run_torchrun
 from prismdd.core.bn import bn_hooks, bn_loss_reference
-from prismdd.core.data import class_indices, load_dataset, normalize
+from prismdd.core.data import class_indices, load_dataset
 from prismdd.core.presets import METHODS
 from prismdd.core.presets import preset_settings
 from prismdd.stages.recover import (Engine, batch_teacher_sets, draw_teacher_sets, image_budget, load_teachers,
-                                    plan_batches, recover, recover_config)
+                                    plan_batches, recover_config)
 from prismdd.artifacts import image_path, load_distilled
 from prismdd.core.errors import PrismError
 from prismdd.core.io import read_json

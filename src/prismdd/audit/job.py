@@ -34,7 +34,6 @@ and the stages skip finished work, so re-running the same command resumes.
 """
 from __future__ import annotations
 
-import dataclasses
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
@@ -44,9 +43,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..artifacts import CARD, load_distilled, load_model, reusable, write_manifest
-from ..core.config import comma_list, config_hash, config_to_dict
+from ..core.config import comma_list, config_to_dict
 from ..core.data import load_dataset
-from ..core.errors import PrismError
 from ..core.io import atomic_path, read_json, write_json
 from ..core.runtime import Timer, derive_seed, resolve_device
 from ..core.text import format_table
