@@ -539,21 +539,17 @@ class StoredLabels:
 
     def __init__(self, folder, num_classes: int):
         self.folder = Path(folder)
-        m = read_json(self.folder / MANIFEST) if (self.folder / MANIFEST).exists() else None
-        if m is None or m.get("stage") != "relabel":
-            raise PrismError(f"--labels {folder}: not a finished relabel output (no relabel manifest.json)")
-        self.manifest = m
+        m = self.manifest = read_manifest(self.folder, "relabel", option="--labels")
         self.views = m["views"]
         self.epochs = m["outputs"]["epochs"]
         self.num_classes = num_classes
 
-    def check_source(self, data, distilled) -> None:
-        """Refuse labels made for another distilled set than ``data`` (or for its images before a
-        ``recover --force`` rewrote them): relabel records the digest of the pixels it labelled."""
+    def check_source(self, now: str | None, distilled) -> None:
+        """Refuse labels made for other pixels than those of digest ``now`` (another distilled set, or its images
+        before a ``recover --force`` rewrote them): relabel records the digest of the pixels it labelled."""
         recorded = (self.manifest.get("inputs") or {}).get("distilled_digest")
-        if recorded is None or not hasattr(data, "images"):
-            return  # labels of an older prismdd (no digest), or a source that is not an image tensor
-        now = images_digest(data.images, data.targets)
+        if recorded is None or now is None:
+            return  # labels of an older prismdd (no digest), or a source that is not a distilled set
         if now != recorded:
             raise PrismError(f"--labels {self.folder}: made for other images than --distilled {distilled} holds "
                              f"(sha256 {recorded[:12]} then, {now[:12]} now: another set, or recover re-ran); "

@@ -79,6 +79,11 @@ class RunConfig(CommonConfig):
     def teacher_list(self) -> list[str]:
         return comma_list(self.teacher_archs)
 
+    @property
+    def observer_width(self) -> float:
+        """The teachers' width, for architectures that have a width multiplier (ShuffleNet's is in its name)."""
+        return self.teacher_width if self.observer not in ARCHS or ARCHS.get(self.observer).has_width else 1.0
+
 
 def run_config(**overrides) -> RunConfig:
     """API twin of the CLI: defaults < the quick preset (if quick=True) < overrides."""
@@ -177,8 +182,7 @@ def preflight(cfg: RunConfig, common: dict, train, test, info) -> None:
     if "random-real" in cfg.baseline_list and (msg := short_classes(cfg.ipc)):
         problems.append(f"--ipc {cfg.ipc}: the random-real baseline draws {cfg.ipc} images per class, but {msg}")
     nets = [("--teacher-archs", a, cfg.teacher_width) for a in cfg.teacher_list]
-    nets.append(("--observer", cfg.observer, cfg.teacher_width if cfg.observer not in ARCHS
-                 or ARCHS.get(cfg.observer).has_width else 1.0))
+    nets.append(("--observer", cfg.observer, cfg.observer_width))
     nets.append(("--student", cfg.student, cfg.student_width))
     x = torch.zeros(2, info.channels, info.resolution, info.resolution)
     for flag, arch, width in nets:
@@ -218,9 +222,8 @@ def run(cfg: RunConfig) -> dict:
     full_epochs = epochs_for(cfg.full_steps, len(train))
     teachers_dir = stages.teachers("teachers", common, zoo, width=cfg.teacher_width, **teacher_epochs,
                                    eval_every=max(1, teacher_epochs["epochs"] // 4))
-    observer_width = cfg.teacher_width if cfg.observer not in ARCHS or ARCHS.get(cfg.observer).has_width else 1.0
     observer_dir = stages.teachers("observer", dict(common, seed=cfg.seed + 1000),  # another seed as well as arch
-                                   [cfg.observer], width=observer_width, **observer_epochs,
+                                   [cfg.observer], width=cfg.observer_width, **observer_epochs,
                                    eval_every=observer_epochs["epochs"])
     primary = zoo[0]
 

@@ -468,12 +468,12 @@ def files_digest(samples: list[tuple[str, int]]) -> str:
     return h.hexdigest()
 
 
+CACHE_VERSION = 1  # bump when the decoded layout changes: older caches are then ignored
+
+
 def _cache_key(digest: str, **settings) -> str:
     return hashlib.sha256(json.dumps({"version": CACHE_VERSION, "files": digest, **settings},
                                      sort_keys=True).encode()).hexdigest()[:24]
-
-
-CACHE_VERSION = 1
 
 
 def decode_cache(split: FolderImages, key: str, num_workers: int = 0, what: str = "images"):

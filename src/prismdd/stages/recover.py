@@ -472,10 +472,10 @@ def initial_images(cfg: RecoverConfig, b: int, units, train, info: DatasetInfo, 
     return torch.randn(len(units), info.channels, info.resolution, info.resolution, generator=gen)
 
 
-def _batch_done(out: Path, b: int, units, chash: str) -> bool:
-    """A batch is finished when its record (written last) matches these settings and its images exist."""
-    return reusable(record_path(out, b), chash, what="a recovery batch") is not None and \
-        all(image_path(out, c, k).exists() for c, k in units)
+def _batch_done(out: Path, b: int, units) -> bool:
+    """A batch is finished when its record (written last; every record was checked against these settings
+    before) and its images exist."""
+    return record_path(out, b).exists() and all(image_path(out, c, k).exists() for c, k in units)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -498,9 +498,9 @@ def recover(cfg: RecoverConfig) -> Path:
     dist.barrier(ctx)
     chash = config_hash(cfg)
     for p in sorted((out / "records").glob("batch_*.json")):  # every batch of the folder, not only ours
-        reusable(p, chash, what="a recovery batch")
+        reusable(p, chash, what="a recovery batch")  # made with other settings: refused, never mixed in
     mine = [b for b in range(len(batches)) if b % ctx.world_size == ctx.rank]
-    todo = [b for b in mine if not _batch_done(out, b, batches[b], chash)]
+    todo = [b for b in mine if not _batch_done(out, b, batches[b])]
     if ctx.rank == 0 and len(todo) < len(mine):
         print(f"[recover] resuming: {len(mine) - len(todo)} of {len(mine)} batches already finished")
     log = JsonlLog(out / "logs" / f"rank{ctx.rank}.jsonl")

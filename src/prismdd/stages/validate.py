@@ -220,7 +220,6 @@ def validate(cfg: ValidateConfig) -> dict:
     bs = cfg.batch_size or default_view_batch(len(data), info.num_classes)
     if cfg.labels:
         stored = StoredLabels(cfg.labels, info.num_classes)
-        stored.check_source(data, cfg.distilled)  # labels made for another set (or before recover re-ran): refused
         v = stored.views
         if cfg.batch_size and cfg.batch_size != v["batch_size"]:
             raise PrismError(f"--batch-size {cfg.batch_size}: the labels in {cfg.labels} were made for batch size "
@@ -231,6 +230,8 @@ def validate(cfg: ValidateConfig) -> dict:
                                cfg.ensemble, cfg.primary_weight, ctx.device)
     labels = {"stored": stored, "online": online, "batch_size": bs}
     digests = consumed_digests(data, stored, cfg.teachers, online.names if online else ())
+    if stored is not None:  # labels made for another set (or before recover re-ran): refused
+        stored.check_source(digests.get("distilled images"), cfg.distilled)
     if ctx.rank == 0:  # finished students made from other images, labels or teachers are not reused
         guard_inputs(cfg.out, digests, force=cfg.force)
     if stored is not None and (cfg.mix, cfg.min_scale) != (stored.views["mix"], stored.views["min_scale"]):
