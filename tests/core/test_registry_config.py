@@ -197,3 +197,23 @@ def test_common_config_fields_shared():
         cfg = build_config(cls, {"dataset": "digits", "subset": "idx.npy", "resolution": 16})
         assert isinstance(cfg, CommonConfig)
         assert (cfg.dataset, cfg.subset, cfg.resolution) == ("digits", "idx.npy", 16)
+
+
+def test_a_field_at_its_neutral_value_leaves_the_hash_alone():
+    """An option added later with ``neutral=`` keeps the hashes of configs made before it (no stale-looking
+    outputs), while any other value of it changes the hash."""
+    import dataclasses as dc
+
+    from prismdd.core.config import config_hash, opt
+
+    @dc.dataclass
+    class Old:
+        a: int = opt(1, "a")
+
+    @dc.dataclass
+    class New:
+        a: int = opt(1, "a")
+        b: str = opt("none", "b", neutral="none")
+
+    assert config_hash(New()) == config_hash(Old())
+    assert config_hash(New(b="x")) != config_hash(Old())

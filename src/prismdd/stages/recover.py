@@ -36,6 +36,7 @@ from ..core.models import has_batchnorm
 from ..core.presets import METHODS
 from ..core.runtime import Timer, make_generator, progress
 from ..core.training import example_scores
+from ..methods import PLUGINS, Plugin
 
 SELECTIONS = ("intra", "pre", "all", "single", "rotate")
 INIT_SELECTS = ("first", "random", "low-loss", "mid-loss", "delt-medium")
@@ -102,6 +103,9 @@ class RecoverConfig(CommonConfig):
     amp: bool = opt(False, "bf16 autocast on CUDA")
     log_every: int = opt(50, "iterations between JSON-lines loss records", minimum=1, hashed=False)
     force: bool = opt(False, "redo finished batches", hashed=False)
+    plugin: str = opt("none", "a method's mechanism beyond the engine (set by its preset): none | " + " | ".join(
+        n for n in PLUGINS.names() if n != "none"), choices=PLUGINS.names(), neutral="none")
+    # --- plug-in settings (each plug-in's fields carry its name as a prefix) ---
 
     def check(self):
         if self.init_tiles > 8:
@@ -245,8 +249,9 @@ class Engine:
     """Runs one batch of recovery. Teachers' BN hooks are registered once for the whole run."""
 
     def __init__(self, cfg: RecoverConfig, info: DatasetInfo, primary: Teacher, teachers: dict[str, Teacher],
-                 device: torch.device, stack: ExitStack):
+                 device: torch.device, stack: ExitStack, plugin: Plugin | None = None):
         self.cfg, self.info, self.device = cfg, info, device
+        self.plugin = plugin or Plugin(cfg, info, None, teachers, list(teachers), device)
         self.primary = primary
         self.teachers = teachers
         self.collectors = {a: stack.enter_context(bn_hooks(t.model, cfg.first_bn_multiplier, cfg.bn_layer_reduce))
@@ -258,12 +263,13 @@ class Engine:
         self.amp = cfg.amp and device.type == "cuda"
 
     def losses(self, xa: torch.Tensor, y: torch.Tensor, ce_teacher: str, bn_set: list[str],
-               norms: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+               norms: dict[str, torch.Tensor] | None, b: int = 0, it: int = 0) -> dict[str, torch.Tensor]:
         """Named loss terms for one augmented batch. Each teacher runs ONCE: the primary's forward serves
         both the CE and (when it is in the BN set) its own BN term."""
         terms: dict[str, torch.Tensor] = {}
         run = [ce_teacher] + [a for a in bn_set if a != ce_teacher]
         bn_terms = []
+        all_logits = {}
         for arch in run:
             col = self.collectors.get(arch)
             in_bn = arch in bn_set and self.cfg.alpha_bn > 0
@@ -272,6 +278,7 @@ class Engine:
                 col.active = in_bn
             with torch.autocast("cuda", torch.bfloat16) if self.amp else nullcontext():
                 logits = self.forward[arch](xa)
+            all_logits[arch] = logits
             if arch == ce_teacher:
                 terms["ce"] = F.cross_entropy(logits.float(), y)
             if in_bn:
@@ -281,6 +288,9 @@ class Engine:
         bn = torch.stack(bn_terms).mean() if bn_terms else torch.zeros((), device=xa.device)
         terms["bn_mean"] = bn.detach()
         total = terms["ce"] + self.cfg.alpha_bn * bn
+        for name, value in self.plugin.losses(self, xa, y, b, it, all_logits).items():
+            terms[name] = value.detach()
+            total = total + value
         return {**terms, "total": total}
 
     def image_priors(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -311,46 +321,52 @@ class Engine:
         rotate_counts: dict[str, int] = {}
         last: dict[str, float] = {}
         rounds = cfg.budget == "rounds"  # DELT: only the images that joined are forwarded (their own BN statistics)
-        for it in range(n_iter):
-            if rounds:
-                joined = torch.nonzero(start <= it).squeeze(1)
-                xs, ys = x[joined], y[joined]
-            else:
-                xs, ys = x, y
-            views = sample_views(len(xs), gen, (crop_low(cfg, it / n_iter), cfg.crop_scale[1]),
-                                 flip=cfg.flip, per=cfg.crop_per)
-            xa = jitter(apply_views(xs, views), self.jitter, gen, cfg.jitter_mode).contiguous(
-                memory_format=self.memory_format)
-            if cfg.selection == "rotate":
-                pick = bn_set[int(torch.randint(len(bn_set), (1,), generator=gen))]
-                rotate_counts[pick] = rotate_counts.get(pick, 0) + 1
-                ce_teacher, active_set = pick, [pick]
-            else:
-                ce_teacher, active_set = self.primary.arch, bn_set
-            if cfg.bn_normalize and norms is None and cfg.alpha_bn > 0:
-                with torch.no_grad():  # per-teacher scale: R_BN of the starting images, so each starts at 1
-                    first = self.losses(xa.detach(), ys, ce_teacher, bn_set, None)
-                norms = {a: first[f"bn/{a}"].clamp_min(1e-8) for a in bn_set}
-            terms = self.losses(xa, ys, ce_teacher, active_set, norms)
-            terms.update(self.image_priors(xs))
-            total = terms["total"] + cfg.tv_l2 * terms.get("tv_l2", 0) + cfg.l2 * terms.get("l2", 0)
-            if not torch.isfinite(total):
-                raise PrismError(f"recover batch {b}: loss became {total.item()} with teachers "
-                                 f"{', '.join(active_set)}; lower --lr or check those teachers")
-            grad, = torch.autograd.grad(total, x)
-            with torch.no_grad():
+        plugin_record: dict = {}
+        try:
+            self.plugin.begin_batch(b, units, x)
+            for it in range(n_iter):
                 if rounds:
-                    self._adam_step_global(x, grad, m, v, it, n_iter, b1, b2)
+                    joined = torch.nonzero(start <= it).squeeze(1)
+                    xs, ys = x[joined], y[joined]
                 else:
-                    self._adam_step(x, grad, m, v, it, start, budgets, b1, b2)
-                x.clamp_(self.lo, self.hi)  # stay a valid image
-            if log is not None and (it % cfg.log_every == 0 or it == n_iter - 1):
-                rec = {k: round(float(t.detach()), 6) for k, t in terms.items()}
-                log.write(batch=b, iteration=it, **rec)
-            if it == n_iter - 1:
-                last = {k: round(float(t.detach()), 6) for k, t in terms.items()}
+                    xs, ys = x, y
+                views = sample_views(len(xs), gen, (crop_low(cfg, it / n_iter), cfg.crop_scale[1]),
+                                     flip=cfg.flip, per=cfg.crop_per)
+                xa = jitter(apply_views(xs, views), self.jitter, gen, cfg.jitter_mode).contiguous(
+                    memory_format=self.memory_format)
+                if cfg.selection == "rotate":
+                    pick = bn_set[int(torch.randint(len(bn_set), (1,), generator=gen))]
+                    rotate_counts[pick] = rotate_counts.get(pick, 0) + 1
+                    ce_teacher, active_set = pick, [pick]
+                else:
+                    ce_teacher, active_set = self.primary.arch, bn_set
+                ce_teacher, active_set = self.plugin.pick_teachers(b, it, ce_teacher, active_set)
+                if cfg.bn_normalize and norms is None and cfg.alpha_bn > 0:
+                    with torch.no_grad():  # per-teacher scale: R_BN of the starting images, so each starts at 1
+                        first = self.losses(xa.detach(), ys, ce_teacher, bn_set, None)
+                    norms = {a: first[f"bn/{a}"].clamp_min(1e-8) for a in bn_set}
+                terms = self.losses(xa, ys, ce_teacher, active_set, norms, b, it)
+                terms.update(self.image_priors(xs))
+                total = terms["total"] + cfg.tv_l2 * terms.get("tv_l2", 0) + cfg.l2 * terms.get("l2", 0)
+                if not torch.isfinite(total):
+                    raise PrismError(f"recover batch {b}: loss became {total.item()} with teachers "
+                                     f"{', '.join(active_set)}; lower --lr or check those teachers")
+                grad, = torch.autograd.grad(total, x)
+                with torch.no_grad():
+                    if rounds:
+                        self._adam_step_global(x, grad, m, v, it, n_iter, b1, b2)
+                    else:
+                        self._adam_step(x, grad, m, v, it, start, budgets, b1, b2)
+                    x.clamp_(self.lo, self.hi)  # stay a valid image
+                if log is not None and (it % cfg.log_every == 0 or it == n_iter - 1):
+                    rec = {k: round(float(t.detach()), 6) for k, t in terms.items()}
+                    log.write(batch=b, iteration=it, **rec)
+                if it == n_iter - 1:
+                    last = {k: round(float(t.detach()), 6) for k, t in terms.items()}
+        finally:  # a plug-in that changed teacher weights restores them even when the batch fails
+            self.plugin.end_batch(b, plugin_record)
         record = {"batch": b, "units": [list(u) for u in units], "bn_set": bn_set, "primary": self.primary.arch,
-                  "iterations": n_iter, "budgets": budgets.tolist(), "final_losses": last}
+                  "iterations": n_iter, "budgets": budgets.tolist(), "final_losses": last, **plugin_record}
         if norms is not None:
             record["bn_normalizers"] = {a: float(t) for a, t in norms.items()}
         if rotate_counts:
@@ -504,15 +520,23 @@ def recover(cfg: RecoverConfig) -> Path:
     if ctx.rank == 0 and len(todo) < len(mine):
         print(f"[recover] resuming: {len(mine) - len(todo)} of {len(mine)} batches already finished")
     log = JsonlLog(out / "logs" / f"rank{ctx.rank}.jsonl")
+    plugin = PLUGINS.get(cfg.plugin)(cfg, info, train, teachers, pool, device)
+    plugin_inputs = plugin.prepare(out, ctx.rank)
     with ExitStack() as stack:
-        engine = Engine(cfg, info, primary, teachers, device, stack)
+        engine = Engine(cfg, info, primary, teachers, device, stack, plugin)
         bar = progress(total=len(todo), desc=f"recover {cfg.method}", disable=None if ctx.rank == 0 else True)
         for b in todo:
             units = batches[b]
             start = start_indices(cfg, units, starts) if starts is not None else None
             x0 = initial_images(cfg, b, units, train, info, start)
             t0 = Timer()
-            x, record = engine.run_batch(b, units, sets[b], x0, log)
+            made = plugin.synthesize(b, units, x0)
+            if made is None:
+                x, record = engine.run_batch(b, units, sets[b], x0, log)
+            else:  # a method that does not optimise pixels (RDED, D4M)
+                x, extras = made
+                record = {"batch": b, "units": [list(u) for u in units], "bn_set": [], "primary": cfg.primary,
+                          "iterations": 0, "budgets": [0] * len(units), "final_losses": {}, **extras}
             for (c, k), img in zip(units, x):
                 save_image(image_path(out, c, k), img, info)
             record["seconds"] = round(t0.elapsed, 2)
@@ -536,7 +560,7 @@ def recover(cfg: RecoverConfig) -> Path:
                                "teachers": {a: {"folder": t.folder, "test_top1": t.card.get("test_top1"),
                                                 "role": ("primary" if a == cfg.primary else "bn")}
                                             for a, t in teachers.items()},
-                               "bn_pool": pool,
+                               "bn_pool": pool, "plugin": {"name": cfg.plugin, **plugin_inputs},
                                "digests": teacher_digests({a: t.folder for a, t in teachers.items()})},
                        outputs={"images": images, "num_images": len(images), "batches": records},
                        wall_time=timer.elapsed,

@@ -1,0 +1,61 @@
+"""Method plug-ins: the mechanisms a paper adds on top of recovery's one engine.
+
+SRe2L, CDA, DELT and PRISM are settings of the engine (presets). Other methods need code the engine does not
+have: G-VBSM's real-data statistics and round-robin backbones, DWA's per-batch weight adjustment of the teacher,
+EDC's category-aware matching, or no optimisation at all (RDED stitches selected real patches, D4M decodes
+diffusion prototypes). Such a method is a ``Plugin`` registered under a name, picked by recover's ``--plugin``
+(set by the method's preset). Every hook has a do-nothing default, so a plug-in overrides only what it changes.
+
+Determinism contract (resume and torchrun shards must give the same images): a hook may keep state across
+iterations of ONE batch, but anything that spans batches must be a function of the batch index ``b`` (and the
+seed), never of how many batches this process has run.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from ..core.registry import Registry
+
+
+class Plugin:
+    """The default plug-in: plain engine behaviour. Subclass and register with ``@PLUGINS.register(name)``."""
+
+    name: ClassVar[str] = "none"
+
+    def __init__(self, cfg, info, train, teachers: dict, pool: list[str], device: torch.device):
+        # cfg: RecoverConfig; info: DatasetInfo; train: the training split (``get_images``, ``targets``);
+        # teachers: arch -> Teacher(arch, model, card, folder); pool: the BN pool's archs
+        self.cfg, self.info, self.train, self.teachers, self.pool, self.device = cfg, info, train, teachers, pool, device
+
+    def prepare(self, out: Path, rank: int = 0) -> dict:
+        """Once per run, before any batch (e.g. precompute real-data statistics). Returns provenance for the
+        manifest (what was computed or loaded, from which files)."""
+        return {}
+
+    def synthesize(self, b: int, units: list[tuple[int, int]], x0: torch.Tensor) -> tuple[torch.Tensor, dict] | None:
+        """Methods that do not optimise pixels return (normalised images, record extras) for the batch's units;
+        None (the default) runs the optimisation engine."""
+        return None
+
+    def begin_batch(self, b: int, units: list[tuple[int, int]], x: torch.Tensor) -> None:
+        """Before a batch's first iteration (e.g. adjust teacher weights)."""
+
+    def pick_teachers(self, b: int, it: int, ce_teacher: str, bn_set: list[str]) -> tuple[str, list[str]]:
+        """The CE teacher and the BN set of iteration ``it`` of batch ``b``."""
+        return ce_teacher, bn_set
+
+    def losses(self, engine, xa: torch.Tensor, y: torch.Tensor, b: int, it: int,
+               logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Extra loss terms for one augmented batch, ALREADY WEIGHTED: every value is added to the total and
+        logged under its name. ``logits``: arch -> logits of the teachers that ran this iteration."""
+        return {}
+
+    def end_batch(self, b: int, record: dict) -> None:
+        """After a batch, also when it failed (undo what begin_batch changed); may add entries to the record."""
+
+
+PLUGINS: Registry[type[Plugin]] = Registry("recovery plug-in")
+PLUGINS.register("none", Plugin)
