@@ -105,9 +105,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     d.add_argument("--data-root", default=None)
     m = sub.add_parser("models", help="list architectures")
     m.add_argument("--wide", action="store_true", help="full descriptions, however long the lines")
-    m = sub.add_parser("methods", help="list method presets (recover); NAME for one preset's source and settings")
+    m = sub.add_parser("methods", help="list method presets (recover) with their paper and code; NAME for one preset")
     m.add_argument("name", nargs="?", default=None, help="a preset name: show its description, source and settings")
     m.add_argument("--wide", action="store_true", help="every preset's settings in the table, however long the lines")
+    m.add_argument("--protocols", action="store_true", help="the student-training presets (validate --protocol) instead")
     c = sub.add_parser("check-data", help="decode every file of a dataset and list unreadable ones")
     c.add_argument("--dataset", default="fashion-mnist")
     c.add_argument("--data-root", default=None)
@@ -176,17 +177,19 @@ def main(argv: list[str] | None = None) -> int:
             cols = ["name", "family", "batchnorm", "pretrained", "description"]
             print(format_table(list_models(), cols) if args.wide else fit_table(list_models(), cols))
         elif args.command == "methods":
-            rows = list_presets("recover")
+            rows = list_presets("validate" if args.protocols else "recover")
             if args.name:
                 row = next((r for r in rows if r["name"] == args.name.lower()), None)
                 if row is None:
                     raise PrismError(f"methods {args.name!r}: unknown; valid: {', '.join(r['name'] for r in rows)}")
-                print("\n".join(f"{k}: {row[k]}" for k in ("name", "description", "source", "settings") if row[k]))
+                print("\n".join(f"{k}: {row['code_full' if k == 'code' else k]}"
+                                for k in ("name", "description", "paper", "code", "source", "settings") if row[k]))
             elif args.wide:
-                print(format_table(rows, ["name", "description", "source", "settings"]))
+                print(format_table(rows, ["name", "paper", "code_full", "description", "source", "settings"]))
             else:
-                print(fit_table(rows, ["name", "description"]))
-                print("`prismdd methods NAME` shows one preset's source and settings; --wide shows them all")
+                print(fit_table(rows, ["name", "paper", "code"]))
+                print(f"`prismdd methods{' --protocols' if args.protocols else ''} NAME` shows one preset's description, "
+                      f"source and settings; --wide shows them all")
         elif args.command == "check-data":
             res = check_data(args.dataset, args.data_root, args.resolution, args.channels)
             print(f"{res['dataset']}: {res['train']} train, {res['test']} test, {res['classes']} classes, "
@@ -204,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     except PrismError as e:
         print(f"prismdd: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `prismdd methods | head`: the reader left; nothing went wrong here
+        sys.stderr.close()
+        return 0
     except (OSError, UnicodeDecodeError, SafetensorError) as e:  # the environment, not a bug: one line, no traceback
         print(f"prismdd: error: {environment_error(e)}", file=sys.stderr)
         return 2

@@ -72,6 +72,29 @@ def test_listings_fit_100_columns(cli, capsys, argv):
     assert names >= set(METHODS.names() if argv == ["methods"] else ARCHS.names())
 
 
+@pytest.mark.parametrize("family", ["recover", "validate"])
+def test_every_preset_names_its_paper_and_code(family):
+    """A paper-named preset names the code snapshot it was checked against (owner/repo @ full commit); our own
+    variants say prismdd."""
+    import re
+
+    from prismdd.core.presets import CODE_PATTERN, list_presets
+
+    for row in list_presets(family):
+        assert row["paper"], f"{family}/{row['name']}: no paper"
+        assert row["code_full"] == "prismdd" or CODE_PATTERN.match(row["code_full"]), (family, row["name"])
+        if row["code_full"] != "prismdd":  # the commit in `code` is the one the source line names
+            assert re.search(row["code_full"].split(" @ ")[1], row["source"]), (family, row["name"])
+
+
+def test_methods_lists_paper_and_code(cli, capsys):
+    code, out, _ = _run(cli, capsys, ["methods"])
+    rows = {line.split(" | ")[0].strip(): line for line in out.strip().splitlines()[2:] if " | " in line}
+    assert "VILA-Lab/SRe2L @ 8d00cba" in rows["sre2l"] and "NeurIPS 2023" in rows["sre2l"]
+    code, out, _ = _run(cli, capsys, ["methods", "--protocols"])
+    assert code == 0 and "Brian-Moser/prism @ a691b41" in out
+
+
 def test_one_method_shows_its_settings(cli, capsys):
     code, out, _ = _run(cli, capsys, ["methods", "sre2l"])
     assert code == 0 and "init=noise" in out and out.startswith("name: sre2l")

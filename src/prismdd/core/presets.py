@@ -4,10 +4,13 @@ One mechanism for every stage: a config class that has presets names its family 
 the field that picks one (``PRESET_FIELD``): recover's ``method``, validate's ``protocol``, the main job's
 and the audit's ``quick``. ``build_config`` puts the picked preset between the dataclass defaults and
 everything the user wrote, so a preset only changes defaults and any field can still be overridden.
-A YAML file's ``description`` (and optional ``source``) are shown by ``prismdd methods``; the rest are fields.
+A YAML file's ``description``, ``paper`` (authors, venue), ``code`` (``github.com/OWNER/REPO @ <40-hex commit>``, the
+snapshot the preset was checked against, or ``prismdd`` for our own variants) and ``source`` (title, files read)
+are shown by ``prismdd methods``; the rest are fields.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -16,7 +19,8 @@ from .errors import PrismError
 from .registry import Registry
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
-INFO_KEYS = ("description", "source")  # keys of a preset file that are not config fields
+INFO_KEYS = ("description", "source", "paper", "code")  # keys of a preset file that are not config fields
+CODE_PATTERN = re.compile(r"^github\.com/([\w.-]+/[\w.-]+) @ ([0-9a-f]{40})$")
 KINDS = {"recover": "method", "validate": "protocol", "run": "run preset", "audit": "audit preset"}
 
 _families: dict[str, Registry[Path]] = {}
@@ -53,7 +57,11 @@ def list_presets(family_name: str) -> list[dict]:
     for name in family(family_name).names():
         data = preset_file(family_name, name)
         settings = {k: v for k, v in data.items() if k not in INFO_KEYS}
+        code = data.get("code", "")
+        m = CODE_PATTERN.match(code)
         rows.append({"name": name, "description": data.get("description", ""), "source": data.get("source", ""),
+                     "paper": data.get("paper", ""), "code": f"{m.group(1)} @ {m.group(2)[:7]}" if m else code,
+                     "code_full": code,
                      "settings": ", ".join(f"{k}={v}" for k, v in settings.items())})
     return rows
 
