@@ -28,6 +28,7 @@ import torch
 from prismdd.artifacts import load_distilled, load_model
 from prismdd.core.config import comma_list
 from prismdd.core.data import load_dataset, random_real_indices
+from prismdd.core.presets import METHODS as PRESETS, PROTOCOLS
 from prismdd.core.training import extract_features
 from prismdd.pipeline import Stages, epochs_for
 from prismdd.stages.metrics import diversity_from_features
@@ -35,6 +36,8 @@ from prismdd.stages.metrics import diversity_from_features
 POOL = ["convnet", "resnet18", "mobilenet_v2", "efficientnet_b0"]  # BN pool (the first is the primary)
 OBSERVER = "shufflenet_v2_x0_5"
 METHODS = ["random-real", "sre2l", "cda", "delt", "gvbsm", "prism", "prism-pre", "prism-strong-bn"]
+# the rest of seed Table 2 (issue 13), where their presets exist; d4m needs Stable Diffusion weights (not here)
+TABLE2 = [m for m in ("rded", "dwa", "edc") if m in PRESETS]
 
 
 def cell(name, method, rec=None, val=None):
@@ -44,7 +47,14 @@ def cell(name, method, rec=None, val=None):
 def experiments(ipcs=(1, 10, 50)) -> dict[str, list[dict]]:
     ex = {}
     for ipc in ipcs:
-        ex[f"quality/ipc{ipc}"] = [cell(m, m, {"ipc": ipc}, {"ipc": ipc}) for m in METHODS] + [
+        # each paper-named method under its OWN student protocol (`--protocol <method>`), beside random real under
+        # that same protocol; the shared-protocol rows are quality/ipc<N>
+        ex[f"own-protocol/ipc{ipc}"] = [
+            cell(f"{m}, protocol {m}", m, {"ipc": ipc}, {"ipc": ipc, "protocol": m}) for m in
+            [m for m in METHODS[1:] + TABLE2 if m in PROTOCOLS]] + [
+            cell(f"random-real, protocol {m}", "random-real", {}, {"ipc": ipc, "protocol": m}) for m in
+            [m for m in METHODS[1:] + TABLE2 if m in PROTOCOLS and not m.startswith("prism")]]
+        ex[f"quality/ipc{ipc}"] = [cell(m, m, {"ipc": ipc}, {"ipc": ipc}) for m in METHODS + TABLE2] + [
             # PRISM with its BN set cut to the primary: the diversity claim's comparison at every IPC
             cell("prism, BN set = primary alone", "prism", {"ipc": ipc, "selection": "single"}, {"ipc": ipc})]
     ipc = {"ipc": 10}
@@ -104,6 +114,15 @@ def experiments(ipcs=(1, 10, 50)) -> dict[str, list[dict]]:
     return ex
 
 
+ENSEMBLE_PROTOCOLS = {"gvbsm", "edc"}  # seed Table 2, "Teacher Model": ensemble; every other method: single
+
+
+def label_teachers(protocol: str) -> str:
+    """The soft-label teachers of a protocol: the recovery pool for the ensemble protocols, else the primary (as
+    every shared-protocol row)."""
+    return ",".join(POOL[:3]) if protocol in ENSEMBLE_PROTOCOLS else POOL[0]
+
+
 def cell_wanted(name: str, tokens: list[str], names: list[str]) -> bool:
     """A token that is some cell's exact name picks that cell only; any other token picks by substring."""
     return any(t == name or (t not in names and t in name) for t in tokens)
@@ -161,9 +180,10 @@ def main():
             top1, cos, rs, vs = [], [], 0.0, 0.0
             for s in seeds:
                 rec_dir = None
-                val = dict(protocol="prism", seeds=str(s), student=a.student, student_width=a.student_width,
+                protocol = c["val"].get("protocol", "prism")
+                val = dict(protocol=protocol, seeds=str(s), student=a.student, student_width=a.student_width,
                            epochs=a.student_epochs, eval_every=a.student_epochs, teachers=str(teachers_dir),
-                           label_teachers=POOL[0])
+                           label_teachers=label_teachers(protocol))
                 run_common = dict(common, seed=s)
                 if c["method"] == "random-real":
                     val.update(random_real=True, **c["val"])
