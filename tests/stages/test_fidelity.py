@@ -369,3 +369,26 @@ def test_fit_steps_the_lr_once_per_epoch_like_the_reference_lambdalr(tmp_path):
     assert seen == pytest.approx(want, abs=1e-12)
     assert validate_config("prism", random_real=True, teachers="t").lr_every == "epoch"
     assert validate_config("sre2l", random_real=True, teachers="t").lr_every == "epoch"
+
+
+# ----------------------------------------------------------------------------- ImageNet preprocessing
+@pytest.mark.parametrize("eval_crop, expect_crop", [("auto", True), ("imagenet", True), ("none", False)])
+def test_real_starts_at_224_get_resize_256_centre_crop_224(eval_crop, expect_crop):
+    """PRISM recover/data_synthesis.py:379-383 (and validate/train_FKD_parallel.py:214-221 for the test split):
+    transforms.Resize(256) then transforms.CenterCrop(224). Re-stated with torchvision on the 224-px decode."""
+    import torchvision.transforms as T
+
+    from prismdd.core.data import DatasetInfo, TensorImages, normalize
+    from prismdd.stages.recover import initial_images
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, 224, 224), generator=g, dtype=torch.uint8)
+    train = TensorImages(images, torch.zeros(4, dtype=torch.long))
+    info = DatasetInfo("toy", ["a"], 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "-")
+    cfg = recover_config("prism", dataset="digits", eval_crop=eval_crop)
+    got = initial_images(cfg, 0, [(0, 0), (0, 1)], train, info, [[2], [3]])
+    reference = T.Compose([T.Resize(256), T.CenterCrop(224)])
+    want = torch.stack([reference(images[i].float()).round().clamp(0, 255) for i in (2, 3)])
+    want = normalize(want, info) if expect_crop else normalize(images[[2, 3]], info)
+    # bilinear + antialias both ways; uint8 rounding in prismdd's cache costs at most one grey level
+    assert (got - want).abs().max() <= 1.01 / 255 / 0.224

@@ -691,13 +691,18 @@ def _convert_channels(split: TensorImages, channels: int) -> TensorImages:
     return TensorImages((x.float() * luma).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8), split.targets)
 
 
-def _centre_crop_split(split: TensorImages, crop: float) -> TensorImages:
-    """The in-memory twin of ``load_image``'s crop: resize to ``side / crop`` then keep the centre ``side``."""
-    side = split.images.shape[-1]
+def centre_crop(images: torch.Tensor, crop: float) -> torch.Tensor:
+    """uint8 (N, C, S, S) images resized to ``S / crop`` and their centre ``S`` kept: the in-memory twin of
+    ``load_image``'s crop (crop 224/256 = ImageNet's "Resize 256 + CenterCrop 224" on an S = 224 image)."""
+    side = images.shape[-1]
     big = int(round(side / crop))
-    x = torch.nn.functional.interpolate(split.images.float(), size=big, mode="bilinear", antialias=True)
+    x = torch.nn.functional.interpolate(images.float(), size=big, mode="bilinear", antialias=True)
     o = (big - side) // 2
-    return TensorImages(x[..., o: o + side, o: o + side].round().clamp(0, 255).to(torch.uint8), split.targets)
+    return x[..., o: o + side, o: o + side].round().clamp(0, 255).to(torch.uint8)
+
+
+def _centre_crop_split(split: TensorImages, crop: float) -> TensorImages:
+    return TensorImages(centre_crop(split.images, crop), split.targets)
 
 
 def _resize_split(split: TensorImages, resolution: int) -> TensorImages:

@@ -29,7 +29,7 @@ from ..core import distributed as dist
 from ..core.augment import JITTER_MODES, apply_views, jitter, sample_views, scale_jitter
 from ..core.bn import bn_hooks
 from ..core.config import CommonConfig, build_config, comma_list, config_hash, opt
-from ..core.data import DatasetInfo, class_indices, load_splits, normalize, pixel_bounds
+from ..core.data import DatasetInfo, centre_crop, class_indices, crop_ratio, load_splits, normalize, pixel_bounds
 from ..core.errors import PrismError
 from ..core.io import JsonlLog, read_json, write_json
 from ..core.models import has_batchnorm
@@ -481,9 +481,15 @@ def start_indices(cfg: RecoverConfig, units, starts) -> list[list[int]]:
 
 def initial_images(cfg: RecoverConfig, b: int, units, train, info: DatasetInfo, start: list[list[int]] | None
                    ) -> torch.Tensor:
-    """The batch's starting images: its real starts (``start_indices``), tiled, or seeded noise."""
+    """The batch's starting images: its real starts (``start_indices``), tiled, or seeded noise. Real starts get
+    the test split's preprocessing (``--eval-crop``): at 224 px that is the PRISM code's Resize 256 + CenterCrop
+    224 of its training images (``recover/data_synthesis.py:379-383``); below 224 px, none."""
     if start is not None:
-        return tile(normalize(train.get_images(torch.tensor(start).flatten()), info), cfg.init_tiles)
+        images = train.get_images(torch.tensor(start).flatten())
+        crop = crop_ratio(cfg.eval_crop, info.resolution)
+        if crop < 1.0:
+            images = centre_crop(images, crop)
+        return tile(normalize(images, info), cfg.init_tiles)
     gen = make_generator(cfg.seed, "noise-init", b)
     return torch.randn(len(units), info.channels, info.resolution, info.resolution, generator=gen)
 
