@@ -365,6 +365,41 @@ def load_model(path, *, arch: str | None = None, dataset: str | None = None,
 load_teacher = load_model  # the name most callers know it by
 
 
+# ----------------------------------------------------------------------------- real-data layer statistics
+LAYER_STATS_FILE = "gvbsm_stats.safetensors"  # beside a teacher's model.safetensors (G-VBSM's conv statistics)
+LAYER_STATS_FORMAT = "prismdd-layer-stats/1"
+
+
+def layer_stats_path(teacher_folder) -> Path:
+    return Path(teacher_folder) / LAYER_STATS_FILE
+
+
+def layer_stats_header(teacher_folder, settings: dict) -> dict[str, str]:
+    """The header a statistics file must carry to be reused: its format, the sha256 of the teacher's weights
+    it was computed with (``file_digest``) and the ``settings`` (dataset, images, seed, ...), all as text."""
+    return {"format": LAYER_STATS_FORMAT, "teacher_digest": file_digest(Path(teacher_folder) / WEIGHTS),
+            **{k: json.dumps(v, sort_keys=True) for k, v in sorted(settings.items())}}
+
+
+def load_layer_stats(teacher_folder, settings: dict) -> dict[str, torch.Tensor] | None:
+    """The stored statistics of a teacher when the file's header matches the teacher's CURRENT weights and
+    ``settings``; None when there is no file or it was made from other weights (teacher retrained in place)
+    or other settings: the caller recomputes and overwrites it. A damaged file is refused (one line)."""
+    path = layer_stats_path(teacher_folder)
+    if not path.exists():
+        return None
+    if tensors_metadata(path) != layer_stats_header(teacher_folder, settings):
+        return None
+    return load_tensors(path)
+
+
+def save_layer_stats(teacher_folder, stats: dict[str, torch.Tensor], settings: dict) -> Path:
+    """Write a teacher's statistics atomically (safetensors, header from ``layer_stats_header``)."""
+    path = layer_stats_path(teacher_folder)
+    save_tensors(stats, path, metadata=layer_stats_header(teacher_folder, settings))
+    return path
+
+
 def find_teachers(folder) -> dict[str, Path]:
     """``{arch: teacher folder}`` for every finished teacher under a squeeze output folder."""
     folder = Path(folder)

@@ -32,13 +32,21 @@ class BNCollector:
         return torch.stack(self.terms).sum() * self.scale
 
 
-def bn_stat_loss(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
-    """Always in float32: under autocast a layer's input arrives in bf16/fp16 and ``var_mean`` has no
-    autocast rule, so without the cast the statistics (and the norms) would be computed in half precision.
-    The reference computes them in fp32 (it never uses autocast)."""
+def channel_var_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel biased variance and mean of ``x`` over every dim but channels (dim 1), in float32.
+
+    Always in float32: under autocast a layer's input arrives in bf16/fp16 and ``var_mean`` has no
+    autocast rule, so without the cast the statistics would be computed in half precision. The reference
+    computes them in fp32 (it never uses autocast)."""
     dims = [0] + list(range(2, x.ndim))  # (N, H, W) for images, (N,) for BatchNorm1d
     with torch.autocast(x.device.type, enabled=False):
-        var, mean = torch.var_mean(x.float(), dim=dims, unbiased=False)
+        return torch.var_mean(x.float(), dim=dims, unbiased=False)
+
+
+def bn_stat_loss(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
+    """||mu(x) - running_mean||_2 + ||var(x) - running_var||_2, in float32 (``channel_var_mean``)."""
+    var, mean = channel_var_mean(x)
+    with torch.autocast(x.device.type, enabled=False):
         return (torch.linalg.vector_norm(mean - running_mean.float())
                 + torch.linalg.vector_norm(var - running_var.float()))
 

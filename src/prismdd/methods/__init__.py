@@ -1,4 +1,9 @@
 """Method plug-ins for recovery (see ``base.py``); importing this package registers every plug-in."""
 from .base import PLUGINS, Plugin
+from . import rded  # noqa: F401  (registers the plug-in)
+from . import gvbsm  # noqa: F401  (registers the plug-in)
+from . import dwa  # noqa: F401  (registers the plug-in)
+from . import edc  # noqa: F401  (registers the plug-in)
+from . import d4m  # noqa: F401  (registers the plug-in; diffusers is imported only when it runs)
 
 __all__ = ["PLUGINS", "Plugin"]

@@ -64,7 +64,7 @@ class RecoverConfig(CommonConfig):
                                choices=("sum", "mean"))
     bn_normalize: bool = opt(False, "divide each teacher's R_BN by its first-iteration value (off = paper)")
     selection: str = opt("intra", "BN set per batch: intra (redrawn) | pre (one draw) | all | single | rotate "
-                                  "(G-VBSM-style)", choices=SELECTIONS)
+                                  "(one random pool member per iteration)", choices=SELECTIONS)
     slots: int = opt(3, "intra/pre: further BN-set slots besides the primary", minimum=0)
     slot_prob: float = opt(0.5, "intra/pre: probability that a slot is filled", minimum=0.0)
     init: str = opt("real", "real: start from real training images (chosen by init_select) | noise (SRe2L)",
@@ -106,6 +106,69 @@ class RecoverConfig(CommonConfig):
     plugin: str = opt("none", "a method's mechanism beyond the engine (set by its preset): none | " + " | ".join(
         n for n in PLUGINS.names() if n != "none"), choices=PLUGINS.names(), neutral="none")
     # --- plug-in settings (each plug-in's fields carry its name as a prefix) ---
+    rded_mipc: int = opt(300, "rded: random real images per class whose crops are scored (RDED scripts: --mipc 300; "
+                              "a class with fewer gives all it has)", minimum=1, neutral=300)
+    rded_num_crop: int = opt(5, "rded: RandomResizedCrops scored per real image; its best is kept (--num-crop 5)",
+                             minimum=1, neutral=5)
+    rded_factor: int = opt(2, "rded: f, each image stitched from f x f crops of side resolution // f (--factor: 2 for "
+                              "ImageNet subsets, 1 for CIFAR and Tiny-ImageNet)", minimum=1, neutral=2)
+    rded_crop_scale: tuple[float, float] = opt((0.08, 1.0), "rded: RandomResizedCrop area range of the scored crops "
+                                                            "(square)", neutral=(0.08, 1.0))
+    gvbsm_r_loss: float = opt(0.01, "gvbsm: weight of the summed BN + conv statistics term (recover.sh --r-loss 0.01)",
+                              minimum=0.0, neutral=0.01)
+    gvbsm_momentum: float = opt(0.4, "gvbsm: EMA momentum of the synthetic statistics (--training-momentum, default "
+                                     "0.4)", minimum=0.0, neutral=0.4)
+    gvbsm_dd_weight: float = opt(1.0, "gvbsm: weight of the data-densification loss (recover.sh --nuc-norm 1.)",
+                                 minimum=0.0, neutral=1.0)
+    gvbsm_tau: float = opt(4.0, "gvbsm: temperature of the densification target softmax(l / tau) (--tau 4.0)",
+                           minimum=0.0, neutral=4.0)
+    gvbsm_dd_pool: int = opt(32, "gvbsm: side the views are average-pooled to before the per-class Gram matrix "
+                                 "(the reference's 32 at 224 px)", minimum=1, neutral=32)
+    gvbsm_stats_images: int | None = opt(None, "gvbsm: real training images in the one-off conv-statistics pass per "
+                                               "teacher (None: all, the reference); stored beside the teacher",
+                                         minimum=1, neutral=None)
+    dwa_rho: float = opt(0.0, "dwa: total length of the primary's weight adjustment before each batch (scripts: --rho "
+                              "15e-3); 0 = off", minimum=0.0, neutral=0.0)
+    dwa_steps: int = opt(1, "dwa: normalised CE-ascent steps of length rho / steps on the batch's starting images "
+                            "(--steps: 15 ImageNet-1K, 12 CIFAR and Tiny-ImageNet)", minimum=1, neutral=1)
+    dwa_var_weight: float = opt(1.0, "dwa: weight of the variance part of the primary's R_BN (--r-var: 2 ImageNet-1K, "
+                                     "11 CIFAR and Tiny-ImageNet); 1 = the engine's", minimum=0.0, neutral=1.0)
+    edc_weight: float = opt(0.0, "edc: weight of the soft category-aware statistics term (recover.sh --r-loss 0.1); "
+                                 "0 = off", minimum=0.0, neutral=0.0)
+    edc_class_weight: float = opt(0.5, "edc: share of the class-statistics part in each layer's term, the rest "
+                                       "matches the running statistics (--category-aware global: 0.5)",
+                                  minimum=0.0, neutral=0.5)
+    edc_momentum: float = opt(0.8, "edc: EMA momentum of the synthetic statistics (--training-momentum 0.8); 0 = "
+                                   "none", minimum=0.0, neutral=0.8)
+    edc_stats_images: int | None = opt(None, "edc: training images (random, seeded) in the one-off pass that makes the "
+                                             "global conv and the class statistics (None: all, the reference)",
+                                       minimum=1, neutral=None)
+    edc_conv: bool = opt(False, "edc: also match every Conv2d input's channel and 16x16-patch statistics (G-VBSM's "
+                                "conv hooks, EDC's default); off: BatchNorm layers only", neutral=False)
+    edc_swap_patch_targets: bool = opt(False, "edc: the reference's class files hold patch mean and variance under "
+                                              "each other's names (utils.py:359-362); on: match them that way",
+                                       neutral=False)
+    edc_round_robin: bool = opt(False, "edc: one teacher of the batch's set per iteration, (b * iterations + it) mod "
+                                       "n, for CE and statistics (the reference's counter)", neutral=False)
+    d4m_model: str = opt("stable-diffusion-v1-5/stable-diffusion-v1-5", "d4m: a local diffusers Stable Diffusion folder, "
+                         "or a model id already in the local Hugging Face cache (never downloaded; needs "
+                         "pip install 'prismdd[diffusion]')", neutral="stable-diffusion-v1-5/stable-diffusion-v1-5")
+    d4m_size: int = opt(512, "d4m: side the real images are resized to before VAE encoding; the generated images have "
+                             "it too before the resize to --resolution (gen_prototype.py --size 512)", minimum=8,
+                        neutral=512)
+    d4m_max_images: int | None = opt(None, "d4m: real images per class encoded and clustered, a seeded random subset "
+                                           "(None: all, the reference)", minimum=1, neutral=None)
+    d4m_km_expand: int = opt(1, "d4m: MiniBatchKMeans is fed chunks of km_expand * ipc latents "
+                                "(gen_prototype_imgnt.sh --km_expand 1)", minimum=1, neutral=1)
+    d4m_strength: float = opt(0.7, "d4m: img2img strength: how far each prototype is noised before denoising "
+                                   "(gen_syn_image_imgnt.sh --strength 0.7)", minimum=0.0, neutral=0.7)
+    d4m_guidance: float = opt(8.0, "d4m: classifier-free guidance scale (--guidance_scale 8)", minimum=0.0, neutral=8.0)
+    d4m_steps: int = opt(50, "d4m: scheduler steps for strength 1; strength * steps are run (diffusers' default 50)",
+                         minimum=1, neutral=50)
+    d4m_prompt: str = opt("{name}", "d4m: prompt per class, {name} = the class name (the reference: the label text)",
+                          neutral="{name}")
+    d4m_negative_prompt: str = opt("cartoon, anime, painting", "d4m: negative prompt (gen_syn_image.py); empty = none",
+                                   neutral="cartoon, anime, painting")
 
     def check(self):
         if self.init_tiles > 8:
@@ -114,6 +177,16 @@ class RecoverConfig(CommonConfig):
             raise PrismError(f"--crop-scale {self.crop_scale}: expected 0 < low <= high <= 1")
         if self.slot_prob > 1:
             raise PrismError(f"--slot-prob {self.slot_prob}: a probability, expected 0 to 1")
+        if not 0 < self.rded_crop_scale[0] <= self.rded_crop_scale[1] <= 1:
+            raise PrismError(f"--rded-crop-scale {self.rded_crop_scale}: expected 0 < low <= high <= 1")
+        if self.edc_class_weight > 1:
+            raise PrismError(f"--edc-class-weight {self.edc_class_weight}: a share, expected 0 to 1")
+        if self.edc_momentum >= 1:
+            raise PrismError(f"--edc-momentum {self.edc_momentum}: expected 0 <= momentum < 1")
+        if self.d4m_strength > 1:
+            raise PrismError(f"--d4m-strength {self.d4m_strength}: expected 0 to 1")
+        if "{name}" not in self.d4m_prompt:
+            raise PrismError(f"--d4m-prompt {self.d4m_prompt!r}: must contain {{name}} (the class name)")
 
 
 def recover_config(method: str = "prism", **overrides) -> RecoverConfig:

@@ -1,0 +1,182 @@
+"""D4M (Su et al., CVPR 2024): distilled images decoded from k-means prototypes in Stable Diffusion's latent space.
+
+No optimisation and no teacher. As in suduo94/D4M (``distillation/gen_prototype.py``, ``gen_syn_image.py`` and the
+two pipelines in ``scripts/``):
+
+1. prepare: every real training image of a class (``d4m_max_images`` of them at most, a seeded random subset) is
+   resized to ``d4m_size`` (512 in the reference), mapped to [-1, 1] and encoded by the VAE: one sample of its
+   latent Gaussian, times the VAE's scaling factor (the reference's ``StableDiffusionGenLatentsPipeline`` returns
+   exactly these ``init_latents``; no noise is added before clustering);
+2. per class, scikit-learn's ``MiniBatchKMeans(n_clusters=ipc, random_state=seed, batch_size=km_expand * ipc,
+   n_init="auto")`` is fed the flattened latents by ``partial_fit`` in chunks of ``km_expand * ipc`` (a last, shorter
+   chunk only if it holds at least ``ipc`` latents); its ``ipc`` centres are the class's prototypes;
+3. synthesize: prototype k of class c becomes image k: Stable Diffusion img2img started from the prototype latent
+   (noised to ``d4m_strength``, then denoised in ``d4m_steps * d4m_strength`` steps of the model's own scheduler)
+   with the class name as prompt, ``d4m_negative_prompt`` and classifier-free guidance ``d4m_guidance``. The
+   reference's ``StableDiffusionLatents2ImgPipeline`` is diffusers' img2img pipeline given latents instead of an
+   image, which stock ``StableDiffusionImg2ImgPipeline`` accepts unchanged (a 4-channel ``image`` is not encoded);
+4. the decoded image is resized (bicubic, antialiased: PIL's default resize) to the dataset's resolution (the
+   reference resizes to 224) and, for greyscale datasets, converted with ITU-R 601 luma weights (PIL's "L").
+
+Determinism: the image subset and chunk order of class c come from ``make_generator(seed, "d4m", c)``; the VAE sample
+of training image i from ``(seed, "d4m-encode", i)``; the img2img noise of unit (c, k) from ``(seed, "d4m-generate",
+c, k)``: no image depends on the batch it falls in, the resume point or the rank.
+
+The diffusion models come from the optional ``diffusers`` extra (``pip install 'prismdd[diffusion]'``), loaded with
+``local_files_only=True``: nothing is ever downloaded.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..core.data import class_indices, normalize
+from ..core.errors import PrismError
+from ..core.runtime import make_generator, progress
+from .base import PLUGINS, Plugin
+
+ENCODE_BATCH = 10    # images per VAE forward (the reference's loader batch); results do not depend on it
+GENERATE_BATCH = 10  # units per img2img call (memory only: every unit has its own noise generator)
+LUMA = (0.299, 0.587, 0.114)  # PIL's RGB -> "L"
+
+
+def missing_model(model: str, reason: str) -> PrismError:
+    """The one-line error for a D4M run that cannot load its diffusion model."""
+    reason = " ".join(str(reason).split())
+    return PrismError(f"--d4m-model {model}: {reason}; D4M needs the diffusion extra (pip install 'prismdd[diffusion]') "
+                      f"and Stable Diffusion weights on disk: pass --d4m-model a local diffusers folder (e.g. made by "
+                      f"`hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir DIR` where there is internet)")
+
+
+def load_pipeline(model: str, device: torch.device):
+    """diffusers' ``StableDiffusionImg2ImgPipeline`` from a local folder or the local Hugging Face cache (never the
+    network); fp16 on CUDA (the reference's ``torch_dtype``), fp32 elsewhere. Any failure: ``missing_model``."""
+    if importlib.util.find_spec("diffusers") is None or importlib.util.find_spec("transformers") is None:
+        raise missing_model(model, "diffusers/transformers are not installed")
+    try:
+        from diffusers import StableDiffusionImg2ImgPipeline
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()  # no "accelerate not found" advice on every run
+        pipe = StableDiffusionImg2ImgPipeline.from_pretrained(model, local_files_only=True, safety_checker=None,
+                                                              requires_safety_checker=False)
+    except Exception as e:  # OSError, ValueError, huggingface_hub's LocalEntryNotFoundError, ImportError ...
+        detail = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
+        detail = detail if len(detail) <= 150 else detail[:147] + "..."
+        raise missing_model(model, f"cannot load a Stable Diffusion img2img pipeline ({type(e).__name__}: {detail})"
+                            ) from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device, torch.float16 if device.type == "cuda" else torch.float32)
+
+
+# ----------------------------------------------------------------------------- the pieces (tested one by one)
+@torch.no_grad()
+def encode_images(vae, images: torch.Tensor, size: int, gens: list[torch.Generator]) -> torch.Tensor:
+    """uint8 (B, C, H, W) real images -> (B, latent C, size/f, size/f) float32 CPU latents: resize to size x size
+    (bilinear, antialiased), grey -> RGB, [0, 1] -> [-1, 1], one sample of the VAE's latent Gaussian per image
+    (mean + std * N(0, 1) drawn from that image's generator), times the VAE's scaling factor."""
+    p = next(vae.parameters())
+    x = images.float() / 255.0
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    dist = vae.encode((x * 2 - 1).to(p.device, p.dtype)).latent_dist
+    noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in gens]).to(p.device, p.dtype)
+    return ((dist.mean + dist.std * noise) * vae.config.scaling_factor).float().cpu()
+
+
+def kmeans_prototypes(chunks: Iterable[np.ndarray], ipc: int, km_expand: int, seed: int) -> np.ndarray:
+    """The reference's per-class MiniBatchKMeans: ``partial_fit`` on each chunk of flattened latents (chunks of
+    ``km_expand * ipc``; a shorter chunk is used only when it holds at least ``ipc``). Returns the (ipc, D) centres."""
+    from sklearn.cluster import MiniBatchKMeans  # a core dependency; imported here to keep `import prismdd` light
+
+    km = MiniBatchKMeans(n_clusters=ipc, random_state=seed % 2 ** 32, batch_size=km_expand * ipc, n_init="auto")
+    fitted = False
+    for chunk in chunks:
+        if len(chunk) >= ipc:
+            km.partial_fit(chunk)
+            fitted = True
+    if not fitted:
+        raise PrismError(f"d4m: fewer than --ipc {ipc} latents to cluster; lower --ipc or raise --d4m-max-images")
+    return km.cluster_centers_
+
+
+def chunked(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def to_dataset(images: torch.Tensor, info) -> torch.Tensor:
+    """[0, 1] RGB (B, 3, S, S) decoded images -> normalised (B, C, R, R) images of the dataset: bicubic antialiased
+    resize to its resolution, clamped, greyscale by luma when it has one channel."""
+    x = F.interpolate(images.float(), size=(info.resolution, info.resolution), mode="bicubic", align_corners=False,
+                      antialias=True).clamp(0, 1)
+    if info.channels == 1:
+        x = (x * torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    return normalize(x * 255.0, info)
+
+
+# ----------------------------------------------------------------------------- the plug-in
+@PLUGINS.register("d4m")
+class D4M(Plugin):
+    name = "d4m"
+
+    def __init__(self, cfg, info, train, teachers, pool, device):
+        super().__init__(cfg, info, train, teachers, pool, device)
+        self.pipe = load_pipeline(cfg.d4m_model, device)  # fails up front, before any image is encoded
+        self.prototypes: dict[int, torch.Tensor] = {}
+
+    def prompt(self, c: int) -> str:
+        return self.cfg.d4m_prompt.format(name=self.info.class_names[c])
+
+    def prepare(self, out: Path, rank: int = 0) -> dict:
+        cfg, info, vae = self.cfg, self.info, self.pipe.vae
+        if cfg.init == "real":  # the engine's starts would be recorded as these images' provenance
+            raise PrismError("--init real: d4m starts from its own prototypes; use --init noise (the d4m preset's)")
+        factor = self.pipe.vae_scale_factor
+        if cfg.d4m_size % factor:
+            raise PrismError(f"--d4m-size {cfg.d4m_size}: must be a multiple of the VAE's downsampling factor "
+                             f"{factor} (reference: 512)")
+        used = []
+        members = class_indices(self.train.targets, info.num_classes)
+        for c in progress(range(info.num_classes), desc="d4m prototypes", disable=None if rank == 0 else True):
+            gen = make_generator(cfg.seed, "d4m", c)
+            taken = members[c][torch.randperm(len(members[c]), generator=gen)][:cfg.d4m_max_images]
+            if len(taken) < cfg.ipc:
+                raise PrismError(f"--ipc {cfg.ipc}: class {info.class_names[c]!r} gives only {len(taken)} real "
+                                 f"images to cluster (--d4m-max-images {cfg.d4m_max_images}); lower --ipc")
+
+            def chunks():
+                for part in chunked(len(taken), cfg.d4m_km_expand * cfg.ipc):
+                    idx = taken[part]
+                    yield torch.cat([encode_images(vae, self.train.get_images(idx[s]), cfg.d4m_size,
+                                                   [make_generator(cfg.seed, "d4m-encode", int(i)) for i in idx[s]])
+                                     for s in chunked(len(idx), ENCODE_BATCH)]).flatten(1).numpy()
+
+            centres = kmeans_prototypes(chunks(), cfg.ipc, cfg.d4m_km_expand, cfg.seed)
+            side = cfg.d4m_size // factor
+            self.prototypes[c] = torch.from_numpy(centres).float().view(cfg.ipc, -1, side, side)
+            used.append(len(taken))
+        return {"model": cfg.d4m_model, "pipeline": type(self.pipe).__name__,
+                "scheduler": type(self.pipe.scheduler).__name__, "dtype": str(self.pipe.unet.dtype),
+                "latent_shape": list(self.prototypes[0].shape[1:]), "images_per_class": used,
+                "prompts": [self.prompt(c) for c in range(info.num_classes)]}
+
+    @torch.no_grad()
+    def synthesize(self, b, units, x0):
+        cfg, pipe = self.cfg, self.pipe
+        made = []
+        for part in chunked(len(units), GENERATE_BATCH):
+            sub = units[part]
+            latents = torch.stack([self.prototypes[c][k] for c, k in sub]).to(self.device, pipe.unet.dtype)
+            images = pipe(prompt=[self.prompt(c) for c, _ in sub], image=latents, strength=cfg.d4m_strength,
+                          guidance_scale=cfg.d4m_guidance, num_inference_steps=cfg.d4m_steps,
+                          negative_prompt=[cfg.d4m_negative_prompt] * len(sub) if cfg.d4m_negative_prompt else None,
+                          generator=[make_generator(cfg.seed, "d4m-generate", c, k) for c, k in sub],
+                          output_type="pt").images
+            made.append(to_dataset(images.float().cpu(), self.info))
+        return torch.cat(made), {"d4m_prompts": [self.prompt(c) for c, _ in units]}

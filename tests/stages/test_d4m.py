@@ -1,0 +1,152 @@
+"""D4M (plug-in ``d4m``): VAE encoding, the reference's MiniBatchKMeans prototype loop, a tiny end-to-end run with a
+randomly initialised Stable Diffusion (a few thousand parameters, saved locally: nothing is downloaded), and the
+one-line error when the model or the diffusion extra is missing."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.cluster import MiniBatchKMeans
+
+from prismdd.artifacts import load_distilled
+from prismdd.core.data import load_splits
+from prismdd.core.errors import PrismError
+from prismdd.core.runtime import make_generator
+from prismdd.methods import d4m as d4m_module
+from prismdd.methods.d4m import D4M, chunked, encode_images, kmeans_prototypes, load_pipeline
+from prismdd.stages.recover import recover, recover_config
+from conftest import TINY_RECOVER
+
+
+def _tiny_tokenizer(folder):
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in "abcdefghijklmnopqrstuvwxyz0123456789-/, ":
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")  # no merges: one token per character
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16), len(vocab)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    """A randomly initialised Stable Diffusion img2img pipeline (VAE downsampling 2, 4 latent channels, a one-layer
+    CLIP text encoder), saved with ``save_pretrained`` like a real diffusers folder."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    root = tmp_path_factory.mktemp("tiny-sd")
+    tokenizer, vocab_size = _tiny_tokenizer(root)
+    torch.manual_seed(0)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=16, bos_token_id=0,
+                                        eos_token_id=1, pad_token_id=1))
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=2, norm_num_groups=4)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=4, sample_size=16)
+    pipe = StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                          scheduler=PNDMScheduler(skip_prk_steps=True, steps_offset=1), safety_checker=None,
+                                          feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(root / "model")
+    return root / "model"
+
+
+def _reference_kmeans(latents: np.ndarray, ipc: int, km_expand: int) -> np.ndarray:
+    """gen_prototype.py (initialize_km_models + prototype_kmeans + gen_prototype) for one class, literally: latents
+    arrive one by one, a partial_fit whenever km_expand * ipc have gathered, the rest fitted if it holds >= ipc."""
+    model = MiniBatchKMeans(n_clusters=ipc, random_state=0, batch_size=(km_expand * ipc), n_init="auto")
+    pending = []
+    for latent in latents:
+        pending.append(latent.reshape(1, -1))
+        if len(pending) == km_expand * ipc:
+            model.partial_fit(np.vstack(pending))
+            pending = []
+    if len(pending) >= ipc:
+        model.partial_fit(np.vstack(pending))
+    return model.cluster_centers_
+
+
+@pytest.mark.parametrize("n, ipc, km_expand", [(23, 3, 2), (20, 3, 2), (7, 4, 3)])
+def test_kmeans_prototypes_are_the_reference_minibatch_loop(n, ipc, km_expand):
+    latents = np.random.default_rng(n).normal(size=(n, 4, 2, 2)).astype(np.float32)
+    flat = latents.reshape(n, -1)
+    ours = kmeans_prototypes((flat[s] for s in chunked(n, km_expand * ipc)), ipc, km_expand, seed=0)
+    np.testing.assert_array_equal(ours, _reference_kmeans(latents, ipc, km_expand))
+    assert ours.shape == (ipc, 16) and len(np.unique(ours.round(5), axis=0)) == ipc
+
+
+def test_kmeans_needs_ipc_latents():
+    with pytest.raises(PrismError, match="--ipc 5"):
+        kmeans_prototypes([np.zeros((3, 4), np.float32)], 5, 1, seed=0)
+
+
+def test_encoding_is_one_sample_of_the_vae_posterior(tiny_sd):
+    """The reference (pipeline_stable_diffusion_gen_latents.py prepare_init_latents): image in [-1, 1],
+    ``vae.encode(image).latent_dist.sample(generator) * scaling_factor``; here per image with its own generator."""
+    pipe = load_pipeline(str(tiny_sd), torch.device("cpu"))
+    images = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
+    ours = encode_images(pipe.vae, images, 16, [make_generator(0, "d4m-encode", i) for i in range(3)])
+    assert ours.shape == (3, 4, 8, 8)
+    for i in range(3):
+        x = torch.nn.functional.interpolate(images[i:i + 1].float().expand(-1, 3, -1, -1) / 255, size=(16, 16),
+                                            mode="bilinear", align_corners=False, antialias=True)
+        ref = pipe.vae.encode(x * 2 - 1).latent_dist.sample(make_generator(0, "d4m-encode", i))
+        torch.testing.assert_close(ours[i:i + 1], ref * pipe.vae.config.scaling_factor)
+
+
+def test_d4m_end_to_end_with_a_tiny_diffusion_model(tiny_sd, zoo, tmp_path):
+    settings = dict(TINY_RECOVER, teachers=str(zoo), out=str(tmp_path / "d4m"), d4m_model=str(tiny_sd), d4m_size=16,
+                    d4m_max_images=12, d4m_steps=3)
+    out = recover(recover_config("d4m", **settings))
+    ds = load_distilled(out)
+    assert len(ds) == 20 and ds.images.shape == (20, 1, 8, 8)
+    manifest = json.loads((out / "manifest.json").read_text())
+    plugin = manifest["inputs"]["plugin"]
+    assert plugin["name"] == "d4m" and plugin["model"] == str(tiny_sd)
+    assert plugin["latent_shape"] == [4, 8, 8] and plugin["images_per_class"] == [12] * 10
+    assert plugin["prompts"][3] == "3" and plugin["scheduler"] == "PNDMScheduler"
+    records = [json.loads(p.read_text()) for p in sorted((out / "records").glob("batch_*.json"))]
+    assert all(r["iterations"] == 0 and len(r["d4m_prompts"]) == len(r["units"]) for r in records)
+    assert float(ds.images.float().std()) > 0
+    # image (3, 1) re-made alone, literally as gen_syn_image.py: img2img from prototype 1 of class 3 with the class
+    # name as prompt, then resized to 8 px and made grey; equal to the saved PNG up to its 8-bit rounding (so it did
+    # not depend on the other units of its batch, and a second prepare() gives the same prototypes)
+    cfg = recover_config("d4m", **settings)
+    train, _, info = load_splits(cfg)
+    plugin = D4M(cfg, info, train, {}, [], torch.device("cpu"))
+    plugin.prepare(tmp_path, 0)
+    ref = plugin.pipe(prompt="3", image=plugin.prototypes[3][1:2], strength=0.7, guidance_scale=8.0,
+                      negative_prompt="cartoon, anime, painting", num_inference_steps=3,
+                      generator=make_generator(0, "d4m-generate", 3, 1), output_type="pt").images
+    ref = F.interpolate(ref, size=(8, 8), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    grey = 0.299 * ref[0, 0] + 0.587 * ref[0, 1] + 0.114 * ref[0, 2]
+    saved = ds.images[3 * 2 + 1, 0].float() / 255
+    assert (saved - grey).abs().max() <= 0.5 / 255 + 1e-4
+    assert (saved - ds.images[3 * 2, 0].float() / 255).abs().max() > 0  # prototypes 0 and 1 differ
+
+
+def test_missing_model_fails_up_front_in_one_line(zoo, tmp_path):
+    out = tmp_path / "d4m"
+    cfg = recover_config("d4m", **dict(TINY_RECOVER, teachers=str(zoo), out=str(out), d4m_model=str(tmp_path / "nope")))
+    with pytest.raises(PrismError) as err:
+        recover(cfg)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"--d4m-model {tmp_path / 'nope'}:")
+    assert "pip install 'prismdd[diffusion]'" in message and "local diffusers folder" in message
+    assert not (out / "images").exists() and not (out / "records").exists()
+
+
+def test_missing_extra_names_the_extra(monkeypatch):
+    real = d4m_module.importlib.util.find_spec
+    monkeypatch.setattr(d4m_module.importlib.util, "find_spec", lambda name, *a: None if name == "diffusers" else real(name, *a))
+    with pytest.raises(PrismError, match=r"--d4m-model m: diffusers/transformers are not installed; .*prismdd\[diffusion\]"):
+        load_pipeline("m", torch.device("cpu"))

@@ -1,0 +1,307 @@
+"""DWA and EDC recovery plug-ins: each defining mechanism against a literal re-statement of its reference code
+on fixed inputs, weight restoration (also when a batch fails), and one tiny end-to-end recover each."""
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import TINY_RECOVER
+from prismdd.core.bn import bn_loss_reference
+from prismdd.core.data import load_splits
+from prismdd.core.io import read_json
+from prismdd.methods.dwa import DWA, adjust_weights
+from prismdd.methods.edc import EDC, batch_stats, category_target, layer_term
+from prismdd.methods.stats import RealStats, smoothed
+from prismdd.stages.recover import recover, recover_config
+
+
+class Tiny(nn.Module):
+    def __init__(self, cin=1, k=3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 3, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(3)
+        self.head = nn.Linear(3, k)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def _tiny_model(seed=0, cin=1, k=3):
+    torch.manual_seed(seed)
+    m = Tiny(cin, k)
+    with torch.no_grad():  # non-trivial running statistics
+        for bn in (m.bn1, m.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    for p in m.parameters():
+        p.requires_grad_(False)  # as the engine's teachers
+    return m.eval()
+
+
+def _redo_batch_gives_the_same_images(out, record, rerun):
+    """Resume: a batch redone alone (its record and images removed) gives the same PNG bytes, so the plug-in's
+    state is a function of (seed, batch index) only."""
+    files = [out / "images" / f"{c:03d}" / f"{c:03d}_{k:03d}.png" for c, k in record["units"]]
+    before = [f.read_bytes() for f in files]
+    (out / "records" / f"batch_{record['batch']:05d}.json").unlink()
+    for f in files:
+        f.unlink()
+    rerun()
+    assert [f.read_bytes() for f in files] == before
+
+
+# ----------------------------------------------------------------------------- DWA
+def test_dwa_adjustment_is_the_reference_update():
+    model = _tiny_model()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 1, 8, 8, generator=g), torch.tensor([0, 1, 2, 0, 1, 2])
+    rho, steps = 0.3, 4
+    ref = copy.deepcopy(model)
+    for p in ref.parameters():
+        p.requires_grad_(True)
+    # literal re-statement of perterb.py first_step, `steps` times (distillation_imgnet.py:137-142)
+    for _ in range(steps):
+        F.cross_entropy(ref(x), y).backward()
+        with torch.no_grad():
+            grad_norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in ref.parameters() if p.grad is not None]), p=2)
+            scale = (rho / steps) / (grad_norm + 1e-12)
+            for p in ref.parameters():
+                if p.grad is not None:
+                    p.add_(p.grad * scale)
+                    p.grad = None
+    before = [p.clone() for p in model.parameters()]
+    stats = [b.clone() for b in model.buffers()]
+    norms = adjust_weights(model, x, y, rho, steps)
+    assert len(norms) == steps
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    moved = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p - b)
+                                                  for p, b in zip(model.parameters(), before)]))
+    assert 0.5 * rho < moved <= rho * (1 + 1e-5)  # K steps of rho/K each
+    assert all(torch.equal(b, s) for b, s in zip(model.buffers(), stats))  # running statistics untouched
+    assert not any(p.requires_grad for p in model.parameters())  # flags restored
+
+
+def _dwa_plugin(model, **over):
+    cfg = recover_config("dwa", dataset="digits", primary="tiny", **over)
+    info = SimpleNamespace(resolution=8)
+    return DWA(cfg, info, None, {"tiny": SimpleNamespace(model=model)}, ["tiny"], torch.device("cpu"))
+
+
+def test_dwa_restores_weights_bit_exactly_and_is_a_function_of_b():
+    model = _tiny_model()
+    before = [p.clone() for p in model.parameters()]
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    units = [(0, 0), (1, 0), (2, 0)]
+    plugin = _dwa_plugin(model, dwa_rho=0.2, dwa_steps=3)
+    adjusted = []
+    for b in (5, 5, 6):
+        plugin.begin_batch(b, units, x)
+        adjusted.append([p.clone() for p in model.parameters()])
+        assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+        record = {}
+        plugin.end_batch(b, record)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+        assert 0 < record["dwa"]["displacement"] <= 0.2 * (1 + 1e-5) and len(record["dwa"]["grad_norms"]) == 3
+    assert all(torch.equal(p, q) for p, q in zip(adjusted[0], adjusted[1]))  # same (seed, b): same adjustment
+    assert not all(torch.equal(p, q) for p, q in zip(adjusted[0], adjusted[2]))  # another b: another view
+
+
+def test_dwa_variance_weight_gives_the_reference_bn_term():
+    model = _tiny_model()
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    r_var, fbm, alpha = 2.0, 10.0, 0.01
+    plugin = _dwa_plugin(model, dwa_rho=0.0, dwa_var_weight=r_var, first_bn_multiplier=fbm, alpha_bn=alpha)
+    plugin.begin_batch(0, [(0, 0)], x)
+    try:
+        logits = model(x)
+        engine = SimpleNamespace(collectors={"tiny": SimpleNamespace(active=True, scale=1.0)})
+        extra = plugin.losses(engine, x, None, 0, 0, {"tiny": logits})["dwa_var"]
+    finally:
+        plugin.end_batch(0, {})
+    # literal re-statement of utils.py BNFeatureHook.hook_fn + the rescaled sum (distillation_imgnet.py:149-158)
+    terms = []
+    inp = {}
+    hooks = [bn.register_forward_hook(lambda m, i, o, n=n: inp.__setitem__(n, i[0])) for n, bn in
+             (("bn1", model.bn1), ("bn2", model.bn2))]
+    model(x)
+    for h in hooks:
+        h.remove()
+    for idx, (n, bn) in enumerate((("bn1", model.bn1), ("bn2", model.bn2))):
+        i0 = inp[n]
+        nch = i0.shape[1]
+        mean = i0.mean([0, 2, 3])
+        var = i0.permute(1, 0, 2, 3).contiguous().reshape([nch, -1]).var(1, unbiased=False)
+        r = torch.norm(bn.running_var.data - var, 2) * r_var + torch.norm(bn.running_mean.data - mean, 2)
+        terms.append(r * (fbm if idx == 0 else 1.0))
+    reference = alpha * torch.stack(terms).sum()
+    ours = alpha * bn_loss_reference(model, x, fbm) + extra
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-7)
+    assert not plugin.handles and not model.bn1._forward_pre_hooks  # hooks gone after the batch
+
+
+def test_dwa_recover_end_to_end_and_restores_after_a_failing_batch(zoo, tmp_path, monkeypatch):
+    settings = dict(TINY_RECOVER, teachers=str(zoo), iterations=2)
+    out = recover(recover_config("dwa", out=str(tmp_path / "dwa"), **settings))
+    records = [read_json(p) for p in sorted((out / "records").glob("batch_*.json"))]
+    assert len(records) == 4 and len(list((out / "images").rglob("*.png"))) == 20
+    for r in records:
+        assert len(r["dwa"]["grad_norms"]) == 15 and 0 < r["dwa"]["displacement"] <= 0.015 * (1 + 1e-5)
+        assert r["bn_set"] == ["convnet"] and "dwa_var" in r["final_losses"]
+    manifest = read_json(out / "manifest.json")
+    assert manifest["inputs"]["plugin"] == {"name": "dwa", "teacher": "convnet", "rho": 0.015, "steps": 15,
+                                            "var_weight": 2.0}
+    _redo_batch_gives_the_same_images(out, records[1], lambda: recover(recover_config("dwa", out=str(out), **settings)))
+
+    # a batch that fails after the adjustment: the teacher's weights are still restored (Engine.run_batch finally)
+    seen = {}
+    real_begin = DWA.begin_batch
+
+    def begin(self, b, units, x):
+        seen["plugin"], seen["before"] = self, [p.detach().clone() for p in self.model.parameters()]
+        real_begin(self, b, units, x)
+        seen["adjusted"] = [p.detach().clone() for p in self.model.parameters()]
+
+    def boom(self, *a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(DWA, "begin_batch", begin)
+    monkeypatch.setattr(DWA, "losses", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        recover(recover_config("dwa", out=str(tmp_path / "fail"), **settings))
+    model = seen["plugin"].model
+    assert not all(torch.equal(p, q) for p, q in zip(seen["adjusted"], seen["before"]))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), seen["before"]))
+    assert not seen["plugin"].handles
+
+
+# ----------------------------------------------------------------------------- EDC
+def _ref_patches(x, per_image):
+    """U:380-385 / 392-395 re-stated with explicit loops over the 16x16 cells (row-major (u v)) after the
+    bilinear resize to multiples of 16 (div_sixteen_mul)."""
+    up = lambda v: int(v // 16 * 16) + int(v % 16 > 0) * 16
+    r = F.interpolate(x, [up(x.shape[2]), up(x.shape[3])], mode="bilinear")
+    means, vars_ = [], []
+    for u in range(r.shape[2] // 16):
+        for v in range(r.shape[3] // 16):
+            cell = r[:, :, u * 16:(u + 1) * 16, v * 16:(v + 1) * 16]
+            flat = cell.reshape(cell.shape[0], -1) if per_image else cell.reshape(1, -1)
+            means.append(flat.mean(1))
+            vars_.append(flat.var(1, unbiased=False))
+    m, v = torch.stack(means, -1), torch.stack(vars_, -1)  # (B or 1, cells)
+    return (m, v) if per_image else (m[0], v[0])
+
+
+@pytest.mark.parametrize("conv,hw", [(False, (20, 18)), (True, (20, 18)), (True, (3, 5))])
+def test_edc_category_aware_term_is_the_reference_formula(conv, hw):
+    g = torch.Generator().manual_seed(4)
+    C, K = 3, 4
+    # 20 x 18 -> resized to 32 x 32: 4 cells (resized in memory); 3 x 5 -> one 16 x 16 cell (closed form)
+    x = (torch.randn(6, C, *hw, generator=g) + 0.7).requires_grad_(True)
+    y = torch.tensor([0, 2, 2, 3, 1, 0])
+    keys = ("var", "mean", "patch_mean", "patch_var") if conv else ("var", "mean")
+    n_cells = (-(-hw[0] // 16)) * (-(-hw[1] // 16))
+    size = {"var": C, "mean": C, "patch_mean": n_cells, "patch_var": n_cells}
+    glob = {k: torch.rand(size[k], generator=g) + 0.5 for k in keys}  # running (BN) or real-data (conv) statistics
+    cls = {k: torch.rand(K, size[k], generator=g) + 0.5 for k in keys}
+    ema = {k: torch.rand(size[k], generator=g) for k in keys}
+    momentum = 0.8
+
+    # literal re-statement of U:462-503 (conv) / U:205-226 (BN), category_aware == "global"
+    nch = x.shape[1]
+    cur = {"mean": x.mean([0, 2, 3]),
+           "var": (x.permute(1, 0, 2, 3).contiguous().reshape([nch, -1])).var(1, unbiased=False)}
+    if conv:
+        cur["patch_mean"], cur["patch_var"] = _ref_patches(x, per_image=False)
+    with torch.no_grad():
+        dd = {k: momentum * ema[k] + (1 - momentum) * cur[k] for k in keys}
+    st = {k: dd[k] + cur[k] - cur[k].detach() for k in keys}
+    r_ref = sum(torch.norm(glob[k] - st[k], 2) for k in keys) * 0.5
+    r_ref = r_ref + sum(torch.norm(cls[k][y.long()].mean(0) - st[k], 2) for k in keys) * 0.5
+    g_ref, = torch.autograd.grad(r_ref, x)
+
+    stats, new = {}, {}
+    for k, s in batch_stats(x, conv).items():
+        stats[k], new[k] = smoothed(s, ema[k], momentum)
+    assert set(stats) == set(keys)
+    r = layer_term(stats, glob, category_target(cls, y), 0.5)
+    g_ours, = torch.autograd.grad(r, x)
+    torch.testing.assert_close(r, r_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-7)
+    for k in keys:
+        torch.testing.assert_close(new[k], dd[k])
+    # the EMA state starts at 0 (the reference's ``self.dd_var = 0.``): first value = (1 - momentum) * s
+    first, _ = smoothed(cur["var"], None, momentum)
+    torch.testing.assert_close(first, (1 - momentum) * cur["var"].detach())
+
+
+@pytest.mark.parametrize("hw", [(16, 16), (1, 1), (4, 6)])
+def test_edc_real_data_statistics_are_the_reference_accumulators(hw):
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(7, 2, *hw, generator=g), torch.tensor([1, 0, 1, 2, 1, 0, 0])
+    col = RealStats(True, total=7, num_classes=3)
+    col.y = y
+    col(None, (x,))
+    # literal re-statement of U:373-403 (pre_hook_fn) for one batch of a 7-image pass
+    bs, nch = x.shape[:2]
+    torch.testing.assert_close(col.glob["mean"].float(), x.mean([0, 2, 3]) * bs / 7)
+    torch.testing.assert_close(col.glob["var"].float(),
+                               x.permute(1, 0, 2, 3).reshape(nch, -1).var(1, unbiased=False) * bs / 7)
+    pm, pv = _ref_patches(x, per_image=False)
+    torch.testing.assert_close(col.glob["patch_mean"].float(), pm)
+    torch.testing.assert_close(col.glob["patch_var"].float(), pv)
+    dd_mean, dd_var = x.mean([2, 3]), x.view(bs, nch, -1).var(2, unbiased=False)
+    p_mean, p_var = _ref_patches(x, per_image=True)
+    for c in range(3):
+        sel = y == c
+        torch.testing.assert_close(col.sums["mean"][c].float(), dd_mean[sel].sum(0))
+        torch.testing.assert_close(col.sums["var"][c].float(), dd_var[sel].sum(0))
+        torch.testing.assert_close(col.sums["patch_mean"][c].float(), p_mean[sel].sum(0))
+        torch.testing.assert_close(col.sums["patch_var"][c].float(), p_var[sel].sum(0))
+
+
+def test_edc_class_statistics_and_the_patch_swap():
+    cfg = recover_config("edc", dataset="digits", edc_stats_images=60, primary="tiny")
+    train, _, info = load_splits(cfg)
+    model = _tiny_model(k=10)
+    plugin = EDC(cfg, info, train, {"tiny": SimpleNamespace(model=model)}, ["tiny"], torch.device("cpu"))
+    prov = plugin.prepare(None)
+    assert prov["statistics"]["images"] == {"tiny": 60}
+    layers = plugin.targets["tiny"]
+    assert [type(m).__name__ for m, *_ in layers] == ["Conv2d", "BatchNorm2d", "Conv2d", "BatchNorm2d"]
+    bn_glob = layers[1][2]
+    assert bn_glob["var"] is model.bn1.running_var and bn_glob["mean"] is model.bn1.running_mean
+    swapped = layers[0][3]
+    plain, _ = EDC(recover_config("edc", dataset="digits", edc_stats_images=60, primary="tiny",
+                                  edc_swap_patch_targets=False), info, train,
+                   {"tiny": SimpleNamespace(model=model)}, ["tiny"], torch.device("cpu")).real_statistics(model)
+    assert torch.equal(swapped["patch_mean"], plain[0][3]["patch_var"])
+    assert torch.equal(swapped["patch_var"], plain[0][3]["patch_mean"])
+    assert torch.equal(swapped["var"], plain[0][3]["var"])
+    assert (plain[1][3]["var"] > 0).all() and plain[1][3]["var"].shape == (10, 4)  # (classes, channels)
+
+
+def test_edc_recover_end_to_end(zoo, tmp_path):
+    settings = dict(TINY_RECOVER, teachers=str(zoo), iterations=5, batch_size=4, edc_stats_images=100)
+    out = recover(recover_config("edc", out=str(tmp_path / "edc"), **settings))
+    records = [read_json(p) for p in sorted((out / "records").glob("batch_*.json"))]
+    assert len(records) == 5 and len(list((out / "images").rglob("*.png"))) == 20
+    for r in records:
+        assert [u[0] for u in r["units"]] == sorted(u[0] for u in r["units"])  # class-major packing
+        counts = r["edc_rotation_counts"]
+        assert sum(counts.values()) == 5 and set(counts) <= set(r["bn_set"])
+        order = [r["bn_set"][(r["batch"] * 5 + it) % len(r["bn_set"])] for it in range(5)]
+        assert counts == {a: order.count(a) for a in sorted(set(order))}  # round-robin, a function of (b, it)
+        assert r["final_losses"]["edc_stats"] > 0 and r["final_losses"]["bn_mean"] == 0
+    m = read_json(out / "manifest.json")
+    assert m["inputs"]["plugin"]["statistics"]["images"] == {a: 100 for a in ("convnet", "resnet18", "mobilenet_v2")}
+    _redo_batch_gives_the_same_images(out, records[2], lambda: recover(recover_config("edc", out=str(out), **settings)))
