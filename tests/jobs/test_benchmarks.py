@@ -1,6 +1,7 @@
 """Smoke runs of the benchmark scripts (CI runs only these tiny versions; the real tables are in BENCHMARKS.md)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -31,10 +32,18 @@ def test_quality_smoke(tmp_path):
                tmp_path, timeout=600)
     rows = [l for l in out.splitlines() if l.startswith("| ") and not l.startswith("| cell")]
     assert [r.split("|")[1].strip() for r in rows] == ["random-real", "sre2l", "cda", "delt", "gvbsm", "prism", "prism-pre",
-                                                      "prism-strong-bn", "prism, BN set = primary alone"]
+                                                      "prism-strong-bn", "rded", "dwa", "edc",
+                                                      "prism, BN set = primary alone"]
     assert (tmp_path / "digits" / "results.jsonl").exists()
     # IPC 1 has no image pairs within a class: the cosine column says so instead of printing nan
     assert all(r.split("|")[3].strip() == "n/a" for r in rows)
+    # a method under its own protocol, beside random real under that protocol (the recovery above is reused)
+    out = _run(["benchmarks/quality.py", "--smoke", "--only", "own-protocol/ipc1", "--cells", "protocol rded",
+                "--out", str(tmp_path), "--threads", "1"], tmp_path, timeout=600)
+    rows = [l for l in out.splitlines() if l.startswith("| ") and not l.startswith("| cell")]
+    assert [r.split("|")[1].strip() for r in rows] == ["rded, protocol rded", "random-real, protocol rded"]
+    protocols = [json.loads(line)["protocol"]["protocol"] for line in (tmp_path / "digits" / "results.jsonl").read_text().splitlines()]
+    assert protocols[-2:] == ["rded", "rded"]
     # --cells picks cells by name; the teachers trained above are reused from the same --out
     out = _run(["benchmarks/quality.py", "--smoke", "--only", "ablation/init", "--cells", "unoptimised",
                 "--out", str(tmp_path), "--threads", "1"], tmp_path, timeout=600)

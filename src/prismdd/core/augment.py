@@ -22,13 +22,49 @@ from .runtime import make_generator
 class Views:
     boxes: torch.Tensor  # (N, 4) float: x0, y0, w, h as fractions of the image side
     flips: torch.Tensor  # (N,) bool
+    # PatchShuffle (RDED), applied before the crop: (N, f) long each; strip j of the output is strip cols[j]
+    # (rows[j]) of the input. None: no shuffle.
+    cols: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
 
     def to_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        return {prefix + "boxes": self.boxes, prefix + "flips": self.flips.to(torch.uint8)}
+        d = {prefix + "boxes": self.boxes, prefix + "flips": self.flips.to(torch.uint8)}
+        if self.cols is not None:
+            d.update({prefix + "shuffle_cols": self.cols, prefix + "shuffle_rows": self.rows})
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, prefix: str = "") -> "Views":
-        return cls(d[prefix + "boxes"].float(), d[prefix + "flips"].bool())
+        cols, rows = d.get(prefix + "shuffle_cols"), d.get(prefix + "shuffle_rows")
+        return cls(d[prefix + "boxes"].float(), d[prefix + "flips"].bool(),
+                   None if cols is None else cols.long(), None if rows is None else rows.long())
+
+    def __getitem__(self, sl) -> "Views":
+        return Views(self.boxes[sl], self.flips[sl], None if self.cols is None else self.cols[sl],
+                     None if self.rows is None else self.rows[sl])
+
+
+def sample_patch_shuffle(n: int, factor: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One column order and one row order per image (each a uniform permutation of ``factor`` strips), as
+    RDED's ``ShufflePatches`` (``random.shuffle`` of the column strips, then of the row strips)."""
+    cols = torch.rand(n, factor, generator=generator).argsort(1)
+    rows = torch.rand(n, factor, generator=generator).argsort(1)
+    return cols, rows
+
+
+def shuffle_patches(x: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """RDED's PatchShuffle on a batch (B, C, H, W): the image is cut into ``f`` column strips of width
+    W // f (pixels beyond f * (W // f) are dropped, as the reference's slicing drops them), reordered so
+    that output strip j is input strip ``cols[b, j]``; then the same with ``f`` row strips of height
+    H // f and ``rows``. Columns and rows are permuted independently (f! * f! arrangements, not (f*f)!)."""
+    b, c, h, w = x.shape
+    f = cols.shape[1]
+    th, tw = h // f, w // f
+    x = x[:, :, : f * th, : f * tw]
+    ci = (cols.to(x.device)[:, :, None] * tw + torch.arange(tw, device=x.device)).reshape(b, 1, 1, f * tw)
+    x = x.gather(3, ci.expand(b, c, f * th, f * tw))
+    ri = (rows.to(x.device)[:, :, None] * th + torch.arange(th, device=x.device)).reshape(b, 1, f * th, 1)
+    return x.gather(2, ri.expand(b, c, f * th, f * tw))
 
 
 def sample_views(n: int, generator: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
@@ -61,9 +97,12 @@ def sample_views(n: int, generator: torch.Generator, scale=(0.08, 1.0), ratio=(3
 
 
 def apply_views(x: torch.Tensor, views: Views, size: int | None = None) -> torch.Tensor:
-    """Crop ``views.boxes`` out of ``x`` (B, C, H, W), resize to ``size`` (bilinear), flip where set."""
+    """PatchShuffle where ``views`` carries one (before the crop, as RDED's transform order), then crop
+    ``views.boxes`` out of ``x`` (B, C, H, W), resize to ``size`` (bilinear), flip where set."""
     b = x.shape[0]
     size = size or x.shape[-1]
+    if views.cols is not None:
+        x = shuffle_patches(x, views.cols, views.rows)
     boxes = views.boxes.to(x.device, x.dtype)
     x0, y0, w, h = boxes.unbind(1)
     sx = torch.where(views.flips.to(x.device), -w, w)
@@ -128,10 +167,22 @@ def scale_jitter(resolution: int, at_224: int = 32) -> int:
 
 
 # ----------------------------------------------------------------------------- epoch plans (relabel + validate)
-def default_view_batch(n_images: int, num_classes: int) -> int:
-    """Student/relabel batch size when none is given: 50 at IPC <= 10, else 100 (seed Table 1)."""
+BATCH_RULES = ("seed", "rded")
+
+
+def default_view_batch(n_images: int, num_classes: int, rule: str = "seed") -> int:
+    """Student/relabel batch size when none is given. ``seed``: 50 at IPC <= 10, else 100 (seed Table 1).
+    ``rded``: RDED's argument.py (DELT's evaluation/argument.py adds IPC 20-40): 10 at IPC 1, 50 up to
+    IPC 20, else 100; doubled for 100 or 1000 classes, 100 flat for 200 (Tiny-ImageNet). Both are capped
+    at the number of images, as the reference caps its batch at ipc * nclass."""
     ipc = n_images / max(1, num_classes)
-    return min(n_images, 50 if ipc <= 10 else 100)
+    if rule == "seed":
+        return min(n_images, 50 if ipc <= 10 else 100)
+    if rule != "rded":
+        raise PrismError(f"batch rule {rule!r}: expected one of {', '.join(BATCH_RULES)}")
+    bs = 10 if ipc <= 1 else 50 if ipc <= 20 else 100
+    bs = 100 if num_classes == 200 else bs * 2 if num_classes in (100, 1000) else bs
+    return max(1, min(n_images, bs))
 
 
 @dataclass
@@ -142,6 +193,7 @@ class ViewConfig:
     min_scale: float = 0.25  # seed Table 3: 0.25 was best on ImageNet-1K IPC 10
     mix: str = "cutmix"  # cutmix | mixup | none
     flip: bool = True
+    patch_shuffle: int = 0  # RDED's PatchShuffle grid factor (0 or 1: none)
 
 
 @dataclass
@@ -153,7 +205,7 @@ class EpochPlan:
     def batches(self, batch_size: int):
         for b, s in enumerate(range(0, len(self.order), batch_size)):
             sl = slice(s, s + batch_size)
-            yield b, sl, self.order[sl], Views(self.views.boxes[sl], self.views.flips[sl]), self.mixes[b]
+            yield b, sl, self.order[sl], self.views[sl], self.mixes[b]
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         d = {"order": self.order, **self.views.to_dict()}
@@ -202,6 +254,8 @@ def epoch_plan(n: int, epoch: int, seed: int, vc: ViewConfig, resolution: int) -
             mixes.append(None)
         else:
             raise PrismError(f"mix {vc.mix!r}: expected cutmix, mixup or none")
+    if vc.patch_shuffle > 1:  # drawn last: plans without PatchShuffle keep their random stream
+        views.cols, views.rows = sample_patch_shuffle(n, vc.patch_shuffle, gen)
     return EpochPlan(order, views, mixes)
 
 

@@ -234,8 +234,17 @@ def preset_defaults(cls, *layers: Mapping[str, Any] | None) -> tuple[str | None,
     name = preset_name(cls, layers)
     values = {f.name: field_default(f) for f in dataclasses.fields(cls)}
     if name is not None:
-        values.update(preset_settings(cls.PRESET_FAMILY, name)[1])
+        values.update(_preset_fields(cls, name))
     return name, values
+
+
+def _preset_fields(cls, name: str) -> dict:
+    """A preset's fields; a class with ``PRESET_PARTIAL`` (relabel's ``--protocol``) takes only the fields it has."""
+    settings = preset_settings(cls.PRESET_FAMILY, name)[1]
+    if getattr(cls, "PRESET_PARTIAL", False):
+        valid = config_fields(cls)
+        settings = {k: v for k, v in settings.items() if k.replace("-", "_") in valid}
+    return settings
 
 
 def build_config(cls, *layers: Mapping[str, Any] | None, source: str = "config"):
@@ -248,7 +257,7 @@ def build_config(cls, *layers: Mapping[str, Any] | None, source: str = "config")
     valid = config_fields(cls)
     name = preset_name(cls, layers)
     if name is not None:
-        layers = (preset_settings(cls.PRESET_FAMILY, name)[1],) + tuple(layers)
+        layers = (_preset_fields(cls, name),) + tuple(layers)
     merged: dict[str, Any] = {}
     for layer in layers:
         for k, v in (layer or {}).items():

@@ -23,7 +23,7 @@ SCORE_BATCH = 500  # images per forward pass when scoring examples
 PHI_CLIP = 1e4  # |phi| beyond this is clipped (a float32 softmax saturates long before)
 
 
-SCHEDULES = ("cosine", "decayed_cosine", "decayed_cosine_smooth", "linear", "constant")
+SCHEDULES = ("cosine", "decayed_cosine", "decayed_cosine_smooth", "half_cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "sgd", "adam")
 
 
@@ -34,7 +34,9 @@ def lr_factor(schedule: str, progress: float, warmup: float = 0.0) -> float:
     (``--cos``), with t = progress * E: 0.5 (1 + cos(pi t / (2.5 E))) for t <= 5E/6 (0.75 at the knee),
     then 0.5 (1 + cos(pi 5 / (6 * 2.5))) * (6E - 6t) / (6E) = 0.75 (1 - p): a DROP to 0.125 just after
     the knee, then a linear fall to 0. ``decayed_cosine_smooth`` (prismdd's earlier curve): the same
-    cosine, then a continuous linear ramp 0.75 -> 0 over the last sixth.
+    cosine, then a continuous linear ramp 0.75 -> 0 over the last sixth. ``half_cosine``: 0.5 (1 + cos(pi p / 2)),
+    the first half of a cosine period, 1 -> 0.5 (RDED/DELT's ``--cos``: ``math.pi * step / re_epochs / 2``;
+    EDC's ``--ls-type cos --st 2``).
     """
     p = min(max(progress, 0.0), 1.0)
     if warmup > 0 and p < warmup:
@@ -43,6 +45,8 @@ def lr_factor(schedule: str, progress: float, warmup: float = 0.0) -> float:
         return 1.0
     if schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * p))
+    if schedule == "half_cosine":
+        return 0.5 * (1 + math.cos(math.pi * p / 2))
     if schedule == "linear":
         return 1.0 - p
     if schedule in ("decayed_cosine", "decayed_cosine_smooth"):
@@ -95,6 +99,38 @@ def evaluate(model: nn.Module, split, info: DatasetInfo, device, batch_size: int
     return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss / n, "n": n}
 
 
+class ParamEMA:
+    """Exponential moving average of a model's PARAMETERS (not its buffers), as EDC's ``EMAMODEL``:
+    started from the initial weights, ``update`` after every optimiser step (ema = d * ema + (1 - d) * w),
+    and ``swapped_in`` evaluates the model with the averaged parameters and its own live BatchNorm buffers
+    (EDC's ``ema_swap`` exchanges ``parameters()`` only)."""
+
+    def __init__(self, model: nn.Module, decay: float, state: list[torch.Tensor] | None = None):
+        self.model, self.decay = model, decay
+        params = list(model.parameters())
+        self.shadow = [p.detach().clone() for p in params] if state is None else [s.to(p.device) for s, p in
+                                                                                   zip(state, params)]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, p in zip(self.shadow, self.model.parameters()):
+            s.mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        for s, p in zip(self.shadow, self.model.parameters()):
+            tmp = p.detach().clone()
+            p.copy_(s)
+            s.copy_(tmp)
+
+    def swapped_in(self, fn: Callable[[], dict]) -> dict:
+        self.swap()
+        try:
+            return fn()
+        finally:
+            self.swap()
+
+
 def check_finite(loss: torch.Tensor, what: str) -> None:
     if not torch.isfinite(loss):
         raise PrismError(f"{what}: loss became {loss.item()}; lower the learning rate or check the inputs")
@@ -104,7 +140,8 @@ def check_finite(loss: torch.Tensor, what: str) -> None:
 def fit(model: nn.Module, optimizer, batches: Callable[[int], Iterable], loss_fn: Callable[..., dict], *,
         epochs: int, steps_per_epoch: int, lr: float, schedule: str, warmup: float = 0.0, lr_every: str = "step",
         evaluate_fn: Callable[[], dict], eval_every: int, checkpoint: Path, config_hash: str,
-        resume: dict | None, log: JsonlLog | None, desc: str, is_main: bool = True, verbose: bool = False) -> dict:
+        resume: dict | None, log: JsonlLog | None, desc: str, is_main: bool = True, verbose: bool = False,
+        ema_decay: float = 0.0) -> dict:
     """Train ``model`` for ``epochs`` epochs, resumably; the one loop behind teachers and students.
 
     ``batches(epoch)`` yields each epoch's batches (at most ``steps_per_epoch`` are used); ``loss_fn(batch)``
@@ -113,7 +150,9 @@ def fit(model: nn.Module, optimizer, batches: Callable[[int], Iterable], loss_fn
     epoch ``checkpoint`` holds model, optimiser, epoch and the accuracy curve (written by the main process;
     the log line follows it, so a kill in between never logs an epoch twice). ``resume``: such a
     checkpoint, already checked against ``config_hash`` by the caller's resume guard. ``verbose``: print a
-    line per evaluation (teachers; students show it on their progress bar).
+    line per evaluation (teachers; students show it on their progress bar). ``ema_decay`` > 0: an EMA of the
+    parameters (``ParamEMA``) is updated after every step and every evaluation uses it (EDC); at the end the
+    model holds the averaged parameters, the weights the final accuracy was measured with.
     Returns ``{"curve", "final", "seconds"}``; ``seconds`` counts time before a resume too.
     """
     start, curve, before = 0, [], 0.0
@@ -121,6 +160,8 @@ def fit(model: nn.Module, optimizer, batches: Callable[[int], Iterable], loss_fn
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         start, curve, before = int(resume["epoch"]), list(resume.get("curve", [])), float(resume.get("elapsed", 0.0))
+    ema = ParamEMA(model, ema_decay, resume.get("ema") if resume else None) if ema_decay > 0 else None
+    measure = (lambda: ema.swapped_in(evaluate_fn)) if ema is not None else evaluate_fn
     timer = Timer()
     total_steps = max(1, epochs * steps_per_epoch)
     for epoch in range(start, epochs):
@@ -139,6 +180,8 @@ def fit(model: nn.Module, optimizer, batches: Callable[[int], Iterable], loss_fn
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
             optimizer.step()
+            if ema is not None:
+                ema.update()
             running += float(terms["total"].detach())
             steps += 1
             bar.update(1)
@@ -146,20 +189,25 @@ def fit(model: nn.Module, optimizer, batches: Callable[[int], Iterable], loss_fn
         bar.close()
         record = {"epoch": epoch + 1, "train_loss": running / max(steps, 1), "lr": optimizer.param_groups[0]["lr"]}
         if (epoch + 1) % max(1, eval_every) == 0 or epoch + 1 == epochs:
-            ev = evaluate_fn()
+            ev = measure()
             record.update(test_top1=ev["top1"], test_top5=ev["top5"])
             curve.append({"epoch": epoch + 1, "top1": round(ev["top1"], 3), "top5": round(ev["top5"], 3)})
             if verbose and is_main:
                 print(f"[{desc}] epoch {epoch + 1}/{epochs}: train loss {record['train_loss']:.4f}, "
                       f"test top-1 {ev['top1']:.2f}%")
         if is_main:
-            torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                        "curve": curve, "elapsed": before + timer.elapsed, "config_hash": config_hash}, checkpoint)
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                     "curve": curve, "elapsed": before + timer.elapsed, "config_hash": config_hash}
+            if ema is not None:
+                state["ema"] = ema.shadow
+            torch_save(state, checkpoint)
             if log is not None:
                 log.write(**record)
     if not curve or curve[-1]["epoch"] != epochs:  # nothing trained here (0 epochs): measure what we have
-        ev = evaluate_fn()
+        ev = measure()
         curve.append({"epoch": epochs, "top1": round(ev["top1"], 3), "top5": round(ev["top5"], 3)})
+    if ema is not None:  # the model leaves with the weights its accuracy was measured with
+        ema.swap()
     return {"curve": curve, "final": curve[-1], "seconds": before + timer.elapsed}
 
 

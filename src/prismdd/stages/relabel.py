@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from ..artifacts import (check_finite_labels, clear_outputs, epoch_file, find_teachers, images_digest, label_bytes,
                          load_distilled, load_labelers, locked_stage, pack_logits, reusable, teacher_digests,
                          with_distilled_dataset, write_manifest)
-from ..core.augment import ViewConfig, default_view_batch, epoch_plan, make_inputs
+from ..core.augment import BATCH_RULES, ViewConfig, default_view_batch, epoch_plan, make_inputs
 from ..core.config import FROM_DISTILLED, CommonConfig, config_hash, opt
+from ..core.presets import PROTOCOLS
 from ..core.io import load_tensors, save_tensors
 from ..core.runtime import Timer, progress, resolve_device
 from ..core.training import ENSEMBLES
@@ -25,6 +27,14 @@ from ..core.training import ENSEMBLES
 
 @dataclass
 class RelabelConfig(CommonConfig):
+    # --protocol NAME takes the fields a validate protocol shares with relabel (views, batch, teachers, epochs)
+    PRESET_FAMILY: ClassVar[str] = "validate"
+    PRESET_FIELD: ClassVar[str] = "protocol"
+    PRESET_PARTIAL: ClassVar[bool] = True
+
+    protocol: str | None = opt(None, "a validate protocol whose relabel-side settings (batch size/rule, crop floor, "
+                                     "mix, patch shuffle, teachers, ensemble, epochs) become the defaults; fields "
+                                     "you set win", choices=PROTOCOLS.names(), hashed=False)
     dataset: str | None = opt(None, f"a name from `prismdd datasets`; {FROM_DISTILLED}")
     out: str = opt("runs/prism/labels", "output folder: one label file per epoch", hashed=False)
     distilled: str = opt("runs/prism", "a recover output folder")
@@ -36,8 +46,12 @@ class RelabelConfig(CommonConfig):
     epochs: int = opt(300, "one view (and one label file) per epoch of student training", minimum=1)
     batch_size: int | None = opt(None, "None: 50 at IPC <= 10, else 100 (seed Table 1); validate must use the same",
                                  minimum=1)
+    batch_rule: str = opt("seed", "batch size when --batch-size is None: seed | rded (as validate --batch-rule)",
+                          choices=BATCH_RULES, neutral="seed")
     min_scale: float = opt(0.25, "RandomResizedCrop floor of the views (seed Table 3)", minimum=0.0)
     mix: str = opt("cutmix", "cutmix | mixup | none", choices=("cutmix", "mixup", "none"))
+    patch_shuffle: int = opt(0, "RDED's PatchShuffle grid factor on the views (stored with them, so validate "
+                                "replays it); 0 = off", minimum=0, neutral=0)
     storage: str = opt("fp16", "fp16 | fp32 (fp32: online validation is bit-identical)", choices=("fp16", "fp32"))
     topk: int = opt(0, "keep only the top-k logits per view (0 = all)", minimum=0)
     force: bool = opt(False, "recompute label files that exist", hashed=False)
@@ -60,8 +74,8 @@ def relabel(cfg: RelabelConfig) -> Path:
     found = find_teachers(cfg.teachers)  # provenance: the pixels labelled and the teachers' weights
     inputs = {"distilled images": images_digest(ds.images, ds.targets),
               **teacher_digests({a: found[a] for a in labeler.names})}
-    bs = cfg.batch_size or default_view_batch(len(ds), info.num_classes)
-    vc = ViewConfig(bs, cfg.min_scale, cfg.mix)
+    bs = cfg.batch_size or default_view_batch(len(ds), info.num_classes, cfg.batch_rule)
+    vc = ViewConfig(bs, cfg.min_scale, cfg.mix, patch_shuffle=cfg.patch_shuffle)
     out = Path(cfg.out)
     total_bytes = file_bytes = 0
     for epoch in progress(range(cfg.epochs), desc="relabel"):
@@ -90,7 +104,10 @@ def relabel(cfg: RelabelConfig) -> Path:
                             "file_bytes": file_bytes,  # labels + the stored view parameters + headers
                             "file_bytes_per_image_epoch": round(file_bytes / max(1, n_ie), 2)},
                    wall_time=timer.elapsed, extra={"views": {"batch_size": bs, "min_scale": cfg.min_scale,
-                                                             "mix": cfg.mix, "seed": cfg.seed}})
+                                                             "mix": cfg.mix, "seed": cfg.seed,
+                                                             # only when on: manifests of other runs unchanged
+                                                             **({"patch_shuffle": cfg.patch_shuffle}
+                                                                if cfg.patch_shuffle > 1 else {})}})
     print(f"[relabel] {cfg.epochs} epochs x {len(ds)} images, {total_bytes / 1e6:.2f} MB "
           f"({total_bytes / max(1, n_ie):.1f} B per image-epoch) -> {out}")
     return out

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..artifacts import (ACCURACY_FILE, StoredLabels, consumed_digests, guard_inputs, load_distilled, load_labelers,
                          locked_stage, read_manifest, reusable, save_model, with_distilled_dataset, write_manifest)
 from ..core import distributed as dist
-from ..core.augment import ViewConfig, default_view_batch, epoch_plan, make_inputs, mix_partners
+from ..core.augment import BATCH_RULES, ViewConfig, default_view_batch, epoch_plan, make_inputs, mix_partners
 from ..core.config import (DEFAULT_DATASET, FROM_DISTILLED, CommonConfig, build_config, comma_list, config_hash,
                            opt)
 from ..core.data import DatasetInfo, TensorImages, check_class_coverage, load_splits, random_real_indices
@@ -55,12 +55,16 @@ class ValidateConfig(CommonConfig):
     student_width: float = opt(1.0, "width multiplier of the student", minimum=0.01)
     seeds: str = opt("0", "comma list: one student per seed, reported as mean +- std")
     epochs: int = opt(300, "training epochs of each student", minimum=1)
-    batch_size: int | None = opt(None, "None: 50 at IPC <= 10, else 100 (seed Table 1)", minimum=1)
+    batch_size: int | None = opt(None, "None: 50 at IPC <= 10, else 100 (seed Table 1); see --batch-rule", minimum=1)
+    batch_rule: str = opt("seed", "batch size when --batch-size is None: seed (50 at IPC <= 10, else 100) | rded "
+                                  "(RDED/DELT's argument.py: 10 at IPC 1, 50 to IPC 20, else 100; x2 for 100 or "
+                                  "1000 classes)", choices=BATCH_RULES, neutral="seed")
     optimizer: str = opt("adamw", "adamw | sgd | adam", choices=OPTIMIZERS)
     lr: float = opt(0.001, "peak learning rate", minimum=0.0)
     weight_decay: float = opt(0.01, "weight decay", minimum=0.0)
     schedule: str = opt("decayed_cosine", "decayed_cosine (PRISM's code: drop to 0.125 at 5/6, then linear to 0) | "
-                                          "decayed_cosine_smooth | cosine | linear | constant", choices=SCHEDULES)
+                                          "decayed_cosine_smooth | cosine | half_cosine (1 -> 0.5: RDED, DELT, EDC) | "
+                                          "linear | constant", choices=SCHEDULES)
     loss: str = opt("mse+ce", "mse+ce (PRISM) | kl | ce (hard labels)", choices=("mse+ce", "kl", "ce"))
     gamma: float = opt(0.1, "mse+ce: weight of the hard-label CE", minimum=0.0)
     lr_every: str = opt("step", "epoch: the LR changes once per epoch (the reference code's LambdaLR) | step: "
@@ -71,6 +75,12 @@ class ValidateConfig(CommonConfig):
     kl_t2: bool = opt(True, "kl: multiply the KL by T^2 (Hinton); off = SRe2L's train_FKD.py (plain batchmean KL)")
     min_scale: float = opt(0.25, "RandomResizedCrop floor (seed Table 3)", minimum=0.0)
     mix: str = opt("cutmix", "cutmix | mixup | none", choices=("cutmix", "mixup", "none"))
+    patch_shuffle: int = opt(0, "RDED's PatchShuffle before the crop: grid factor f (column strips, then row strips, "
+                                "each reordered per image and epoch from the views' seed); 0 = off",
+                             minimum=0, neutral=0)
+    ema_eval: float = opt(0.0, "EDC: EMA decay of the student's parameters, updated every step; evaluation and the "
+                               "saved student use the EMA parameters (live BN buffers); 0 = off",
+                          minimum=0.0, neutral=0.0)
     steps_per_epoch: int | None = opt(None, "cap on steps per epoch (None: every image once; for --full)", minimum=1)
     eval_every: int = opt(50, "epochs between test evaluations (the final epoch is always evaluated)", minimum=1,
                           hashed=False)
@@ -89,6 +99,8 @@ class ValidateConfig(CommonConfig):
             raise PrismError(f"--seeds {self.seeds!r}: expected a comma list of integers, e.g. 0,1,2") from None
         if not comma_list(self.seeds):
             raise PrismError("--seeds: give at least one seed")
+        if self.ema_eval >= 1:
+            raise PrismError(f"--ema-eval {self.ema_eval}: an EMA decay must be below 1 (EDC uses 0.99); 0 = off")
 
     @property
     def seed_list(self) -> list[int]:
@@ -158,7 +170,7 @@ def train_student(cfg: ValidateConfig, arch: str, seed: int, data: TensorImages,
     ddp = ctx.world_size > 1
     net = nn.parallel.DistributedDataParallel(model) if ddp else model
     bs = labels["batch_size"]
-    vc = ViewConfig(bs, cfg.min_scale, cfg.mix)
+    vc = ViewConfig(bs, cfg.min_scale, cfg.mix, patch_shuffle=cfg.patch_shuffle)
     steps = math.ceil(len(data) / bs)
     if cfg.steps_per_epoch:
         steps = min(steps, cfg.steps_per_epoch)
@@ -194,7 +206,8 @@ def train_student(cfg: ValidateConfig, arch: str, seed: int, data: TensorImages,
               schedule=cfg.schedule, lr_every=cfg.lr_every, evaluate_fn=lambda: evaluate(model, test, info, device,
                                                                    num_workers=cfg.num_workers),
               eval_every=cfg.eval_every, checkpoint=folder / "checkpoint.pt", config_hash=chash, resume=resume,
-              log=JsonlLog(folder / "log.jsonl"), desc=f"validate {arch} seed {seed}", is_main=ctx.rank == 0)
+              log=JsonlLog(folder / "log.jsonl"), desc=f"validate {arch} seed {seed}", is_main=ctx.rank == 0,
+              ema_decay=cfg.ema_eval)
     curve, final = run["curve"], run["final"]
     best = max(curve, key=lambda c: c["top1"])
     result = {"student": arch, "seed": seed, "top1": final["top1"], "top5": final["top5"],
@@ -217,7 +230,7 @@ def validate(cfg: ValidateConfig) -> dict:
     check_class_coverage(info, test=test)  # an empty val/ or a class missing from it: refused now, not after an epoch
     data, source = training_images(cfg, train, info)
     stored = online = None
-    bs = cfg.batch_size or default_view_batch(len(data), info.num_classes)
+    bs = cfg.batch_size or default_view_batch(len(data), info.num_classes, cfg.batch_rule)
     if cfg.labels:
         stored = StoredLabels(cfg.labels, info.num_classes)
         v = stored.views
@@ -234,10 +247,11 @@ def validate(cfg: ValidateConfig) -> dict:
         stored.check_source(digests.get("distilled images"), cfg.distilled)
     if ctx.rank == 0:  # finished students made from other images, labels or teachers are not reused
         guard_inputs(cfg.out, digests, force=cfg.force)
-    if stored is not None and (cfg.mix, cfg.min_scale) != (stored.views["mix"], stored.views["min_scale"]):
+    if stored is not None and (cfg.mix, cfg.min_scale, cfg.patch_shuffle) != (
+            stored.views["mix"], stored.views["min_scale"], stored.views.get("patch_shuffle", 0)):
         # the stored labels belong to their views: replaying them is the only consistent choice
-        print(f"[validate] using the stored views (mix={stored.views['mix']}, min_scale={stored.views['min_scale']}) "
-              f"from {cfg.labels}")
+        print(f"[validate] using the stored views (mix={stored.views['mix']}, min_scale={stored.views['min_scale']}, "
+              f"patch_shuffle={stored.views.get('patch_shuffle', 0)}) from {cfg.labels}")
     out = Path(cfg.out)
     seeds = cfg.seed_list
     students = comma_list(cfg.student)
@@ -265,6 +279,8 @@ def validate(cfg: ValidateConfig) -> dict:
                 "epochs": cfg.epochs, "batch_size": bs,
                 "mix": stored.views["mix"] if stored else cfg.mix, "soft_labels": label_src,
                 "min_scale": stored.views["min_scale"] if stored else cfg.min_scale,
+                "patch_shuffle": stored.views.get("patch_shuffle", 0) if stored else cfg.patch_shuffle,
+                "ema_eval": cfg.ema_eval,
                 "student_width": cfg.student_width, "result": "final epoch", "test_set": f"{info.name} test ({len(test)})"}
     accuracy = {"top1": first["top1"], "top5": first["top5"], "top1_std": first["top1_std"],
                 "best_top1": first["best_top1"], "curve": first["curve"], "protocol": protocol,
