@@ -67,9 +67,10 @@ class CommonConfig:
                                        "shorter side of its images)", minimum=1)
     channels: int | None = opt(None, "1 (grey) or 3 (RGB); None: the dataset's own (imagefolder: 1 if every image is "
                                      "greyscale)", choices=(1, 3))
-    eval_crop: str = opt("auto", "test-split (and recovery's real starts) preprocessing: none (shorter side to --resolution, centre crop) | imagenet "
-                                 "(Resize 256 + CenterCrop 224: shorter side to resolution*256/224, centre crop) | auto "
-                                 "(imagenet at 224 px and above)", choices=("auto", "none", "imagenet"))
+    eval_crop: str = opt("auto", "preprocessing of the test split and of recovery's real starts: none (shorter side "
+                                 "to --resolution, centre crop) | imagenet (Resize 256 + CenterCrop 224: shorter side "
+                                 "to resolution*256/224, centre crop) | auto (imagenet at 224 px and above)",
+                         choices=("auto", "none", "imagenet"))
     subset: str | None = opt(None, ".npy/.txt file of training-set indices to use instead of the whole train split")
     force: bool = opt(False, "redo finished work in --out instead of reusing it", hashed=False)
 

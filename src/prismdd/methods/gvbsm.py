@@ -132,7 +132,11 @@ class GVBSM(Plugin):
                 stats, _ = real_conv_statistics(t.model, self.train, self.info, self.device,
                                                 self.cfg.gvbsm_stats_images, fmt)
                 if rank == 0:
-                    save_layer_stats(t.folder, stats, settings)
+                    try:
+                        save_layer_stats(t.folder, stats, settings)
+                    except PermissionError:  # a shared, read-only zoo: use them for this run, recompute next time
+                        print(f"[recover] gvbsm: {t.folder} is read-only; its real-data statistics are not stored "
+                              f"and will be recomputed by the next run")
             layers = [name for name, _, conv in hooked_layers(t.model) if conv]
             missing = [n for n in layers if f"{n}.mean" not in stats]
             if missing:
