@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.augment import apply_views, jitter, sample_views, scale_jitter
+from ..core.bn import channel_var_mean
 from ..core.models import batchnorm_layers
 from ..core.runtime import make_generator
 from .base import PLUGINS, Plugin
@@ -57,9 +58,8 @@ def adjust_weights(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, rho
 
 
 def var_deviation(x: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
-    """||running_var - var(x)||_2 with the biased per-channel variance over all dims but channels (fp32)."""
-    dims = [0] + list(range(2, x.ndim))
-    return torch.linalg.vector_norm(running_var.float() - x.float().var(dim=dims, unbiased=False))
+    """||running_var - var(x)||_2 with the biased per-channel variance (``channel_var_mean``, fp32)."""
+    return torch.linalg.vector_norm(running_var.float() - channel_var_mean(x)[0])
 
 
 @PLUGINS.register("dwa")
