@@ -217,3 +217,28 @@ def test_a_field_at_its_neutral_value_leaves_the_hash_alone():
 
     assert config_hash(New()) == config_hash(Old())
     assert config_hash(New(b="x")) != config_hash(Old())
+
+
+def test_input_folders_hash_by_where_they_are_not_how_they_are_spelled(tmp_path, monkeypatch):
+    """``--teachers runs/zoo`` from the folder above and ``--teachers /abs/runs/zoo`` name the same input: a
+    resumed or cached stage must not look stale because the path was written the other way."""
+    from prismdd.core.config import config_hash
+    from prismdd.stages.metrics import MetricsConfig
+    from prismdd.stages.validate import ValidateConfig
+    monkeypatch.chdir(tmp_path)
+    rel = build_config(RecoverConfig, {"teachers": "runs/zoo", "data_root": "data"})
+    ab = build_config(RecoverConfig, {"teachers": str(tmp_path / "runs" / "zoo"), "data_root": str(tmp_path / "data")})
+    assert config_hash(rel) == config_hash(ab)
+    assert config_hash(rel) == config_hash(build_config(RecoverConfig, {"teachers": "./runs/../runs/zoo",
+                                                                        "data_root": "data/"}))
+    # another folder is another input
+    assert config_hash(rel) != config_hash(build_config(RecoverConfig, {"teachers": "runs/zoo2", "data_root": "data"}))
+    v = {"distilled": "runs/prism", "labels": "runs/prism/labels"}
+    assert config_hash(build_config(ValidateConfig, v)) == config_hash(build_config(
+        ValidateConfig, {k: str(tmp_path / p) for k, p in v.items()}))
+    # a comma list of folders: each item on its own
+    m1 = build_config(MetricsConfig, {"distilled": "a, b", "observer": "obs"})
+    m2 = build_config(MetricsConfig, {"distilled": f"{tmp_path / 'a'},{tmp_path / 'b'}", "observer": str(tmp_path / "obs")})
+    assert config_hash(m1) == config_hash(m2)
+    # a value given as a change (relabel hashes the distilled set's own hash there) is taken as it is
+    assert config_hash(rel, teachers="x") != config_hash(rel, teachers=str(tmp_path / "x"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,13 +32,15 @@ _NO_NEUTRAL = object()
 
 
 def opt(default: Any, help: str, *, choices: Iterable[Any] | None = None, many: bool = False,
-        minimum: float | None = None, hashed: bool = True, neutral: Any = _NO_NEUTRAL):
+        minimum: float | None = None, hashed: bool = True, neutral: Any = _NO_NEUTRAL, path: bool = False):
     """A config field with its help text. ``choices``: the allowed values (``many``: the field is a comma
     list and each item must be one of them); ``minimum``: the smallest allowed number; ``hashed=False``: the
     field does not change results (where outputs go, how fast they are made), so the config hash skips it;
     ``neutral``: the value under which the field changes nothing (an option added later, at its old behaviour),
-    left out of the hash at that value, so adding an option does not make finished outputs look stale."""
-    meta = {"help": help, "hashed": hashed, "many": many}
+    left out of the hash at that value, so adding an option does not make finished outputs look stale;
+    ``path``: the field names a file or folder (a comma list of them if ``many``), hashed as an absolute path, so
+    ``runs/zoo`` and ``/home/me/runs/zoo`` are the same input (what is IN it is checked by digests elsewhere)."""
+    meta = {"help": help, "hashed": hashed, "many": many, "path": path}
     if neutral is not _NO_NEUTRAL:
         meta["neutral"] = neutral
     if choices is not None:
@@ -56,7 +59,8 @@ class CommonConfig:
     """Options every stage honours."""
 
     dataset: str = opt(DEFAULT_DATASET, "a name from `prismdd datasets`")
-    data_root: str | None = opt(None, "folder with the dataset files; default: Debian's /usr/share/datasets/<name>")
+    data_root: str | None = opt(None, "folder with the dataset files; default: Debian's /usr/share/datasets/<name>",
+                                path=True)
     download: bool = opt(False, "allow torchvision to download data (needs internet)")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N", hashed=False)
     seed: int = opt(0, "every random choice derives from this (and is recorded)")
@@ -71,7 +75,8 @@ class CommonConfig:
                                  "to --resolution, centre crop) | imagenet (Resize 256 + CenterCrop 224: shorter side "
                                  "to resolution*256/224, centre crop) | auto (imagenet at 224 px and above)",
                          choices=("auto", "none", "imagenet"))
-    subset: str | None = opt(None, ".npy/.txt file of training-set indices to use instead of the whole train split")
+    subset: str | None = opt(None, ".npy/.txt file of training-set indices to use instead of the whole train split",
+                             path=True)
     force: bool = opt(False, "redo finished work in --out instead of reusing it", hashed=False)
 
 
@@ -107,6 +112,10 @@ def config_hash(cfg, **changes) -> str:
     d.update({k: _plain(v) for k, v in changes.items()})
     neutral = {f.name: f.metadata["neutral"] for f in dataclasses.fields(cfg) if "neutral" in f.metadata}
     d = {k: d[k] for k in hashed_fields(cfg) if not (k in neutral and d[k] == _plain(neutral[k]))}
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("path") and f.name in d and d[f.name] not in (None, "") and f.name not in changes:
+            d[f.name] = ",".join(os.path.abspath(p) for p in (comma_list(d[f.name]) if f.metadata["many"]
+                                                              else [d[f.name]]))
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

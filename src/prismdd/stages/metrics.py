@@ -50,8 +50,9 @@ class MetricsConfig(CommonConfig):
 
     dataset: str | None = opt(None, f"a name from `prismdd datasets`; {FROM_DISTILLED}")
     out: str = opt("runs/metrics", "output folder: metrics.json, manifest.json, config.yaml", hashed=False)
-    distilled: str = opt("", "comma list of distilled folders (recover outputs) to measure")
-    observer: str = opt("runs/teachers/observer", "teacher folder of a network that took NO part in synthesis")
+    distilled: str = opt("", "comma list of distilled folders (recover outputs) to measure", many=True, path=True)
+    observer: str = opt("runs/teachers/observer", "teacher folder of a network that took NO part in synthesis",
+                        path=True)
     random_ipc_seed: int = opt(0, "seed of the random real subset (same IPC) reported as a reference point")
 
     @property

@@ -50,7 +50,7 @@ class RecoverConfig(CommonConfig):
     out: str = opt("runs/prism", "output folder: images/, records/, manifest.json", hashed=False)
     method: str = opt("prism", "a preset from `prismdd methods`; its fields sit under everything you set",
                       choices=METHODS.names())
-    teachers: str = opt("runs/teachers", "a squeeze output folder (one sub-folder per architecture)")
+    teachers: str = opt("runs/teachers", "a squeeze output folder (one sub-folder per architecture)", path=True)
     primary: str = opt("convnet", "the logit (CE) teacher's architecture")
     bn_pool: str | None = opt(None, "comma list of BN-teacher architectures; default: every teacher found")
     ipc: int = opt(10, "images per class", minimum=1)

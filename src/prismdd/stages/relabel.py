@@ -37,8 +37,8 @@ class RelabelConfig(CommonConfig):
                                      "you set win", choices=PROTOCOLS.names(), hashed=False)
     dataset: str | None = opt(None, f"a name from `prismdd datasets`; {FROM_DISTILLED}")
     out: str = opt("runs/prism/labels", "output folder: one label file per epoch", hashed=False)
-    distilled: str = opt("runs/prism", "a recover output folder")
-    teachers: str = opt("runs/teachers", "a squeeze output folder")
+    distilled: str = opt("runs/prism", "a recover output folder", path=True)
+    teachers: str = opt("runs/teachers", "a squeeze output folder", path=True)
     label_teachers: str | None = opt(None, "comma list of teacher archs; default: the recover run's primary")
     ensemble: str = opt("mean", "how several teachers' logits combine: mean | norm-matched | weighted",
                         choices=ENSEMBLES)

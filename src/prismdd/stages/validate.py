@@ -41,9 +41,10 @@ class ValidateConfig(CommonConfig):
     dataset: str | None = opt(None, f"a name from `prismdd datasets`; {FROM_DISTILLED}; else {DEFAULT_DATASET}")
     out: str = opt("runs/prism/eval", "output folder: accuracy.json and one folder per student", hashed=False)
     protocol: str = opt("prism", "a student-training preset; fields you set win", choices=PROTOCOLS.names())
-    distilled: str | None = opt(None, "a recover output folder (its dataset, data root and resolution are used)")
-    labels: str | None = opt(None, "a relabel output folder (stored soft labels)")
-    teachers: str | None = opt(None, "a squeeze folder: soft labels computed online (no storage)")
+    distilled: str | None = opt(None, "a recover output folder (its dataset, data root and resolution are used)",
+                                path=True)
+    labels: str | None = opt(None, "a relabel output folder (stored soft labels)", path=True)
+    teachers: str | None = opt(None, "a squeeze folder: soft labels computed online (no storage)", path=True)
     label_teachers: str | None = opt(None, "comma list of teacher archs; default: the recover run's primary")
     ensemble: str = opt("mean", "how several teachers' logits combine: mean | norm-matched | weighted",
                         choices=ENSEMBLES)
