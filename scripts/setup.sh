@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-time (idempotent) set-up on a fresh machine: a virtual environment in .venv with the pinned
-# PyTorch build, prismdd itself (editable) with its test and diffusion extras, and, where we are root on Debian,
+# PyTorch build, prismdd itself (editable) with its test, diffusion and timm extras, and, where we are root on Debian,
 # the Fashion-MNIST package that provides the default dataset offline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,9 +12,10 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
 fi
-# the diffusion extra (diffusers + transformers, for --method d4m): about 250 MB and 20 s more
-if ! .venv/bin/python -c "import prismdd, pytest, diffusers, transformers" 2>/dev/null; then
-  .venv/bin/pip install -q -e ".[test,diffusion]"
+# the diffusion extra (diffusers + transformers, for --method d4m): about 250 MB and 20 s more; timm for
+# --rand-augment (DELT's student protocol) and timm:<name> models
+if ! .venv/bin/python -c "import prismdd, pytest, diffusers, transformers, timm" 2>/dev/null; then
+  .venv/bin/pip install -q -e ".[test,diffusion,timm]"
 fi
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

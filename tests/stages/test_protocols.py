@@ -148,7 +148,7 @@ def test_rded_batch_rule(n, classes, want):
 EXPECTED = {  # reference facts (FIDELITY.md "Student protocols"): loss, T, T^2, schedule, crop, batch, mechanism
     "cda": dict(loss="kl", temperature=20.0, kl_t2=False, schedule="cosine", min_scale=0.08, batch_size=128),
     "delt": dict(loss="kl", temperature=20.0, kl_t2=False, schedule="half_cosine", min_scale=0.25, batch_size=None,
-                 batch_rule="rded"),
+                 batch_rule="rded", rand_augment="rand-m6-n2-mstd1.0"),
     "gvbsm": dict(loss="mse+ce", gamma=0.1, mix_ce="own", schedule="cosine", min_scale=0.08, batch_size=1024,
                   ensemble="norm-matched", label_teachers="resnet18,mobilenet_v2,efficientnet_b0,shufflenet_v2_x0_5"),
     "rded": dict(loss="kl", temperature=20.0, kl_t2=False, schedule="half_cosine", min_scale=0.5, patch_shuffle=2,
@@ -170,17 +170,19 @@ def test_each_protocol_builds(name):
         assert getattr(cfg, k) == v, (name, k)
     # relabel --protocol takes the shared fields: the views it stores are the ones validate trains on
     r = build_config(RelabelConfig, dict(protocol=name))
-    for k in ("batch_size", "batch_rule", "min_scale", "mix", "patch_shuffle", "label_teachers", "ensemble", "epochs"):
+    for k in ("batch_size", "batch_rule", "min_scale", "mix", "patch_shuffle", "rand_augment", "label_teachers",
+              "ensemble", "epochs"):
         assert getattr(r, k) == getattr(cfg, k), (name, k)
 
 
 def test_new_options_leave_old_hashes_alone():
     # the new fields at their neutral values are not hashed: finished prism/sre2l outputs stay reusable
     cfg = validate_config("prism", distilled="x", labels="y")
-    assert config_hash(cfg) == config_hash(cfg, patch_shuffle=0, ema_eval=0.0, batch_rule="seed")
+    assert config_hash(cfg) == config_hash(cfg, patch_shuffle=0, ema_eval=0.0, batch_rule="seed", rand_augment="")
+    assert config_hash(cfg) != config_hash(cfg, rand_augment="rand-m6-n2-mstd1.0")
     assert config_hash(cfg) != config_hash(cfg, patch_shuffle=2)
     r = build_config(RelabelConfig, {})
-    assert config_hash(r) == config_hash(r, patch_shuffle=0, batch_rule="seed", protocol="rded")
+    assert config_hash(r) == config_hash(r, patch_shuffle=0, batch_rule="seed", protocol="rded", rand_augment="")
 
 
 # ----------------------------------------------------------------------------- tiny end-to-end runs on digits

@@ -7,11 +7,15 @@ relabel and validate see identical views (FKD-style) without pickling tensors.
 """
 from __future__ import annotations
 
+import functools
 import math
+import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .data import DatasetInfo, normalize
 from .errors import PrismError
@@ -26,22 +30,30 @@ class Views:
     # (rows[j]) of the input. None: no shuffle.
     cols: torch.Tensor | None = None
     rows: torch.Tensor | None = None
+    # RandAugment (DELT), applied to the uint8 image before everything else: (N,) int64, the seed of each
+    # image's timm RandAugment draw (see ``rand_augment_images``). None: no RandAugment.
+    ra_seeds: torch.Tensor | None = None
 
     def to_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
         d = {prefix + "boxes": self.boxes, prefix + "flips": self.flips.to(torch.uint8)}
         if self.cols is not None:
             d.update({prefix + "shuffle_cols": self.cols, prefix + "shuffle_rows": self.rows})
+        if self.ra_seeds is not None:
+            d[prefix + "rand_augment_seeds"] = self.ra_seeds
         return d
 
     @classmethod
     def from_dict(cls, d: dict, prefix: str = "") -> "Views":
         cols, rows = d.get(prefix + "shuffle_cols"), d.get(prefix + "shuffle_rows")
+        seeds = d.get(prefix + "rand_augment_seeds")
         return cls(d[prefix + "boxes"].float(), d[prefix + "flips"].bool(),
-                   None if cols is None else cols.long(), None if rows is None else rows.long())
+                   None if cols is None else cols.long(), None if rows is None else rows.long(),
+                   None if seeds is None else seeds.long())
 
     def __getitem__(self, sl) -> "Views":
         return Views(self.boxes[sl], self.flips[sl], None if self.cols is None else self.cols[sl],
-                     None if self.rows is None else self.rows[sl])
+                     None if self.rows is None else self.rows[sl],
+                     None if self.ra_seeds is None else self.ra_seeds[sl])
 
 
 def sample_patch_shuffle(n: int, factor: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +77,66 @@ def shuffle_patches(x: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor) -> 
     x = x.gather(3, ci.expand(b, c, f * th, f * tw))
     ri = (rows.to(x.device)[:, :, None] * th + torch.arange(th, device=x.device)).reshape(b, 1, f * th, 1)
     return x.gather(2, ri.expand(b, c, f * th, f * tw))
+
+
+# ----------------------------------------------------------------------------- RandAugment (DELT)
+# DELT's evaluation/validation/main.py:119-125 builds its student transform with exactly these hparams
+DELT_RAND_AUGMENT_HPARAMS = {"translate_const": 117, "img_mean": (124, 116, 104)}
+
+
+@functools.lru_cache(maxsize=8)
+def rand_augment_transform(config: str):
+    """timm's ``rand_augment_transform(config, hparams=DELT's)``, built once per config string. timm is an
+    optional extra; without it (or with a string timm does not parse) this stops with one PrismError line."""
+    try:
+        from timm.data.auto_augment import rand_augment_transform as timm_rand_augment
+    except ImportError:
+        raise PrismError(f"--rand-augment {config}: needs timm; pip install 'prismdd[timm]'") from None
+    try:  # timm fills in magnitude_std etc. with setdefault: hand it a fresh dict every time
+        return timm_rand_augment(config_str=config, hparams=dict(DELT_RAND_AUGMENT_HPARAMS))
+    except (AssertionError, ValueError, KeyError, IndexError):
+        raise PrismError(f"--rand-augment {config!r}: not a timm RandAugment string (DELT's: rand-m6-n2-mstd1.0); "
+                         f"'' turns it off") from None
+
+
+def sample_rand_augment_seeds(n: int, generator: torch.Generator) -> torch.Tensor:
+    """One int64 seed per image for its RandAugment draw."""
+    return torch.randint(0, 2 ** 63 - 1, (n,), generator=generator)
+
+
+def rand_augment_images(images_uint8: torch.Tensor, seeds: torch.Tensor, config: str) -> torch.Tensor:
+    """timm's RandAugment on each uint8 image (B, C, H, W), as DELT applies it to the PIL image before
+    ToTensor; image i's draw is replayable from ``seeds[i]``.
+
+    timm draws from Python's ``random`` (each op's probability, its magnitude noise, the resampling filter) and
+    numpy's global generator (which ops): both are seeded from ``seeds[i]`` for image i, and their states are
+    saved before the batch and restored after it, so no other random stream moves. A 1-channel image is fed as
+    the RGB image with three equal channels (what DELT's PIL loader, ``convert('RGB')``, makes of a greyscale
+    file), and the student's one channel is the luminance of DELT's RGB result (PIL's ``convert('L')``):
+    pixels whose channels stay equal come back unchanged, the fill (124, 116, 104) of rotations, shears and
+    translations reads 117."""
+    if seeds is None or not config:
+        raise PrismError("RandAugment: the views carry no seeds or no --rand-augment string was given; "
+                         "relabel (or validate) with the same --rand-augment on both sides")
+    transform = rand_augment_transform(config)
+    arr = images_uint8.detach().cpu().numpy()
+    c = arr.shape[1]
+    if c not in (1, 3):
+        raise PrismError(f"--rand-augment {config}: works on 1- or 3-channel images, these have {c}")
+    out = np.empty_like(arr)
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        for i, s in enumerate(seeds.tolist()):
+            random.seed(s)
+            np.random.seed([s & 0xFFFFFFFF, s >> 32])
+            img = Image.fromarray(np.ascontiguousarray(arr[i].transpose(1, 2, 0))) if c == 3 else \
+                Image.fromarray(np.ascontiguousarray(arr[i, 0])).convert("RGB")
+            img = transform(img)
+            out[i] = np.asarray(img).transpose(2, 0, 1) if c == 3 else np.asarray(img.convert("L"))[None]
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    return torch.from_numpy(out)
 
 
 def sample_views(n: int, generator: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
@@ -194,6 +266,7 @@ class ViewConfig:
     mix: str = "cutmix"  # cutmix | mixup | none
     flip: bool = True
     patch_shuffle: int = 0  # RDED's PatchShuffle grid factor (0 or 1: none)
+    rand_augment: str = ""  # DELT's timm RandAugment config string ("": none)
 
 
 @dataclass
@@ -256,11 +329,17 @@ def epoch_plan(n: int, epoch: int, seed: int, vc: ViewConfig, resolution: int) -
             raise PrismError(f"mix {vc.mix!r}: expected cutmix, mixup or none")
     if vc.patch_shuffle > 1:  # drawn last: plans without PatchShuffle keep their random stream
         views.cols, views.rows = sample_patch_shuffle(n, vc.patch_shuffle, gen)
+    if vc.rand_augment:  # drawn after everything else: plans without RandAugment keep their random stream
+        views.ra_seeds = sample_rand_augment_seeds(n, gen)
     return EpochPlan(order, views, mixes)
 
 
-def make_inputs(images_uint8: torch.Tensor, info: DatasetInfo, views: Views, mix, device) -> torch.Tensor:
-    """The exact (normalised, augmented, mixed) batch a student and its teachers see."""
+def make_inputs(images_uint8: torch.Tensor, info: DatasetInfo, views: Views, mix, device,
+                rand_augment: str = "") -> torch.Tensor:
+    """The exact (normalised, augmented, mixed) batch a student and its teachers see. ``rand_augment``: the
+    timm config string of the views' RandAugment seeds (DELT), applied to the uint8 images first."""
+    if views.ra_seeds is not None or rand_augment:
+        images_uint8 = rand_augment_images(images_uint8, views.ra_seeds, rand_augment)
     x = apply_views(normalize(images_uint8.to(device), info), views)
     if isinstance(mix, CutMix):
         x = mix.apply(x)

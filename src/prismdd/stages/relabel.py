@@ -17,7 +17,7 @@ import torch
 from ..artifacts import (check_finite_labels, clear_outputs, epoch_file, find_teachers, images_digest, label_bytes,
                          load_distilled, load_labelers, locked_stage, pack_logits, reusable, teacher_digests,
                          with_distilled_dataset, write_manifest)
-from ..core.augment import BATCH_RULES, ViewConfig, default_view_batch, epoch_plan, make_inputs
+from ..core.augment import BATCH_RULES, ViewConfig, default_view_batch, epoch_plan, make_inputs, rand_augment_transform
 from ..core.config import FROM_DISTILLED, CommonConfig, config_hash, opt
 from ..core.presets import PROTOCOLS
 from ..core.io import load_tensors, save_tensors
@@ -33,8 +33,8 @@ class RelabelConfig(CommonConfig):
     PRESET_PARTIAL: ClassVar[bool] = True
 
     protocol: str | None = opt(None, "a validate protocol whose relabel-side settings (batch size/rule, crop floor, "
-                                     "mix, patch shuffle, teachers, ensemble, epochs) become the defaults; fields "
-                                     "you set win", choices=PROTOCOLS.names(), hashed=False)
+                                     "mix, patch shuffle, RandAugment, teachers, ensemble, epochs) become the "
+                                     "defaults; fields you set win", choices=PROTOCOLS.names(), hashed=False)
     dataset: str | None = opt(None, f"a name from `prismdd datasets`; {FROM_DISTILLED}")
     out: str = opt("runs/prism/labels", "output folder: one label file per epoch", hashed=False)
     distilled: str = opt("runs/prism", "a recover output folder", path=True)
@@ -52,6 +52,9 @@ class RelabelConfig(CommonConfig):
     mix: str = opt("cutmix", "cutmix | mixup | none", choices=("cutmix", "mixup", "none"))
     patch_shuffle: int = opt(0, "RDED's PatchShuffle grid factor on the views (stored with them, so validate "
                                 "replays it); 0 = off", minimum=0, neutral=0)
+    rand_augment: str = opt("", "DELT's timm RandAugment config string (e.g. rand-m6-n2-mstd1.0) on each image before "
+                                "the crop; one seed per image and epoch is stored with the views, so validate "
+                                "replays it; '' = off (needs timm: pip install 'prismdd[timm]')", neutral="")
     storage: str = opt("fp16", "fp16 | fp32 (fp32: online validation is bit-identical)", choices=("fp16", "fp32"))
     topk: int = opt(0, "keep only the top-k logits per view (0 = all)", minimum=0)
     force: bool = opt(False, "recompute label files that exist", hashed=False)
@@ -75,7 +78,9 @@ def relabel(cfg: RelabelConfig) -> Path:
     inputs = {"distilled images": images_digest(ds.images, ds.targets),
               **teacher_digests({a: found[a] for a in labeler.names})}
     bs = cfg.batch_size or default_view_batch(len(ds), info.num_classes, cfg.batch_rule)
-    vc = ViewConfig(bs, cfg.min_scale, cfg.mix, patch_shuffle=cfg.patch_shuffle)
+    vc = ViewConfig(bs, cfg.min_scale, cfg.mix, patch_shuffle=cfg.patch_shuffle, rand_augment=cfg.rand_augment)
+    if cfg.rand_augment:
+        rand_augment_transform(cfg.rand_augment)  # timm missing or a bad string: refused before any work
     out = Path(cfg.out)
     total_bytes = file_bytes = 0
     for epoch in progress(range(cfg.epochs), desc="relabel"):
@@ -87,7 +92,7 @@ def relabel(cfg: RelabelConfig) -> Path:
         plan = epoch_plan(len(ds), epoch, cfg.seed, vc, info.resolution)
         chunks = []
         for _, _, idx, views, mix in plan.batches(bs):
-            chunks.append(labeler(make_inputs(ds.images[idx], info, views, mix, device)).cpu())
+            chunks.append(labeler(make_inputs(ds.images[idx], info, views, mix, device, cfg.rand_augment)).cpu())
         logits = torch.cat(chunks)
         check_finite_labels(logits, labeler.names, f"relabel epoch {epoch}")  # a NaN teacher stores nothing
         tensors = {**pack_logits(logits, cfg.storage, cfg.topk), **plan.to_tensors()}
@@ -107,7 +112,9 @@ def relabel(cfg: RelabelConfig) -> Path:
                                                              "mix": cfg.mix, "seed": cfg.seed,
                                                              # only when on: manifests of other runs unchanged
                                                              **({"patch_shuffle": cfg.patch_shuffle}
-                                                                if cfg.patch_shuffle > 1 else {})}})
+                                                                if cfg.patch_shuffle > 1 else {}),
+                                                             **({"rand_augment": cfg.rand_augment}
+                                                                if cfg.rand_augment else {})}})
     print(f"[relabel] {cfg.epochs} epochs x {len(ds)} images, {total_bytes / 1e6:.2f} MB "
           f"({total_bytes / max(1, n_ie):.1f} B per image-epoch) -> {out}")
     return out

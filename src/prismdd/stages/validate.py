@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from ..artifacts import (ACCURACY_FILE, StoredLabels, consumed_digests, guard_inputs, load_distilled, load_labelers,
                          locked_stage, read_manifest, reusable, save_model, with_distilled_dataset, write_manifest)
 from ..core import distributed as dist
-from ..core.augment import BATCH_RULES, ViewConfig, default_view_batch, epoch_plan, make_inputs, mix_partners
+from ..core.augment import (BATCH_RULES, ViewConfig, default_view_batch, epoch_plan, make_inputs, mix_partners,
+                             rand_augment_transform)
 from ..core.config import (DEFAULT_DATASET, FROM_DISTILLED, CommonConfig, build_config, comma_list, config_hash,
                            opt)
 from ..core.data import DatasetInfo, TensorImages, check_class_coverage, load_splits, random_real_indices
@@ -79,6 +80,9 @@ class ValidateConfig(CommonConfig):
     patch_shuffle: int = opt(0, "RDED's PatchShuffle before the crop: grid factor f (column strips, then row strips, "
                                 "each reordered per image and epoch from the views' seed); 0 = off",
                              minimum=0, neutral=0)
+    rand_augment: str = opt("", "DELT's timm RandAugment config string (DELT: rand-m6-n2-mstd1.0) on each uint8 image "
+                                "before the crop, one seeded draw per image and epoch; teachers label the augmented "
+                                "batch; '' = off (needs timm: pip install 'prismdd[timm]')", neutral="")
     ema_eval: float = opt(0.0, "EDC: EMA decay of the student's parameters, updated every step; evaluation and the "
                                "saved student use the EMA parameters (live BN buffers); 0 = off",
                           minimum=0.0, neutral=0.0)
@@ -171,7 +175,7 @@ def train_student(cfg: ValidateConfig, arch: str, seed: int, data: TensorImages,
     ddp = ctx.world_size > 1
     net = nn.parallel.DistributedDataParallel(model) if ddp else model
     bs = labels["batch_size"]
-    vc = ViewConfig(bs, cfg.min_scale, cfg.mix, patch_shuffle=cfg.patch_shuffle)
+    vc = ViewConfig(bs, cfg.min_scale, cfg.mix, patch_shuffle=cfg.patch_shuffle, rand_augment=cfg.rand_augment)
     steps = math.ceil(len(data) / bs)
     if cfg.steps_per_epoch:
         steps = min(steps, cfg.steps_per_epoch)
@@ -188,7 +192,7 @@ def train_student(cfg: ValidateConfig, arch: str, seed: int, data: TensorImages,
 
     def loss_fn(batch):
         sl, idx, views, mix, soft_all = batch
-        x = make_inputs(data.get_images(idx), info, views, mix, device)
+        x = make_inputs(data.get_images(idx), info, views, mix, device, cfg.rand_augment)
         y = data.targets[idx].to(device)
         if soft_all is not None:
             soft = soft_all[sl].to(device)
@@ -227,6 +231,8 @@ def validate(cfg: ValidateConfig) -> dict:
     timer = Timer()
     ctx = dist.init(cfg.device)
     cfg = from_distilled(cfg)
+    if cfg.rand_augment:
+        rand_augment_transform(cfg.rand_augment)  # timm missing or a bad string: refused before any work
     train, test, info = load_splits(cfg)
     check_class_coverage(info, test=test)  # an empty val/ or a class missing from it: refused now, not after an epoch
     data, source = training_images(cfg, train, info)
@@ -239,6 +245,10 @@ def validate(cfg: ValidateConfig) -> dict:
             raise PrismError(f"--batch-size {cfg.batch_size}: the labels in {cfg.labels} were made for batch size "
                              f"{v['batch_size']}; drop --batch-size or relabel")
         bs = v["batch_size"]
+        if cfg.rand_augment != v.get("rand_augment", ""):  # the seeds are stored, the string must agree
+            raise PrismError(f"--rand-augment {cfg.rand_augment!r}: the labels in {cfg.labels} were made with "
+                             f"{v.get('rand_augment', '')!r}; relabel with the same --rand-augment (or relabel "
+                             f"--protocol {cfg.protocol})")
     elif cfg.teachers and cfg.loss != "ce":
         online = load_labelers(cfg.teachers, cfg.label_teachers, source.get("primary") or "convnet", info,
                                cfg.ensemble, cfg.primary_weight, ctx.device)
@@ -281,6 +291,7 @@ def validate(cfg: ValidateConfig) -> dict:
                 "mix": stored.views["mix"] if stored else cfg.mix, "soft_labels": label_src,
                 "min_scale": stored.views["min_scale"] if stored else cfg.min_scale,
                 "patch_shuffle": stored.views.get("patch_shuffle", 0) if stored else cfg.patch_shuffle,
+                "rand_augment": cfg.rand_augment,
                 "ema_eval": cfg.ema_eval,
                 "student_width": cfg.student_width, "result": "final epoch", "test_set": f"{info.name} test ({len(test)})"}
     accuracy = {"top1": first["top1"], "top5": first["top5"], "top1_std": first["top1_std"],
