@@ -7,7 +7,10 @@
 - a distilled set: ``images/<class>/<class>_<ipc>.png`` + ``records/batch_*.json`` (``image_path``,
   ``save_image``, ``load_distilled``);
 - soft labels: ``epoch_NNNN.safetensors`` (``pack_logits``/``StoredLabels``);
-- a student evaluation: ``accuracy.json`` (``ACCURACY_FILE``); diversity metrics: ``metrics.json``.
+- a student evaluation: ``accuracy.json`` (``ACCURACY_FILE``); diversity metrics: ``metrics.json``;
+- plug-in tensors reused while their header matches (``settings_header``/``load_if_header``): real-data statistics
+  beside a teacher (``save_layer_stats``: G-VBSM's ``gvbsm_stats.safetensors``, EDC's ``edc_stats_seed<seed>``) and
+  D4M's prototypes in a recover folder (``save_prototypes``).
 
 Stages import this module and ``core``, never each other.
 """
@@ -365,38 +368,74 @@ def load_model(path, *, arch: str | None = None, dataset: str | None = None,
 load_teacher = load_model  # the name most callers know it by
 
 
+# ----------------------------------------------------------------------------- stored plug-in tensors
+def settings_header(fmt: str, settings: dict, **digests: str) -> dict[str, str]:
+    """The header a stored tensor file must carry to be reused: its format, the digests of what it was made
+    from and the ``settings`` that shape it, all as text (safetensors headers hold strings)."""
+    return {"format": fmt, **digests, **{k: json.dumps(v, sort_keys=True) for k, v in sorted(settings.items())}}
+
+
+def load_if_header(path, header: dict[str, str]) -> dict[str, torch.Tensor] | None:
+    """The tensors of ``path`` when its header equals ``header``; None when there is no file or it was made from
+    other inputs or settings (the caller recomputes and overwrites it). A damaged file is refused (one line)."""
+    path = Path(path)
+    if not path.exists() or tensors_metadata(path) != header:
+        return None
+    return load_tensors(path)
+
+
 # ----------------------------------------------------------------------------- real-data layer statistics
 LAYER_STATS_FILE = "gvbsm_stats.safetensors"  # beside a teacher's model.safetensors (G-VBSM's conv statistics)
 LAYER_STATS_FORMAT = "prismdd-layer-stats/1"
 
 
-def layer_stats_path(teacher_folder) -> Path:
-    return Path(teacher_folder) / LAYER_STATS_FILE
+def layer_stats_path(teacher_folder, name: str = LAYER_STATS_FILE) -> Path:
+    """A teacher's stored real-data statistics: ``name`` is G-VBSM's file by default (EDC: ``edc_stats_file``)."""
+    return Path(teacher_folder) / name
 
 
 def layer_stats_header(teacher_folder, settings: dict) -> dict[str, str]:
     """The header a statistics file must carry to be reused: its format, the sha256 of the teacher's weights
     it was computed with (``file_digest``) and the ``settings`` (dataset, images, seed, ...), all as text."""
-    return {"format": LAYER_STATS_FORMAT, "teacher_digest": file_digest(Path(teacher_folder) / WEIGHTS),
-            **{k: json.dumps(v, sort_keys=True) for k, v in sorted(settings.items())}}
+    return settings_header(LAYER_STATS_FORMAT, settings, teacher_digest=file_digest(Path(teacher_folder) / WEIGHTS))
 
 
-def load_layer_stats(teacher_folder, settings: dict) -> dict[str, torch.Tensor] | None:
+def load_layer_stats(teacher_folder, settings: dict, name: str = LAYER_STATS_FILE) -> dict[str, torch.Tensor] | None:
     """The stored statistics of a teacher when the file's header matches the teacher's CURRENT weights and
     ``settings``; None when there is no file or it was made from other weights (teacher retrained in place)
     or other settings: the caller recomputes and overwrites it. A damaged file is refused (one line)."""
-    path = layer_stats_path(teacher_folder)
-    if not path.exists():
-        return None
-    if tensors_metadata(path) != layer_stats_header(teacher_folder, settings):
-        return None
-    return load_tensors(path)
+    return load_if_header(layer_stats_path(teacher_folder, name), layer_stats_header(teacher_folder, settings))
 
 
-def save_layer_stats(teacher_folder, stats: dict[str, torch.Tensor], settings: dict) -> Path:
+def save_layer_stats(teacher_folder, stats: dict[str, torch.Tensor], settings: dict,
+                     name: str = LAYER_STATS_FILE) -> Path:
     """Write a teacher's statistics atomically (safetensors, header from ``layer_stats_header``)."""
-    path = layer_stats_path(teacher_folder)
+    path = layer_stats_path(teacher_folder, name)
     save_tensors(stats, path, metadata=layer_stats_header(teacher_folder, settings))
+    return path
+
+
+def edc_stats_file(seed: int) -> str:
+    """EDC's statistics file beside a teacher: one per recover seed (its real-data pass is drawn from the seed)."""
+    return f"edc_stats_seed{int(seed)}.safetensors"
+
+
+# ----------------------------------------------------------------------------- D4M prototypes
+D4M_PROTOTYPES_FILE = "d4m_prototypes.safetensors"  # in a recover output folder: the per-class k-means centres
+D4M_PROTOTYPES_FORMAT = "prismdd-d4m-prototypes/1"
+
+
+def load_prototypes(out, settings: dict, model_digest: str) -> dict[str, torch.Tensor] | None:
+    """A recover folder's stored D4M prototypes when they were made from the same diffusion model (``model_digest``)
+    and ``settings``; None otherwise (recompute and overwrite)."""
+    return load_if_header(Path(out) / D4M_PROTOTYPES_FILE,
+                          settings_header(D4M_PROTOTYPES_FORMAT, settings, model_digest=model_digest))
+
+
+def save_prototypes(out, tensors: dict[str, torch.Tensor], settings: dict, model_digest: str) -> Path:
+    """Write D4M's prototypes atomically into the recover folder (header: format, model digest, settings)."""
+    path = Path(out) / D4M_PROTOTYPES_FILE
+    save_tensors(tensors, path, metadata=settings_header(D4M_PROTOTYPES_FORMAT, settings, model_digest=model_digest))
     return path
 
 

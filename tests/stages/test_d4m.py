@@ -4,6 +4,7 @@ one-line error when the model or the diffusion extra is missing."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -11,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from sklearn.cluster import MiniBatchKMeans
 
-from prismdd.artifacts import load_distilled
+from prismdd.artifacts import D4M_PROTOTYPES_FILE, image_path, load_distilled, record_path, save_image
 from prismdd.core.data import load_splits
 from prismdd.core.errors import PrismError
+from prismdd.core.io import tensors_metadata
 from prismdd.core.runtime import make_generator
 from prismdd.methods import d4m as d4m_module
 from prismdd.methods.d4m import D4M, chunked, encode_images, kmeans_prototypes, load_pipeline
@@ -150,3 +152,71 @@ def test_missing_extra_names_the_extra(monkeypatch):
     monkeypatch.setattr(d4m_module.importlib.util, "find_spec", lambda name, *a: None if name == "diffusers" else real(name, *a))
     with pytest.raises(PrismError, match=r"--d4m-model m: diffusers/transformers are not installed; .*prismdd\[diffusion\]"):
         load_pipeline("m", torch.device("cpu"))
+
+
+def test_d4m_prototypes_are_stored_and_reused_on_resume(tiny_sd, zoo, tmp_path, monkeypatch):
+    """The per-class prototypes go to the recover folder (safetensors, header: VAE digest + settings); a resumed run
+    neither encodes nor clusters again and redoes a batch with the same images (floats, bit for bit); another setting,
+    another VAE or --force recompute them."""
+    import prismdd.stages.recover as R
+
+    calls = {"encode": 0, "kmeans": 0}
+    real_encode, real_kmeans = d4m_module.encode_images, d4m_module.kmeans_prototypes
+
+    def encode(*args, **kwargs):
+        calls["encode"] += 1
+        return real_encode(*args, **kwargs)
+
+    def kmeans(*args, **kwargs):
+        calls["kmeans"] += 1
+        return real_kmeans(*args, **kwargs)
+
+    made = {}
+
+    def keep(path, x, info):
+        made.setdefault(path.name, []).append(x.detach().clone())
+        return save_image(path, x, info)
+
+    monkeypatch.setattr(d4m_module, "encode_images", encode)
+    monkeypatch.setattr(d4m_module, "kmeans_prototypes", kmeans)
+    monkeypatch.setattr(R, "save_image", keep)
+    out = tmp_path / "d4m"
+    settings = dict(TINY_RECOVER, teachers=str(zoo), out=str(out), d4m_model=str(tiny_sd), d4m_size=16,
+                    d4m_max_images=12, d4m_steps=3)
+    recover(recover_config("d4m", **settings))
+    path = out / D4M_PROTOTYPES_FILE
+    header = tensors_metadata(path)
+    assert json.loads(header["ipc"]) == 2 and json.loads(header["max_images"]) == 12 and json.loads(header["seed"]) == 0
+    assert json.loads(header["km_expand"]) == 1 and len(header["model_digest"]) == 64
+    assert json.loads((out / "manifest.json").read_text())["inputs"]["plugin"]["prototypes"]["computed"]
+    first = dict(calls)
+    assert first["kmeans"] == 10 and first["encode"] >= 10
+
+    record = json.loads(record_path(out, 1).read_text())  # resume: batch 1 redone
+    record_path(out, 1).unlink()
+    for c, k in record["units"]:
+        image_path(out, c, k).unlink()
+    recover(recover_config("d4m", **settings))
+    assert calls == first  # no encoding, no k-means
+    manifest = json.loads((out / "manifest.json").read_text())["inputs"]["plugin"]
+    assert not manifest["prototypes"]["computed"] and manifest["images_per_class"] == [12] * 10
+    redone = [image_path(out, c, k).name for c, k in record["units"]]
+    assert all(len(made[n]) == 2 and torch.equal(made[n][0], made[n][1]) for n in redone)
+
+    # each against a copy of the stored file: the same settings reuse it; another setting, another VAE or --force
+    # compute again
+    cfg = recover_config("d4m", **settings)
+    train, _, info = load_splits(cfg)
+    checks = [(dict(), False, False), (dict(d4m_max_images=10), False, True), (dict(d4m_km_expand=2), False, True),
+              (dict(force=True), False, True), (dict(), True, True)]
+    for i, (over, other_vae, recomputed) in enumerate(checks):
+        folder = tmp_path / f"check{i}"
+        folder.mkdir()
+        shutil.copy(path, folder / D4M_PROTOTYPES_FILE)
+        plugin = D4M(recover_config("d4m", **{**settings, **over}), info, train, {}, [], torch.device("cpu"))
+        if other_vae:
+            with torch.no_grad():
+                next(plugin.pipe.vae.parameters()).add_(1e-3)
+        before = calls["kmeans"]
+        assert plugin.prepare(folder, 0)["prototypes"]["computed"] == recomputed
+        assert calls["kmeans"] == before + (10 if recomputed else 0)

@@ -3,6 +3,8 @@ on fixed inputs, weight restoration (also when a batch fails), and one tiny end-
 from __future__ import annotations
 
 import copy
+import json
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -11,13 +13,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import TINY_RECOVER
+from prismdd.artifacts import WEIGHTS, edc_stats_file, file_digest, layer_stats_path, save_image
 from prismdd.core.bn import bn_loss_reference
 from prismdd.core.data import load_splits
-from prismdd.core.io import read_json
+from prismdd.core.io import load_tensors, read_json, save_tensors, tensors_metadata
 from prismdd.methods.dwa import DWA, adjust_weights
 from prismdd.methods.edc import EDC, batch_stats, category_target, layer_term
-from prismdd.methods.stats import RealStats, smoothed
-from prismdd.stages.recover import recover, recover_config
+from prismdd.methods.stats import RealStats, real_data_pass, smoothed
+from prismdd.stages.recover import load_teachers, recover, recover_config
 
 
 class Tiny(nn.Module):
@@ -291,7 +294,8 @@ def test_edc_class_statistics_and_the_patch_swap():
 
 
 def test_edc_recover_end_to_end(zoo, tmp_path):
-    settings = dict(TINY_RECOVER, teachers=str(zoo), iterations=5, batch_size=4, edc_stats_images=100)
+    teachers = _edc_teachers(zoo, tmp_path, ("convnet", "resnet18", "mobilenet_v2"))  # statistics are stored there
+    settings = dict(TINY_RECOVER, teachers=str(teachers), iterations=5, batch_size=4, edc_stats_images=100)
     out = recover(recover_config("edc", out=str(tmp_path / "edc"), **settings))
     records = [read_json(p) for p in sorted((out / "records").glob("batch_*.json"))]
     assert len(records) == 5 and len(list((out / "images").rglob("*.png"))) == 20
@@ -305,3 +309,123 @@ def test_edc_recover_end_to_end(zoo, tmp_path):
     m = read_json(out / "manifest.json")
     assert m["inputs"]["plugin"]["statistics"]["images"] == {a: 100 for a in ("convnet", "resnet18", "mobilenet_v2")}
     _redo_batch_gives_the_same_images(out, records[2], lambda: recover(recover_config("edc", out=str(out), **settings)))
+
+
+# ----------------------------------------------------------------------------- EDC: stored statistics
+def _edc_teachers(zoo, tmp_path, archs=("convnet",)):
+    """A writable copy of the zoo's teachers without statistics files (other tests may have stored some there)."""
+    for arch in archs:
+        shutil.copytree(zoo / arch, tmp_path / "teachers" / arch, ignore=shutil.ignore_patterns("*_stats*"))
+    return tmp_path / "teachers"
+
+
+def _edc_plugin(teachers, **over):
+    cfg = recover_config("edc", **{**dict(dataset="digits", teachers=str(teachers), primary="convnet",
+                                          bn_pool="convnet", device="cpu", edc_stats_images=64), **over})
+    train, _, info = load_splits(cfg)
+    _, loaded, pool = load_teachers(cfg, info, torch.device("cpu"))
+    return EDC(cfg, info, train, loaded, pool, torch.device("cpu"))
+
+
+def _edc_targets(plugin):
+    return [(conv, {k: v.clone() for k, v in glob.items()}, {k: v.clone() for k, v in cls.items()})
+            for _, conv, glob, cls in plugin.targets["convnet"]]
+
+
+def test_edc_statistics_stored_reused_and_recomputed(zoo, tmp_path, monkeypatch):
+    """G-VBSM's mechanism for EDC: the statistics file beside the teacher is reused (no second real-data pass, the
+    same targets bit for bit) while the teacher's weights and the header's settings match; another cap, conv
+    setting or seed, or a retrained teacher, recompute. The patch swap is applied after loading (not in the header)."""
+    import prismdd.methods.edc as E
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real_data_pass(*args, **kwargs)
+
+    monkeypatch.setattr(E, "real_data_pass", counting)
+    teachers = _edc_teachers(zoo, tmp_path)
+    first = _edc_plugin(teachers)
+    prov = first.prepare(None)["statistics"]
+    path = layer_stats_path(teachers / "convnet", edc_stats_file(0))
+    assert prov["stored"]["convnet"]["computed"] and len(calls) == 1 and path.exists()
+    header = tensors_metadata(path)
+    assert header["teacher_digest"] == file_digest(teachers / "convnet" / WEIGHTS)
+    assert json.loads(header["images"]) == 64 and json.loads(header["seed"]) == 0 and json.loads(header["conv"])
+    made = _edc_targets(first)
+
+    again = _edc_plugin(teachers)
+    assert not again.prepare(None)["statistics"]["stored"]["convnet"]["computed"] and len(calls) == 1
+    for (conv, glob, cls), (conv2, glob2, cls2) in zip(made, _edc_targets(again)):
+        assert conv == conv2 and glob.keys() == glob2.keys() and cls.keys() == cls2.keys()
+        assert all(torch.equal(v, glob2[k]) for k, v in glob.items())
+        assert all(torch.equal(v, cls2[k]) for k, v in cls.items())
+    plain = _edc_plugin(teachers, edc_swap_patch_targets=False)  # reused, unswapped
+    assert not plain.prepare(None)["statistics"]["stored"]["convnet"]["computed"] and len(calls) == 1
+    conv_layer = next(i for i, (conv, _, _) in enumerate(made) if conv)
+    assert torch.equal(plain.targets["convnet"][conv_layer][3]["patch_mean"], made[conv_layer][2]["patch_var"])
+
+    for over, n in ((dict(edc_stats_images=32), 2), (dict(edc_conv=False), 3)):
+        assert _edc_plugin(teachers, **over).prepare(None)["statistics"]["stored"]["convnet"]["computed"]
+        assert len(calls) == n
+    other_seed = _edc_plugin(teachers, seed=1)  # a file of its own: seed 0's stays
+    assert other_seed.prepare(None)["statistics"]["stored"]["convnet"]["computed"] and len(calls) == 4
+    assert layer_stats_path(teachers / "convnet", edc_stats_file(1)).exists() and path.exists()
+
+    # the teacher retrained in place (new weights digest): recomputed, with the settings of the stored file
+    assert _edc_plugin(teachers).prepare(None)["statistics"]["stored"]["convnet"]["computed"] and len(calls) == 5
+    assert not _edc_plugin(teachers).prepare(None)["statistics"]["stored"]["convnet"]["computed"] and len(calls) == 5
+    header = tensors_metadata(path)
+    weights = load_tensors(teachers / "convnet" / WEIGHTS)
+    key = next(k for k in weights if k.endswith("weight") and weights[k].ndim == 4)
+    weights[key] = weights[key] * 1.5
+    save_tensors(weights, teachers / "convnet" / WEIGHTS)
+    assert _edc_plugin(teachers).prepare(None)["statistics"]["stored"]["convnet"]["computed"] and len(calls) == 6
+    now = file_digest(teachers / "convnet" / WEIGHTS)
+    assert tensors_metadata(path)["teacher_digest"] == now != header["teacher_digest"]
+
+
+def test_edc_read_only_teacher_folder_computes_without_storing(zoo, tmp_path, monkeypatch, capsys):
+    """A zoo the user cannot write to (EROFS here; CI runs as root, which no file mode stops): used for the run,
+    a notice, no file."""
+    import errno
+
+    import prismdd.methods.stats as S
+
+    def refuse(folder, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(folder))
+
+    monkeypatch.setattr(S, "save_layer_stats", refuse)
+    teachers = _edc_teachers(zoo, tmp_path)
+    plugin = _edc_plugin(teachers)
+    assert plugin.prepare(None)["statistics"]["stored"]["convnet"]["computed"] and plugin.targets["convnet"]
+    assert "read-only" in capsys.readouterr().out
+    assert not layer_stats_path(teachers / "convnet", edc_stats_file(0)).exists()
+
+
+def test_edc_reused_statistics_give_the_same_images(zoo, tmp_path, monkeypatch):
+    """A second run (another --out) loads the stored statistics instead of the real-data pass and recovers the same
+    images as the run that computed them: the float images before 8-bit saving equal bit for bit."""
+    import prismdd.stages.recover as R
+
+    made = {}
+
+    def keep(path, x, info):
+        made[(path.parent.parent.parent.name, path.name)] = x.detach().clone()
+        return save_image(path, x, info)
+
+    monkeypatch.setattr(R, "save_image", keep)
+    teachers = _edc_teachers(zoo, tmp_path)
+    settings = dict(TINY_RECOVER, teachers=str(teachers), primary="convnet", bn_pool="convnet", iterations=3,
+                    edc_stats_images=64)
+    computed = []
+    for name in ("first", "second"):
+        out = recover(recover_config("edc", out=str(tmp_path / name), **settings))
+        stored = read_json(out / "manifest.json")["inputs"]["plugin"]["statistics"]["stored"]
+        computed.append(stored["convnet"]["computed"])
+    assert computed == [True, False]
+    first = {k[1]: v for k, v in made.items() if k[0] == "first"}
+    second = {k[1]: v for k, v in made.items() if k[0] == "second"}
+    assert len(first) == 20 and first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)

@@ -328,7 +328,7 @@ def test_tiny_gvbsm_recover_end_to_end_and_resume(zoo, tmp_path):
 def test_read_only_teacher_folder_computes_without_storing(zoo, tmp_path, monkeypatch, capsys):
     """A shared zoo the user cannot write to: the statistics are used for this run and not stored (the check
     monkeypatches the write, since CI runs as root, which no file mode stops)."""
-    import prismdd.methods.gvbsm as G
+    import prismdd.methods.stats as S  # the shared store of G-VBSM's and EDC's statistics
 
     teachers = _teachers_copy(zoo, tmp_path, ["convnet"])
     cfg = recover_config("gvbsm", dataset="digits", teachers=str(teachers), primary="convnet", bn_pool="convnet",
@@ -337,7 +337,7 @@ def test_read_only_teacher_folder_computes_without_storing(zoo, tmp_path, monkey
     def refuse(folder, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(folder))
 
-    monkeypatch.setattr(G, "save_layer_stats", refuse)
+    monkeypatch.setattr(S, "save_layer_stats", refuse)
     plugin, _, _ = _plugin(cfg)
     assert plugin.prepare(tmp_path / "out")["stats"]["convnet"]["computed"] and plugin.real["convnet"]
     assert "read-only" in capsys.readouterr().out and not layer_stats_path(teachers / "convnet").exists()

@@ -20,14 +20,19 @@ two pipelines in ``scripts/``):
 
 Determinism: the image subset and chunk order of class c come from ``make_generator(seed, "d4m", c)``; the VAE sample
 of training image i from ``(seed, "d4m-encode", i)``; the img2img noise of unit (c, k) from ``(seed, "d4m-generate",
-c, k)``: no image depends on the batch it falls in, the resume point or the rank.
+c, k)``: no image depends on the batch it falls in, the resume point or the rank. The prototypes are stored in the
+recover folder (``d4m_prototypes.safetensors``; header: a digest of the VAE's weights and config, and the settings that
+shape them) and a resumed run reuses them instead of encoding and clustering again; other settings, another VAE or
+``--force`` recompute them.
 
 The diffusion models come from the optional ``diffusers`` extra (``pip install 'prismdd[diffusion]'``), loaded with
 ``local_files_only=True``: nothing is ever downloaded.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -35,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..artifacts import D4M_PROTOTYPES_FILE, load_prototypes, save_prototypes
 from ..core.data import class_indices, normalize
 from ..core.errors import PrismError
 from ..core.runtime import make_generator, progress
@@ -120,6 +126,19 @@ def to_dataset(images: torch.Tensor, info) -> torch.Tensor:
     return normalize(x * 255.0, info)
 
 
+def module_digest(module: torch.nn.Module) -> str:
+    """sha256 of a diffusers model as loaded: every state-dict tensor (name, dtype, shape, bytes) and its config
+    (keys starting with "_", such as the folder it was read from, left out), so a moved copy has the same digest."""
+    h = hashlib.sha256()
+    config = {k: v for k, v in dict(getattr(module, "config", {})).items() if not k.startswith("_")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 # ----------------------------------------------------------------------------- the plug-in
 @PLUGINS.register("d4m")
 class D4M(Plugin):
@@ -141,7 +160,37 @@ class D4M(Plugin):
         if cfg.d4m_size % factor:
             raise PrismError(f"--d4m-size {cfg.d4m_size}: must be a multiple of the VAE's downsampling factor "
                              f"{factor} (reference: 512)")
-        used = []
+        settings, digest = self.prototype_settings(), module_digest(vae)
+        stored = None if cfg.force else load_prototypes(out, settings, digest)
+        if stored is None:
+            self.prototypes, used = self.make_prototypes(rank)
+            if rank == 0:  # every rank computes the same prototypes (seeded); rank 0 stores them
+                save_prototypes(out, {**{f"class_{c:05d}": p for c, p in self.prototypes.items()},
+                                      "images_per_class": torch.tensor(used)}, settings, digest)
+        else:
+            self.prototypes = {c: stored[f"class_{c:05d}"] for c in range(info.num_classes)}
+            used = stored["images_per_class"].tolist()
+        return {"model": cfg.d4m_model, "pipeline": type(self.pipe).__name__,
+                "scheduler": type(self.pipe.scheduler).__name__, "dtype": str(self.pipe.unet.dtype),
+                "latent_shape": list(self.prototypes[0].shape[1:]), "images_per_class": used,
+                "prompts": [self.prompt(c) for c in range(info.num_classes)],
+                "prototypes": {"file": str(Path(out) / D4M_PROTOTYPES_FILE), "computed": stored is None,
+                               "vae_digest": digest}}
+
+    def prototype_settings(self) -> dict:
+        """What the prototypes depend on besides the VAE (the file header)."""
+        cfg, info = self.cfg, self.info
+        return {"dataset": info.name, "resolution": info.resolution, "train_images": len(self.train.targets),
+                "num_classes": info.num_classes, "model": cfg.d4m_model, "dtype": str(self.pipe.vae.dtype),
+                "seed": cfg.seed, "ipc": cfg.ipc, "max_images": cfg.d4m_max_images, "size": cfg.d4m_size,
+                "km_expand": cfg.d4m_km_expand, "kmeans": "MiniBatchKMeans(n_init=auto) partial_fit per chunk"}
+
+    def make_prototypes(self, rank: int = 0) -> tuple[dict[int, torch.Tensor], list[int]]:
+        """Per class: encode its (seeded subset of) real images, cluster the latents; (class -> (ipc, C, s, s)
+        float32 prototypes, images used per class)."""
+        cfg, info, vae = self.cfg, self.info, self.pipe.vae
+        side = cfg.d4m_size // self.pipe.vae_scale_factor
+        prototypes, used = {}, []
         members = class_indices(self.train.targets, info.num_classes)
         for c in progress(range(info.num_classes), desc="d4m prototypes", disable=None if rank == 0 else True):
             gen = make_generator(cfg.seed, "d4m", c)
@@ -158,13 +207,9 @@ class D4M(Plugin):
                                      for s in chunked(len(idx), ENCODE_BATCH)]).flatten(1).numpy()
 
             centres = kmeans_prototypes(chunks(), cfg.ipc, cfg.d4m_km_expand, cfg.seed)
-            side = cfg.d4m_size // factor
-            self.prototypes[c] = torch.from_numpy(centres).float().view(cfg.ipc, -1, side, side)
+            prototypes[c] = torch.from_numpy(centres).float().view(cfg.ipc, -1, side, side)
             used.append(len(taken))
-        return {"model": cfg.d4m_model, "pipeline": type(self.pipe).__name__,
-                "scheduler": type(self.pipe.scheduler).__name__, "dtype": str(self.pipe.unet.dtype),
-                "latent_shape": list(self.prototypes[0].shape[1:]), "images_per_class": used,
-                "prompts": [self.prompt(c) for c in range(info.num_classes)]}
+        return prototypes, used
 
     @torch.no_grad()
     def synthesize(self, b, units, x0):

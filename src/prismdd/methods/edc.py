@@ -22,17 +22,23 @@ Loss: ``edc_weight * mean over the teachers that ran of sum_l w_l r_l`` (w_0 = f
 hooked layer in module order, R:229-231); the engine's own BN term is meant to be off (alpha_bn 0).
 ``edc_round_robin``: iteration ``it`` of batch ``b`` uses ONE teacher, (b * iterations + it) mod n of the
 batch's set (R:216, the counter as a function of (b, it)), for both the CE and the statistics.
-The real-data statistics are computed once per run in ``prepare`` (every image a RandomResizedCrop 0.08-1 +
-flip, as R:126-138). The statistics, the EMA and the real-data pass are ``stats.py``'s (shared with G-VBSM).
+The real-data statistics (every image a RandomResizedCrop 0.08-1 + flip, as R:126-138; order and crops drawn from
+(seed, "edc-stats")) are computed once per teacher and seed and stored beside the teacher
+(``edc_stats_seed<seed>.safetensors``, G-VBSM's mechanism: ``stats.stored_layer_stats``), reused while the teacher's
+weights and the settings that shape them match. The statistics, the EMA and the real-data pass are ``stats.py``'s
+(shared with G-VBSM).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from ..core.runtime import make_generator
+from ..artifacts import edc_stats_file, layer_stats_path
+from ..core.errors import PrismError
+from ..core.runtime import Timer, make_generator
 from .base import PLUGINS, Plugin
-from .stats import batch_stats, hooked_layers, real_data_pass, smooth_stats, stat_distance
+from .stats import (PATCH, STATS_BATCH, batch_stats, hooked_layers, real_data_pass, smooth_stats, stat_distance,
+                    stored_layer_stats)
 
 
 def category_target(class_stats: dict[str, torch.Tensor], y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -62,32 +68,78 @@ class EDC(Plugin):
         self.collect = False
 
     # ------------------------------------------------------------------ real-data statistics
+    def stats_settings(self) -> dict:
+        """What the stored statistics depend on besides the teacher's weights (the file header). The patch swap is
+        applied after loading, so it is not one of them."""
+        cfg, info = self.cfg, self.info
+        return {"dataset": info.name, "resolution": info.resolution, "train_images": len(self.train.targets),
+                "num_classes": info.num_classes, "images": cfg.edc_stats_images, "seed": cfg.seed,
+                "stream": "edc-stats", "batch": STATS_BATCH, "views": "random-resized-crop 0.08-1 + flip per image",
+                "patch": PATCH, "conv": cfg.edc_conv}
+
+    def images_used(self) -> int:
+        n, cap = len(self.train.targets), self.cfg.edc_stats_images
+        return min(cap, n) if cap else n  # ``real_data_pass``: the first ``images`` of the order, None/0 = all
+
     def prepare(self, out, rank: int = 0) -> dict:
         if self.cfg.edc_weight <= 0:
             return {}
-        used = {}
+        settings, name = self.stats_settings(), edc_stats_file(self.cfg.seed)
+        used, files = {}, {}
         for arch, t in self.teachers.items():
-            if hooked_layers(t.model, False):
-                self.targets[arch], used[arch] = self.real_statistics(t.model)
+            if not hooked_layers(t.model, False):
+                continue
+            folder, timer = getattr(t, "folder", None), Timer()  # no folder (a bare model): computed, not stored
+            stats, computed = stored_layer_stats(folder, settings, lambda: self.real_pass(t.model), rank=rank,
+                                                 name=name, what="edc")
+            where = layer_stats_path(folder, name) if folder is not None else None
+            self.targets[arch], used[arch] = self.layer_targets(t.model, stats, where), self.images_used()
+            if folder is not None:
+                files[arch] = {"file": str(where), "computed": computed, "seconds": round(timer.elapsed, 2)}
         return {"statistics": {"images": used, "views": "RandomResizedCrop 0.08-1 + flip, batches of 256",
-                               "conv": self.cfg.edc_conv}}
+                               "conv": self.cfg.edc_conv, "stored": files, "settings": settings}}
 
-    def real_statistics(self, model: nn.Module) -> tuple[list[tuple[nn.Module, bool, dict, dict]], int]:
+    def real_pass(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The real-data pass over ``model``: ``<layer>.global.<stat>`` (conv layers: the batch statistics weighted
+        by bs / N) and ``<layer>.class.<stat>`` (K, ...) (per class, the mean of each image's own statistics), float32
+        on the CPU, unswapped (the file's content)."""
         cfg, k = self.cfg, self.info.num_classes
         layers = hooked_layers(model, cfg.edc_conv)
         hooks, order = real_data_pass(model, layers, self.train, self.info, self.device,
                                       make_generator(cfg.seed, "edc-stats"), cfg.edc_stats_images, num_classes=k)
         targets = torch.as_tensor(self.train.targets).long()
         count = torch.bincount(targets[order], minlength=k)[:k].to(self.device).clamp_min(1).double().view(-1, 1)
+        out = {}
+        for (name, _, conv), h in zip(layers, hooks):
+            out.update({f"{name}.class.{key}": (v / count).float().cpu() for key, v in h.sums.items()})
+            if conv:
+                out.update({f"{name}.global.{key}": v.float().cpu() for key, v in h.glob.items()})
+        return out
+
+    def layer_targets(self, model: nn.Module, stats: dict[str, torch.Tensor],
+                      where=None) -> list[tuple[nn.Module, bool, dict, dict]]:
+        """Per hooked layer (module, is_conv, global targets, class statistics) on the device, from ``real_pass``'s
+        tensors (computed or loaded from ``where``); BN layers' global targets are their running statistics."""
         out = []
-        for (_, m, conv), h in zip(layers, hooks):
-            cls = {key: (v / count).float() for key, v in h.sums.items()}
-            if conv and cfg.edc_swap_patch_targets:  # U:359-362 + U:318-319: saved under each other's names
+        for name, m, conv in hooked_layers(model, self.cfg.edc_conv):
+            if f"{name}.class.mean" not in stats or (conv and f"{name}.global.mean" not in stats):
+                raise PrismError(f"{where}: no statistics for layer {name}; delete the file and re-run")
+            cls = {key: v.to(self.device) for key, v in self._part(stats, name, "class").items()}
+            if conv and self.cfg.edc_swap_patch_targets:  # U:359-362 + U:318-319: saved under each other's names
                 cls["patch_mean"], cls["patch_var"] = cls["patch_var"], cls["patch_mean"]
-            glob = ({key: v.float() for key, v in h.glob.items()} if conv
+            glob = ({key: v.to(self.device) for key, v in self._part(stats, name, "global").items()} if conv
                     else {"var": m.running_var, "mean": m.running_mean})
             out.append((m, conv, glob, cls))
-        return out, len(order)
+        return out
+
+    @staticmethod
+    def _part(stats: dict[str, torch.Tensor], name: str, part: str) -> dict[str, torch.Tensor]:
+        prefix = f"{name}.{part}."
+        return {k[len(prefix):]: v for k, v in stats.items() if k.startswith(prefix)}
+
+    def real_statistics(self, model: nn.Module) -> tuple[list[tuple[nn.Module, bool, dict, dict]], int]:
+        """The layer targets freshly computed (no file) and the number of images used."""
+        return self.layer_targets(model, self.real_pass(model)), self.images_used()
 
     # ------------------------------------------------------------------ per batch
     def begin_batch(self, b, units, x):

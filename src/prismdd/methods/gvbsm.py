@@ -19,7 +19,7 @@ counter as a function of (b, it), which resume and torchrun shards need). Its lo
 
 Real-data conv statistics are computed once per teacher over the training set (RandomResizedCrop + flip per
 image, shuffled batches of 256, per-batch statistics averaged weighted by batch size: S:68-95, U:186-201) and
-stored beside the teacher (``artifacts.save_layer_stats``), reused while the teacher's weights and the settings
+stored beside the teacher (``stats.stored_layer_stats``), reused while the teacher's weights and the settings
 match. Differences from the reference are listed in FIDELITY.md (G-VBSM section). The statistics, the EMA and
 the real-data pass are ``stats.py``'s (shared with EDC, whose recovery builds on G-VBSM's).
 """
@@ -31,12 +31,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..artifacts import layer_stats_path, load_layer_stats, save_layer_stats
+from ..artifacts import layer_stats_path
 from ..core.errors import PrismError
 from ..core.runtime import Timer, make_generator
 from .base import PLUGINS, Plugin
 from .stats import (CONV_KEYS, PATCH, STATS_BATCH, batch_stats, hooked_layers, real_data_pass, smooth_stats,
-                    stat_distance)
+                    stat_distance, stored_layer_stats)
 
 STATS_SEED = 0  # the stats pass's crops and order: fixed, so one file per teacher serves every recover seed
 
@@ -126,17 +126,10 @@ class GVBSM(Plugin):
         for arch in self.order:
             t = self.teachers[arch]
             timer = Timer()
-            stats = load_layer_stats(t.folder, settings)
-            computed = stats is None
-            if computed:  # every rank computes the same numbers (fixed seed); rank 0 stores them
-                stats, _ = real_conv_statistics(t.model, self.train, self.info, self.device,
-                                                self.cfg.gvbsm_stats_images, fmt)
-                if rank == 0:
-                    try:
-                        save_layer_stats(t.folder, stats, settings)
-                    except PermissionError:  # a shared, read-only zoo: use them for this run, recompute next time
-                        print(f"[recover] gvbsm: {t.folder} is read-only; its real-data statistics are not stored "
-                              f"and will be recomputed by the next run")
+            stats, computed = stored_layer_stats(
+                t.folder, settings, lambda: real_conv_statistics(t.model, self.train, self.info, self.device,
+                                                                 self.cfg.gvbsm_stats_images, fmt)[0],
+                rank=rank, what="gvbsm")
             layers = [name for name, _, conv in hooked_layers(t.model) if conv]
             missing = [n for n in layers if f"{n}.mean" not in stats]
             if missing:

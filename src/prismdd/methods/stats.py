@@ -21,15 +21,20 @@ the same helpers. Citations: G-VBSM = github.com/shaoshitong/G_VBSM_Dataset_Cond
 - ``real_data_pass`` / ``RealStats``: the real-data pass, shuffled batches of 256 RandomResizedCrop(0.08-1) + flip
   views (GS:68-95, ER:126-138), per-batch statistics summed weighted by bs / N (GU:186-201, EU:373-389); with
   ``num_classes`` also per-class sums of per-image statistics (EU:391-403).
+- ``stored_layer_stats``: the real-data statistics stored beside a teacher (``artifacts.save_layer_stats``), reused
+  while the teacher's weights digest and the settings in the header match, else computed and stored (both plug-ins).
 """
 from __future__ import annotations
 
+import errno
 import functools
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..artifacts import LAYER_STATS_FILE, layer_stats_path, load_layer_stats, save_layer_stats
 from ..core.augment import apply_views, sample_views
 from ..core.data import normalize
 
@@ -215,3 +220,24 @@ def real_data_pass(model: nn.Module, layers: list[tuple[str, nn.Module, bool]], 
         for h in handles:
             h.remove()
     return hooks, order
+
+
+def stored_layer_stats(folder, settings: dict, compute: Callable[[], dict[str, torch.Tensor]], *, rank: int = 0,
+                       name: str = LAYER_STATS_FILE, what: str = "real-data") -> tuple[dict[str, torch.Tensor], bool]:
+    """(statistics, computed): the file ``name`` beside the teacher in ``folder`` when its header matches the
+    teacher's current weights and ``settings``, else ``compute()`` (its tensors on the CPU), stored by rank 0
+    (every rank computes the same numbers: the pass is seeded). A folder that cannot be written (a shared,
+    read-only zoo) gets a notice and the statistics serve this run only; ``folder`` None: never stored."""
+    stats = load_layer_stats(folder, settings, name) if folder is not None else None
+    if stats is not None:
+        return stats, False
+    stats = compute()
+    if rank == 0 and folder is not None:
+        try:
+            save_layer_stats(folder, stats, settings, name)
+        except OSError as e:
+            if not isinstance(e, PermissionError) and e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            print(f"[recover] {what}: {folder} is read-only; its real-data statistics are not stored and will be "
+                  f"recomputed by the next run ({layer_stats_path(folder, name).name})")
+    return stats, True
