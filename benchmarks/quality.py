@@ -56,7 +56,7 @@ def experiments(ipcs=(1, 10, 50)) -> dict[str, list[dict]]:
             cell(f"{m}, protocol {m}", m, {"ipc": ipc}, {"ipc": ipc, "protocol": m}) for m in
             [m for m in METHODS[1:] + TABLE2 if m in PROTOCOLS]] + [
             cell(f"random-real, protocol {m}", "random-real", {}, {"ipc": ipc, "protocol": m}) for m in
-            [m for m in METHODS[1:] + TABLE2 if m in PROTOCOLS and not m.startswith("prism")]]
+            [m for m in METHODS[1:] + TABLE2 if m in PROTOCOLS]]
         ex[f"quality/ipc{ipc}"] = [cell(m, m, {"ipc": ipc}, {"ipc": ipc}) for m in METHODS + TABLE2] + [
             # PRISM with its BN set cut to the primary: the diversity claim's comparison at every IPC
             cell("prism, BN set = primary alone", "prism", {"ipc": ipc, "selection": "single"}, {"ipc": ipc})]
@@ -175,8 +175,9 @@ def main():
               f"{torch.get_num_threads()} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
     for name in wanted:
         print(f"\n### {name}\n{header}\n")
-        print("| cell | top-1 % (final epoch) | intra-class cos | recover s | validate s |")
-        print("|---|---|---|---|---|")
+        print("| cell | top-1 % (final epoch) | per seed | intra-class cos | recover s | validate s |")
+        print("|---|---|---|---|---|---|")
+        finished = {}  # cell name -> top-1 per seed, for the paired comparison below
         for c in ex[name]:
             if a.cells and not cell_wanted(c["name"], comma_list(a.cells), [x["name"] for x in ex[name]]):
                 continue
@@ -213,7 +214,26 @@ def main():
             std = f" ± {t.std(ddof=1):.2f}" if len(t) > 1 else ""
             # one image per class has no pairs to compare: no intra-class cosine at IPC 1
             cos_s = f"{np.nanmean(cos):.4f}" if not np.isnan(cos).all() else "n/a"
-            print(f"| {c['name']} | {t.mean():.2f}{std} | {cos_s} | {rs:.0f} | {vs:.0f} |", flush=True)
+            finished[c["name"]] = top1
+            print(f"| {c['name']} | {t.mean():.2f}{std} | {' / '.join(f'{v:.2f}' for v in top1)} | {cos_s} | "
+                  f"{rs:.0f} | {vs:.0f} |", flush=True)
+        if name.startswith("own-protocol/"):
+            paired_table(finished, seeds)
+
+
+def paired_table(finished: dict[str, list[float]], seeds: list[int]) -> None:
+    """Each method under its own protocol against random real under the SAME protocol, seed by seed (recovery
+    and student seed are the same number, so seed s of both rows is a pair)."""
+    print(f"\n| method | own protocol | random real, same protocol | difference | seeds above random real |")
+    print("|---|---|---|---|---|")
+    for cell_name, top1 in finished.items():
+        method, _, protocol = cell_name.partition(", protocol ")
+        rr = finished.get(f"random-real, protocol {protocol}")
+        if method == "random-real" or rr is None:
+            continue
+        d = np.array(top1) - np.array(rr)
+        print(f"| {method} | {np.mean(top1):.2f} | {np.mean(rr):.2f} | {d.mean():+.2f} "
+              f"({' / '.join(f'{v:+.2f}' for v in d)}) | {int((d > 0).sum())} of {len(seeds)} |")
 
 
 if __name__ == "__main__":

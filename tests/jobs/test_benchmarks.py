@@ -36,12 +36,17 @@ def test_quality_smoke(tmp_path):
                                                       "prism, BN set = primary alone"]
     assert (tmp_path / "digits" / "results.jsonl").exists()
     # IPC 1 has no image pairs within a class: the cosine column says so instead of printing nan
-    assert all(r.split("|")[3].strip() == "n/a" for r in rows)
+    assert all(r.split("|")[4].strip() == "n/a" for r in rows)
     # a method under its own protocol, beside random real under that protocol (the recovery above is reused)
     out = _run(["benchmarks/quality.py", "--smoke", "--only", "own-protocol/ipc1", "--cells", "protocol rded",
                 "--out", str(tmp_path), "--threads", "1"], tmp_path, timeout=600)
-    rows = [l for l in out.splitlines() if l.startswith("| ") and not l.startswith("| cell")]
-    assert [r.split("|")[1].strip() for r in rows] == ["rded, protocol rded", "random-real, protocol rded"]
+    rows = [l for l in out.splitlines() if l.startswith("| ") and not l.startswith(("| cell", "| method"))]
+    assert [r.split("|")[1].strip() for r in rows] == ["rded, protocol rded", "random-real, protocol rded", "rded"]
+    # the paired row: the method's own-protocol mean minus random real's under the same protocol, seed by seed
+    own, rr = (float(rows[i].split("|")[2].split("±")[0]) for i in (0, 1))
+    diff = rows[2].split("|")
+    assert float(diff[2]) == own and float(diff[3]) == rr
+    assert abs(float(diff[4].split("(")[0]) - (own - rr)) < 0.011 and diff[5].strip() in ("0 of 1", "1 of 1")
     protocols = [json.loads(line)["protocol"]["protocol"] for line in (tmp_path / "digits" / "results.jsonl").read_text().splitlines()]
     assert protocols[-2:] == ["rded", "rded"]
     # --cells picks cells by name; the teachers trained above are reused from the same --out
