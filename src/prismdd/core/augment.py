@@ -93,10 +93,23 @@ def rand_augment_transform(config: str):
     except ImportError:
         raise PrismError(f"--rand-augment {config}: needs timm; pip install 'prismdd[timm]'") from None
     try:  # timm fills in magnitude_std etc. with setdefault: hand it a fresh dict every time
-        return timm_rand_augment(config_str=config, hparams=dict(DELT_RAND_AUGMENT_HPARAMS))
+        transform = timm_rand_augment(config_str=config, hparams=dict(DELT_RAND_AUGMENT_HPARAMS))
     except (AssertionError, ValueError, KeyError, IndexError):
         raise PrismError(f"--rand-augment {config!r}: not a timm RandAugment string (DELT's: rand-m6-n2-mstd1.0); "
                          f"'' turns it off") from None
+    for op in getattr(transform, "ops", []):
+        if op.name == "Posterize":
+            op.aug_fn = functools.partial(posterize_any_bits, op.aug_fn)
+    return transform
+
+
+def posterize_any_bits(timm_posterize, img, bits_to_keep, **kwargs):
+    """timm's Posterize keeps int(level / 10 * 4) bits, 0 for a magnitude below 2.5 (with ``mstd1.0`` about one
+    Posterize draw in 4,300). Older Pillow turned 0 bits into a black image (mask ~255); Pillow 13 raises
+    ValueError, which stopped a student's training mid-run. Keep the old result, the one DELT's environment made."""
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    return timm_posterize(img, bits_to_keep, **kwargs)
 
 
 def sample_rand_augment_seeds(n: int, generator: torch.Generator) -> torch.Tensor:
