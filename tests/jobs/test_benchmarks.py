@@ -65,3 +65,11 @@ def test_label_storage_bytes_smoke(tmp_path):
     rows = {l.split("|")[1].strip(): l.split("|")[2].strip() for l in out.splitlines() if l.startswith("| prismdd")}
     assert float(rows["prismdd `--topk 1` (fp16 values + int16 indices + fp16 tail mean)"]) == 1 * (2 + 2) + 2
     assert float(rows["prismdd default (`relabel`: storage fp16, topk 0)"]) == 20 * 2
+
+
+def test_rand_augment_throughput_smoke(tmp_path):
+    out = _run(["benchmarks/rand_augment.py", "--sizes", "1x8,3x16", "--workers", "0,2", "--batch", "6",
+                "--repeats", "1"], tmp_path)
+    rows = [l.split("|") for l in out.splitlines() if l.startswith("| ") and not l.startswith("| image")]
+    assert [r[1].strip() for r in rows] == ["1 x 8 x 8", "3 x 16 x 16"]
+    assert all(float(v.replace(",", "")) > 0 for r in rows for v in r[2:4])

@@ -153,3 +153,16 @@ def test_posterize_to_zero_bits_gives_black_instead_of_stopping_training():
     assert np.asarray(op.aug_fn(img, 0)).max() == 0
     assert np.array_equal(np.asarray(op.aug_fn(img, 2)), np.asarray(ImageOps.posterize(img, 2)))
     assert np.array_equal(np.asarray(op.aug_fn(img, 8)), np.asarray(img))
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_worker_processes_give_the_serial_result(channels):
+    """Each image's draw comes from its own seed, so splitting the batch over processes changes nothing."""
+    x = fixed_images(channels)
+    seeds = torch.tensor([3, 1, 4, 1, 5, 9])
+    serial = rand_augment_images(x, seeds, DELT)
+    assert torch.equal(rand_augment_images(x, seeds, DELT, workers=2), serial)  # one pool for both cases (spawn is slow)
+    assert torch.equal(rand_augment_images(x[:1], seeds[:1], DELT, workers=2), serial[:1])
+    state = random.getstate()
+    rand_augment_images(x, seeds, DELT, workers=2)
+    assert random.getstate() == state

@@ -7,8 +7,10 @@ relabel and validate see identical views (FKD-style) without pickling tensors.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
+import multiprocessing
 import random
 from dataclasses import dataclass
 
@@ -117,9 +119,9 @@ def sample_rand_augment_seeds(n: int, generator: torch.Generator) -> torch.Tenso
     return torch.randint(0, 2 ** 63 - 1, (n,), generator=generator)
 
 
-def rand_augment_images(images_uint8: torch.Tensor, seeds: torch.Tensor, config: str) -> torch.Tensor:
+def rand_augment_images(images_uint8: torch.Tensor, seeds: torch.Tensor, config: str, workers: int = 0) -> torch.Tensor:
     """timm's RandAugment on each uint8 image (B, C, H, W), as DELT applies it to the PIL image before
-    ToTensor; image i's draw is replayable from ``seeds[i]``.
+    ToTensor; image i's draw is replayable from ``seeds[i]``, so the result does not depend on ``workers``.
 
     timm draws from Python's ``random`` (each op's probability, its magnitude noise, the resampling filter) and
     numpy's global generator (which ops): both are seeded from ``seeds[i]`` for image i, and their states are
@@ -127,19 +129,34 @@ def rand_augment_images(images_uint8: torch.Tensor, seeds: torch.Tensor, config:
     the RGB image with three equal channels (what DELT's PIL loader, ``convert('RGB')``, makes of a greyscale
     file), and the student's one channel is the luminance of DELT's RGB result (PIL's ``convert('L')``):
     pixels whose channels stay equal come back unchanged, the fill (124, 116, 104) of rotations, shears and
-    translations reads 117."""
+    translations reads 117.
+
+    ``workers`` > 1: the batch is split over that many worker processes (DELT runs it in its DataLoader workers).
+    Threads would not do: timm's draws come from the interpreter-wide ``random`` and numpy generators."""
     if seeds is None or not config:
         raise PrismError("RandAugment: the views carry no seeds or no --rand-augment string was given; "
                          "relabel (or validate) with the same --rand-augment on both sides")
-    transform = rand_augment_transform(config)
+    rand_augment_transform(config)  # timm missing or a bad string: one line here, not a worker's traceback
     arr = images_uint8.detach().cpu().numpy()
     c = arr.shape[1]
     if c not in (1, 3):
         raise PrismError(f"--rand-augment {config}: works on 1- or 3-channel images, these have {c}")
+    seeds_list = seeds.tolist()
+    if workers > 1 and len(arr) > 1:
+        parts = np.array_split(np.arange(len(arr)), min(workers, len(arr)))
+        done = rand_augment_pool(workers).map(_rand_augment_array, [arr[p] for p in parts],
+                                              [[seeds_list[i] for i in p] for p in parts], [config] * len(parts))
+        return torch.from_numpy(np.concatenate(list(done)))
+    return torch.from_numpy(_rand_augment_array(arr, seeds_list, config))
+
+
+def _rand_augment_array(arr: np.ndarray, seeds: list[int], config: str) -> np.ndarray:
+    """The per-image loop of ``rand_augment_images`` (module level: worker processes call it)."""
+    transform, c = rand_augment_transform(config), arr.shape[1]
     out = np.empty_like(arr)
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
-        for i, s in enumerate(seeds.tolist()):
+        for i, s in enumerate(seeds):
             random.seed(s)
             np.random.seed([s & 0xFFFFFFFF, s >> 32])
             img = Image.fromarray(np.ascontiguousarray(arr[i].transpose(1, 2, 0))) if c == 3 else \
@@ -149,7 +166,14 @@ def rand_augment_images(images_uint8: torch.Tensor, seeds: torch.Tensor, config:
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
-    return torch.from_numpy(out)
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def rand_augment_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    """A pool kept for the life of the process (shut down at exit). "spawn": a forked copy of a process that
+    holds torch's thread pools (or CUDA) can hang."""
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
 def sample_views(n: int, generator: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
@@ -348,11 +372,12 @@ def epoch_plan(n: int, epoch: int, seed: int, vc: ViewConfig, resolution: int) -
 
 
 def make_inputs(images_uint8: torch.Tensor, info: DatasetInfo, views: Views, mix, device,
-                rand_augment: str = "") -> torch.Tensor:
+                rand_augment: str = "", workers: int = 0) -> torch.Tensor:
     """The exact (normalised, augmented, mixed) batch a student and its teachers see. ``rand_augment``: the
-    timm config string of the views' RandAugment seeds (DELT), applied to the uint8 images first."""
+    timm config string of the views' RandAugment seeds (DELT), applied to the uint8 images first, split over
+    ``workers`` processes when > 1 (the same result)."""
     if views.ra_seeds is not None or rand_augment:
-        images_uint8 = rand_augment_images(images_uint8, views.ra_seeds, rand_augment)
+        images_uint8 = rand_augment_images(images_uint8, views.ra_seeds, rand_augment, workers)
     x = apply_views(normalize(images_uint8.to(device), info), views)
     if isinstance(mix, CutMix):
         x = mix.apply(x)

@@ -65,7 +65,8 @@ class CommonConfig:
     device: str = opt("auto", "auto | cpu | cuda | cuda:N", hashed=False)
     seed: int = opt(0, "every random choice derives from this (and is recorded)")
     out: str = opt("runs/out", "output folder", hashed=False)
-    num_workers: int = opt(0, "DataLoader workers for file-backed datasets (in-memory sets need none)", minimum=0,
+    num_workers: int = opt(0, "DataLoader workers for file-backed datasets (in-memory sets need none); also the "
+                              "processes that run --rand-augment (same result for any number)", minimum=0,
                            hashed=False)
     resolution: int | None = opt(None, "image side in pixels; None: the dataset's own (imagefolder: the most common "
                                        "shorter side of its images)", minimum=1)

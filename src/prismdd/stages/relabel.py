@@ -92,7 +92,8 @@ def relabel(cfg: RelabelConfig) -> Path:
         plan = epoch_plan(len(ds), epoch, cfg.seed, vc, info.resolution)
         chunks = []
         for _, _, idx, views, mix in plan.batches(bs):
-            chunks.append(labeler(make_inputs(ds.images[idx], info, views, mix, device, cfg.rand_augment)).cpu())
+            chunks.append(labeler(make_inputs(ds.images[idx], info, views, mix, device, cfg.rand_augment,
+                                               cfg.num_workers)).cpu())
         logits = torch.cat(chunks)
         check_finite_labels(logits, labeler.names, f"relabel epoch {epoch}")  # a NaN teacher stores nothing
         tensors = {**pack_logits(logits, cfg.storage, cfg.topk), **plan.to_tensors()}

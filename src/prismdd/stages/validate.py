@@ -192,7 +192,7 @@ def train_student(cfg: ValidateConfig, arch: str, seed: int, data: TensorImages,
 
     def loss_fn(batch):
         sl, idx, views, mix, soft_all = batch
-        x = make_inputs(data.get_images(idx), info, views, mix, device, cfg.rand_augment)
+        x = make_inputs(data.get_images(idx), info, views, mix, device, cfg.rand_augment, cfg.num_workers)
         y = data.targets[idx].to(device)
         if soft_all is not None:
             soft = soft_all[sl].to(device)
