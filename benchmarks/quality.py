@@ -196,6 +196,7 @@ def main():
                 else:
                     # a cell's own settings win (e.g. iterations=1 for the unoptimised start)
                     rec = dict(dict(primary=POOL[0], bn_pool=",".join(POOL[:3]), iterations=a.iterations), **c["rec"])
+                    # (a method whose preset starts from another's run, EDC from RDED's, gets that run first: Stages)
                     rec_dir = stages.recover(c["method"], run_common, teachers_dir, **rec)
                     rs += stages.timings[f"recover-{c['method']}"]
                     val.update(distilled=str(rec_dir), **{k: v for k, v in c["val"].items() if k != "ipc"})

@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                 if row is None:
                     raise PrismError(f"methods {args.name!r}: unknown; valid: {', '.join(r['name'] for r in rows)}")
                 print("\n".join(f"{k}: {row['code_full' if k == 'code' else k]}"
-                                for k in ("name", "description", "paper", "code", "source", "settings") if row[k]))
+                                for k in ("name", "description", "paper", "code", "source", "starts_from", "settings")
+                                if row[k]))
             elif args.wide:
                 print(format_table(rows, ["name", "paper", "code_full", "description", "source", "settings"]))
             else:

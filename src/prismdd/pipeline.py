@@ -23,7 +23,7 @@ from .core.data import load_splits
 from .core.errors import PrismError
 from .core.io import read_json, write_json
 from .core.models import ARCHS, create_model, has_batchnorm
-from .core.presets import METHODS
+from .core.presets import METHODS, preset_file
 from .core.runtime import Timer
 from .report import print_table, write_report
 from .stages.metrics import MetricsConfig, metrics
@@ -134,7 +134,13 @@ class Stages:
         return self.run(name, SqueezeConfig, squeeze, dict(common, arch=",".join(archs), **fields))
 
     def recover(self, method: str, common: dict, teachers: Path, name: str | None = None, **fields) -> Path:
-        """A method's recovery (its preset under ``fields``) from the zoo in ``teachers``."""
+        """A method's recovery (its preset under ``fields``) from the zoo in ``teachers``. A method whose preset says
+        ``starts_from: <method>`` (EDC: an RDED run) gets that method's run, with the same teachers, IPC and batch
+        settings, as its ``init_from`` unless one is given."""
+        before = preset_file("recover", method).get("starts_from")
+        if before and not fields.get("init_from"):
+            shared = {k: v for k, v in fields.items() if k in ("primary", "bn_pool", "ipc", "iterations", "batch_size")}
+            fields["init_from"] = str(self.recover(before, common, teachers, **shared))
         return self.run(name or f"recover-{method}", RecoverConfig, recover,
                         dict(common, method=method, teachers=str(teachers), **fields))
 

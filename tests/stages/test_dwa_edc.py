@@ -429,3 +429,71 @@ def test_edc_reused_statistics_give_the_same_images(zoo, tmp_path, monkeypatch):
     second = {k[1]: v for k, v in made.items() if k[0] == "second"}
     assert len(first) == 20 and first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+# ----------------------------------------------------------------------------- EDC: starts from another run's images
+def test_init_from_starts_each_image_from_a_seeded_image_of_its_class(zoo, tmp_path):
+    """EDC's init (recover.py ``random_img_sample`` + flip): every image starts from a random image of its class in
+    another recover folder (an RDED run), drawn from (seed, c, k): the same start for any batch size; with lr 0 the
+    saved image IS that start (flipped or not); the source's digest guards a resume."""
+    from prismdd.artifacts import load_distilled
+    from prismdd.core.errors import PrismError
+    src = recover(recover_config("rded", out=str(tmp_path / "rded"), dataset="digits", teachers=str(zoo), ipc=3,
+                                 primary="convnet", device="cpu", rded_mipc=20, rded_num_crop=3))
+    source = load_distilled(src)
+    runs = []
+    for bs in (4, 10):
+        out = recover(recover_config("sre2l", out=str(tmp_path / f"from{bs}"), **dict(
+            TINY_RECOVER, teachers=str(zoo), primary="convnet", init_from=str(src), iterations=1, lr=0.0, batch_size=bs)))
+        m = read_json(out / "manifest.json")
+        assert m["inputs"]["init_from"]["method"] == "rded" and m["inputs"]["init_from"]["folder"] == str(src)
+        made = load_distilled(out)
+        picks = {(e["class"], e["ipc_index"]): e["init_from"] for e in m["outputs"]["images"].values()}
+        flips = 0
+        for (c, k), i in picks.items():
+            assert int(source.targets[i]) == c
+            img = made.images[int((made.targets == c).nonzero()[k])]
+            same, flipped = torch.equal(img, source.images[i]), torch.equal(img, source.images[i].flip(-1))
+            assert same or flipped
+            flips += flipped and not same
+        assert 0 < flips < len(picks)  # the flip is drawn
+        runs.append(picks)
+    assert runs[0] == runs[1]
+    # another source under the same --out: refused, not mixed in
+    other = recover(recover_config("rded", out=str(tmp_path / "rded2"), dataset="digits", teachers=str(zoo), ipc=3,
+                                   primary="convnet", device="cpu", rded_mipc=20, rded_num_crop=3, seed=1))
+    with pytest.raises(PrismError, match="init_from"):
+        recover(recover_config("sre2l", out=str(tmp_path / "from4"), **dict(
+            TINY_RECOVER, teachers=str(zoo), primary="convnet", init_from=str(other), iterations=1, lr=0.0,
+            batch_size=4)))
+    # a folder of another size (here: this run's info at 16 px), or one that lacks a class: one line naming the option
+    import dataclasses
+    from prismdd.stages.recover import init_source
+    cfg = recover_config("sre2l", **dict(TINY_RECOVER, teachers=str(zoo), init_from=str(src)))
+    with pytest.raises(PrismError, match="--init-from .* at 8 px.* at 16 px"):
+        init_source(cfg, dataclasses.replace(source.info, resolution=16))
+    m = read_json(src / "manifest.json")  # a set without class 0
+    m["outputs"]["images"] = {k: e for k, e in m["outputs"]["images"].items() if e["class"] != 0}
+    (src / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(PrismError, match="--init-from .*no image of class"):
+        init_source(cfg, source.info)
+
+
+def test_the_stage_runner_starts_edc_from_an_rded_run(zoo, tmp_path):
+    """`prismdd run` and the benchmarks compose stages through ``Stages``: EDC's preset says ``starts_from: rded``, so
+    the runner makes (or reuses) the RDED run with the same teachers, IPC and batch settings and passes it as
+    ``--init-from``; one given explicitly wins."""
+    from prismdd.pipeline import Stages
+    teachers = _edc_teachers(zoo, tmp_path, ("convnet",))
+    stages = Stages(tmp_path / "job")
+    common = dict(dataset="digits", device="cpu", seed=0)
+    small = dict(primary="convnet", bn_pool="convnet", ipc=1, iterations=2, batch_size=10, edc_stats_images=64)
+    edc = stages.recover("edc", common, teachers, **small)
+    rded = [p for p in (tmp_path / "job" / "stages").iterdir() if p.name.startswith("recover-rded-")]
+    assert len(rded) == 1
+    m = read_json(edc / "manifest.json")
+    assert m["config"]["init_from"] == str(rded[0]) and m["inputs"]["init_from"]["method"] == "rded"
+    assert all("init_from" in e for e in m["outputs"]["images"].values())
+    # the same call again reuses both stages
+    assert stages.recover("edc", common, teachers, **small) == edc
+    assert len([p for p in (tmp_path / "job" / "stages").iterdir() if p.name.startswith("recover-")]) == 2

@@ -19,7 +19,9 @@ from .errors import PrismError
 from .registry import Registry
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
-INFO_KEYS = ("description", "source", "paper", "code")  # keys of a preset file that are not config fields
+# keys of a preset file that are not config fields; ``starts_from`` (recover): the method whose run gives this one's
+# starting images (``--init-from``), run first by ``prismdd run`` and the benchmarks
+INFO_KEYS = ("description", "source", "paper", "code", "starts_from")
 CODE_PATTERN = re.compile(r"^github\.com/([\w.-]+/[\w.-]+) @ ([0-9a-f]{40})$")
 KINDS = {"recover": "method", "validate": "protocol", "run": "run preset", "audit": "audit preset"}
 
@@ -61,7 +63,7 @@ def list_presets(family_name: str) -> list[dict]:
         m = CODE_PATTERN.match(code)
         rows.append({"name": name, "description": data.get("description", ""), "source": data.get("source", ""),
                      "paper": data.get("paper", ""), "code": f"{m.group(1)} @ {m.group(2)[:7]}" if m else code,
-                     "code_full": code,
+                     "code_full": code, "starts_from": data.get("starts_from", ""),
                      "settings": ", ".join(f"{k}={v}" for k, v in settings.items())})
     return rows
 

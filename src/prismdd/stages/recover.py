@@ -23,8 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..artifacts import (clear_outputs, guard_inputs, image_path, load_model, find_teachers, locked_stage, record_path,
-                         reusable, save_image, teacher_digests, write_manifest)
+from ..artifacts import (DistilledSet, clear_outputs, guard_inputs, image_path, images_digest, load_distilled,
+                         load_model, find_teachers, locked_stage, record_path, reusable, save_image, teacher_digests,
+                         write_manifest)
 from ..core import distributed as dist
 from ..core.augment import JITTER_MODES, apply_views, jitter, sample_views, scale_jitter
 from ..core.bn import bn_hooks
@@ -76,6 +77,9 @@ class RecoverConfig(CommonConfig):
                                minimum=1)
     init_tiles: int = opt(1, "f: start each image as an f x f mosaic of real images shrunk by f (RDED-style); 1 = off",
                           minimum=1)
+    init_from: str = opt("", "a recover output folder of the same dataset and size: each image starts from a seeded "
+                             "random image of its class there, randomly flipped (EDC starts from an RDED run's "
+                             "images); replaces --init/--init-select/--init-tiles; '' = off", path=True, neutral="")
     crop_scale: tuple[float, float] = opt((0.08, 1.0), "RandomResizedCrop scale range of the per-iteration view")
     crop_per: str = opt("batch", "batch: ONE crop box and ONE flip per batch and iteration (the SRe2L/PRISM scripts) | "
                                  "image: an independent crop and flip per image (prismdd)", choices=("batch", "image"))
@@ -567,6 +571,38 @@ def initial_images(cfg: RecoverConfig, b: int, units, train, info: DatasetInfo, 
     return torch.randn(len(units), info.channels, info.resolution, info.resolution, generator=gen)
 
 
+def init_source(cfg: RecoverConfig, info: DatasetInfo) -> DistilledSet:
+    """The distilled set ``--init-from`` names, checked against this run's dataset, size and channels."""
+    source = load_distilled(cfg.init_from)
+    si = source.info
+    if (si.name, si.resolution, si.channels) != (info.name, info.resolution, info.channels):
+        raise PrismError(f"--init-from {cfg.init_from}: its images are {si.name} at {si.resolution} px, "
+                         f"{si.channels} channel(s); this run is {info.name} at {info.resolution} px, {info.channels}: "
+                         f"give a recover folder of the same dataset and size")
+    missing = sorted(set(range(info.num_classes)) - set(source.targets.tolist()))
+    if missing:
+        raise PrismError(f"--init-from {cfg.init_from}: no image of class {info.class_names[missing[0]]!r} "
+                         f"({len(missing)} classes missing); give a complete recover folder")
+    return source
+
+
+def images_from(cfg: RecoverConfig, units, source: DistilledSet, info: DatasetInfo) -> tuple[torch.Tensor, list[int]]:
+    """EDC's start (recover.py's ``random_img_sample`` + RandomHorizontalFlip): per unit (c, k) one image of class c
+    from ``source`` and a flip, drawn from (seed, "init-from", c, k), so the start does not depend on the batch,
+    the resume point or the rank. Returns the normalised images and the source positions taken."""
+    members = class_indices(source.targets, info.num_classes)
+    picks, images = [], []
+    for c, k in units:
+        gen = make_generator(cfg.seed, "init-from", c, k)
+        i = int(members[c][int(torch.randint(len(members[c]), (1,), generator=gen))])
+        img = source.images[i]
+        if bool(torch.rand(1, generator=gen) < 0.5):
+            img = img.flip(-1)
+        picks.append(i)
+        images.append(img)
+    return normalize(torch.stack(images), info), picks
+
+
 def _batch_done(out: Path, b: int, units) -> bool:
     """A batch is finished when its record (written last; every record was checked against these settings
     before) and its images exist."""
@@ -585,11 +621,14 @@ def recover(cfg: RecoverConfig) -> Path:
     primary, teachers, pool = load_teachers(cfg, info, device)
     batches = plan_batches(info.num_classes, cfg.ipc, cfg.batch_size, cfg.pack)
     sets = batch_teacher_sets(cfg, cfg.primary, pool, batches)
-    starts = choose_starts(cfg, train, info, primary.model, device) if cfg.init == "real" else None
+    source = init_source(cfg, info) if cfg.init_from else None
+    starts = choose_starts(cfg, train, info, primary.model, device) if cfg.init == "real" and source is None else None
     if cfg.force and ctx.rank == 0:  # every image and record of the replaced run goes (a smaller IPC leaves none)
         clear_outputs(out, "records/batch_*.json", "images/*/*.png", "logs/rank*.jsonl")
     if ctx.rank == 0:  # teachers retrained in place since the finished batches were made: refused
-        guard_inputs(out, teacher_digests({a: t.folder for a, t in teachers.items()}), force=cfg.force)
+        guard_inputs(out, {**teacher_digests({a: t.folder for a, t in teachers.items()}),
+                           **({"init_from": images_digest(source.images, source.targets)} if source else {})},
+                     force=cfg.force)
     dist.barrier(ctx)
     chash = config_hash(cfg)
     for p in sorted((out / "records").glob("batch_*.json")):  # every batch of the folder, not only ours
@@ -607,7 +646,10 @@ def recover(cfg: RecoverConfig) -> Path:
         for b in todo:
             units = batches[b]
             start = start_indices(cfg, units, starts) if starts is not None else None
-            x0 = initial_images(cfg, b, units, train, info, start)
+            if source is not None:
+                x0, picks = images_from(cfg, units, source, info)
+            else:
+                x0, picks = initial_images(cfg, b, units, train, info, start), None
             t0 = Timer()
             made = plugin.synthesize(b, units, x0)
             if made is None:
@@ -622,6 +664,8 @@ def recover(cfg: RecoverConfig) -> Path:
             record["config_hash"] = chash
             if start is not None:  # provenance: which real images each synthetic image grew from
                 record["start_indices"] = start
+            if picks is not None:  # provenance: which image of --init-from each one grew from (its position there)
+                record["init_from"] = picks
             write_json(record_path(out, b), record)  # last: marks the batch finished
             bar.update(1)
             bar.set_postfix(ce=record["final_losses"].get("ce"), bn=record["final_losses"].get("bn_mean"))
@@ -632,7 +676,8 @@ def recover(cfg: RecoverConfig) -> Path:
         images = {f"{c}_{k}": {"file": str(image_path(out, c, k).relative_to(out)), "class": c, "ipc_index": k,
                                "teachers": r["bn_set"] if cfg.selection != "rotate" else sorted(r.get("rotation_counts", {})),
                                "primary": r["primary"], "batch": r["batch"], "iterations": r["budgets"][i],
-                               "start_indices": r.get("start_indices", [None] * len(r["units"]))[i]}
+                               "start_indices": r.get("start_indices", [None] * len(r["units"]))[i],
+                               **({"init_from": r["init_from"][i]} if "init_from" in r else {})}
                   for r in records for i, (c, k) in enumerate(map(tuple, r["units"]))}
         write_manifest(out, "recover", cfg,
                        inputs={"dataset": info.to_dict(),
@@ -640,6 +685,9 @@ def recover(cfg: RecoverConfig) -> Path:
                                                 "role": ("primary" if a == cfg.primary else "bn")}
                                             for a, t in teachers.items()},
                                "bn_pool": pool, "plugin": {"name": cfg.plugin, **plugin_inputs},
+                               **({"init_from": {"folder": str(source.folder), "method": source.manifest.get(
+                                   "config", {}).get("method"), "images": images_digest(source.images, source.targets)}}
+                                  if source is not None else {}),
                                "digests": teacher_digests({a: t.folder for a, t in teachers.items()})},
                        outputs={"images": images, "num_images": len(images), "batches": records},
                        wall_time=timer.elapsed,
