@@ -293,10 +293,11 @@ def test_edc_class_statistics_and_the_patch_swap():
     assert (plain[1][3]["var"] > 0).all() and plain[1][3]["var"].shape == (10, 4)  # (classes, channels)
 
 
-def test_edc_recover_end_to_end(zoo, tmp_path):
+def test_edc_recover_end_to_end(zoo, tmp_path, capsys):
     teachers = _edc_teachers(zoo, tmp_path, ("convnet", "resnet18", "mobilenet_v2"))  # statistics are stored there
     settings = dict(TINY_RECOVER, teachers=str(teachers), iterations=5, batch_size=4, edc_stats_images=100)
     out = recover(recover_config("edc", out=str(tmp_path / "edc"), **settings))
+    assert "starts from a rded run's images; without --init-from" in capsys.readouterr().out  # says so, once
     records = [read_json(p) for p in sorted((out / "records").glob("batch_*.json"))]
     assert len(records) == 5 and len(list((out / "images").rglob("*.png"))) == 20
     for r in records:

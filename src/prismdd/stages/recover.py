@@ -34,7 +34,7 @@ from ..core.data import DatasetInfo, centre_crop, class_indices, crop_ratio, loa
 from ..core.errors import PrismError
 from ..core.io import JsonlLog, read_json, write_json
 from ..core.models import has_batchnorm
-from ..core.presets import METHODS
+from ..core.presets import METHODS, preset_file
 from ..core.runtime import Timer, make_generator, progress
 from ..core.training import example_scores
 from ..methods import PLUGINS, Plugin
@@ -622,6 +622,10 @@ def recover(cfg: RecoverConfig) -> Path:
     batches = plan_batches(info.num_classes, cfg.ipc, cfg.batch_size, cfg.pack)
     sets = batch_teacher_sets(cfg, cfg.primary, pool, batches)
     source = init_source(cfg, info) if cfg.init_from else None
+    before = preset_file("recover", cfg.method).get("starts_from") if cfg.method else None
+    if before and source is None and ctx.rank == 0:
+        print(f"[recover] note: {cfg.method}'s reference starts from a {before} run's images; without --init-from "
+              f"(a {before} recover folder) this run starts as its preset says (FIDELITY.md); `prismdd run` chains both")
     starts = choose_starts(cfg, train, info, primary.model, device) if cfg.init == "real" and source is None else None
     if cfg.force and ctx.rank == 0:  # every image and record of the replaced run goes (a smaller IPC leaves none)
         clear_outputs(out, "records/batch_*.json", "images/*/*.png", "logs/rank*.jsonl")
