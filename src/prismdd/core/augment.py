@@ -11,7 +11,7 @@ import concurrent.futures
 import functools
 import math
 import multiprocessing
-import random
+import random  # only inside rand_augment_images: seeded per image from the stored views, state restored after
 from dataclasses import dataclass
 
 import numpy as np
