@@ -60,6 +60,23 @@ def experiments(ipcs=(1, 10, 50)) -> dict[str, list[dict]]:
         ex[f"quality/ipc{ipc}"] = [cell(m, m, {"ipc": ipc}, {"ipc": ipc}) for m in METHODS + TABLE2] + [
             # PRISM with its BN set cut to the primary: the diversity claim's comparison at every IPC
             cell("prism, BN set = primary alone", "prism", {"ipc": ipc, "selection": "single"}, {"ipc": ipc})]
+    for ipc_ in ipcs:
+        # FRePo (issue 21): the images with the teacher's soft labels (shared protocol) and with their own learned
+        # labels (protocol frepo, FRePo's eval.py step counts), random real under both; plus a ResNet-18 student
+        fr = dict(FREPO_CPU, ipc=ipc_)
+        own = {"ipc": ipc_, "protocol": "frepo", "epochs": FREPO_EVAL_STEPS[ipc_]}
+        ex[f"frepo/ipc{ipc_}"] = [
+            cell("frepo, protocol prism", "frepo", fr, {"ipc": ipc_}),
+            cell("random-real, protocol prism", "random-real", {}, {"ipc": ipc_}),
+            cell("frepo, protocol frepo", "frepo", fr, dict(own, labels=OWN_LABELS)),
+            cell("random-real, protocol frepo", "random-real", {}, own),
+            cell("frepo (labels not learned), protocol frepo", "frepo", dict(fr, frepo_label_lr=0.0),
+                 dict(own, labels=OWN_LABELS)),
+        ]
+        ex[f"frepo-cross-arch/ipc{ipc_}"] = [
+            cell("frepo -> resnet18, protocol prism", "frepo", fr, {"ipc": ipc_, "student": "resnet18"}),
+            cell("random-real -> resnet18, protocol prism", "random-real", {}, {"ipc": ipc_, "student": "resnet18"}),
+        ]
     ipc = {"ipc": 10}
     # what PRISM adds: everything held fixed except the BN set
     ex["ablation/bn-set"] = [
@@ -117,6 +134,13 @@ def experiments(ipcs=(1, 10, 50)) -> dict[str, list[dict]]:
     return ex
 
 
+# FRePo on 2 CPU cores: the pool networks at half width (64 channels) and 256 real images per step instead of the
+# reference's 1024 (BENCHMARKS.md section 9 measures what that costs); its own protocol trains the reference's step
+# counts (script/eval.py:208-209: 1000 / 2000 / 5000 steps for 10 / 100 / 500 images, one step per epoch)
+FREPO_CPU = {"frepo_width": 0.5, "frepo_real_batch": 256}
+FREPO_EVAL_STEPS = {1: 1000, 10: 2000, 50: 5000}
+OWN_LABELS = "<own>"  # a cell's validate ``labels``: the learned labels of the cell's own recover folder
+
 ENSEMBLE_PROTOCOLS = {"gvbsm", "edc"}  # seed Table 2, "Teacher Model": ensemble; every other method: single
 
 
@@ -142,6 +166,7 @@ def main():
     p.add_argument("--student-width", type=float, default=0.5)
     p.add_argument("--student-epochs", type=int, default=300)
     p.add_argument("--iterations", type=int, default=300)
+    p.add_argument("--frepo-steps", type=int, default=2000, help="FRePo's outer steps (its cells' iterations)")
     p.add_argument("--teacher-width", type=float, default=0.25)
     p.add_argument("--teacher-steps", type=int, default=900)
     p.add_argument("--out", default="benchmarks/out")
@@ -150,6 +175,7 @@ def main():
     a = p.parse_args()
     if a.smoke:
         a.dataset, a.student_epochs, a.iterations, a.teacher_steps, a.student_width = "digits", 4, 5, 40, 0.25
+        a.frepo_steps = 5
     torch.set_num_threads(a.threads)
     ex = experiments()
     if a.list:
@@ -195,13 +221,18 @@ def main():
                     imgs, tg = train.get_images(idx), train.targets[idx]
                 else:
                     # a cell's own settings win (e.g. iterations=1 for the unoptimised start)
-                    rec = dict(dict(primary=POOL[0], bn_pool=",".join(POOL[:3]), iterations=a.iterations), **c["rec"])
+                    steps = a.frepo_steps if c["method"] == "frepo" else a.iterations  # FRePo: outer steps
+                    rec = dict(dict(primary=POOL[0], bn_pool=",".join(POOL[:3]), iterations=steps), **c["rec"])
                     # (a method whose preset starts from another's run, EDC from RDED's, gets that run first: Stages)
                     rec_dir = stages.recover(c["method"], run_common, teachers_dir, **rec)
                     rs += stages.timings[f"recover-{c['method']}"]
                     val.update(distilled=str(rec_dir), **{k: v for k, v in c["val"].items() if k != "ipc"})
+                    if val.get("labels") == OWN_LABELS:
+                        val["labels"] = str(rec_dir)
                     d = load_distilled(rec_dir)
                     imgs, tg = d.images, d.targets
+                if a.smoke:  # own-protocol step counts (FRePo's 1000-5000) cut to the smoke size too
+                    val["epochs"] = min(val["epochs"], a.student_epochs)
                 ev_dir, m = stages.validate("validate", run_common, **val)
                 vs += stages.timings["validate"]
                 top1.append(m["top1"])
@@ -218,7 +249,7 @@ def main():
             finished[c["name"]] = top1
             print(f"| {c['name']} | {t.mean():.2f}{std} | {' / '.join(f'{v:.2f}' for v in top1)} | {cos_s} | "
                   f"{rs:.0f} | {vs:.0f} |", flush=True)
-        if name.startswith("own-protocol/"):
+        if name.startswith(("own-protocol/", "frepo")):
             paired_table(finished, seeds)
 
 
@@ -229,8 +260,9 @@ def paired_table(finished: dict[str, list[float]], seeds: list[int]) -> None:
     print("|---|---|---|---|---|")
     for cell_name, top1 in finished.items():
         method, _, protocol = cell_name.partition(", protocol ")
-        rr = finished.get(f"random-real, protocol {protocol}")
-        if method == "random-real" or rr is None:
+        student = method.partition(" -> ")[2]  # "frepo -> resnet18": paired with "random-real -> resnet18"
+        rr = finished.get(f"random-real{' -> ' + student if student else ''}, protocol {protocol}")
+        if method.startswith("random-real") or rr is None:
             continue
         d = np.array(top1) - np.array(rr)
         print(f"| {method} | {np.mean(top1):.2f} | {np.mean(rr):.2f} | {d.mean():+.2f} "

@@ -635,3 +635,35 @@ class StoredLabels:
                              f"relabel with --epochs >= the student's epochs")
         d = load_tensors(epoch_file(self.folder, e))
         return EpochPlan.from_tensors(d, self.views["batch_size"]), unpack_logits(d, self.num_classes)
+
+
+# ----------------------------------------------------------------------------- learned labels (FRePo)
+LEARNED_LABELS = "learned_labels.safetensors"  # in a recover folder: one label vector per image, learned with it
+
+
+def centred_onehot(y: torch.Tensor, num_classes: int, scaled: bool = False) -> torch.Tensor:
+    """FRePo's label vectors: one-hot minus 1/C (1 - 1/C on the class, -1/C elsewhere); ``scaled``: divided by
+    sqrt(C / 10), the reference's learned-label start (frepo.py:75-79; 1 for 10 classes). Also the regression
+    target of ``validate --loss mse`` for images without learned labels."""
+    out = torch.nn.functional.one_hot(y.long(), num_classes).float() - 1.0 / num_classes
+    return out / (num_classes / 10) ** 0.5 if scaled else out
+
+
+def has_learned_labels(folder) -> bool:
+    return (Path(folder) / LEARNED_LABELS).exists() and (Path(folder) / MANIFEST).exists()
+
+
+def read_learned_labels(folder, ds: DistilledSet) -> torch.Tensor:
+    """The (N, C) learned labels of a recover folder, in ``ds``'s image order (class, then IPC index), checked
+    against the images it holds."""
+    path = Path(folder) / LEARNED_LABELS
+    d = load_tensors(path)
+    labels, cls, k = d["labels"].float(), d["class"].long(), d["ipc_index"].long()
+    order = sorted(range(len(cls)), key=lambda i: (int(cls[i]), int(k[i])))
+    labels, cls = labels[order], cls[order]
+    if len(cls) != len(ds) or not torch.equal(cls, ds.targets.long()) or labels.shape[1] != ds.info.num_classes:
+        raise PrismError(f"{path}: labels for {len(cls)} images do not match the {len(ds)} images of {folder}; "
+                         f"re-run recover with --force")
+    if not torch.isfinite(labels).all():
+        raise PrismError(f"{path}: the learned labels are not finite; re-run recover with --force")
+    return labels

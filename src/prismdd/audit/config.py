@@ -12,8 +12,8 @@ from ..core.presets import PROTOCOLS
 from ..core.runtime import resolve_device
 from .attacks import ATTACKS, LIRA_VARIANCES
 
-TARGETS = ("teacher", "prism", "sre2l", "random-real")
-DISTILLED = ("prism", "sre2l")  # targets whose student learns from a recover output
+TARGETS = ("teacher", "prism", "sre2l", "frepo", "random-real")
+DISTILLED = ("prism", "sre2l", "frepo")  # targets whose student learns from a recover output
 CANARY_KINDS = ("mislabel", "outlier")
 SHADOWS = {"cpu": 4, "cuda": 16}  # shadow pipelines when unset: LiRA gets much sharper with more, GPUs afford them
 
@@ -44,6 +44,10 @@ class AuditConfig(CommonConfig):
                                   minimum=1)
     ipc: int = opt(10, "images per class of the distilled sets and of the random real subset", minimum=1)
     iterations: int = opt(300, "recovery iterations per image", minimum=1)
+    frepo_width: float = opt(0.5, "frepo target: width of its pool networks (CPU-sized; the preset's 1.0 on a GPU)",
+                             minimum=0.01)
+    frepo_real_batch: int = opt(256, "frepo target: real images per step (CPU-sized; the preset's 1024 on a GPU)",
+                                minimum=1)
     student: str = opt("convnet", "student architecture (one)")
     student_width: float = opt(0.5, "width multiplier of the students", minimum=0.01)
     student_epochs: int = opt(300, "student training epochs", minimum=1)

@@ -114,9 +114,11 @@ def train_pipeline(cfg: AuditConfig, folder: Path, index: int, members: np.ndarr
         for method in DISTILLED:
             if method not in targets:
                 continue
+            # FRePo trains its own pool networks (no teacher): their CPU size is the audit's
+            own = dict(frepo_width=cfg.frepo_width, frepo_real_batch=cfg.frepo_real_batch) if method == "frepo" else {}
             sources[method] = stages.recover(method, common, teachers, primary=cfg.teacher_arch,
                                              bn_pool=",".join(pool) if method == "prism" else cfg.teacher_arch,
-                                             ipc=cfg.ipc, iterations=cfg.iterations)
+                                             ipc=cfg.ipc, iterations=cfg.iterations, **own)
             ev, _ = stages.validate(f"validate-{method}", common, **student, distilled=str(sources[method]))
             models[method] = ev / student_name
         if "random-real" in targets:
@@ -146,6 +148,8 @@ def direct_members(target: str, source: Path | None, members_sorted: np.ndarray)
 def _check_plan(out: Path, cfg: AuditConfig, plan: dict) -> None:
     """Refuse to mix models trained under other settings into this audit (resume safety)."""
     training = {k: v for k, v in config_to_dict(cfg).items() if k in TRAINING_KEYS}
+    if "frepo" in cfg.target_list:  # only then do they shape a model (older audits keep their plan hash)
+        training.update(frepo_width=cfg.frepo_width, frepo_real_batch=cfg.frepo_real_batch)
     record = {"training": training, "pool_digest": _digest(plan["pool"].tolist()),
               "target_digest": _digest(plan["target_in"].tolist())}
     record["config_hash"] = _digest(record)

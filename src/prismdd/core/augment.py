@@ -276,7 +276,7 @@ def scale_jitter(resolution: int, at_224: int = 32) -> int:
 
 
 # ----------------------------------------------------------------------------- epoch plans (relabel + validate)
-BATCH_RULES = ("seed", "rded")
+BATCH_RULES = ("seed", "rded", "frepo")
 
 
 def default_view_batch(n_images: int, num_classes: int, rule: str = "seed") -> int:
@@ -287,6 +287,8 @@ def default_view_batch(n_images: int, num_classes: int, rule: str = "seed") -> i
     ipc = n_images / max(1, num_classes)
     if rule == "seed":
         return min(n_images, 50 if ipc <= 10 else 100)
+    if rule == "frepo":  # FRePo's eval.py: min(N, 500)
+        return max(1, min(n_images, 500))
     if rule != "rded":
         raise PrismError(f"batch rule {rule!r}: expected one of {', '.join(BATCH_RULES)}")
     bs = 10 if ipc <= 1 else 50 if ipc <= 20 else 100

@@ -23,7 +23,8 @@ SCORE_BATCH = 500  # images per forward pass when scoring examples
 PHI_CLIP = 1e4  # |phi| beyond this is clipped (a float32 softmax saturates long before)
 
 
-SCHEDULES = ("cosine", "decayed_cosine", "decayed_cosine_smooth", "half_cosine", "linear", "constant")
+SCHEDULES = ("cosine", "decayed_cosine", "decayed_cosine_smooth", "half_cosine", "linear", "constant", "warmup_cosine")
+WARMUP_COSINE_FLOOR = 0.01  # FRePo's eval.py: optax warmup_cosine_decay_schedule ends at 0.01 x the peak
 OPTIMIZERS = ("adamw", "sgd", "adam")
 
 
@@ -36,11 +37,15 @@ def lr_factor(schedule: str, progress: float, warmup: float = 0.0) -> float:
     the knee, then a linear fall to 0. ``decayed_cosine_smooth`` (prismdd's earlier curve): the same
     cosine, then a continuous linear ramp 0.75 -> 0 over the last sixth. ``half_cosine``: 0.5 (1 + cos(pi p / 2)),
     the first half of a cosine period, 1 -> 0.5 (RDED/DELT's ``--cos``: ``math.pi * step / re_epochs / 2``;
-    EDC's ``--ls-type cos --st 2``).
+    EDC's ``--ls-type cos --st 2``). ``warmup_cosine``: after the linear warm-up, a cosine over the REST of
+    training from 1 to 0.01 (FRePo's ``eval.py:221-225``); the other schedules keep their curve over the whole run.
     """
     p = min(max(progress, 0.0), 1.0)
     if warmup > 0 and p < warmup:
         return p / warmup
+    if schedule == "warmup_cosine":  # the cosine runs over what is left after the warm-up, down to the floor
+        q = (p - warmup) / (1 - warmup) if warmup < 1 else 1.0
+        return WARMUP_COSINE_FLOOR + (1 - WARMUP_COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * q))
     if schedule == "constant":
         return 1.0
     if schedule == "cosine":

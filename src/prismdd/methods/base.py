@@ -24,6 +24,10 @@ class Plugin:
     """The default plug-in: plain engine behaviour. Subclass and register with ``@PLUGINS.register(name)``."""
 
     name: ClassVar[str] = "none"
+    # a method that learns the whole set jointly (FRePo) gets ONE batch of every (class, IPC index) unit
+    whole_set: ClassVar[bool] = False
+    # False: no teacher is loaded (nothing pretrained is used); --teachers/--primary are then not needed
+    uses_teachers: ClassVar[bool] = True
 
     def __init__(self, cfg, info, train, teachers: dict, pool: list[str], device: torch.device):
         # cfg: RecoverConfig; info: DatasetInfo; train: the training split (``get_images``, ``targets``);

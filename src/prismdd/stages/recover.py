@@ -173,6 +173,30 @@ class RecoverConfig(CommonConfig):
                           neutral="{name}")
     d4m_negative_prompt: str = opt("cartoon, anime, painting", "d4m: negative prompt (gen_syn_image.py); empty = none",
                                    neutral="cartoon, anime, painting")
+    frepo_pool: int = opt(10, "frepo: networks in the online pool (distill.py --num_nn_state 10)", minimum=1, neutral=10)
+    frepo_online_steps: int = opt(100, "frepo: online training steps of a pool network on the synthetic set before it "
+                                       "is re-initialised (--max_online_updates 100)", minimum=1, neutral=100)
+    frepo_online_lr: float = opt(3e-4, "frepo: Adam learning rate of the pool networks' online training (3e-4)",
+                                 minimum=0.0, neutral=3e-4)
+    frepo_arch: str = opt("convnet", "frepo: the pool networks' architecture, any of `prismdd models` (the reference "
+                                     "distils with a BatchNorm ConvNet-D3)", neutral="convnet")
+    frepo_width: float = opt(1.0, "frepo: width multiplier of the pool networks (1.0: 128 channels)", minimum=0.01,
+                             neutral=1.0)
+    frepo_real_batch: int = opt(1024, "frepo: real images T per step (--batch_size 1024)", minimum=1, neutral=1024)
+    frepo_lr: float = opt(3e-4, "frepo: LAMB learning rate of the pixels (3e-4; LAMB scales it by each tensor's norm)",
+                          minimum=0.0, neutral=3e-4)
+    frepo_label_lr: float = opt(3e-4, "frepo: LAMB learning rate of the learned labels (3e-4, the same optimiser); "
+                                      "0 = labels stay centred one-hot", minimum=0.0, neutral=3e-4)
+    frepo_lr_floor: float = opt(0.1, "frepo: both learning rates follow a cosine from 1 to this factor (alpha 0.1)",
+                                minimum=0.0, neutral=0.1)
+    frepo_reg: float = opt(1e-6, "frepo: kernel ridge lambda as a multiple of K_SS's mean diagonal (1e-6)",
+                           minimum=0.0, neutral=1e-6)
+    frepo_margin: float = opt(1.0, "frepo: weight of the label-margin term -min(top1 - top2, 1/C) on the learned "
+                                   "labels (the reference adds it with weight 1)", minimum=0.0, neutral=1.0)
+    frepo_flip: bool = opt(False, "frepo: S and its mirror image both support the regression (the reference: on for "
+                                  "RGB sets, off for MNIST / Fashion-MNIST)", neutral=False)
+    frepo_checkpoint_every: int = opt(100, "frepo: steps between checkpoints of the whole state (kill -9 resumes from "
+                                           "the last)", minimum=1, hashed=False)
 
     def check(self):
         if self.init_tiles > 8:
@@ -618,15 +642,25 @@ def recover(cfg: RecoverConfig) -> Path:
     device = ctx.device
     out = Path(cfg.out)
     train, _, info = load_splits(cfg)
-    primary, teachers, pool = load_teachers(cfg, info, device)
-    batches = plan_batches(info.num_classes, cfg.ipc, cfg.batch_size, cfg.pack)
+    plugin_cls = PLUGINS.get(cfg.plugin)
+    if plugin_cls.uses_teachers:
+        primary, teachers, pool = load_teachers(cfg, info, device)
+    elif cfg.init == "real" and cfg.init_select not in ("first", "random"):
+        raise PrismError(f"--init-select {cfg.init_select}: ranks real images with a teacher, and --method "
+                         f"{cfg.method} uses none; use first or random")
+    else:
+        primary, teachers, pool = None, {}, []
+    # a plug-in that learns the whole set jointly gets one class-major batch of every unit
+    batches = (plan_batches(info.num_classes, cfg.ipc, info.num_classes * cfg.ipc, "class") if plugin_cls.whole_set
+               else plan_batches(info.num_classes, cfg.ipc, cfg.batch_size, cfg.pack))
     sets = batch_teacher_sets(cfg, cfg.primary, pool, batches)
     source = init_source(cfg, info) if cfg.init_from else None
     before = preset_file("recover", cfg.method).get("starts_from") if cfg.method else None
     if before and source is None and ctx.rank == 0:
         print(f"[recover] note: {cfg.method}'s reference starts from a {before} run's images; without --init-from "
               f"(a {before} recover folder) this run starts as its preset says (FIDELITY.md); `prismdd run` chains both")
-    starts = choose_starts(cfg, train, info, primary.model, device) if cfg.init == "real" and source is None else None
+    starts = (choose_starts(cfg, train, info, primary and primary.model, device) if cfg.init == "real" and source is None
+              else None)
     if cfg.force and ctx.rank == 0:  # every image and record of the replaced run goes (a smaller IPC leaves none)
         clear_outputs(out, "records/batch_*.json", "images/*/*.png", "logs/rank*.jsonl")
     if ctx.rank == 0:  # teachers retrained in place since the finished batches were made: refused
@@ -642,7 +676,7 @@ def recover(cfg: RecoverConfig) -> Path:
     if ctx.rank == 0 and len(todo) < len(mine):
         print(f"[recover] resuming: {len(mine) - len(todo)} of {len(mine)} batches already finished")
     log = JsonlLog(out / "logs" / f"rank{ctx.rank}.jsonl")
-    plugin = PLUGINS.get(cfg.plugin)(cfg, info, train, teachers, pool, device)
+    plugin = plugin_cls(cfg, info, train, teachers, pool, device)
     plugin_inputs = plugin.prepare(out, ctx.rank)
     with ExitStack() as stack:
         engine = Engine(cfg, info, primary, teachers, device, stack, plugin)

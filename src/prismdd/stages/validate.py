@@ -18,8 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..artifacts import (ACCURACY_FILE, StoredLabels, consumed_digests, guard_inputs, load_distilled, load_labelers,
-                         locked_stage, read_manifest, reusable, save_model, with_distilled_dataset, write_manifest)
+from ..artifacts import (ACCURACY_FILE, StoredLabels, centred_onehot, consumed_digests, file_digest, guard_inputs,
+                         has_learned_labels, LEARNED_LABELS, load_distilled, load_labelers, locked_stage,
+                         read_learned_labels, read_manifest, reusable, save_model, with_distilled_dataset,
+                         write_manifest)
 from ..core import distributed as dist
 from ..core.augment import (BATCH_RULES, ViewConfig, default_view_batch, epoch_plan, make_inputs, mix_partners,
                              rand_augment_transform)
@@ -44,7 +46,8 @@ class ValidateConfig(CommonConfig):
     protocol: str = opt("prism", "a student-training preset; fields you set win", choices=PROTOCOLS.names())
     distilled: str | None = opt(None, "a recover output folder (its dataset, data root and resolution are used)",
                                 path=True)
-    labels: str | None = opt(None, "a relabel output folder (stored soft labels)", path=True)
+    labels: str | None = opt(None, "a relabel output folder (stored soft labels), or a recover folder with learned "
+                                   "labels (FRePo: with --loss mse)", path=True)
     teachers: str | None = opt(None, "a squeeze folder: soft labels computed online (no storage)", path=True)
     label_teachers: str | None = opt(None, "comma list of teacher archs; default: the recover run's primary")
     ensemble: str = opt("mean", "how several teachers' logits combine: mean | norm-matched | weighted",
@@ -67,7 +70,8 @@ class ValidateConfig(CommonConfig):
     schedule: str = opt("decayed_cosine", "decayed_cosine (PRISM's code: drop to 0.125 at 5/6, then linear to 0) | "
                                           "decayed_cosine_smooth | cosine | half_cosine (1 -> 0.5: RDED, DELT, EDC) | "
                                           "linear | constant", choices=SCHEDULES)
-    loss: str = opt("mse+ce", "mse+ce (PRISM) | kl | ce (hard labels)", choices=("mse+ce", "kl", "ce"))
+    loss: str = opt("mse+ce", "mse+ce (PRISM) | kl | ce (hard labels) | mse (FRePo: regress label vectors, the "
+                              "learned labels of --labels, else centred one-hot)", choices=("mse+ce", "kl", "ce", "mse"))
     gamma: float = opt(0.1, "mse+ce: weight of the hard-label CE", minimum=0.0)
     lr_every: str = opt("step", "epoch: the LR changes once per epoch (the reference code's LambdaLR) | step: "
                                 "every step (a smoother curve)", choices=("step", "epoch"))
@@ -87,6 +91,8 @@ class ValidateConfig(CommonConfig):
                                "saved student use the EMA parameters (live BN buffers); 0 = off",
                           minimum=0.0, neutral=0.0)
     steps_per_epoch: int | None = opt(None, "cap on steps per epoch (None: every image once; for --full)", minimum=1)
+    warmup: float = opt(0.0, "fraction of training with a linear LR warm-up (FRePo: 500 steps)", minimum=0.0,
+                        neutral=0.0)
     eval_every: int = opt(50, "epochs between test evaluations (the final epoch is always evaluated)", minimum=1,
                           hashed=False)
     force: bool = opt(False, "retrain students that are already finished", hashed=False)
@@ -95,7 +101,7 @@ class ValidateConfig(CommonConfig):
         sources = sum(bool(x) for x in (self.distilled, self.random_real, self.full))
         if sources != 1:
             raise PrismError("validate: give exactly one of --distilled DIR, --random-real, --full")
-        if self.loss != "ce" and not (self.labels or self.teachers):
+        if self.loss not in ("ce", "mse") and not (self.labels or self.teachers):
             raise PrismError(f"--loss {self.loss} needs soft labels: pass --labels DIR (from relabel) or "
                              f"--teachers DIR (online), or use --loss ce")
         try:
@@ -149,6 +155,9 @@ def student_loss(cfg: ValidateConfig, out: torch.Tensor, soft: torch.Tensor | No
     mixed = F.cross_entropy(out, y) if lam == 1.0 else lam * F.cross_entropy(out, y) + (1 - lam) * F.cross_entropy(out, y2)
     if cfg.loss == "ce":
         return {"ce": mixed, "total": mixed}
+    if cfg.loss == "mse":  # FRePo's eval: ``soft`` is the (mixed) label vector; half the SSE, mean over the batch
+        mse = 0.5 * (out - soft).pow(2).sum(1).mean()
+        return {"mse": mse, "total": mse}
     if cfg.loss == "mse+ce":
         ce = F.cross_entropy(out, y) if cfg.mix_ce == "own" else mixed
         mse = F.mse_loss(out, soft)
@@ -196,6 +205,9 @@ def train_student(cfg: ValidateConfig, arch: str, seed: int, data: TensorImages,
         y = data.targets[idx].to(device)
         if soft_all is not None:
             soft = soft_all[sl].to(device)
+        elif labels["vectors"] is not None:  # label vectors of the images, mixed as the images were
+            vec = labels["vectors"][idx].to(device)
+            soft = vec if mix is None else _mix_vectors(vec, mix)
         elif labels["online"] is not None and cfg.loss != "ce":
             soft = labels["online"](x)
         else:
@@ -208,8 +220,8 @@ def train_student(cfg: ValidateConfig, arch: str, seed: int, data: TensorImages,
         return student_loss(cfg, net(x), soft, y, y2, lam)
 
     run = fit(model, optimizer, batches, loss_fn, epochs=cfg.epochs, steps_per_epoch=steps, lr=cfg.lr,
-              schedule=cfg.schedule, lr_every=cfg.lr_every, evaluate_fn=lambda: evaluate(model, test, info, device,
-                                                                   num_workers=cfg.num_workers),
+              schedule=cfg.schedule, warmup=cfg.warmup, lr_every=cfg.lr_every,
+              evaluate_fn=lambda: evaluate(model, test, info, device, num_workers=cfg.num_workers),
               eval_every=cfg.eval_every, checkpoint=folder / "checkpoint.pt", config_hash=chash, resume=resume,
               log=JsonlLog(folder / "log.jsonl"), desc=f"validate {arch} seed {seed}", is_main=ctx.rank == 0,
               ema_decay=cfg.ema_eval)
@@ -231,6 +243,9 @@ def validate(cfg: ValidateConfig) -> dict:
     timer = Timer()
     ctx = dist.init(cfg.device)
     cfg = from_distilled(cfg)
+    if cfg.loss == "mse" and not cfg.labels and cfg.distilled and has_learned_labels(cfg.distilled):
+        print(f"[validate] --loss mse: training on the learned labels of {cfg.distilled}")
+        cfg = dataclasses.replace(cfg, labels=cfg.distilled)  # the same student as with --labels given
     if cfg.rand_augment:
         rand_augment_transform(cfg.rand_augment)  # timm missing or a bad string: refused before any work
     train, test, info = load_splits(cfg)
@@ -238,7 +253,13 @@ def validate(cfg: ValidateConfig) -> dict:
     data, source = training_images(cfg, train, info)
     stored = online = None
     bs = cfg.batch_size or default_view_batch(len(data), info.num_classes, cfg.batch_rule)
-    if cfg.labels:
+    vectors = None
+    if cfg.labels and has_learned_labels(cfg.labels) and cfg.loss != "mse":
+        raise PrismError(f"--labels {cfg.labels}: holds learned labels ({LEARNED_LABELS}); they train with --loss mse "
+                         f"(or --protocol frepo)")
+    if cfg.loss == "mse":
+        vectors = _label_vectors(cfg, data, info)
+    elif cfg.labels:
         stored = StoredLabels(cfg.labels, info.num_classes)
         v = stored.views
         if cfg.batch_size and cfg.batch_size != v["batch_size"]:
@@ -249,11 +270,13 @@ def validate(cfg: ValidateConfig) -> dict:
             raise PrismError(f"--rand-augment {cfg.rand_augment!r}: the labels in {cfg.labels} were made with "
                              f"{v.get('rand_augment', '')!r}; relabel with the same --rand-augment (or relabel "
                              f"--protocol {cfg.protocol})")
-    elif cfg.teachers and cfg.loss != "ce":
+    elif cfg.teachers and cfg.loss not in ("ce", "mse"):
         online = load_labelers(cfg.teachers, cfg.label_teachers, source.get("primary") or "convnet", info,
                                cfg.ensemble, cfg.primary_weight, ctx.device)
-    labels = {"stored": stored, "online": online, "batch_size": bs}
+    labels = {"stored": stored, "online": online, "batch_size": bs, "vectors": vectors}
     digests = consumed_digests(data, stored, cfg.teachers, online.names if online else ())
+    if vectors is not None and cfg.labels:  # a student made from other learned labels is not reused
+        digests["learned labels"] = file_digest(Path(cfg.labels) / LEARNED_LABELS)
     if stored is not None:  # labels made for another set (or before recover re-ran): refused
         stored.check_source(digests.get("distilled images"), cfg.distilled)
     if ctx.rank == 0:  # finished students made from other images, labels or teachers are not reused
@@ -283,7 +306,10 @@ def validate(cfg: ValidateConfig) -> dict:
             print(f"[validate] {arch}: final-epoch top-1 {r['top1']:.2f} +- {r['top1_std']:.2f}% "
                   f"(best epoch {r['best_top1']:.2f}%, marked best, not the result) over seeds {seeds}")
     first = per_student[students[0]]
-    label_src = ("stored:" + str(cfg.labels)) if stored else (("online:" + ",".join(online.names)) if online else "hard labels")
+    label_src = ("stored:" + str(cfg.labels)) if stored else (("online:" + ",".join(online.names)) if online else
+                                                              "hard labels")
+    if vectors is not None:
+        label_src = f"learned:{cfg.labels}" if cfg.labels else "centred one-hot"
     protocol = {"protocol": cfg.protocol, "loss": cfg.loss, "gamma": cfg.gamma if cfg.loss == "mse+ce" else None,
                 "optimizer": cfg.optimizer, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "schedule": cfg.schedule,
                 "lr_every": cfg.lr_every,
@@ -304,6 +330,28 @@ def validate(cfg: ValidateConfig) -> dict:
                        outputs={"accuracy": ACCURACY_FILE, "top1": accuracy["top1"]}, wall_time=timer.elapsed)
     dist.barrier(ctx)
     return accuracy
+
+
+def _label_vectors(cfg: ValidateConfig, data, info: DatasetInfo) -> torch.Tensor:
+    """``--loss mse``'s targets: the learned labels of ``--labels`` (a recover folder of the same images; a
+    ``--distilled`` folder that holds learned labels uses its own), else centred one-hot vectors of the hard labels
+    (how FRePo evaluates images without learned labels)."""
+    if not cfg.labels:
+        return centred_onehot(data.targets, info.num_classes)
+    if not has_learned_labels(cfg.labels):
+        raise PrismError(f"--labels {cfg.labels}: --loss mse reads learned labels ({LEARNED_LABELS}, written by "
+                         f"recover --method frepo); that folder has none: give such a folder, or drop --labels to "
+                         f"regress centred one-hot labels")
+    if not cfg.distilled or Path(cfg.labels).resolve() != Path(cfg.distilled).resolve():
+        raise PrismError(f"--labels {cfg.labels}: learned labels belong to the images of their own folder; pass "
+                         f"--distilled {cfg.labels} --labels {cfg.labels}")
+    return read_learned_labels(cfg.labels, data)
+
+
+def _mix_vectors(vec: torch.Tensor, mix) -> torch.Tensor:
+    """The label vector of a CutMix/Mixup image: lambda of its own plus (1 - lambda) of its partner's."""
+    perm, lam = (mix.perm, mix.lam) if hasattr(mix, "perm") else mix
+    return lam * vec + (1 - lam) * vec[perm.to(vec.device)]
 
 
 def _mean_curve(curves: list[list[dict]]) -> list[dict]:
