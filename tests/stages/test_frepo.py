@@ -303,6 +303,24 @@ def test_validate_with_learned_labels(frepo_run, tmp_path):
     assert 0 <= acc["top1"] <= 100
 
 
+def test_validate_uses_a_distilled_folders_own_learned_labels(frepo_run, tmp_path, capsys):
+    # --protocol frepo without --labels on a FRePo folder must not silently fall back to one-hot targets
+    validate(validate_config("frepo", distilled=str(frepo_run), epochs=2, student_width=0.25, device="cpu",
+                             out=str(tmp_path / "v")))
+    assert "learned labels of" in capsys.readouterr().out
+    assert read_json(tmp_path / "v" / "accuracy.json")["protocol"]["soft_labels"] == f"learned:{frepo_run}"
+
+
+def test_warmup_cosine_runs_its_cosine_over_the_rest():
+    # FRePo's eval schedule: linear warm-up, then a cosine from 1 to 0.01 over what is left (no jump after warm-up)
+    from prismdd.core.training import lr_factor
+
+    assert lr_factor("warmup_cosine", 0.125, 0.25) == pytest.approx(0.5)
+    assert lr_factor("warmup_cosine", 0.25, 0.25) == pytest.approx(1.0)
+    assert lr_factor("warmup_cosine", 0.625, 0.25) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert lr_factor("warmup_cosine", 1.0, 0.25) == pytest.approx(0.01)
+
+
 def test_validate_mse_refuses_folders_without_learned_labels(frepo_run, tmp_path):
     # --loss mse reads learned labels only; a folder of other labels is an error, not a silent one-hot
     plain = tmp_path / "plain"
