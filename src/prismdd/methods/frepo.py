@@ -32,7 +32,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.func import functional_call, grad
 
 from ..artifacts import LEARNED_LABELS, centred_onehot
