@@ -77,6 +77,13 @@ def experiments(ipcs=(1, 10, 50)) -> dict[str, list[dict]]:
             cell("frepo -> resnet18, protocol prism", "frepo", fr, {"ipc": ipc_, "student": "resnet18"}),
             cell("random-real -> resnet18, protocol prism", "random-real", {}, {"ipc": ipc_, "student": "resnet18"}),
         ]
+    # the pilot that chose FRePo's CPU settings (BENCHMARKS.md 9.1): the learning rate of pixels and labels (LAMB:
+    # relative to each tensor's norm) at the benchmark's step count, under FRePo's own protocol
+    own10 = {"ipc": 10, "protocol": "frepo", "epochs": FREPO_EVAL_STEPS[10], "labels": OWN_LABELS}
+    ex["frepo-pilot/ipc10"] = [
+        cell(f"frepo lr {lr}, protocol frepo", "frepo", dict(FREPO_CPU, ipc=10, frepo_lr=lr, frepo_label_lr=lr), own10)
+        for lr in (3e-4, 3e-3, 1e-2)] + [
+        cell("random-real, protocol frepo", "random-real", {}, {k: v for k, v in own10.items() if k != "labels"})]
     ipc = {"ipc": 10}
     # what PRISM adds: everything held fixed except the BN set
     ex["ablation/bn-set"] = [

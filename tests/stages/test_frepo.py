@@ -387,3 +387,27 @@ def test_methods_lists_frepo(cli, capsys):
     assert cli(["methods", "frepo"]) == 0
     text = capsys.readouterr().out
     assert "yongchao97/FRePo @ 9b98c65beac9baa851aeab7f1c8ca71ca74bb886" in text and "NeurIPS 2022" in text
+
+
+def test_frepo_on_an_rgb_imagefolder_of_odd_images(tmp_path):
+    # a user's own data: RGB, mixed sizes and formats, read at native size; FRePo distils and validates with its labels
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    for split, n in (("train", 6), ("val", 2)):
+        for c, name in enumerate(("cat", "dog", "owl")):
+            d = tmp_path / "data" / split / name
+            d.mkdir(parents=True)
+            for i in range(n):
+                w, h = (20, 20) if i % 3 else (26, 21)  # most common shorter side: 20 px
+                arr = (rng.random((h, w, 3)) * 80 + c * 60).astype(np.uint8)
+                Image.fromarray(arr).save(d / f"{i}.{'jpg' if i % 2 else 'png'}")
+    out = recover(recover_config("frepo", dataset="imagefolder", data_root=str(tmp_path / "data"), ipc=2,
+                                 iterations=4, frepo_real_batch=8, frepo_width=0.25, frepo_pool=2, device="cpu",
+                                 out=str(tmp_path / "fr")))
+    m = read_json(out / "manifest.json")
+    assert m["inputs"]["dataset"]["resolution"] == 20 and m["inputs"]["dataset"]["channels"] == 3
+    assert len(png_files(out)) == 6 and has_learned_labels(out)
+    acc = validate(validate_config("frepo", distilled=str(out), epochs=2, student_width=0.25, device="cpu",
+                                   out=str(tmp_path / "v")))
+    assert acc["protocol"]["soft_labels"] == f"learned:{out}"
