@@ -169,6 +169,7 @@ def main():
     p.add_argument("--only", default="quality/ipc10", help="comma list of experiment names or prefixes")
     p.add_argument("--list", action="store_true")
     p.add_argument("--cells", default=None, help="comma list of cell names (exact), or parts of names")
+    p.add_argument("--skip", default=None, help="comma list: cells whose name contains any of these are left out")
     p.add_argument("--seeds", default="0")
     p.add_argument("--student", default="convnet")
     p.add_argument("--student-width", type=float, default=0.5)
@@ -214,6 +215,8 @@ def main():
         finished = {}  # cell name -> top-1 per seed, for the paired comparison below
         for c in ex[name]:
             if a.cells and not cell_wanted(c["name"], comma_list(a.cells), [x["name"] for x in ex[name]]):
+                continue
+            if a.skip and any(t in c["name"] for t in comma_list(a.skip)):
                 continue
             top1, cos, rs, vs = [], [], 0.0, 0.0
             for s in seeds:
