@@ -56,6 +56,16 @@ def test_quality_smoke(tmp_path):
     assert [r.split("|")[1].strip() for r in rows] == ["start low-loss, unoptimised",
                                                        "start 2x2 mosaic (random), unoptimised"]
     assert all(0 <= float(r.split("|")[2].split("±")[0]) <= 100 for r in rows)
+    # FRePo (issue 21): its set under the shared protocol and with its own labels, random real under both, paired
+    out = _run(["benchmarks/quality.py", "--smoke", "--only", "frepo/ipc1", "--skip", "not learned",
+                "--out", str(tmp_path), "--threads", "1"], tmp_path, timeout=600)
+    rows = [l for l in out.splitlines() if l.startswith("| ") and not l.startswith(("| cell", "| method"))]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "frepo, protocol prism", "random-real, protocol prism", "frepo, protocol frepo", "random-real, protocol frepo",
+        "frepo", "frepo"]  # the last two: the paired rows of the two protocols
+    last = [json.loads(line) for line in (tmp_path / "digits" / "results.jsonl").read_text().splitlines()][-4:]
+    assert [r["protocol"]["soft_labels"].split(":")[0] for r in last] == ["online", "online", "learned",
+                                                                           "centred one-hot"]
 
 
 def test_label_storage_bytes_smoke(tmp_path):
@@ -73,3 +83,10 @@ def test_rand_augment_throughput_smoke(tmp_path):
     rows = [l.split("|") for l in out.splitlines() if l.startswith("| ") and not l.startswith("| image")]
     assert [r[1].strip() for r in rows] == ["1 x 8 x 8", "3 x 16 x 16"]
     assert all(float(v.replace(",", "")) > 0 for r in rows for v in r[2:4])
+
+
+def test_frepo_cost_smoke(tmp_path):
+    out = _run(["benchmarks/frepo_cost.py", "--smoke"], tmp_path)
+    rows = [l for l in out.splitlines() if l.startswith("| ") and not l.startswith("| IPC")]
+    assert [r.split("|")[1].strip() for r in rows] == ["1", "2"]
+    assert all(float(r.split("|")[5]) > 0 for r in rows)  # seconds per step, read from the run's own log
