@@ -1,7 +1,7 @@
 """FRePo's cost on this machine: wall-clock per outer step and peak memory, and how both grow with IPC.
 
-Each configuration runs ``prismdd recover --method frepo`` in a fresh process (so its peak resident memory is its
-own, read with ``getrusage(RUSAGE_CHILDREN)`` after it exits) for ``--steps`` outer steps, and the time per step is
+Each configuration runs ``prismdd recover --method frepo`` in a fresh process, which reports its own peak resident
+memory (``getrusage(RUSAGE_SELF)``) when it exits, for ``--steps`` outer steps, and the time per step is
 taken from the run's own JSON-lines log (first logged step to last), so start-up and data loading are excluded:
 
     python benchmarks/frepo_cost.py                      # IPC 1, 10, 50 at the benchmark's CPU size
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -27,19 +26,22 @@ import torch
 
 def one_run(dataset: str, ipc: int, width: float, real_batch: int, steps: int, threads: int, out: Path) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    cmd = [sys.executable, "-m", "prismdd", "recover", "--method", "frepo", "--dataset", dataset, "--ipc", str(ipc),
-           "--iterations", str(steps), "--frepo-width", str(width), "--frepo-real-batch", str(real_batch),
-           "--log-every", "1", "--device", "cpu", "--out", str(out)]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    argv = ["prismdd", "recover", "--method", "frepo", "--dataset", dataset, "--ipc", str(ipc),
+            "--iterations", str(steps), "--frepo-width", str(width), "--frepo-real-batch", str(real_batch),
+            "--log-every", "1", "--device", "cpu", "--out", str(out)]
+    # the child reports its OWN peak resident memory when it exits (Linux ru_maxrss: KiB)
+    code = ("import atexit, resource, runpy, sys; atexit.register(lambda: sys.stderr.write("
+            "'PEAK_RSS_KIB=%d\\n' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)); "
+            f"sys.argv = {argv!r}; runpy.run_module('prismdd', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child so far (Linux: KiB)
+        sys.exit(f"{' '.join(argv)} failed:\n{proc.stderr[-2000:]}")
+    peak_kib = int(proc.stderr.rsplit("PEAK_RSS_KIB=", 1)[1].split()[0])
     log = [json.loads(line) for line in (out / "logs" / "frepo.jsonl").read_text().splitlines()]
     # the first step includes one-off work (first forward, allocator warm-up): time from step 1 on
     t = [r["time"] for r in log if r["step"] >= 1]
     per_step = (t[-1] - t[0]) / max(1, len(t) - 1)
-    return {"per_step": per_step, "peak_mib": peak_kib / 1024, "grew": peak_kib > before}
+    return {"per_step": per_step, "peak_mib": peak_kib / 1024}
 
 
 def main():
@@ -59,15 +61,12 @@ def main():
     print("| IPC | images | pool width | real batch | s per step | peak RSS MiB |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        # the largest configuration first would hide the smaller ones' peaks (RUSAGE_CHILDREN keeps the maximum):
-        # smallest first, so every row's peak is its own (a row whose peak is not above the previous says so)
-        runs = sorted(((int(i), float(w), int(r)) for i in a.ipcs.split(",") for w in a.widths.split(",")
-                       for r in a.real_batches.split(",")), key=lambda x: (x[0] * x[1] ** 2, x[2]))
+        runs = [(int(i), float(w), int(r)) for i in a.ipcs.split(",") for w in a.widths.split(",")
+                for r in a.real_batches.split(",")]
         for n, (ipc, width, real_batch) in enumerate(runs):
             r = one_run(a.dataset, ipc, width, real_batch, a.steps, a.threads, Path(tmp) / f"run{n}")
-            peak = f"{r['peak_mib']:.0f}" if r["grew"] else f"<= {r['peak_mib']:.0f}"
-            print(f"| {ipc} | {ipc * 10} | {width} | {real_batch} | {r['per_step']:.3f} | {peak} |", flush=True)
-
+            print(f"| {ipc} | {ipc * 10} | {width} | {real_batch} | {r['per_step']:.3f} | {r['peak_mib']:.0f} |",
+                  flush=True)
 
 if __name__ == "__main__":
     main()
