@@ -200,7 +200,9 @@ def test_known_case_model_that_never_saw_the_pool_sits_at_chance(overfit_model):
 @pytest.fixture(scope="module")
 def quick_audit(cli, tmp_path_factory):
     out = tmp_path_factory.mktemp("audit") / "run"
-    assert cli(["audit", "--dataset", "digits", "--quick", "--out", out, "--device", "cpu"]) == 0
+    # every target, FRePo's set included (not a default target: its recovery costs minutes per pipeline on a CPU)
+    assert cli(["audit", "--dataset", "digits", "--quick", "--out", out, "--device", "cpu",
+                "--targets", ",".join(TARGETS)]) == 0
     return out
 
 
@@ -230,7 +232,8 @@ def test_quick_audit_writes_every_target(quick_audit):
 
 def test_quick_audit_resumes_identically_and_refuses_other_settings(quick_audit, cli):
     before = json.loads((quick_audit / "audit.json").read_text())["targets"]
-    assert cli(["audit", "--dataset", "digits", "--quick", "--out", quick_audit, "--device", "cpu"]) == 0
+    assert cli(["audit", "--dataset", "digits", "--quick", "--out", quick_audit, "--device", "cpu",
+                "--targets", ",".join(TARGETS)]) == 0
     assert json.loads((quick_audit / "audit.json").read_text())["targets"] == before
     assert cli(["audit", "--dataset", "digits", "--quick", "--teacher-epochs", "3", "--out", quick_audit,
                 "--device", "cpu"]) == 2

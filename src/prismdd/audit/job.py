@@ -147,9 +147,9 @@ def direct_members(target: str, source: Path | None, members_sorted: np.ndarray)
 
 def _check_plan(out: Path, cfg: AuditConfig, plan: dict) -> None:
     """Refuse to mix models trained under other settings into this audit (resume safety)."""
+    # (frepo_width / frepo_real_batch are not here: they shape only the frepo recover stage, whose own config hash
+    # names its folder, so another value makes new FRePo sets beside the old instead of mixing with them)
     training = {k: v for k, v in config_to_dict(cfg).items() if k in TRAINING_KEYS}
-    if "frepo" in cfg.target_list:  # only then do they shape a model (older audits keep their plan hash)
-        training.update(frepo_width=cfg.frepo_width, frepo_real_batch=cfg.frepo_real_batch)
     record = {"training": training, "pool_digest": _digest(plan["pool"].tolist()),
               "target_digest": _digest(plan["target_in"].tolist())}
     record["config_hash"] = _digest(record)
