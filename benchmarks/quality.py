@@ -268,7 +268,7 @@ def main():
 def paired_table(finished: dict[str, list[float]], seeds: list[int]) -> None:
     """Each method under its own protocol against random real under the SAME protocol, seed by seed (recovery
     and student seed are the same number, so seed s of both rows is a pair)."""
-    print(f"\n| method | own protocol | random real, same protocol | difference | seeds above random real |")
+    print(f"\n| method | top-1 % | random real, same protocol | difference | seeds above random real |")
     print("|---|---|---|---|---|")
     for cell_name, top1 in finished.items():
         method, _, protocol = cell_name.partition(", protocol ")
@@ -277,7 +277,7 @@ def paired_table(finished: dict[str, list[float]], seeds: list[int]) -> None:
         if method.startswith("random-real") or rr is None:
             continue
         d = np.array(top1) - np.array(rr)
-        print(f"| {method} | {np.mean(top1):.2f} | {np.mean(rr):.2f} | {d.mean():+.2f} "
+        print(f"| {cell_name} | {np.mean(top1):.2f} | {np.mean(rr):.2f} | {d.mean():+.2f} "
               f"({' / '.join(f'{v:+.2f}' for v in d)}) | {int((d > 0).sum())} of {len(seeds)} |")
 
 

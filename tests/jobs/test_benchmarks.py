@@ -41,7 +41,8 @@ def test_quality_smoke(tmp_path):
     out = _run(["benchmarks/quality.py", "--smoke", "--only", "own-protocol/ipc1", "--cells", "protocol rded",
                 "--out", str(tmp_path), "--threads", "1"], tmp_path, timeout=600)
     rows = [l for l in out.splitlines() if l.startswith("| ") and not l.startswith(("| cell", "| method"))]
-    assert [r.split("|")[1].strip() for r in rows] == ["rded, protocol rded", "random-real, protocol rded", "rded"]
+    assert [r.split("|")[1].strip() for r in rows] == ["rded, protocol rded", "random-real, protocol rded",
+                                                      "rded, protocol rded"]
     # the paired row: the method's own-protocol mean minus random real's under the same protocol, seed by seed
     own, rr = (float(rows[i].split("|")[2].split("±")[0]) for i in (0, 1))
     diff = rows[2].split("|")
@@ -62,7 +63,7 @@ def test_quality_smoke(tmp_path):
     rows = [l for l in out.splitlines() if l.startswith("| ") and not l.startswith(("| cell", "| method"))]
     assert [r.split("|")[1].strip() for r in rows] == [
         "frepo, protocol prism", "random-real, protocol prism", "frepo, protocol frepo", "random-real, protocol frepo",
-        "frepo", "frepo"]  # the last two: the paired rows of the two protocols
+        "frepo, protocol prism", "frepo, protocol frepo"]  # the last two: the paired rows of the two protocols
     last = [json.loads(line) for line in (tmp_path / "digits" / "results.jsonl").read_text().splitlines()][-4:]
     assert [r["protocol"]["soft_labels"].split(":")[0] for r in last] == ["online", "online", "learned",
                                                                            "centred one-hot"]
