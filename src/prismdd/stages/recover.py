@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..artifacts import (clear_outputs, guard_inputs, image_path, images_digest, load_model, find_teachers, locked_stage, record_path, reusable, save_image, teacher_digests,
-                         write_manifest)
+from ..artifacts import (clear_outputs, guard_inputs, image_path, images_digest, load_model, find_teachers, locked_stage,
+                         record_path, reusable, save_image, teacher_digests, write_manifest)
 from ..core import distributed as dist
 from ..core.augment import JITTER_MODES, apply_views, jitter, sample_views, scale_jitter
 from ..core.bn import bn_hooks
