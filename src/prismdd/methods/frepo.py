@@ -146,7 +146,10 @@ class FRePo(Plugin):
     def prepare(self, out: Path, rank: int = 0) -> dict:
         cfg = self.cfg
         self.out = Path(out)
-        self.net = FeatureNet(cfg.frepo_arch, cfg.frepo_width, self.info, self.device)
+        try:
+            self.net = FeatureNet(cfg.frepo_arch, cfg.frepo_width, self.info, self.device)
+        except PrismError as e:
+            raise PrismError(f"--frepo-arch {cfg.frepo_arch}: {e}") from None
         if cfg.force:  # a forced run starts anew; the old state goes with the old images
             (self.out / STATE_FILE).unlink(missing_ok=True)
         return {"pool_arch": cfg.frepo_arch, "pool_width": cfg.frepo_width, "pool": cfg.frepo_pool,
