@@ -142,8 +142,8 @@ def experiments(ipcs=(1, 10, 50)) -> dict[str, list[dict]]:
 
 
 # FRePo on 2 CPU cores: the pool networks at half width (64 channels), 256 real images per step instead of the
-# reference's 1024, and the preset's 2000 steps at its LR 3e-3 (the reference's 3e-4 is for 500,000 steps; the
-# pilot frepo-pilot/ipc10 measured both, BENCHMARKS.md section 9); its own protocol trains the reference's step
+# reference's 1024, the preset's LR 3e-3 (the reference's 3e-4 is for 500,000 steps; BENCHMARKS.md 9.1) and
+# --frepo-steps outer steps (BENCHMARKS.md section 9 ran 1000, 500 at IPC 50); its own protocol trains the reference's step
 # counts (script/eval.py:208-209: 1000 / 2000 / 5000 steps for 10 / 100 / 500 images, one step per epoch)
 FREPO_CPU = {"frepo_width": 0.5, "frepo_real_batch": 256, "frepo_lr": 3e-3, "frepo_label_lr": 3e-3}
 FREPO_EVAL_STEPS = {1: 1000, 10: 2000, 50: 5000}
