@@ -390,7 +390,8 @@ def make_inputs(images_uint8: torch.Tensor, info: DatasetInfo, views: Views, mix
 
 
 def mix_partners(y: torch.Tensor, mix) -> tuple[torch.Tensor, float]:
-    """Hard label of each image's mixing partner and the share of the image that stays its own."""
+    """The label (a class or a label vector) of each image's mixing partner, and the share of the image that stays
+    its own."""
     if mix is None:
         return y, 1.0
     perm, lam = (mix.perm, mix.lam) if hasattr(mix, "perm") else mix

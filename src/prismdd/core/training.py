@@ -63,6 +63,12 @@ def lr_factor(schedule: str, progress: float, warmup: float = 0.0) -> float:
     raise PrismError(f"schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}")
 
 
+def half_sse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """FRePo's MSE (``lib/training/metrics.py:47-55``): half the squared error summed over classes, mean over
+    examples. Its distillation loss and its student's regression onto label vectors (``validate --loss mse``)."""
+    return 0.5 * (pred - target).pow(2).sum(1).mean()
+
+
 def make_optimizer(name: str, params, lr: float, weight_decay: float, momentum: float = 0.9):
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

@@ -41,6 +41,7 @@ from ..core.errors import PrismError
 from ..core.io import JsonlLog, load_tensors, save_tensors, tensors_metadata
 from ..core.models import create_model
 from ..core.runtime import derive_seed, make_generator, progress
+from ..core.training import half_sse
 from .base import PLUGINS, Plugin
 
 STATE_FILE = "frepo_state.safetensors"
@@ -60,11 +61,6 @@ def krr_predict(fs: torch.Tensor, ft: torch.Tensor, ys: torch.Tensor, reg: float
     lam = abs(reg) * torch.trace(kss) / kss.shape[0]
     eye = torch.eye(kss.shape[0], dtype=kss.dtype, device=kss.device)
     return kts @ torch.linalg.solve(kss + lam * eye, ys)
-
-
-def half_sse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The reference's MSE (metrics.py:47-55): half the squared error summed over classes, mean over examples."""
-    return 0.5 * (pred - target).pow(2).sum(1).mean()
 
 
 def label_margin(labels: torch.Tensor) -> torch.Tensor:
@@ -173,7 +169,8 @@ class FRePo(Plugin):
                 "ages": torch.tensor([i * (cfg.frepo_online_steps // n) for i in range(n)]),
                 "generations": torch.zeros(n, dtype=torch.long), "slot_steps": torch.zeros(n, dtype=torch.long)}
 
-    FLAT = ("images", "labels", "img_m", "img_v", "lab_m", "lab_v", "ages", "generations", "slot_steps")
+    ON_DEVICE = ("images", "labels", "img_m", "img_v", "lab_m", "lab_v")  # the rest are CPU counters
+    FLAT = ON_DEVICE + ("ages", "generations", "slot_steps")
 
     def _save(self, st: dict, chash: str) -> None:
         tensors = {k: st[k] for k in self.FLAT}
@@ -188,8 +185,7 @@ class FRePo(Plugin):
             raise PrismError(f"{path}: a FRePo state made with other settings; use --force to start anew, or "
                              f"another --out")
         d = load_tensors(path)
-        st = {k: d[k].to(self.device) if k in ("images", "labels", "img_m", "img_v", "lab_m", "lab_v") else d[k]
-              for k in self.FLAT}
+        st = {k: d[k].to(self.device) if k in self.ON_DEVICE else d[k] for k in self.FLAT}
         st["step"] = int(d["step"])
         if st["images"].shape != x0.shape:
             raise PrismError(f"{path}: holds {tuple(st['images'].shape)} images, this run makes {tuple(x0.shape)}; "

@@ -33,7 +33,7 @@ from ..core.io import JsonlLog, write_json
 from ..core.models import create_model
 from ..core.presets import PROTOCOLS
 from ..core.runtime import Timer
-from ..core.training import ENSEMBLES, OPTIMIZERS, SCHEDULES, evaluate, fit, make_optimizer
+from ..core.training import ENSEMBLES, OPTIMIZERS, SCHEDULES, evaluate, fit, half_sse, make_optimizer
 
 
 @dataclass
@@ -156,7 +156,7 @@ def student_loss(cfg: ValidateConfig, out: torch.Tensor, soft: torch.Tensor | No
     if cfg.loss == "ce":
         return {"ce": mixed, "total": mixed}
     if cfg.loss == "mse":  # FRePo's eval: ``soft`` is the (mixed) label vector; half the SSE, mean over the batch
-        mse = 0.5 * (out - soft).pow(2).sum(1).mean()
+        mse = half_sse(out, soft)
         return {"mse": mse, "total": mse}
     if cfg.loss == "mse+ce":
         ce = F.cross_entropy(out, y) if cfg.mix_ce == "own" else mixed
@@ -207,7 +207,7 @@ def train_student(cfg: ValidateConfig, arch: str, seed: int, data: TensorImages,
             soft = soft_all[sl].to(device)
         elif labels["vectors"] is not None:  # label vectors of the images, mixed as the images were
             vec = labels["vectors"][idx].to(device)
-            soft = vec if mix is None else _mix_vectors(vec, mix)
+            soft = _mix_vectors(vec, mix)
         elif labels["online"] is not None and cfg.loss != "ce":
             soft = labels["online"](x)
         else:
@@ -350,8 +350,8 @@ def _label_vectors(cfg: ValidateConfig, data, info: DatasetInfo) -> torch.Tensor
 
 def _mix_vectors(vec: torch.Tensor, mix) -> torch.Tensor:
     """The label vector of a CutMix/Mixup image: lambda of its own plus (1 - lambda) of its partner's."""
-    perm, lam = (mix.perm, mix.lam) if hasattr(mix, "perm") else mix
-    return lam * vec + (1 - lam) * vec[perm.to(vec.device)]
+    partner, lam = mix_partners(vec, mix)
+    return lam * vec + (1 - lam) * partner
 
 
 def _mean_curve(curves: list[list[dict]]) -> list[dict]:
