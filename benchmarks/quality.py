@@ -60,6 +60,15 @@ def experiments(ipcs=(1, 10, 50)) -> dict[str, list[dict]]:
         ex[f"quality/ipc{ipc}"] = [cell(m, m, {"ipc": ipc}, {"ipc": ipc}) for m in METHODS + TABLE2] + [
             # PRISM with its BN set cut to the primary: the diversity claim's comparison at every IPC
             cell("prism, BN set = primary alone", "prism", {"ipc": ipc, "selection": "single"}, {"ipc": ipc})]
+    # issue 26: the shared (prism) protocol's three corrections one at a time, on the rows section 8.1 compared:
+    # before (every parameter decayed, one step per batch of 50, the primary's labels), + the references' no-decay
+    # group, + gradient accumulation 2 (BatchNorm over 25), + PRISM's four-teacher labels (= the protocol now)
+    steps = [("before issue 26", {"decay_exempt": "none", "grad_accum": 1, "label_teachers": POOL[0]}),
+             ("no decay on 1-d params", {"grad_accum": 1, "label_teachers": POOL[0]}),
+             ("+ grad accumulation 2", {"label_teachers": POOL[0]}),
+             ("+ four-teacher labels (corrected)", {})]
+    ex["students/ipc10"] = [cell(f"{m}, {name}", m, {"ipc": 10} if m != "random-real" else {}, dict(v, ipc=10))
+                            for m in ("random-real", "sre2l", "delt", "prism") for name, v in steps]
     for ipc_ in ipcs:
         # FRePo (issue 21): the images with the teacher's soft labels (shared protocol) and with their own learned
         # labels (protocol frepo, FRePo's eval.py step counts), random real under both; plus a ResNet-18 student
@@ -153,8 +162,11 @@ ENSEMBLE_PROTOCOLS = {"gvbsm", "edc"}  # seed Table 2, "Teacher Model": ensemble
 
 
 def label_teachers(protocol: str) -> str:
-    """The soft-label teachers of a protocol: the recovery pool for the ensemble protocols, else the primary (as
-    every shared-protocol row)."""
+    """The soft-label teachers of a protocol: the recovery pool for G-VBSM's and EDC's ensembles; PRISM's four
+    teachers (its relabel: the primary and three others, norm-matched) for the prism protocol, i.e. every shared-protocol
+    row since issue 26 (before: the primary alone); the primary for the single-teacher protocols."""
+    if protocol == "prism":
+        return ",".join(POOL)
     return ",".join(POOL[:3]) if protocol in ENSEMBLE_PROTOCOLS else POOL[0]
 
 

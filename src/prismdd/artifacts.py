@@ -42,7 +42,7 @@ from .core.data import DatasetInfo, TensorImages, denormalize
 from .core.errors import PrismError
 from .core.io import (atomic_path, load_tensors, pid_alive, read_json, remove_orphans, save_tensors, tensors_metadata,
                       torch_load, write_json)
-from .core.models import model_from_spec
+from .core.models import BN_FREE_ARCHS, model_from_spec
 from .core.training import SoftLabeler
 
 MANIFEST = "manifest.json"
@@ -464,15 +464,39 @@ def find_one_teacher(path, option: str) -> Path:
     return next(iter(found.values()))
 
 
+REFERENCE_LABEL_TEACHERS = 4  # PRISM's relabel_r18.sh --candidate-number 4 (generate_soft_label_r18.py:137)
+
+
+def label_teacher_names(found: dict, archs: str | None, primary: str | None, pool: list[str] | None) -> list[str]:
+    """The soft-label teachers a ``--label-teachers`` value names. Besides architectures it takes two words:
+    ``primary`` (the distilled set's primary; the zoo's first for a baseline) and ``pool`` (the recover run's BN
+    pool, plus any BN-free teacher of the folder, e.g. AlexNet, which PRISM labels with although it cannot be a BN
+    teacher; for a baseline, every teacher of the folder). Nothing given: the primary alone."""
+    first = primary if primary in found else next(iter(found))
+    names: list[str] = []
+    for a in comma_list(archs) or ["primary"]:
+        if a == "primary":
+            names.append(first)
+        elif a == "pool":
+            recorded = [t for t in pool if t in found] if pool else list(found)
+            names += recorded + [t for t in found if t in BN_FREE_ARCHS]
+        else:
+            names.append(a)
+    return list(dict.fromkeys(names))  # each teacher once, in the order named
+
+
 def load_labelers(teachers_dir: str, archs: str | None, default_arch: str | None, info: DatasetInfo,
-                  ensemble: str, primary_weight: float, device) -> SoftLabeler:
-    """The soft-label teacher(s) of relabel and online validation: ``archs`` (comma list), else the
-    distilled set's primary, else the zoo's first teacher."""
+                  ensemble: str, primary_weight: float, device, pool: list[str] | None = None) -> SoftLabeler:
+    """The soft-label teacher(s) of relabel and online validation (``label_teacher_names``)."""
     found = find_teachers(teachers_dir)
-    names = comma_list(archs) or [default_arch if default_arch in found else next(iter(found))]
+    names = label_teacher_names(found, archs, default_arch, pool)
     missing = [a for a in names if a not in found]
     if missing:
         raise PrismError(f"--label-teachers: no teacher {', '.join(missing)} in {teachers_dir} (found: {', '.join(found)})")
+    if "pool" in comma_list(archs) and len(names) < REFERENCE_LABEL_TEACHERS:
+        print(f"[labels] soft labels from {len(names)} teacher(s) ({', '.join(names)}); PRISM labels with "
+              f"{REFERENCE_LABEL_TEACHERS} (its primary, mobilenet_v2, alexnet, shufflenet_v2_x0_5): train more into "
+              f"{teachers_dir} to match")
     models = [load_model(found[a], arch=a, dataset=info.name, class_names=info.class_names,
                          resolution=info.resolution, device=device)[0] for a in names]
     return SoftLabeler(models, names, ensemble, primary_weight)

@@ -235,7 +235,10 @@ def run(cfg: RunConfig) -> dict:
 
     # ------------------------------------------------------------------ recover + validate per method
     student = dict(protocol="prism", student=cfg.student, student_width=cfg.student_width, epochs=cfg.student_epochs,
-                   seeds=cfg.seeds, eval_every=cfg.eval_every, teachers=str(teachers_dir), label_teachers=primary)
+                   seeds=cfg.seeds, eval_every=cfg.eval_every, teachers=str(teachers_dir),
+                   # the prism protocol labels with PRISM's ensemble (primary + pool); named here so every row,
+                   # random real included, is labelled by the same teachers
+                   label_teachers=",".join(zoo))
     rows, distilled = [], {}
     for method in cfg.method_list:
         rec_dir = stages.recover(method, common, teachers_dir, primary=primary, ipc=cfg.ipc,

@@ -380,12 +380,16 @@ def make_inputs(images_uint8: torch.Tensor, info: DatasetInfo, views: Views, mix
     ``workers`` processes when > 1 (the same result)."""
     if views.ra_seeds is not None or rand_augment:
         images_uint8 = rand_augment_images(images_uint8, views.ra_seeds, rand_augment, workers)
-    x = apply_views(normalize(images_uint8.to(device), info), views)
+    return apply_mix(apply_views(normalize(images_uint8.to(device), info), views), mix)
+
+
+def apply_mix(x: torch.Tensor, mix) -> torch.Tensor:
+    """The CutMix/Mixup of a batch of views (``None``: the batch itself)."""
     if isinstance(mix, CutMix):
-        x = mix.apply(x)
-    elif mix is not None:
+        return mix.apply(x)
+    if mix is not None:
         perm, lam = mix
-        x = lam * x + (1 - lam) * x[perm.to(device)]
+        return lam * x + (1 - lam) * x[perm.to(x.device)]
     return x
 
 

@@ -158,9 +158,12 @@ ARCHS.register("alexnet", ArchEntry(lambda n, w: tvm.AlexNet(num_classes=n), "to
                                     "alexnet", False, "AlexNet_Weights"))
 
 
+BN_FREE_ARCHS = ("convnet_in", "alexnet")  # the zoo's architectures without BatchNorm
+
+
 def list_models() -> list[dict]:
     rows = [{"name": n, "family": e.family, "description": e.description,
-             "batchnorm": n not in ("convnet_in", "alexnet"), "pretrained": bool(e.tv_weights)}
+             "batchnorm": n not in BN_FREE_ARCHS, "pretrained": bool(e.tv_weights)}
             for n, e in ARCHS.items()]
     try:
         import timm  # noqa: F401

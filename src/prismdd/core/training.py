@@ -23,7 +23,8 @@ SCORE_BATCH = 500  # images per forward pass when scoring examples
 PHI_CLIP = 1e4  # |phi| beyond this is clipped (a float32 softmax saturates long before)
 
 
-SCHEDULES = ("cosine", "decayed_cosine", "decayed_cosine_smooth", "half_cosine", "linear", "constant", "warmup_cosine")
+SCHEDULES = ("cosine", "decayed_cosine", "decayed_cosine_smooth", "half_cosine", "half_linear", "linear", "constant",
+             "warmup_cosine")
 WARMUP_COSINE_FLOOR = 0.01  # FRePo's eval.py: optax warmup_cosine_decay_schedule ends at 0.01 x the peak
 OPTIMIZERS = ("adamw", "sgd", "adam")
 
@@ -37,7 +38,9 @@ def lr_factor(schedule: str, progress: float, warmup: float = 0.0) -> float:
     the knee, then a linear fall to 0. ``decayed_cosine_smooth`` (prismdd's earlier curve): the same
     cosine, then a continuous linear ramp 0.75 -> 0 over the last sixth. ``half_cosine``: 0.5 (1 + cos(pi p / 2)),
     the first half of a cosine period, 1 -> 0.5 (RDED/DELT's ``--cos``: ``math.pi * step / re_epochs / 2``;
-    EDC's ``--ls-type cos --st 2``). ``warmup_cosine``: after the linear warm-up, a cosine over the REST of
+    EDC's intent, ``--ls-type cos --st 2``). ``half_linear``: 1 - p / 2, 1 -> 0.5 in a straight line: what EDC's
+    ``train_FKD_parallel.py`` actually runs, because its ``else`` branch replaces the cosine LambdaLR it built
+    (FIDELITY.md, student protocols). ``warmup_cosine``: after the linear warm-up, a cosine over the REST of
     training from 1 to 0.01 (FRePo's ``eval.py:221-225``); the other schedules keep their curve over the whole run.
     """
     p = min(max(progress, 0.0), 1.0)
@@ -54,6 +57,8 @@ def lr_factor(schedule: str, progress: float, warmup: float = 0.0) -> float:
         return 0.5 * (1 + math.cos(math.pi * p / 2))
     if schedule == "linear":
         return 1.0 - p
+    if schedule == "half_linear":
+        return 1.0 - p / 2
     if schedule in ("decayed_cosine", "decayed_cosine_smooth"):
         knee = 5 / 6
         at = lambda q: 0.5 * (1 + math.cos(math.pi * q / 2.5))
@@ -69,7 +74,28 @@ def half_sse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 0.5 * (pred - target).pow(2).sum(1).mean()
 
 
+DECAY_EXEMPT = ("1d", "none")
+
+
+def decay_groups(model: nn.Module, weight_decay: float, exempt: str = "1d") -> list[dict]:
+    """Parameter groups for the optimiser. ``1d``: as every reference's ``get_parameters`` (PRISM
+    ``validate/utils.py``, SRe2L ``train_FKD.py``, RDED, DELT, G-VBSM, EDC, DWA, D4M): a parameter decays only if
+    its name holds ``weight`` and it has more than one dimension (conv and linear kernels); biases and BatchNorm's
+    affine parameters get weight decay 0. Over 300 epochs of AdamW 1e-3 / 0.01 a decayed BN scale shrinks by a
+    factor up to 0.63 (issue 26), so this is a real difference. ``none``: every parameter decays."""
+    if exempt not in DECAY_EXEMPT:
+        raise PrismError(f"--decay-exempt {exempt!r}: expected one of {', '.join(DECAY_EXEMPT)}")
+    named = list(model.named_parameters())
+    if exempt == "none":
+        return [{"params": [p for _, p in named], "weight_decay": weight_decay}]
+    decay = [p for n, p in named if "weight" in n and p.ndim > 1]
+    rest = [p for n, p in named if not ("weight" in n and p.ndim > 1)]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
 def make_optimizer(name: str, params, lr: float, weight_decay: float, momentum: float = 0.9):
+    """``params``: an iterable of tensors or of parameter groups (``decay_groups``); a group's own
+    ``weight_decay`` wins over the default given here."""
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
@@ -156,7 +182,9 @@ def fit(model: nn.Module, optimizer, batches: Callable[[int], Iterable], loss_fn
     """Train ``model`` for ``epochs`` epochs, resumably; the one loop behind teachers and students.
 
     ``batches(epoch)`` yields each epoch's batches (at most ``steps_per_epoch`` are used); ``loss_fn(batch)``
-    returns named loss terms with the optimised one under ``"total"``. The LR follows ``schedule`` over
+    returns named loss terms with the optimised one under ``"total"``, or an iterator of ``(terms, weight)``
+    pairs, one per micro-batch (gradient accumulation): each is backpropagated as ``weight * total`` before the
+    next is computed, so only one micro-batch's graph is alive at a time; one optimiser step follows. The LR follows ``schedule`` over
     all steps (``lr_every="step"``) or changes once per epoch (``"epoch"``). Test accuracy (``evaluate_fn``) every ``eval_every`` epochs and after the last. After every
     epoch ``checkpoint`` holds model, optimiser, epoch and the accuracy curve (written by the main process;
     the log line follows it, so a kill in between never logs an epoch twice). ``resume``: such a
@@ -186,14 +214,17 @@ def fit(model: nn.Module, optimizer, batches: Callable[[int], Iterable], loss_fn
             # "epoch": the LR changes once per epoch, as a LambdaLR stepped after each epoch (the reference code)
             at = epoch / epochs if lr_every == "epoch" else (epoch * steps_per_epoch + step) / total_steps
             set_lr(optimizer, lr * lr_factor(schedule, at, warmup))
-            terms = loss_fn(batch)
-            check_finite(terms["total"], f"{desc} epoch {epoch + 1}")
             optimizer.zero_grad(set_to_none=True)
-            terms["total"].backward()
+            out = loss_fn(batch)
+            loss = 0.0
+            for terms, weight in ([(out, 1.0)] if isinstance(out, dict) else out):
+                check_finite(terms["total"], f"{desc} epoch {epoch + 1}")
+                (terms["total"] * weight).backward()
+                loss += weight * float(terms["total"].detach())
             optimizer.step()
             if ema is not None:
                 ema.update()
-            running += float(terms["total"].detach())
+            running += loss
             steps += 1
             bar.update(1)
             bar.set_postfix(loss=f"{running / steps:.3f}")

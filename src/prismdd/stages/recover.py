@@ -101,6 +101,10 @@ class RecoverConfig(CommonConfig):
     early_late_step: float = opt(0.125, "early_late: budget cut per IPC index; rounds: round length; as a fraction of "
                                         "the iterations (500 of 4000)", minimum=0.0)
     early_late_cycle: int = opt(8, "early_late: the cut repeats every this many IPC indices", minimum=1)
+    min_rounds: int = opt(0, "rounds: each class draws its round count uniformly from [min_rounds, all rounds], "
+                             "seeded by --seed and the class (DELT's --min-iterations / --round-iterations, which "
+                             "its scripts never set and which raises in its code: FIDELITY.md note 8); 0 = every "
+                             "class gets all rounds", minimum=0, neutral=0)
     tv_l2: float = opt(0.0, "total-variation (L2) image prior weight", minimum=0.0)
     l2: float = opt(0.0, "L2 image prior weight", minimum=0.0)
     channels_last: bool = opt(True, "NHWC convolutions: 1.2-1.6x faster on CPU", hashed=False)
@@ -248,14 +252,22 @@ def delt_start_round(ipc: int, rounds: int, k: int) -> int:
     return int(np.nonzero(k < cum)[0][0])
 
 
-def image_budget(cfg: RecoverConfig, k: int) -> int:
-    """Iterations for IPC index k: constant; PRISM's early-late (iterations - step * (k mod cycle)); or DELT's
-    rounds ((rounds - start round) * round length)."""
+def class_rounds(cfg: RecoverConfig, c: int, rounds: int) -> int:
+    """DELT's random rounds (``recover.py:278-284``): a class's round count uniform on [min_rounds, rounds], here
+    from (seed, class) so every shard and every resume draws the same number (DELT's draw is unseeded)."""
+    if not cfg.min_rounds or cfg.min_rounds >= rounds:
+        return rounds
+    return int(np.random.default_rng([cfg.seed, c]).integers(cfg.min_rounds, rounds + 1))
+
+
+def image_budget(cfg: RecoverConfig, k: int, c: int = 0) -> int:
+    """Iterations for IPC index k of class c: constant; PRISM's early-late (iterations - step * (k mod cycle)); or
+    DELT's rounds ((the class's rounds - start round) * round length; all images of a batch end together)."""
     if cfg.budget == "constant":
         return cfg.iterations
     if cfg.budget == "rounds":
         length = max(1, int(round(cfg.early_late_step * cfg.iterations)))
-        rounds = max(1, cfg.iterations // length)
+        rounds = class_rounds(cfg, c, max(1, cfg.iterations // length))
         return (rounds - delt_start_round(cfg.ipc, rounds, k)) * length
     cut = int(round(cfg.early_late_step * cfg.iterations)) * (k % cfg.early_late_cycle)
     return max(1, cfg.iterations - cut)
@@ -411,7 +423,7 @@ class Engine:
         cfg = self.cfg
         gen = make_generator(cfg.seed, "recover", b)
         y = torch.tensor([c for c, _ in units], device=self.device)
-        budgets = torch.tensor([image_budget(cfg, k) for _, k in units], device=self.device)
+        budgets = torch.tensor([image_budget(cfg, k, c) for c, k in units], device=self.device)
         n_iter = int(budgets.max())
         start = n_iter - budgets  # late IPC indices join late, so every image ends on the same step
         # a fresh leaf: never turn the caller's tensor into a parameter

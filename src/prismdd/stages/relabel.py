@@ -39,7 +39,9 @@ class RelabelConfig(CommonConfig):
     out: str = opt("runs/prism/labels", "output folder: one label file per epoch", hashed=False)
     distilled: str = opt("runs/prism", "a recover output folder", path=True)
     teachers: str = opt("runs/teachers", "a squeeze output folder", path=True)
-    label_teachers: str | None = opt(None, "comma list of teacher archs; default: the recover run's primary")
+    label_teachers: str | None = opt(None, "comma list of teacher archs, or the words primary (the recover run's "
+                                               "primary) and pool (its BN pool + BN-free teachers such as AlexNet; "
+                                               "every teacher for a baseline); default: primary")
     ensemble: str = opt("mean", "how several teachers' logits combine: mean | norm-matched | weighted",
                         choices=ENSEMBLES)
     primary_weight: float = opt(0.5, "weighted: share of the first teacher", minimum=0.0)
@@ -73,7 +75,8 @@ def relabel(cfg: RelabelConfig) -> Path:
     # and the distilled set's content (its config hash), not its path
     chash = config_hash(cfg, epochs=None, distilled=ds.manifest.get("config_hash"))
     primary = ds.manifest["config"].get("primary")
-    labeler = load_labelers(cfg.teachers, cfg.label_teachers, primary, info, cfg.ensemble, cfg.primary_weight, device)
+    labeler = load_labelers(cfg.teachers, cfg.label_teachers, primary, info, cfg.ensemble, cfg.primary_weight, device,
+                            pool=ds.manifest.get("inputs", {}).get("bn_pool"))
     found = find_teachers(cfg.teachers)  # provenance: the pixels labelled and the teachers' weights
     inputs = {"distilled images": images_digest(ds.images, ds.targets),
               **teacher_digests({a: found[a] for a in labeler.names})}

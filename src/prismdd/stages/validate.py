@@ -23,8 +23,8 @@ from ..artifacts import (ACCURACY_FILE, StoredLabels, centred_onehot, consumed_d
                          read_learned_labels, read_manifest, reusable, save_model, with_distilled_dataset,
                          write_manifest)
 from ..core import distributed as dist
-from ..core.augment import (BATCH_RULES, ViewConfig, default_view_batch, epoch_plan, make_inputs, mix_partners,
-                             rand_augment_transform)
+from ..core.augment import (BATCH_RULES, ViewConfig, apply_mix, default_view_batch, epoch_plan, make_inputs,
+                             mix_partners, rand_augment_transform)
 from ..core.config import (DEFAULT_DATASET, FROM_DISTILLED, CommonConfig, build_config, comma_list, config_hash,
                            opt)
 from ..core.data import DatasetInfo, TensorImages, check_class_coverage, load_splits, random_real_indices
@@ -33,7 +33,8 @@ from ..core.io import JsonlLog, write_json
 from ..core.models import create_model
 from ..core.presets import PROTOCOLS
 from ..core.runtime import Timer
-from ..core.training import ENSEMBLES, OPTIMIZERS, SCHEDULES, evaluate, fit, half_sse, make_optimizer
+from ..core.training import (DECAY_EXEMPT, ENSEMBLES, OPTIMIZERS, SCHEDULES, decay_groups, evaluate, fit, half_sse,
+                             make_optimizer)
 
 
 @dataclass
@@ -49,7 +50,9 @@ class ValidateConfig(CommonConfig):
     labels: str | None = opt(None, "a relabel output folder (stored soft labels), or a recover folder with learned "
                                    "labels (FRePo: with --loss mse)", path=True)
     teachers: str | None = opt(None, "a squeeze folder: soft labels computed online (no storage)", path=True)
-    label_teachers: str | None = opt(None, "comma list of teacher archs; default: the recover run's primary")
+    label_teachers: str | None = opt(None, "comma list of teacher archs, or the words primary (the recover run's "
+                                               "primary) and pool (its BN pool + BN-free teachers such as AlexNet; "
+                                               "every teacher for a baseline); default: primary")
     ensemble: str = opt("mean", "how several teachers' logits combine: mean | norm-matched | weighted",
                         choices=ENSEMBLES)
     primary_weight: float = opt(0.5, "weighted: share of the first teacher", minimum=0.0)
@@ -67,9 +70,17 @@ class ValidateConfig(CommonConfig):
     optimizer: str = opt("adamw", "adamw | sgd | adam", choices=OPTIMIZERS)
     lr: float = opt(0.001, "peak learning rate", minimum=0.0)
     weight_decay: float = opt(0.01, "weight decay", minimum=0.0)
+    decay_exempt: str = opt("1d", "which parameters take no weight decay: 1d (every reference's get_parameters: "
+                                  "biases and BatchNorm's scale/shift, i.e. all but conv/linear kernels) | none "
+                                  "(every parameter decays: prismdd before issue 26)", choices=DECAY_EXEMPT,
+                            neutral="none")
+    grad_accum: int = opt(1, "gradient accumulation: each batch runs as this many equal forward/backward passes "
+                             "before one optimiser step, so train-mode BatchNorm sees batch/N images (PRISM's and "
+                             "SRe2L's scripts: 2); the loss average is unchanged", minimum=1, neutral=1)
     schedule: str = opt("decayed_cosine", "decayed_cosine (PRISM's code: drop to 0.125 at 5/6, then linear to 0) | "
-                                          "decayed_cosine_smooth | cosine | half_cosine (1 -> 0.5: RDED, DELT, EDC) | "
-                                          "linear | constant", choices=SCHEDULES)
+                                          "decayed_cosine_smooth | cosine | half_cosine (1 -> 0.5: RDED, DELT; EDC's "
+                                          "intent) | half_linear (1 -> 0.5 straight: what EDC's code runs) | linear | "
+                                          "constant | warmup_cosine (FRePo)", choices=SCHEDULES)
     loss: str = opt("mse+ce", "mse+ce (PRISM) | kl | ce (hard labels) | mse (FRePo: regress label vectors, the "
                               "learned labels of --labels, else centred one-hot)", choices=("mse+ce", "kl", "ce", "mse"))
     gamma: float = opt(0.1, "mse+ce: weight of the hard-label CE", minimum=0.0)
@@ -90,6 +101,9 @@ class ValidateConfig(CommonConfig):
     ema_eval: float = opt(0.0, "EDC: EMA decay of the student's parameters, updated every step; evaluation and the "
                                "saved student use the EMA parameters (live BN buffers); 0 = off",
                           minimum=0.0, neutral=0.0)
+    bn_double_update: bool = opt(False, "RDED/DELT's code: before each step the student also forwards the unmixed "
+                                        "views in train mode without gradient (for its training accuracy), so "
+                                        "BatchNorm's running statistics move twice per step", neutral=False)
     steps_per_epoch: int | None = opt(None, "cap on steps per epoch (None: every image once; for --full)", minimum=1)
     warmup: float = opt(0.0, "fraction of training with a linear LR warm-up (FRePo: 500 steps)", minimum=0.0,
                         neutral=0.0)
@@ -110,6 +124,10 @@ class ValidateConfig(CommonConfig):
             raise PrismError(f"--seeds {self.seeds!r}: expected a comma list of integers, e.g. 0,1,2") from None
         if not comma_list(self.seeds):
             raise PrismError("--seeds: give at least one seed")
+        bs = self.batch_size
+        if self.grad_accum > 1 and bs is not None and bs % self.grad_accum:
+            raise PrismError(f"--grad-accum {self.grad_accum}: --batch-size {bs} does not split into "
+                             f"{self.grad_accum} equal parts; pick a divisor of the batch size")
         if self.ema_eval >= 1:
             raise PrismError(f"--ema-eval {self.ema_eval}: an EMA decay must be below 1 (EDC uses 0.99); 0 = off")
 
@@ -130,7 +148,7 @@ def training_images(cfg: ValidateConfig, train, info: DatasetInfo) -> tuple[Tens
         if ds.info.name != info.name:
             raise PrismError(f"--distilled {cfg.distilled}: made from {ds.info.name!r}, but --dataset is {info.name!r}")
         return ds, {"source": "distilled", "folder": cfg.distilled, "primary": ds.manifest["config"].get("primary"),
-                    "config_hash": ds.manifest.get("config_hash")}
+                    "bn_pool": ds.manifest.get("inputs", {}).get("bn_pool"), "config_hash": ds.manifest.get("config_hash")}
     if cfg.random_real:
         idx = random_real_indices(train, info.num_classes, cfg.ipc, cfg.seed)
         return TensorImages(train.get_images(idx), train.targets[idx]), {"source": "random-real", "ipc": cfg.ipc,
@@ -180,7 +198,8 @@ def train_student(cfg: ValidateConfig, arch: str, seed: int, data: TensorImages,
     resume = reusable(folder / "checkpoint.pt", chash, force=cfg.force, what="an unfinished student")
     torch.manual_seed(seed)
     model = create_model(arch, info.num_classes, info.channels, info.resolution, cfg.student_width).to(device)
-    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
+    optimizer = make_optimizer(cfg.optimizer, decay_groups(model, cfg.weight_decay, cfg.decay_exempt), cfg.lr,
+                               cfg.weight_decay)
     ddp = ctx.world_size > 1
     net = nn.parallel.DistributedDataParallel(model) if ddp else model
     bs = labels["batch_size"]
@@ -201,7 +220,11 @@ def train_student(cfg: ValidateConfig, arch: str, seed: int, data: TensorImages,
 
     def loss_fn(batch):
         sl, idx, views, mix, soft_all = batch
-        x = make_inputs(data.get_images(idx), info, views, mix, device, cfg.rand_augment, cfg.num_workers)
+        x = make_inputs(data.get_images(idx), info, views, None, device, cfg.rand_augment, cfg.num_workers)
+        if cfg.bn_double_update:  # RDED validation/main.py:213 (DELT :226): student(images) before the mixed pass
+            with torch.no_grad():
+                net(x[ctx.rank::ctx.world_size] if ddp else x)
+        x = apply_mix(x, mix)
         y = data.targets[idx].to(device)
         if soft_all is not None:
             soft = soft_all[sl].to(device)
@@ -217,7 +240,9 @@ def train_student(cfg: ValidateConfig, arch: str, seed: int, data: TensorImages,
             part = slice(ctx.rank, None, ctx.world_size)
             x, y, y2 = x[part], y[part], y2[part]
             soft = soft[part] if soft is not None else None
-        return student_loss(cfg, net(x), soft, y, y2, lam)
+        if cfg.grad_accum == 1:
+            return student_loss(cfg, net(x), soft, y, y2, lam)
+        return _micro_batches(cfg, net, x, soft, y, y2, lam)
 
     run = fit(model, optimizer, batches, loss_fn, epochs=cfg.epochs, steps_per_epoch=steps, lr=cfg.lr,
               schedule=cfg.schedule, warmup=cfg.warmup, lr_every=cfg.lr_every,
@@ -271,8 +296,8 @@ def validate(cfg: ValidateConfig) -> dict:
                              f"{v.get('rand_augment', '')!r}; relabel with the same --rand-augment (or relabel "
                              f"--protocol {cfg.protocol})")
     elif cfg.teachers and cfg.loss not in ("ce", "mse"):
-        online = load_labelers(cfg.teachers, cfg.label_teachers, source.get("primary") or "convnet", info,
-                               cfg.ensemble, cfg.primary_weight, ctx.device)
+        online = load_labelers(cfg.teachers, cfg.label_teachers, source.get("primary"), info, cfg.ensemble,
+                               cfg.primary_weight, ctx.device, pool=source.get("bn_pool"))
     labels = {"stored": stored, "online": online, "batch_size": bs, "vectors": vectors}
     digests = consumed_digests(data, stored, cfg.teachers, online.names if online else ())
     if vectors is not None and cfg.labels:  # a student made from other learned labels is not reused
@@ -311,14 +336,15 @@ def validate(cfg: ValidateConfig) -> dict:
     if vectors is not None:
         label_src = f"learned:{cfg.labels}" if cfg.labels else "centred one-hot"
     protocol = {"protocol": cfg.protocol, "loss": cfg.loss, "gamma": cfg.gamma if cfg.loss == "mse+ce" else None,
-                "optimizer": cfg.optimizer, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "schedule": cfg.schedule,
+                "optimizer": cfg.optimizer, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
+                "decay_exempt": cfg.decay_exempt, "grad_accum": cfg.grad_accum, "schedule": cfg.schedule,
                 "lr_every": cfg.lr_every,
                 "epochs": cfg.epochs, "batch_size": bs,
                 "mix": stored.views["mix"] if stored else cfg.mix, "soft_labels": label_src,
                 "min_scale": stored.views["min_scale"] if stored else cfg.min_scale,
                 "patch_shuffle": stored.views.get("patch_shuffle", 0) if stored else cfg.patch_shuffle,
                 "rand_augment": cfg.rand_augment,
-                "ema_eval": cfg.ema_eval,
+                "ema_eval": cfg.ema_eval, "bn_double_update": cfg.bn_double_update,
                 "student_width": cfg.student_width, "result": "final epoch", "test_set": f"{info.name} test ({len(test)})"}
     accuracy = {"top1": first["top1"], "top5": first["top5"], "top1_std": first["top1_std"],
                 "best_top1": first["best_top1"], "curve": first["curve"], "protocol": protocol,
@@ -330,6 +356,18 @@ def validate(cfg: ValidateConfig) -> dict:
                        outputs={"accuracy": ACCURACY_FILE, "top1": accuracy["top1"]}, wall_time=timer.elapsed)
     dist.barrier(ctx)
     return accuracy
+
+
+def _micro_batches(cfg: ValidateConfig, net, x, soft, y, y2, lam):
+    """Gradient accumulation as the references' ``--gradient-accumulation-steps``: the batch in ``grad_accum``
+    contiguous parts, each forwarded (train-mode BatchNorm over the part) and weighted by its share of the batch,
+    so the summed gradient is that of the batch's mean loss. A generator: ``fit`` backpropagates each part
+    before the next one is forwarded. Soft labels were made on the whole batch, as a relabel batch."""
+    k, n = cfg.grad_accum, len(x)
+    softs = soft.tensor_split(k) if soft is not None else [None] * k
+    for xs, ss, ys, y2s in zip(x.tensor_split(k), softs, y.tensor_split(k), y2.tensor_split(k)):
+        if len(xs):
+            yield student_loss(cfg, net(xs), ss, ys, y2s, lam), len(xs) / n
 
 
 def _label_vectors(cfg: ValidateConfig, data, info: DatasetInfo) -> torch.Tensor:
