@@ -146,26 +146,30 @@ def test_rded_batch_rule(n, classes, want):
 
 # ----------------------------------------------------------------------------- the presets
 EXPECTED = {  # reference facts (FIDELITY.md "Student protocols"): loss, T, T^2, schedule, crop, batch, mechanism
-    "cda": dict(loss="kl", temperature=20.0, kl_t2=False, schedule="cosine", min_scale=0.08, batch_size=128),
+    "cda": dict(loss="kl", temperature=20.0, kl_t2=False, schedule="cosine", min_scale=0.08, batch_size=128,
+                grad_accum=2),
     "delt": dict(loss="kl", temperature=20.0, kl_t2=False, schedule="half_cosine", min_scale=0.25, batch_size=None,
-                 batch_rule="rded", rand_augment="rand-m6-n2-mstd1.0"),
+                 batch_rule="rded", rand_augment="rand-m6-n2-mstd1.0", bn_double_update=True),
     "gvbsm": dict(loss="mse+ce", gamma=0.1, mix_ce="own", schedule="cosine", min_scale=0.08, batch_size=1024,
                   ensemble="norm-matched", label_teachers="resnet18,mobilenet_v2,efficientnet_b0,shufflenet_v2_x0_5"),
     "rded": dict(loss="kl", temperature=20.0, kl_t2=False, schedule="half_cosine", min_scale=0.5, patch_shuffle=2,
-                 batch_rule="rded"),
+                 batch_rule="rded", bn_double_update=True),
     "dwa": dict(loss="kl", temperature=20.0, kl_t2=False, schedule="cosine", min_scale=0.08, batch_size=128),
-    "edc": dict(loss="mse+ce", gamma=0.025, mix_ce="own", schedule="half_cosine", min_scale=0.5, batch_size=100,
+    "edc": dict(loss="mse+ce", gamma=0.025, mix_ce="own", schedule="half_linear", min_scale=0.5, batch_size=100,
                 ema_eval=0.99, ensemble="mean", patch_shuffle=0,
                 label_teachers="resnet18,mobilenet_v2,shufflenet_v2_x0_5,alexnet"),
-    "d4m": dict(loss="kl", temperature=20.0, kl_t2=False, schedule="cosine", min_scale=0.08, batch_size=1024),
+    "d4m": dict(loss="kl", temperature=20.0, kl_t2=False, schedule="cosine", min_scale=0.08, batch_size=1024,
+                grad_accum=2),
 }
 
 
 @pytest.mark.parametrize("name", NEW)
 def test_each_protocol_builds(name):
     cfg = validate_config(name, distilled="x", labels="y")
-    assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.lr_every, cfg.epochs, cfg.mix) == (
-        "adamw", 0.001, 0.01, "epoch", 300, "cutmix")
+    assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.decay_exempt, cfg.lr_every, cfg.epochs, cfg.mix) == (
+        "adamw", 0.001, 0.01, "1d", "epoch", 300, "cutmix")
+    assert cfg.grad_accum == EXPECTED[name].get("grad_accum", 1)
+    assert cfg.bn_double_update == EXPECTED[name].get("bn_double_update", False)
     for k, v in EXPECTED[name].items():
         assert getattr(cfg, k) == v, (name, k)
     # relabel --protocol takes the shared fields: the views it stores are the ones validate trains on
@@ -178,7 +182,11 @@ def test_each_protocol_builds(name):
 def test_new_options_leave_old_hashes_alone():
     # the new fields at their neutral values are not hashed: finished prism/sre2l outputs stay reusable
     cfg = validate_config("prism", distilled="x", labels="y")
-    assert config_hash(cfg) == config_hash(cfg, patch_shuffle=0, ema_eval=0.0, batch_rule="seed", rand_augment="")
+    assert config_hash(cfg) == config_hash(cfg, patch_shuffle=0, ema_eval=0.0, batch_rule="seed", rand_augment="",
+                                           bn_double_update=False)
+    # issue 26's corrections are new results: the corrected student is not the one trained before
+    old = validate_config("sre2l", distilled="x", labels="y", decay_exempt="none", grad_accum=1)
+    assert config_hash(old) != config_hash(old, decay_exempt="1d") != config_hash(old, grad_accum=2)
     assert config_hash(cfg) != config_hash(cfg, rand_augment="rand-m6-n2-mstd1.0")
     assert config_hash(cfg) != config_hash(cfg, patch_shuffle=2)
     r = build_config(RelabelConfig, {})
@@ -212,15 +220,15 @@ def test_patch_shuffle_stored_equals_online(prism_run, zoo, tmp_path):
 def test_edc_protocol_evaluates_and_saves_the_ema_student(prism_run, zoo, tmp_path):
     m = validate(validate_config("edc", **STUDENT, distilled=str(prism_run), teachers=str(zoo), label_teachers="convnet,resnet18",
                                  epochs=2, eval_every=1, out=str(tmp_path / "v"), ema_eval=0.5))
-    assert m["protocol"]["ema_eval"] == 0.5 and m["protocol"]["schedule"] == "half_cosine"
+    assert m["protocol"]["ema_eval"] == 0.5 and m["protocol"]["schedule"] == "half_linear"
     # the saved student is the EMA one: evaluated again from disk it gives the reported accuracy
     model, _ = load_model(tmp_path / "v" / "convnet_seed0")
     _, test, info = load_dataset("digits")
     assert evaluate(model, test, info, "cpu")["top1"] == pytest.approx(m["top1"], abs=1e-3)
-    # LR per epoch follows the half cosine (LambdaLR stepped per epoch): 1e-2 * f(0), 1e-2 * f(1/2)
+    # LR per epoch follows what EDC's code runs (LambdaLR stepped per epoch): 1e-2 * f(0), 1e-2 * f(1/2)
     lrs = [r["lr"] for r in map(__import__("json").loads, (tmp_path / "v" / "convnet_seed0" / "log.jsonl")
                                  .read_text().splitlines())]
-    assert lrs == pytest.approx([0.01, 0.01 * lr_factor("half_cosine", 0.5)])
+    assert lrs == pytest.approx([0.01, 0.01 * lr_factor("half_linear", 0.5)]) == [0.01, 0.0075]
 
 
 def test_batch_larger_than_the_set_and_rded_rule(prism_run, zoo, tmp_path):

@@ -489,7 +489,8 @@ def test_torchrun_validate_two_ranks(prism_run, zoo, tmp_path):
                   "--device", "cpu", "--out", out])
     m = read_json(out / "accuracy.json")
     assert 0 <= m["top1"] <= 100 and [c["epoch"] for c in m["curve"]] == [1, 2, 3]
-    assert m["protocol"]["soft_labels"] == "online:convnet"
+    # the prism protocol's labels (primary + pool) and its accumulation in 2 parts, on each rank's share
+    assert m["protocol"]["soft_labels"] == "online:convnet,mobilenet_v2,resnet18" and m["protocol"]["grad_accum"] == 2
     log = (out / "convnet_seed0" / "log.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in log] == [1, 2, 3]  # rank 0 alone writes the log
     assert (out / "convnet_seed0" / "result.json").exists() and not (out / "convnet_seed0" / "checkpoint.pt").exists()
