@@ -25,6 +25,7 @@ from .core.io import read_json, write_json
 from .core.models import ARCHS, create_model, has_batchnorm
 from .core.presets import METHODS, preset_file
 from .core.runtime import Timer
+from .core.training import trust, trust_line
 from .report import print_table, write_report
 from .stages.metrics import MetricsConfig, metrics
 from .stages.recover import RecoverConfig, recover
@@ -114,7 +115,7 @@ class Stages:
     """
 
     def __init__(self, root, force: bool = False):
-        self.root, self.force, self.timings = Path(root), force, {}
+        self.root, self.force, self.timings, self.reused = Path(root), force, {}, set()
 
     def run(self, name: str, cls, fn: Callable, fields: dict) -> Path:
         """Run ``fn`` on ``cls(**fields)`` in ``<root>/stages/<name>-<hash>`` unless it already finished there."""
@@ -124,6 +125,7 @@ class Stages:
         t = Timer()
         if reusable(folder / MANIFEST, config_hash(cfg), force=self.force, what=f"stage {name}") is not None:
             print(f"[run] {name}: reusing {folder}")
+            self.reused.add(name)  # its time is the one measured when it was made
         else:
             print(f"[run] {name} -> {folder}")
             fn(cfg)
@@ -232,6 +234,14 @@ def run(cfg: RunConfig) -> dict:
                                    [cfg.observer], width=cfg.observer_width, **observer_epochs,
                                    eval_every=observer_epochs["epochs"])
     primary = zoo[0]
+    teacher_cards = {a: read_json(teachers_dir / a / CARD) for a in zoo}
+    observer_card = read_json(observer_dir / cfg.observer / CARD)
+    # said before their labels and statistics are used: a student cannot beat anything with chance-level teachers
+    for role, arch, card in [("teacher", a, c) for a, c in teacher_cards.items()] + [
+            ("observer", cfg.observer, observer_card)]:
+        line = trust_line(role, arch, card["test_top1"], info.num_classes)
+        if line:
+            print(f"[run] {line}")
 
     # ------------------------------------------------------------------ recover + validate per method
     student = dict(protocol="prism", student=cfg.student, student_width=cfg.student_width, epochs=cfg.student_epochs,
@@ -255,6 +265,8 @@ def run(cfg: RunConfig) -> dict:
                                  eval_every=full_epochs["epochs"], loss="ce", mix="none",
                                  lr_every="step")  # one capped epoch: a per-epoch LR would never decay
         rows.append(_row("full", acc, None, stages.timings["validate-full"]))
+        steps = full_epochs["epochs"] * full_epochs["steps_per_epoch"]
+        rows[-1]["label"] = f"full data, hard labels, {steps} steps (reference)"
 
     # ------------------------------------------------------------------ diversity metrics (the metrics stage)
     diversity = {"sets": {}, "embedding": None, "warnings": [], "observer": None}
@@ -268,19 +280,24 @@ def run(cfg: RunConfig) -> dict:
             r[key] = None if d.get(key) is None else round(d[key], 4)
 
     # ------------------------------------------------------------------ results + report
-    teacher_cards = {a: read_json(teachers_dir / a / CARD) for a in zoo}
-    observer_card = read_json(observer_dir / cfg.observer / CARD)
     results = {
-        "dataset": info.name, "ipc": cfg.ipc, "student": cfg.student,
+        "dataset": info.name, "num_classes": info.num_classes, "class_names": list(info.class_names),
+        "ipc": cfg.ipc, "student": cfg.student,
         "protocol": (f"{cfg.student} (width {cfg.student_width}) trained {cfg.student_epochs} epochs on each set with "
-                     f"soft labels of the {primary} teacher computed online (MSE + 0.1 CE, AdamW 1e-3, decayed "
-                     f"cosine, RandomResizedCrop 0.25-1 + flip + CutMix); top-1 of the FINAL epoch on the "
-                     f"{len(test)} test images; full = the same student on all {len(train)} training images with hard labels "
-                     f"for {full_epochs['epochs'] * full_epochs['steps_per_epoch']} steps of 128"),
+                     f"soft labels of the teachers {', '.join(zoo)} computed online (norm-matched, as PRISM's "
+                     f"relabel; MSE + 0.1 CE, AdamW 1e-3 with biases and BatchNorm undecayed, decayed cosine, "
+                     f"RandomResizedCrop 0.25-1 + flip + CutMix, each batch in 2 accumulated parts); top-1 of the "
+                     f"FINAL epoch on the {len(test)} test images; full = the same student on all {len(train)} "
+                     f"training images with hard labels for {full_epochs['epochs'] * full_epochs['steps_per_epoch']} "
+                     f"steps of 128"),
         "date": time.strftime("%Y-%m-%d %H:%M"), "command": "prismdd " + " ".join(sys.argv[1:]),
         "rows": rows, "timings": dict(stages.timings, total=round(total.elapsed, 1)),
-        "teachers": {a: {"test_top1": c["test_top1"], "wall_time_s": c["wall_time_s"]} for a, c in teacher_cards.items()},
-        "observer": {"arch": cfg.observer, "test_top1": observer_card["test_top1"]},
+        "reused": sorted(stages.reused),
+        "teachers": {a: {"test_top1": c["test_top1"], "trust": trust(c["test_top1"], info.num_classes),
+                         "wall_time_s": c["wall_time_s"]} for a, c in teacher_cards.items()},
+        "observer": {"arch": cfg.observer, "test_top1": observer_card["test_top1"],
+                     "trust": trust(observer_card["test_top1"], info.num_classes),
+                     "wall_time_s": observer_card.get("wall_time_s")},
         "diversity": {k: v for k, v in diversity["sets"].items()}, "config": config_to_dict(cfg),
         "embedding": diversity["embedding"], "warnings": diversity["warnings"],
         "audit": read_json(out / "audit" / "audit.json") if (out / "audit" / "audit.json").exists() else None,

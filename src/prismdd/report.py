@@ -7,15 +7,16 @@ here except formatting and plots.
 
 ``results`` schema (produced by the pipeline)::
 
-    {"dataset", "ipc", "student", "protocol", "date", "command",
+    {"dataset", "num_classes", "class_names", "ipc", "student", "protocol", "date", "command",
      "rows": [{"method", "top1", "top1_std", "runs" (seeds behind the mean), "top5", "intra_class_cos",
                "inter_class_cos", "images", "seconds", "distilled": folder | None,
                "curve": [{"epoch", "top1"}, ...]}, ...],
-     "timings": {stage: seconds}, "teachers": {arch: {"test_top1", ...}}, "config": {...},
+     "timings": {stage: seconds}, "reused": [stage, ...] (stages reused from an earlier run),
+     "teachers": {arch: {"test_top1", "trust" ("ok" | "weak" | "at chance"), "wall_time_s"}}, "config": {...},
      "embedding": {"method", "points": [[x, y]], "labels": [set name], "classes": [int]} | None,
      "audit": {"targets": [{"target", "auc", "tpr_at_0.1pct_fpr", "tpr_at_1pct_fpr", ...}]} | None,
      "warnings": [str, ...]  (optional; shown in a box under the header, e.g. metrics.json's warnings),
-     "observer": {"arch", "test_top1"}  (optional; named under the results table)}
+     "observer": {"arch", "test_top1", "trust", "wall_time_s"}  (optional; named under the results table)}
 """
 from __future__ import annotations
 
@@ -95,8 +96,39 @@ def fmt_top1(row: dict, dash: str = DASH) -> str:
 REFERENCE_ROWS = ("full",)  # a different kind of number (all the data, hard labels): not in the verdict
 
 
-def verdict(rows: list[dict]) -> str | None:
-    """One paragraph: which set won, by how much, and whether that is more than the seed-to-seed spread."""
+def row_label(row: dict) -> str:
+    """The name a row is shown under: the pipeline names the ``full`` row for what it is (all the training data,
+    hard labels, a capped step budget), so a short budget does not read as if full data were worse than 100 images."""
+    return str(row.get("label") or row.get("method", "?"))
+
+
+UNIT_WORDS = {"s": "seconds", "min": "minutes", "h": "hours"}
+
+
+def time_unit(values: Iterable) -> tuple[str, float]:
+    """One unit for a whole column of durations (seconds): s, min or h by the largest, and its divisor."""
+    top = max((float(v) for v in values if v is not None), default=0.0)
+    return ("h", 3600.0) if top >= 3600 else ("min", 60.0) if top >= 60 else ("s", 1.0)
+
+
+def untrusted_teachers(teachers: dict | None) -> str | None:
+    """Why no winner can be read, or None: the primary teacher (the first) or every teacher is at chance, so the
+    soft labels and the recovery signal carry (next to) no information about the classes."""
+    teachers = teachers or {}
+    at_chance = [a for a, t in teachers.items() if (t or {}).get("trust") == "at chance"]
+    if not at_chance or (next(iter(teachers)) not in at_chance and len(at_chance) < len(teachers)):
+        return None
+    shown = ", ".join(f"{a} {float(teachers[a]['test_top1']):.1f}%" for a in at_chance)
+    return (f"No winner can be read from this run: the teachers are at chance level ({shown}), so the soft labels "
+            f"and the recovery signal carry next to no information and the differences below are noise. Train the "
+            f"teachers longer (--teacher-steps) or with a smaller batch, or check the data.")
+
+
+def verdict(rows: list[dict], teachers: dict | None = None) -> str | None:
+    """One paragraph: which set won, by how much, and whether that is more than the seed-to-seed spread; or,
+    when the teachers are at chance, that no winner can be read."""
+    if (why := untrusted_teachers(teachers)) is not None:
+        return why
     cands = sorted((r for r in rows if r.get("top1") is not None and r.get("method") not in REFERENCE_ROWS),
                    key=lambda r: -float(r["top1"]))
     if not cands:
@@ -271,6 +303,7 @@ def accuracy_figure(rows: list[dict], path: Path, colors: dict | None = None) ->
     plt = _plt()
     names = [str(r.get("method")) for r in rows]
     colors = colors or method_colors(names)
+    labels = [row_label(r).replace(" (reference)", "\n(reference)") for r in rows]
     top1 = [float(r["top1"]) for r in rows]
     # error bars only where several runs give a spread; a single run's "0.0" would read as no noise at all
     std = [float(r.get("top1_std") or 0.0) if runs_of(r) > 1 else 0.0 for r in rows]
@@ -279,11 +312,16 @@ def accuracy_figure(rows: list[dict], path: Path, colors: dict | None = None) ->
     bars = ax.bar(range(len(rows)), top1, yerr=std if several else None, capsize=4,
                   color=[colors[n] for n in names], edgecolor="black", linewidth=0.5)
     for b, v, s in zip(bars, top1, std):
-        ax.text(b.get_x() + b.get_width() / 2, v + s + 0.5, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+        ax.text(b.get_x() + b.get_width() / 2, v + s, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels(names, rotation=20 if len(rows) > 5 else 0, ha="right" if len(rows) > 5 else "center")
-    ax.set_ylabel("student top-1 on real test set (%)")
-    ax.set_ylim(0, min(105, max(t + s for t, s in zip(top1, std)) * 1.12 + 1))
+    ax.set_xticklabels(labels, rotation=20 if len(rows) > 5 else 0, ha="right" if len(rows) > 5 else "center",
+                       fontsize=8)
+    # the axis spans the numbers, not 0-100: sub-point gaps between methods must be visible (the labels on the
+    # bars and the note under the chart say so)
+    lo, hi = min(t - s for t, s in zip(top1, std)), max(t + s for t, s in zip(top1, std))
+    pad = max(1.0, 0.15 * (hi - lo))
+    ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + 2 * pad))
+    ax.set_ylabel("student top-1 on real test set (%)" + ("" if lo - pad <= 0 else "\n(axis does not start at 0)"))
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     ax.set_title("Top-1 accuracy (mean \u00b1 std over runs)" if several else "Top-1 accuracy (one run each)")
@@ -315,8 +353,10 @@ def curves_figure(rows: list[dict], path: Path, colors: dict | None = None) -> P
     return _save(fig, path)
 
 
-def embedding_figure(emb: dict, path: Path, colors: dict | None = None) -> Path | None:
-    """One panel per method: real points (grey) vs that method's points (colour); marker = class."""
+def embedding_figure(emb: dict, path: Path, colors: dict | None = None,
+                     class_names: list[str] | None = None) -> Path | None:
+    """One panel per method: real points (grey) vs that method's points (colour); marker = class, named in a
+    legend under the panels."""
     pts = np.asarray(emb.get("points") or [], dtype=float).reshape(-1, 2)
     labels = list(emb.get("labels") or [])
     classes = list(emb.get("classes") or [0] * len(labels))
@@ -352,10 +392,21 @@ def embedding_figure(emb: dict, path: Path, colors: dict | None = None) -> Path 
         ax.legend(fontsize=8, loc="best", markerscale=1.0)
     for i in range(n, nrows * ncols):
         axes[i // ncols][i % ncols].axis("off")
+    from matplotlib.lines import Line2D
+
+    shown = uniq_classes[:len(CLASS_MARKERS)]  # the markers cycle after that: say so instead of repeating them
+    handles = [Line2D([], [], marker=CLASS_MARKERS[j], linestyle="", color="black", markersize=6,
+                      label=(class_names[c] if class_names and c < len(class_names) else f"class {c}"))
+               for j, c in enumerate(shown)]
+    more = len(uniq_classes) - len(shown)
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=8, frameon=False,
+               title="marker = class" + (f" (repeating for the other {more} classes)" if more > 0 else ""),
+               title_fontsize=8)
     method = str(emb.get("method", "?")).upper().replace("TSNE", "t-SNE")
     fig.suptitle(f"{method} of observer features: real vs distilled (cf. paper Fig. 1, SRe2L vs PRISM)",
                  fontsize=11)
-    fig.tight_layout()
+    legend_rows = -(-len(handles) // 5)
+    fig.tight_layout(rect=(0, 0.05 + 0.05 * legend_rows, 1, 1))
     return _save(fig, path)
 
 
@@ -385,7 +436,7 @@ def _figure(path: Path | None, caption: str, alt: str) -> str:
 
 
 COLUMN_NAMES = {"test_top1": "test top-1 (%)", "test_top5": "test top-5 (%)", "wall_time_s": "training time",
-                "epochs": "epochs", "role": "role", "folder": "folder"}
+                "epochs": "epochs", "role": "role", "folder": "folder", "trust": "trust"}
 
 
 def _dict_table(items: dict, key_header: str, preferred: list[str]) -> str:
@@ -417,7 +468,7 @@ def write_report(out_dir, results: dict) -> Path:
     parts.append(_table(None, [[(k.upper() if k == "ipc" else k, False), (_cell(v), False)] for k, v in meta],
                         cls="meta"))
 
-    summary = verdict(rows)
+    summary = verdict(rows, results.get("teachers"))
     if summary:
         parts.append(f'<p class="verdict">{_e(summary)}</p>')
     for w in results.get("warnings") or []:
@@ -427,20 +478,26 @@ def write_report(out_dir, results: dict) -> Path:
 
     # --- accuracy table
     parts.append("<h2>Results</h2>")
-    body = [[(r.get("method", "?"), False), (fmt_top1(r), True), (_cell(r.get("top5")), True),
-             (_cell(r.get("intra_class_cos"), 4), True), (_cell(r.get("inter_class_cos"), 4), True),
-             (_cell(r.get("images"), 0), True), (fmt_seconds(r.get("seconds")), True)] for r in rows]
-    parts.append(_table(["method", "top-1 (mean \u00b1 std)" if several else "top-1 (one run)", "top-5",
-                         "intra-class cos", "inter-class cos", "images", "time"], body))
+    # top-5 of 5 classes or fewer is 100 % by construction: shown only where it says something
+    top5 = (results.get("num_classes") or 6) > 5
+    unit, div = time_unit(r.get("seconds") for r in rows)
+    body = [[(row_label(r), False), (fmt_top1(r), True)] + ([(_cell(r.get("top5")), True)] if top5 else []) +
+            [(_cell(r.get("intra_class_cos"), 4), True), (_cell(r.get("inter_class_cos"), 4), True),
+             (_cell(r.get("images"), 0), True),
+             (_cell(None if r.get("seconds") is None else float(r["seconds"]) / div, 1), True)] for r in rows]
+    parts.append(_table(["method", "top-1 (mean \u00b1 std)" if several else "top-1 (one run)"] +
+                        (["top-5"] if top5 else []) +
+                        ["intra-class cos", "inter-class cos", "images", f"time ({unit})"], body))
     obs = results.get("observer") or {}
     obs_text = ""
     if obs.get("arch"):
         obs_text = f" Observer: {_e(obs['arch'])}" + (f" (test top-1 {_e(_cell(obs.get('test_top1')))}%)"
                                                       if obs.get("test_top1") is not None else "") + "."
-    parts.append('<p class="note">Top-1/top-5: student accuracy (%) on the real test split, as reported by the '
-                 "pipeline (see the protocol above). Intra-/inter-class cos: mean cosine similarity of an observer "
-                 "network's penultimate features; <b>lower intra-class cosine = more diverse</b> images within a "
-                 f"class.{obs_text} {DASH} = not measured. Time: wall-clock seconds of that method's stages.</p>")
+    parts.append(f'<p class="note">Top-1{"/top-5" if top5 else ""}: student accuracy (%) on the real test split, '
+                 "as reported by the pipeline (see the protocol above). Intra-/inter-class cos: mean cosine similarity "
+                 "of an observer network's penultimate features; <b>lower intra-class cosine = more diverse</b> images "
+                 f"within a class.{obs_text} {DASH} = not measured. Time: wall clock of that method's stages, in "
+                 f"{UNIT_WORDS[unit]}.</p>")
 
     # --- figures
     parts.append("<h2>Figures</h2>")
@@ -456,7 +513,7 @@ def write_report(out_dir, results: dict) -> Path:
                          curves_caption if any(len(_curve_points(r)) >= 2 for r in rows)
                          else "No training curves were recorded.", "training curves"))
     emb = results.get("embedding")
-    emb_path = embedding_figure(emb, fig_dir / "embedding.png", colors) if emb else None
+    emb_path = embedding_figure(emb, fig_dir / "embedding.png", colors, results.get("class_names")) if emb else None
     parts.append(_figure(emb_path, (f"2-D {emb.get('method', '?')} embedding of observer features, computed jointly "
                                     f"for all sets; grey: real images, colour: distilled images; marker shape: class. "
                                     f"A wider spread within a class means more diverse images."
@@ -478,22 +535,27 @@ def write_report(out_dir, results: dict) -> Path:
     # --- teachers, timings
     teachers = dict(results.get("teachers") or {})
     if obs.get("arch"):  # the observer is not a teacher, but a reader wants its accuracy beside theirs
-        teachers[f"{obs['arch']} (observer, not a teacher)"] = {"test_top1": obs.get("test_top1")}
+        teachers[f"{obs['arch']} (observer, not a teacher)"] = {k: obs.get(k) for k in ("test_top1", "trust",
+                                                                                         "wall_time_s")}
     if teachers:
         parts.append("<h2>Teachers and observer</h2>")
-        parts.append(_dict_table(teachers, "architecture", ["test_top1", "test_top5", "role", "epochs",
+        parts.append(_dict_table(teachers, "architecture", ["test_top1", "trust", "test_top5", "role", "epochs",
                                                             "wall_time_s", "folder"]))
-        parts.append('<p class="note">Accuracy (%) on the real test split. The observer only measures diversity '
+        parts.append('<p class="note">Accuracy (%) on the real test split. Trust: <b>at chance</b> below chance + 10 % '
+                     "of the way to 100 %, <b>weak</b> below halfway; a weak teacher's labels and statistics were used "
+                     "all the same (the run said so when it trained them). The observer only measures diversity "
                      "(metrics); it took no part in synthesis or labelling.</p>")
     timings = dict(results.get("timings") or {})
     if timings:
         parts.append("<h2>Timings</h2>")
         whole = timings.pop("total", None)  # the run's own wall clock, not a sum of stages
-        body = [[(k, False), (fmt_seconds(v), True)] for k, v in timings.items()]
+        reused = set(results.get("reused") or [])
+        body = [[(k + (" (reused: time of the run that made it)" if k in reused else ""), False),
+                 (fmt_seconds(v), True)] for k, v in timings.items()]
         stage_sum = sum(float(v) for v in timings.values() if isinstance(v, (int, float)))
         body.append([("sum of the stages above", False), (fmt_seconds(stage_sum), True)])
         if whole is not None:
-            body.append([("whole run (wall clock, reused stages cost ~0)", False), (fmt_seconds(whole), True)])
+            body.append([("this run (wall clock; a reused stage costs ~0 here)", False), (fmt_seconds(whole), True)])
         parts.append(_table(["stage", "wall time"], body))
 
     # --- audit

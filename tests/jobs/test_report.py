@@ -16,6 +16,7 @@ from PIL import Image
 
 from prismdd.core.data import DatasetInfo
 from prismdd.artifacts import image_path, save_image
+from prismdd.core.training import trust, trust_line
 from prismdd.report import grid_figure, print_table, write_report
 from prismdd.core.io import write_json
 
@@ -76,7 +77,7 @@ def test_report_has_a_row_per_method_and_the_numbers_as_given(report):
     assert path.name == "report.html"
     for m in METHODS:
         assert f"<td>{m}</td>" in html
-    for text in ("81.2 \u00b1 0.3", "78.4 \u00b1 0.5", "90.1", "0.4100", "1437", "12.3 s"):
+    for text in ("81.2 \u00b1 0.3", "78.4 \u00b1 0.5", "90.1", "0.4100", "1437", ">12.3<", "<th>time (s)</th>"):
         assert text in html
     assert "lower intra-class cosine = more diverse" in html
     # header, teachers, timings, config
@@ -166,7 +167,7 @@ def test_timing_totals_add_up(tmp_path):
                                    "timings": {"teachers": 10.0, "recover-prism": 20.0, "total": 35.0}}).read_text()
     cells = re.findall(r"<tr><td>(.*?)</td><td class=\"num\">(.*?)</td></tr>", html)
     assert ("sum of the stages above", "30.0 s") in cells
-    assert ("whole run (wall clock, reused stages cost ~0)", "35.0 s") in cells
+    assert ("this run (wall clock; a reused stage costs ~0 here)", "35.0 s") in cells
     assert not any(name == "total" for name, _ in cells)  # the run's total is not summed into itself
 
 
@@ -209,3 +210,47 @@ def test_report_renders_in_a_headless_browser(report, tmp_path):
     # the page is drawn: many colours (decoded figures), and ink well below the header (not a blank or error page)
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 500
     assert (img[2000:] < 200).any()
+
+
+# ----------------------------------------------------------------------------- issue 27: a newcomer's small folder
+def test_chance_level_teachers_leave_no_winner(tmp_path):
+    """3 classes, teachers at 33 %: the verdict says no winner can be read; the teacher table marks them; the
+    top-5 column (100 % by construction on 3 classes) is left out."""
+    rows = [{"method": "prism", "top1": 37.8, "top5": 100.0, "runs": 1},
+            {"method": "random-real", "top1": 31.1, "top5": 100.0, "runs": 1}]
+    teachers = {"convnet": {"test_top1": 33.3, "trust": trust(33.3, 3)},
+                "resnet18": {"test_top1": 31.1, "trust": trust(31.1, 3)}}
+    html = write_report(tmp_path, {"dataset": "imagefolder", "num_classes": 3, "ipc": 10, "rows": rows,
+                                   "teachers": teachers}).read_text()
+    verdict = re.search(r'<p class="verdict">(.*?)</p>', html).group(1)
+    assert verdict.startswith("No winner can be read from this run: the teachers are at chance level "
+                              "(convnet 33.3%, resnet18 31.1%)") and "Best:" not in verdict
+    assert html.count("<td>at chance</td>") == 2
+    assert "top-5" not in html
+
+
+def test_trust_levels_are_relative_to_chance():
+    assert [trust(t, 3) for t in (33.3, 39.9, 40.1, 66.6, 66.8)] == ["at chance", "at chance", "weak", "weak", "ok"]
+    assert [trust(t, 10) for t in (18.9, 28.6, 55.1)] == ["at chance", "weak", "ok"]  # digits --quick's mobilenet
+    assert trust(12.0, 1000) == "weak" and trust(None, 10) is None
+    line = trust_line("teacher", "mobilenet_v2", 28.6, 10)
+    assert line.startswith("teacher mobilenet_v2: test top-1 28.6% on 10 classes is weak (chance 10.0%")
+    assert trust_line("teacher", "convnet", 90.0, 10) is None
+
+
+def test_one_weak_teacher_keeps_the_verdict_and_reused_stages_are_marked(tmp_path):
+    rows = [{"method": "prism", "top1": 83.0, "runs": 1, "seconds": 400.0},
+            {"method": "full", "label": "full data, hard labels, 300 steps (reference)", "top1": 79.0, "runs": 1,
+             "seconds": 90.0}]
+    teachers = {"convnet": {"test_top1": 88.0, "trust": "ok"}, "mobilenet_v2": {"test_top1": 28.6, "trust": "weak"}}
+    html = write_report(tmp_path, {"dataset": "digits", "num_classes": 10, "ipc": 10, "rows": rows,
+                                   "teachers": teachers, "reused": ["teachers"],
+                                   "observer": {"arch": "shufflenet_v2_x0_5", "test_top1": 70.0, "trust": "ok",
+                                                "wall_time_s": 75.0},
+                                   "timings": {"teachers": 100.0, "recover-prism": 20.0, "total": 21.0}}).read_text()
+    assert re.search(r'<p class="verdict">Best: prism', html)
+    assert "<td>weak</td>" in html and "<th>top-5</th>" in html
+    assert "<td>full data, hard labels, 300 steps (reference)</td>" in html
+    assert "<th>time (min)</th>" in html and ">6.7<" in html and ">1.5<" in html  # one unit for the column
+    assert "teachers (reused: time of the run that made it)" in html
+    assert "1.2 min" in html  # the observer's training time is shown

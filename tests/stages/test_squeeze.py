@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import prismdd.core.training as training
 import prismdd.stages.squeeze as sq
-from prismdd.core.config import load_yaml
+from prismdd.core.config import build_config, load_yaml
 from prismdd.core.data import load_dataset, normalize
 from prismdd.artifacts import find_teachers, load_teacher
 from prismdd.core.errors import PrismError
@@ -184,3 +184,41 @@ def test_set_wins_over_flags(tmp_path, cli):
     card = read_json(out / "convnet" / "card.json")
     assert card["epochs"] == 1 and card["config"]["batch_size"] == 512
     assert log_epochs(out / "convnet") == [1]
+
+
+def _three_class_folder(root, n_train=40, n_val=10):
+    """3 classes told apart by brightness and stripes, 20-60 px, grey and RGB mixed (a newcomer's own folder)."""
+    from PIL import Image
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c in range(3):
+            d = root / split / f"class_{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                size = int(rng.integers(20, 61))
+                base = np.full((size, size), (40, 128, 215)[c], np.uint8)
+                if c == 2:
+                    base[:, ::4] = 0
+                img = np.clip(base + rng.integers(-20, 21, base.shape), 0, 255).astype(np.uint8)
+                im = Image.fromarray(img)
+                (im.convert("RGB") if i % 2 else im).save(d / f"{i}.png")
+    return root
+
+
+def test_small_folder_trains_every_step(tmp_path, capsys):
+    """Issue 27: 120 training images and the default batch 128 ran ZERO optimiser steps (drop_last) and left
+    every teacher at chance; the batch is now clipped to the split, said once, and the loss falls."""
+    root = _three_class_folder(tmp_path / "data")
+    cfg = build_config(sq.SqueezeConfig, dict(dataset="imagefolder", data_root=str(root), resolution=16,
+                                              arch="convnet,resnet18", width=0.25, epochs=4, out=str(tmp_path / "t"),
+                                              device="cpu", eval_every=4))
+    assert cfg.batch_size == 128
+    sq.squeeze(cfg)
+    said = capsys.readouterr().out
+    assert said.count("--batch-size 128 is larger than the 120 training images") == 1
+    for arch in ("convnet", "resnet18"):
+        losses = [json.loads(x)["train_loss"] for x in (tmp_path / "t" / arch / "log.jsonl").read_text().splitlines()]
+        assert losses[0] > 0 and losses[-1] < losses[0], (arch, losses)
+    assert read_json(tmp_path / "t" / "convnet" / "card.json")["test_top1"] > 50  # chance is 33.3

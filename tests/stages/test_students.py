@@ -4,7 +4,6 @@ train-mode forward. Each is checked against a restatement of the reference code 
 "Student protocols" names the lines restated."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest

@@ -18,6 +18,7 @@ from .io import JsonlLog, torch_save
 from .models import FeatureExtractor
 from .runtime import Timer, progress
 
+HEARTBEAT_S = 60.0  # seconds between progress lines of a verbose fit when no progress bar is shown
 FEATURE_BATCH = 256  # images per forward pass when extracting features (no gradients)
 SCORE_BATCH = 500  # images per forward pass when scoring examples
 PHI_CLIP = 1e4  # |phi| beyond this is clipped (a float32 softmax saturates long before)
@@ -136,6 +137,33 @@ def evaluate(model: nn.Module, split, info: DatasetInfo, device, batch_size: int
     return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss / n, "n": n}
 
 
+AT_CHANCE = 0.1  # a network below chance + 10 % of the way to 100 % has learnt next to nothing
+WEAK = 0.5  # below halfway from chance to 100 %: usable, but its labels and statistics deserve a warning
+
+
+def trust(top1: float | None, num_classes: int) -> str | None:
+    """How far a teacher's (or the observer's) test top-1 is from chance: ``"at chance"``, ``"weak"`` or
+    ``"ok"`` (None: not measured). Relative to chance, so it means the same on 3 classes and on 1000."""
+    if top1 is None or num_classes < 2:
+        return None
+    chance = 100.0 / num_classes
+    if top1 < chance + AT_CHANCE * (100 - chance):
+        return "at chance"
+    return "weak" if top1 < chance + WEAK * (100 - chance) else "ok"
+
+
+def trust_line(role: str, arch: str, top1: float, num_classes: int) -> str | None:
+    """One line for a teacher or observer that is not "ok"; None otherwise."""
+    level = trust(top1, num_classes)
+    if level in (None, "ok"):
+        return None
+    chance = 100.0 / num_classes
+    bar = chance + (AT_CHANCE if level == "at chance" else WEAK) * (100 - chance)
+    return (f"{role} {arch}: test top-1 {top1:.1f}% on {num_classes} classes is {level} (chance {chance:.1f}%, "
+            f"{'at chance' if level == 'at chance' else 'weak'} below {bar:.1f}%); train it longer or with a smaller "
+            f"batch, or leave it out")
+
+
 class ParamEMA:
     """Exponential moving average of a model's PARAMETERS (not its buffers), as EDC's ``EMAMODEL``:
     started from the initial weights, ``update`` after every optimiser step (ema = d * ema + (1 - d) * w),
@@ -208,6 +236,7 @@ def fit(model: nn.Module, optimizer, batches: Callable[[int], Iterable], loss_fn
         bar = progress(total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{epochs}", leave=False,
                        disable=None if is_main else True)
         running, steps = 0.0, 0
+        beat = Timer()  # without a terminal (a log file, CI) the bar is silent: a verbose fit says a line a minute
         for step, batch in enumerate(batches(epoch)):
             if step >= steps_per_epoch:
                 break
@@ -228,6 +257,10 @@ def fit(model: nn.Module, optimizer, batches: Callable[[int], Iterable], loss_fn
             steps += 1
             bar.update(1)
             bar.set_postfix(loss=f"{running / steps:.3f}")
+            if verbose and is_main and bar.disable and beat.elapsed >= HEARTBEAT_S:
+                print(f"[{desc}] epoch {epoch + 1}/{epochs}: step {steps}/{steps_per_epoch}, train loss "
+                      f"{running / steps:.4f}", flush=True)
+                beat = Timer()
         bar.close()
         record = {"epoch": epoch + 1, "train_loss": running / max(steps, 1), "lr": optimizer.param_groups[0]["lr"]}
         if (epoch + 1) % max(1, eval_every) == 0 or epoch + 1 == epochs:

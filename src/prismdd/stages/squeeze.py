@@ -66,6 +66,9 @@ def squeeze(cfg: SqueezeConfig) -> dict[str, Path]:
     device = resolve_device(cfg.device)
     train, test, info = load_splits(cfg)
     check_class_coverage(info, train, test)  # an empty val/ or class folder: refused now, not after an epoch
+    if cfg.batch_size > len(train):
+        print(f"[squeeze] --batch-size {cfg.batch_size} is larger than the {len(train)} training images: every "
+              f"teacher trains with batches of {len(train)}")
     folders = {arch: train_teacher(cfg, arch, train, test, info, device) for arch in cfg.archs}
     cards = {a: read_json(p / CARD) for a, p in folders.items()}
     write_manifest(cfg.out, "squeeze", cfg, inputs={"dataset": info.to_dict()},
@@ -75,14 +78,23 @@ def squeeze(cfg: SqueezeConfig) -> dict[str, Path]:
     return folders
 
 
-def teacher_hash(cfg: SqueezeConfig, arch: str) -> str:
-    """What shapes one teacher: its config with the zoo list replaced by its own architecture."""
+def teacher_hash(cfg: SqueezeConfig, arch: str, n_train: int | None = None) -> str:
+    """What shapes one teacher: its config with the zoo list replaced by its own architecture (and the batch
+    it really trains with, where a small training split clips it)."""
+    if n_train is not None and cfg.batch_size > n_train:
+        return config_hash(cfg, arch=arch, batch_size=n_train)
     return config_hash(cfg, arch=arch)
+
+
+def train_batch_size(cfg: SqueezeConfig, n_train: int) -> int:
+    """--batch-size, clipped to the training split: the last incomplete batch is dropped (every step the same
+    size), so a batch larger than the split would train zero steps and leave a teacher at chance (issue 27)."""
+    return min(cfg.batch_size, n_train)
 
 
 def train_teacher(cfg: SqueezeConfig, arch: str, train, test, info: DatasetInfo, device) -> Path:
     folder = Path(cfg.out) / arch
-    chash = teacher_hash(cfg, arch)
+    chash = teacher_hash(cfg, arch, len(train))
     card = reusable(folder / CARD, chash, force=cfg.force, what="a teacher")
     if card is not None:
         print(f"[squeeze] {arch}: finished teacher found in {folder} (top-1 {card['test_top1']:.2f}%), "
@@ -101,13 +113,14 @@ def train_teacher(cfg: SqueezeConfig, arch: str, train, test, info: DatasetInfo,
     opt_ = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
     if resume is not None:
         print(f"[squeeze] {arch}: resuming after epoch {resume['epoch']}")
-    steps = max(1, len(train) // cfg.batch_size)
+    batch_size = train_batch_size(cfg, len(train))
+    steps = max(1, len(train) // batch_size)
     if cfg.steps_per_epoch:
         steps = min(steps, cfg.steps_per_epoch)
 
     def batches(epoch):
         gen = make_generator(cfg.seed, "squeeze", arch, epoch)  # data order, then every step's views
-        for x, y in iterate_batches(train, cfg.batch_size, shuffle=True, generator=gen,
+        for x, y in iterate_batches(train, batch_size, shuffle=True, generator=gen,
                                     num_workers=cfg.num_workers, drop_last=True):
             yield x, y, gen
 
