@@ -13,7 +13,7 @@ import pytest
 
 import prismdd
 from prismdd.audit import AuditConfig
-from prismdd.cli import STAGES
+from prismdd.cli import STAGES, stage
 from prismdd.core.config import CommonConfig, field_help
 
 PKG = Path(prismdd.__file__).parent
@@ -118,7 +118,7 @@ def test_no_prismdd_import_inside_a_function():
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.parametrize("cls", sorted({c for c, _, _ in STAGES.values()} | {CommonConfig, AuditConfig},
+@pytest.mark.parametrize("cls", sorted({stage(n)[0] for n in STAGES} | {CommonConfig, AuditConfig},
                                        key=lambda c: c.__name__))
 def test_every_config_field_has_help(cls):
     missing = [f.name for f in dataclasses.fields(cls) if not field_help(f).strip()]

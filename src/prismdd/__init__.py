@@ -18,33 +18,70 @@ Layout (each layer imports only the ones above it):
     ds = prismdd.load_distilled("runs/p")
     results = prismdd.run(prismdd.run_config(dataset="digits", quick=True, out="runs/demo"))
 """
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.util
 import sys
 
 __version__ = "0.1.0"
 
-from . import audit  # noqa: E402
-from .artifacts import find_teachers, load_distilled, load_model, load_teacher  # noqa: E402
-from .core.config import build_config  # noqa: E402
-from .core.data import DATASETS, list_datasets, load_dataset  # noqa: E402
-from .core.models import ARCHS, create_model, list_models  # noqa: E402
-from .core.presets import METHODS, PROTOCOLS, list_presets  # noqa: E402
-from .pipeline import RunConfig, run, run_config  # noqa: E402
-from .stages import metrics, recover, relabel, squeeze, validate  # noqa: E402  (stage modules)
-from .stages.metrics import MetricsConfig  # noqa: E402
-from .stages.recover import RecoverConfig, recover_config  # noqa: E402
-from .stages.relabel import RelabelConfig  # noqa: E402
-from .stages.squeeze import SqueezeConfig  # noqa: E402
-from .stages.validate import ValidateConfig, validate_config  # noqa: E402
+# The public names, imported on first use (PEP 562): `prismdd --help` and the listings must not wait for torch,
+# which almost every module below imports (cli.py, BENCHMARKS.md section 11).
+_PUBLIC = {
+    "audit": "prismdd.audit",
+    "find_teachers": "prismdd.artifacts", "load_distilled": "prismdd.artifacts", "load_model": "prismdd.artifacts",
+    "load_teacher": "prismdd.artifacts",
+    "build_config": "prismdd.core.config",
+    "DATASETS": "prismdd.core.data", "list_datasets": "prismdd.core.data", "load_dataset": "prismdd.core.data",
+    "ARCHS": "prismdd.core.models", "create_model": "prismdd.core.models", "list_models": "prismdd.core.zoo",
+    "METHODS": "prismdd.core.presets", "PROTOCOLS": "prismdd.core.presets", "list_presets": "prismdd.core.presets",
+    "RunConfig": "prismdd.pipeline", "run": "prismdd.pipeline", "run_config": "prismdd.pipeline",
+    "MetricsConfig": "prismdd.stages.metrics",
+    "RecoverConfig": "prismdd.stages.recover", "recover_config": "prismdd.stages.recover",
+    "RelabelConfig": "prismdd.stages.relabel",
+    "SqueezeConfig": "prismdd.stages.squeeze",
+    "ValidateConfig": "prismdd.stages.validate", "validate_config": "prismdd.stages.validate",
+}
+# `prismdd.recover` & co. were top-level modules before the stages moved into `prismdd.stages`: the attribute is
+# the stage module, and `from prismdd.recover import recover` keeps working (_OldStageNames)
+_STAGE_MODULES = ("metrics", "recover", "relabel", "squeeze", "validate")
 
-# `prismdd.recover` & co. were top-level modules before the stages moved into `prismdd.stages`; these
-# names keep `from prismdd.recover import recover` working in users' code.
-for _stage in (metrics, recover, relabel, squeeze, validate):
-    sys.modules[f"{__name__}.{_stage.__name__.rsplit('.', 1)[1]}"] = _stage
+
+def __getattr__(name: str):
+    if name in _STAGE_MODULES:
+        return importlib.import_module(f"prismdd.stages.{name}")
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name) if name != "audit" else \
+            importlib.import_module(_PUBLIC[name])
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'prismdd' has no attribute {name!r}")
+
+
+class _OldStageNames(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports ``prismdd.<stage>`` as the module ``prismdd.stages.<stage>`` itself (not a copy)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        head, _, tail = fullname.partition(".")
+        if head == __name__ and tail in _STAGE_MODULES:
+            return importlib.util.spec_from_loader(fullname, self)
+        return None
+
+    def create_module(self, spec):
+        return importlib.import_module(f"prismdd.stages.{spec.name.rsplit('.', 1)[1]}")
+
+    def exec_module(self, module):
+        pass  # already executed as prismdd.stages.<stage>
+
+
+sys.meta_path.append(_OldStageNames())
 
 
 def list_methods() -> list[dict]:
     """The recovery presets (``prismdd methods``)."""
-    return list_presets("recover")
+    return importlib.import_module("prismdd.core.presets").list_presets("recover")
 
 
 __all__ = ["ARCHS", "DATASETS", "METHODS", "MetricsConfig", "PROTOCOLS", "RecoverConfig", "RelabelConfig",

@@ -3,43 +3,55 @@
 Every stage's flags are generated from its dataclass config (names, defaults and help text come from the
 fields' own metadata), so ``--config FILE.yaml`` and ``--set key=value`` reach exactly the same fields as
 the flags, and a field cannot exist without its help.
+
+Start-up is kept short: a stage's module (and with it torch) is imported only when that stage's command
+runs, so ``prismdd --help`` and ``prismdd methods`` answer without loading torch (BENCHMARKS.md section 11).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import errno
+import importlib
 import sys
 import typing
 
 from safetensors import SafetensorError
 
-from .audit import AuditConfig, audit
 from .core.config import build_config, field_default, field_help, load_yaml, parse_sets, preset_defaults
-from .core.data import check_data, list_datasets
 from .core.errors import PrismError
-from .core.models import list_models
 from .core.presets import list_presets
 from .core.text import format_table
-from .pipeline import RunConfig, run
-from .stages.metrics import MetricsConfig, metrics
-from .stages.recover import RecoverConfig, recover
-from .stages.relabel import RelabelConfig, relabel
-from .stages.squeeze import SqueezeConfig, squeeze
-from .stages.validate import ValidateConfig, validate
+from .core.zoo import list_models
 
 TABLE_WIDTH = 100  # `methods` and `models` fit a standard terminal; --wide shows everything
 
-# command -> (config class, function, one-line help)
-STAGES: dict[str, tuple[type, typing.Callable, str]] = {
-    "squeeze": (SqueezeConfig, squeeze, "train teacher networks (a zoo: --arch a,b,c)"),
-    "recover": (RecoverConfig, recover, "synthesise images through frozen teachers (PRISM and baselines)"),
-    "relabel": (RelabelConfig, relabel, "store teacher soft labels on replayable augmented views"),
-    "validate": (ValidateConfig, validate, "train a fresh student on distilled data, test on real data"),
-    "run": (RunConfig, run, "the whole job: teachers, every method, students, metrics, report"),
-    "metrics": (MetricsConfig, metrics, "diversity metrics of distilled sets (observer network)"),
-    "audit": (AuditConfig, audit, "membership-inference audit of the privacy claim"),
+# command -> (module, config class, function, one-line help); the module is imported when the command runs
+STAGES: dict[str, tuple[str, str, str, str]] = {
+    "squeeze": ("prismdd.stages.squeeze", "SqueezeConfig", "squeeze", "train teacher networks (a zoo: --arch a,b,c)"),
+    "recover": ("prismdd.stages.recover", "RecoverConfig", "recover",
+                "synthesise images through frozen teachers (PRISM and baselines)"),
+    "relabel": ("prismdd.stages.relabel", "RelabelConfig", "relabel",
+                "store teacher soft labels on replayable augmented views"),
+    "validate": ("prismdd.stages.validate", "ValidateConfig", "validate",
+                 "train a fresh student on distilled data, test on real data"),
+    "run": ("prismdd.pipeline", "RunConfig", "run", "the whole job: teachers, every method, students, metrics, report"),
+    "metrics": ("prismdd.stages.metrics", "MetricsConfig", "metrics",
+                "diversity metrics of distilled sets (observer network)"),
+    "audit": ("prismdd.audit", "AuditConfig", "audit", "membership-inference audit of the privacy claim"),
 }
+
+
+def stage(name: str) -> tuple[type, typing.Callable]:
+    """The config class and function of a stage command, importing its module now."""
+    module, cls, fn, _ = STAGES[name]
+    mod = importlib.import_module(module)
+    return getattr(mod, cls), getattr(mod, fn)
+
+
+def _lazy(module: str, name: str):
+    """A function of a module that needs torch, imported when a listing command calls it."""
+    return getattr(importlib.import_module(module), name)
 
 
 def _add_config_flags(p: argparse.ArgumentParser, cls, chosen: dict | None = None) -> None:
@@ -65,7 +77,7 @@ def _add_config_flags(p: argparse.ArgumentParser, cls, chosen: dict | None = Non
 
 def config_from_args(name: str, args: argparse.Namespace):
     """Defaults < preset (picked by the layers below) < --config < flags < --set."""
-    cls = STAGES[name][0]
+    cls = stage(name)[0]
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
     file_layer = load_yaml(args.config) if args.config else {}
     return build_config(cls, file_layer, flags, parse_sets(args.sets))
@@ -76,7 +88,7 @@ def _chosen_preset(argv: list[str] | None, command: str) -> dict:
     argv = list(argv or [])
     if command not in argv:
         return {}
-    cls = STAGES[command][0]
+    cls = stage(command)[0]
     key = getattr(cls, "PRESET_FIELD", None)
     if key is None:
         return {}
@@ -94,12 +106,19 @@ def _chosen_preset(argv: list[str] | None, command: str) -> dict:
     return found
 
 
+def invoked(argv: list[str] | None) -> str | None:
+    """The command ``argv`` runs (its first word that is one), or None."""
+    return next((a for a in argv or [] if not a.startswith("-") and a in STAGES), None)
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with ``argv``, only the command it runs gets its flags (the others need no import)."""
     p = argparse.ArgumentParser(
         prog="prismdd",
         description="Dataset distillation with PRISM (PRIors from diverse Source Models) and the SRe2L family: "
                     "squeeze -> recover -> relabel -> validate, or `prismdd run` for all of it.",
-        epilog="Start with: prismdd run --dataset digits --quick --out runs/demo   (a minute on a laptop CPU)")
+        epilog="Start with: prismdd run --dataset digits --quick --out runs/demo   (a few minutes on a laptop CPU; "
+               "README: measured times)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     d = sub.add_parser("datasets", help="list datasets and whether each is available here")
     d.add_argument("--data-root", default=None)
@@ -114,13 +133,18 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     c.add_argument("--data-root", default=None)
     c.add_argument("--resolution", type=int, default=None, help="default: the dataset's own (imagefolder: inferred)")
     c.add_argument("--channels", type=int, default=None, choices=(1, 3), help="default: the dataset's own")
-    for name, (cls, _, help_) in STAGES.items():
+    running = invoked(argv) if argv is not None else None
+    for name, (*_, help_) in STAGES.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        if argv is not None and name != running:
+            continue
+        cls = stage(name)[0]
         try:
             chosen = _chosen_preset(argv, name)
             preset_defaults(cls, chosen)
         except PrismError:  # an unknown preset name: the stage itself reports it with the valid names
             chosen = {}
-        _add_config_flags(sub.add_parser(name, help=help_, description=help_), cls, chosen)
+        _add_config_flags(sp, cls, chosen)
     return p
 
 
@@ -171,11 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if args.command == "datasets":
-            rows = [dict(r, available=r["available"] or f"no ({r['how_to_get']})") for r in list_datasets(args.data_root)]
+            rows = [dict(r, available=r["available"] or f"no ({r['how_to_get']})")
+                    for r in _lazy("prismdd.core.data", "list_datasets")(args.data_root)]
             print(format_table(rows, ["name", "available", "description"]))
         elif args.command == "models":
             cols = ["name", "family", "batchnorm", "pretrained", "description"]
-            print(format_table(list_models(), cols) if args.wide else fit_table(list_models(), cols))
+            models = list_models()
+            print(format_table(models, cols) if args.wide else fit_table(models, cols))
         elif args.command == "methods":
             rows = list_presets("validate" if args.protocols else "recover")
             if args.name:
@@ -192,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"`prismdd methods{' --protocols' if args.protocols else ''} NAME` shows one preset's description, "
                       f"source and settings; --wide shows them all")
         elif args.command == "check-data":
-            res = check_data(args.dataset, args.data_root, args.resolution, args.channels)
+            res = _lazy("prismdd.core.data", "check_data")(args.dataset, args.data_root, args.resolution,
+                                                          args.channels)
             print(f"{res['dataset']}: {res['train']} train, {res['test']} test, {res['classes']} classes, "
                   f"{res['resolution']} px x {res['channels']} channels, {len(res['bad_files'])} unreadable files")
             if res.get("modes"):
@@ -203,8 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("  " + b)
             return 1 if res["bad_files"] else 0
         else:
-            cls, fn, _ = STAGES[args.command]
-            fn(config_from_args(args.command, args))
+            stage(args.command)[1](config_from_args(args.command, args))
     except PrismError as e:
         print(f"prismdd: error: {e}", file=sys.stderr)
         return 2

@@ -209,3 +209,28 @@ def test_python_api_exports_keep_stage_modules():
     for name in prismdd.__all__:
         assert hasattr(prismdd, name), name
     assert prismdd.recover_config("sre2l").init == "noise"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["methods"], ["methods", "--protocols", "prism"], ["models"]])
+def test_help_and_listings_start_without_torch(argv):
+    """Issue 27: `prismdd --help` took 12-15 s on a loaded machine, nearly all of it importing torch. The
+    listings and the top-level help never import it now (times: benchmarks/startup.py, BENCHMARKS.md 11)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "prismdd", *argv], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip()
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time")}
+    assert "torch" not in imported and "torchvision" not in imported and "numpy" not in imported, argv
+
+
+def test_old_stage_names_and_lazy_attributes():
+    import subprocess
+    import sys
+
+    code = ("import sys, prismdd; assert 'torch' not in sys.modules; from prismdd.recover import recover; "
+            "import prismdd.stages.recover as r; assert prismdd.recover is r and recover is r.recover; "
+            "assert prismdd.RunConfig.__name__ == 'RunConfig' and callable(prismdd.validate_config)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -8,13 +8,17 @@ import secrets
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from .errors import PrismError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch (and safetensors' torch half) are imported by the functions that need them: configs and presets use
+# this module, and `prismdd --help` must not wait for torch (cli.py)
 
 
 # ----------------------------------------------------------------------------- atomic files
@@ -115,7 +119,7 @@ def read_json(path) -> Any:
 def _json_default(o):
     if isinstance(o, Path):
         return str(o)
-    if isinstance(o, torch.Tensor):
+    if hasattr(o, "tolist") and getattr(o, "ndim", 0):  # tensors and arrays
         return o.tolist()
     if hasattr(o, "item"):
         return o.item()
@@ -132,6 +136,8 @@ def _write_failed(path, e: Exception) -> PrismError:
 
 
 def torch_save(obj, path) -> None:
+    import torch
+
     with atomic_path(path) as tmp:
         try:
             torch.save(obj, tmp)
@@ -142,6 +148,8 @@ def torch_save(obj, path) -> None:
 
 
 def torch_load(path, map_location="cpu"):
+    import torch
+
     # weights_only=True: checkpoints never execute code when loaded (security standard)
     return torch.load(path, map_location=map_location, weights_only=True)
 
@@ -149,6 +157,8 @@ def torch_load(path, map_location="cpu"):
 def save_tensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
     """A flat dict of tensors as one safetensors file (no pickle), written atomically; ``metadata``: text
     fields stored in the file's header (e.g. the config hash it was made with)."""
+    from safetensors.torch import save_file
+
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         try:
@@ -172,6 +182,8 @@ def tensors_metadata(path) -> dict[str, str]:
 
 
 def load_tensors(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     try:
         return load_file(str(path))
     except FileNotFoundError:

@@ -17,6 +17,7 @@ import torchvision.models as tvm
 from .registry import Registry
 from .errors import PrismError
 from .io import load_tensors, torch_load
+from .zoo import BN_FREE_ARCHS, ZOO, ArchInfo, list_models  # noqa: F401 - BN_FREE_ARCHS, list_models: re-exported
 
 SMALL_IMAGE_THRESHOLD = 64  # below this resolution the ImageNet stem (stride 4) would throw away too much
 
@@ -41,13 +42,11 @@ class ModelSpec:
         return d
 
 
-@dataclass
-class ArchEntry:
-    build: Callable[[int, float], nn.Module]  # (num_classes, width) -> model at the ImageNet stem
-    description: str
-    family: str
-    has_width: bool = True
-    tv_weights: str | None = None  # torchvision weights enum name, for --pretrained
+@dataclass(frozen=True)
+class ArchEntry(ArchInfo):
+    """A zoo entry (``core/zoo.py``) with its builder."""
+
+    build: Callable[[int, float], nn.Module] | None = None  # (num_classes, width) -> model at the ImageNet stem
 
 
 ARCHS: Registry[ArchEntry] = Registry("architecture")
@@ -132,48 +131,22 @@ def _efficientnet(name: str):
     return build
 
 
-ARCHS.register("convnet", ArchEntry(lambda n, w: None, "ConvNet-D3 (width 128 x width), BatchNorm", "convnet"))
-ARCHS.register("convnet_d4", ArchEntry(lambda n, w: None, "ConvNet-D4 (for 64 px and up), BatchNorm", "convnet"))
-ARCHS.register("convnet_in", ArchEntry(lambda n, w: None, "ConvNet-D3 with instance norm (BN-free: a student, never a BN teacher)", "convnet"))
-for _name, _block, _layers in [("resnet18", tvm.resnet.BasicBlock, [2, 2, 2, 2]),
-                               ("resnet34", tvm.resnet.BasicBlock, [3, 4, 6, 3]),
-                               ("resnet50", tvm.resnet.Bottleneck, [3, 4, 6, 3])]:
-    ARCHS.register(_name, ArchEntry(
-        (lambda b, l: lambda n, w: _ScaledResNet(b, l, n, w))(_block, _layers),
-        f"torchvision {_name}, stage widths x width", "resnet", True, f"ResNet{_name[6:]}_Weights"))
-ARCHS.register("mobilenet_v2", ArchEntry(lambda n, w: tvm.MobileNetV2(num_classes=n, width_mult=w),
-                                         "torchvision MobileNet-V2 (width_mult)", "mobilenet", True,
-                                         "MobileNet_V2_Weights"))
-ARCHS.register("mnasnet1_0", ArchEntry(lambda n, w: tvm.MNASNet(alpha=w, num_classes=n),
-                                       "torchvision MNASNet (alpha = width)", "mnasnet", True, "MNASNet1_0_Weights"))
-ARCHS.register("shufflenet_v2_x0_5", ArchEntry(lambda n, w: tvm.shufflenet_v2_x0_5(num_classes=n),
-                                               "torchvision ShuffleNet-V2 x0.5", "shufflenet", False,
-                                               "ShuffleNet_V2_X0_5_Weights"))
-ARCHS.register("shufflenet_v2_x1_0", ArchEntry(lambda n, w: tvm.shufflenet_v2_x1_0(num_classes=n),
-                                               "torchvision ShuffleNet-V2 x1.0", "shufflenet", False,
-                                               "ShuffleNet_V2_X1_0_Weights"))
-ARCHS.register("efficientnet_b0", ArchEntry(_efficientnet("efficientnet_b0"), "torchvision EfficientNet-B0 (width_mult)",
-                                            "efficientnet", True, "EfficientNet_B0_Weights"))
-ARCHS.register("alexnet", ArchEntry(lambda n, w: tvm.AlexNet(num_classes=n), "torchvision AlexNet (BN-free: never a BN teacher)",
-                                    "alexnet", False, "AlexNet_Weights"))
-
-
-BN_FREE_ARCHS = ("convnet_in", "alexnet")  # the zoo's architectures without BatchNorm
-
-
-def list_models() -> list[dict]:
-    rows = [{"name": n, "family": e.family, "description": e.description,
-             "batchnorm": n not in BN_FREE_ARCHS, "pretrained": bool(e.tv_weights)}
-            for n, e in ARCHS.items()]
-    try:
-        import timm  # noqa: F401
-
-        rows.append({"name": "timm:<name>", "family": "timm", "description": "any timm model (timm installed)",
-                     "batchnorm": None, "pretrained": False})
-    except ImportError:
-        rows.append({"name": "timm:<name>", "family": "timm",
-                     "description": "any timm model (pip install 'prismdd[timm]')", "batchnorm": None, "pretrained": False})
-    return rows
+_CONVNET = lambda n, w: None  # noqa: E731 - ConvNets are built by create_model (resolution, channels, depth)
+_BUILDERS: dict[str, Callable[[int, float], nn.Module | None]] = {
+    "convnet": _CONVNET, "convnet_d4": _CONVNET, "convnet_in": _CONVNET,
+    **{name: (lambda b, l: lambda n, w: _ScaledResNet(b, l, n, w))(block, layers)
+       for name, block, layers in [("resnet18", tvm.resnet.BasicBlock, [2, 2, 2, 2]),
+                                   ("resnet34", tvm.resnet.BasicBlock, [3, 4, 6, 3]),
+                                   ("resnet50", tvm.resnet.Bottleneck, [3, 4, 6, 3])]},
+    "mobilenet_v2": lambda n, w: tvm.MobileNetV2(num_classes=n, width_mult=w),
+    "mnasnet1_0": lambda n, w: tvm.MNASNet(alpha=w, num_classes=n),
+    "shufflenet_v2_x0_5": lambda n, w: tvm.shufflenet_v2_x0_5(num_classes=n),
+    "shufflenet_v2_x1_0": lambda n, w: tvm.shufflenet_v2_x1_0(num_classes=n),
+    "efficientnet_b0": _efficientnet("efficientnet_b0"),
+    "alexnet": lambda n, w: tvm.AlexNet(num_classes=n),
+}
+for _name, _info in ZOO.items():  # every zoo entry gets its builder; a name without one fails at import
+    ARCHS.register(_name, ArchEntry(**vars(_info), build=_BUILDERS[_name]))
 
 
 # ----------------------------------------------------------------------------- construction
