@@ -58,6 +58,10 @@ class RunConfig(CommonConfig):
     student_width: float = opt(0.5, "width multiplier of the student", minimum=0.01)
     student_epochs: int = opt(300, "student training epochs on every set", minimum=1)
     seeds: str = opt("0", "student seeds (comma list), reported as mean +- std")
+    label_teachers: str = opt("zoo", "soft-label teachers of every student, the same for every row: zoo (PRISM's "
+                                     "relabel: all of --teacher-archs, norm-matched) | primary (the primary alone: "
+                                     "3-20 points better for a ConvNet student on Fashion-MNIST, BENCHMARKS.md "
+                                     "section 10) | a comma list from --teacher-archs")
     full_steps: int = opt(300, "steps of the full-data baseline (hard labels, batch 128; 300 epochs of 60k is hours)",
                           minimum=1)
     eval_every: int = opt(100, "student epochs between test evaluations (the last is always evaluated)", minimum=1,
@@ -79,6 +83,13 @@ class RunConfig(CommonConfig):
     @property
     def teacher_list(self) -> list[str]:
         return comma_list(self.teacher_archs)
+
+    @property
+    def labellers(self) -> list[str]:
+        """The students' soft-label teachers (``label_teachers`` resolved against the zoo)."""
+        if self.label_teachers == "zoo":
+            return self.teacher_list
+        return self.teacher_list[:1] if self.label_teachers == "primary" else comma_list(self.label_teachers)
 
     @property
     def observer_width(self) -> float:
@@ -207,6 +218,9 @@ def preflight(cfg: RunConfig, common: dict, train, test, info) -> None:
             continue
         if flag == "--teacher-archs" and arch == cfg.teacher_list[0] and not has_batchnorm(model):
             problems.append(f"--teacher-archs: the primary {arch} has no BatchNorm layers; put a BN architecture first")
+    if strangers := [a for a in cfg.labellers if a not in cfg.teacher_list]:
+        problems.append(f"--label-teachers: {', '.join(strangers)} not in --teacher-archs ({cfg.teacher_archs}); "
+                        f"use zoo, primary or names from it")
     existing = next(p for p in [Path(cfg.out).absolute(), *Path(cfg.out).absolute().parents] if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         problems.append(f"--out {cfg.out}: {existing} is not a writable folder")
@@ -246,9 +260,8 @@ def run(cfg: RunConfig) -> dict:
     # ------------------------------------------------------------------ recover + validate per method
     student = dict(protocol="prism", student=cfg.student, student_width=cfg.student_width, epochs=cfg.student_epochs,
                    seeds=cfg.seeds, eval_every=cfg.eval_every, teachers=str(teachers_dir),
-                   # the prism protocol labels with PRISM's ensemble (primary + pool); named here so every row,
-                   # random real included, is labelled by the same teachers
-                   label_teachers=",".join(zoo))
+                   # named here so every row, random real included, is labelled by the same teachers
+                   label_teachers=",".join(cfg.labellers))
     rows, distilled = [], {}
     for method in cfg.method_list:
         rec_dir = stages.recover(method, common, teachers_dir, primary=primary, ipc=cfg.ipc,
@@ -284,8 +297,8 @@ def run(cfg: RunConfig) -> dict:
         "dataset": info.name, "num_classes": info.num_classes, "class_names": list(info.class_names),
         "ipc": cfg.ipc, "student": cfg.student,
         "protocol": (f"{cfg.student} (width {cfg.student_width}) trained {cfg.student_epochs} epochs on each set with "
-                     f"soft labels of the teachers {', '.join(zoo)} computed online (norm-matched, as PRISM's "
-                     f"relabel; MSE + 0.1 CE, AdamW 1e-3 with biases and BatchNorm undecayed, decayed cosine, "
+                     f"soft labels of {', '.join(cfg.labellers)} computed online (norm-matched when several, "
+                     f"as PRISM's relabel; MSE + 0.1 CE, AdamW 1e-3 with biases and BatchNorm undecayed, decayed cosine, "
                      f"RandomResizedCrop 0.25-1 + flip + CutMix, each batch in 2 accumulated parts); top-1 of the "
                      f"FINAL epoch on the {len(test)} test images; full = the same student on all {len(train)} "
                      f"training images with hard labels for {full_epochs['epochs'] * full_epochs['steps_per_epoch']} "

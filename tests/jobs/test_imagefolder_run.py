@@ -96,3 +96,6 @@ def test_run_checks_every_stage_before_computing(cli, folder, tmp_path):
     assert "nothing was computed" in r.err and "--ipc 20" in r.err and "random-real" in r.err
     assert "--student alexnet" in r.err  # AlexNet has no width multiplier (student width 0.5): found before training
     assert not out.exists()
+    r = run_cli(cli, ["run", "--dataset", "imagefolder", "--data-root", folder, "--quick", "--out", out,
+                      "--device", "cpu", "--label-teachers", "convnet,vgg11", *SMALL])
+    assert r.code == 2 and "--label-teachers: vgg11 not in --teacher-archs" in r.err and not out.exists()
