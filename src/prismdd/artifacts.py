@@ -5,7 +5,8 @@
 - model cards (teachers and students): ``model.safetensors`` + ``card.json`` (``save_model``/``load_model``,
   ``find_teachers``);
 - a distilled set: ``images/<class>/<class>_<ipc>.png`` + ``records/batch_*.json`` (``image_path``,
-  ``save_image``, ``load_distilled``);
+  ``save_image``, ``load_distilled``); its manifest seals each PNG with a digest (``seal_distilled``), checked
+  by every reader and by a re-run of recover (``check_finished_images``);
 - soft labels: ``epoch_NNNN.safetensors`` (``pack_logits``/``StoredLabels``);
 - a student evaluation: ``accuracy.json`` (``ACCURACY_FILE``); diversity metrics: ``metrics.json``;
 - plug-in tensors reused while their header matches (``settings_header``/``load_if_header``): real-data statistics
@@ -20,6 +21,7 @@ import dataclasses
 import fcntl
 import functools
 import hashlib
+import io
 import json
 import os
 import platform
@@ -38,7 +40,7 @@ from PIL import Image
 
 from .core.augment import EpochPlan
 from .core.config import comma_list, config_hash, config_to_dict, save_config
-from .core.data import DatasetInfo, TensorImages, denormalize
+from .core.data import DatasetInfo, TensorImages, denormalize, say_once
 from .core.errors import PrismError
 from .core.io import (atomic_path, load_tensors, pid_alive, read_json, remove_orphans, save_tensors, tensors_metadata,
                       torch_load, write_json)
@@ -279,10 +281,29 @@ def locked_stage(stage: str):
         def run(cfg, *args, **kwargs):
             if int(os.environ.get("RANK", "0")) != 0:
                 return fn(cfg, *args, **kwargs)
-            with output_lock(cfg.out, stage):
-                return fn(cfg, *args, **kwargs)
+            made = _missing_folders(Path(cfg.out))
+            try:
+                with output_lock(cfg.out, stage):
+                    return fn(cfg, *args, **kwargs)
+            except BaseException:
+                # a call that failed its checks leaves no empty folder behind; anything written stays
+                for folder in made:
+                    try:
+                        folder.rmdir()
+                    except OSError:
+                        break
+                raise
         return run
     return wrap
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """The folders a stage creates for ``path``, deepest first (none when it exists)."""
+    made = []
+    while not path.exists() and path != path.parent:
+        made.append(path)
+        path = path.parent
+    return made
 
 
 # ----------------------------------------------------------------------------- finite checks
@@ -411,6 +432,7 @@ def save_layer_stats(teacher_folder, stats: dict[str, torch.Tensor], settings: d
                      name: str = LAYER_STATS_FILE) -> Path:
     """Write a teacher's statistics atomically (safetensors, header from ``layer_stats_header``)."""
     path = layer_stats_path(teacher_folder, name)
+    remove_orphans(path.parent, depth=0)  # a run killed while writing here left its temporary copy (no lock here)
     save_tensors(stats, path, metadata=layer_stats_header(teacher_folder, settings))
     return path
 
@@ -524,6 +546,11 @@ def save_image(path: Path, x: torch.Tensor, info: DatasetInfo) -> None:
         Image.fromarray(arr).save(tmp, format="PNG")
 
 
+def _ordered(images: dict) -> list[dict]:
+    """A distilled manifest's image entries in the set's order: class, then IPC index."""
+    return sorted(images.values(), key=lambda e: (e["class"], e["ipc_index"]))
+
+
 class DistilledSet(TensorImages):
     """A recovered set as an in-memory dataset (uint8 images, class targets) with its provenance."""
 
@@ -534,7 +561,7 @@ class DistilledSet(TensorImages):
     @property
     def start_indices(self) -> list:
         """Per image (class, then IPC order): the real training indices it started from, or None (noise)."""
-        entries = sorted(self.manifest["outputs"]["images"].values(), key=lambda e: (e["class"], e["ipc_index"]))
+        entries = _ordered(self.manifest["outputs"]["images"])
         return [e.get("start_indices") for e in entries]
 
 
@@ -553,21 +580,79 @@ def with_distilled_dataset(cfg, manifest: dict, folder):
                                eval_crop=made.get("eval_crop", "auto") if cfg.eval_crop == "auto" else cfg.eval_crop)
 
 
+IMAGE_DIGEST = "sha256"  # a recover manifest's image entry: sha256 of the PNG's bytes as recover wrote them
+SET_DIGEST = "images_sha256"  # a recover manifest's outputs: digest of every entry's class, index, file and sha256
+
+
+def _set_digest(entries: list[dict]) -> str:
+    h = hashlib.sha256()
+    for e in entries:
+        h.update(f"{e['class']}\t{e['ipc_index']}\t{e['file']}\t{e.get(IMAGE_DIGEST)}\n".encode())
+    return h.hexdigest()
+
+
+def seal_distilled(out, images: dict) -> str:
+    """Record in each manifest entry of ``images`` the sha256 of its PNG as written (in place) and return the
+    whole set's digest (``SET_DIGEST``). Without them a PNG edited or zeroed after recover is labelled and trained on,
+    and a re-run of recover finds the folder finished and keeps it."""
+    for e in images.values():
+        e[IMAGE_DIGEST] = hashlib.sha256((Path(out) / e["file"]).read_bytes()).hexdigest()
+    return _set_digest(_ordered(images))
+
+
+def _check_image(path: Path, entry: dict, data: bytes) -> None:
+    """Refuse a distilled PNG whose bytes are not those its manifest entry sealed (entries of an older prismdd
+    carry no digest and pass)."""
+    was = entry.get(IMAGE_DIGEST)
+    if was is None:
+        return
+    now = hashlib.sha256(data).hexdigest()
+    if now != was:
+        raise PrismError(f"{path}: changed since recover wrote it (sha256 {was[:12]} then, {now[:12]} now); delete it "
+                         f"and re-run the recover command to make it again, or re-run it with --force to redo the set")
+
+
+def check_finished_images(folder) -> None:
+    """For a re-run of recover: every image a finished manifest in ``folder`` lists and that is still on disk must
+    be the one recover wrote (a missing one is simply made again; a changed one would be kept and passed on)."""
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        return
+    m = read_json(path)
+    if m.get("stage") != "recover":
+        return
+    for e in _ordered(m.get("outputs", {}).get("images", {})):
+        p = Path(folder) / e["file"]
+        if p.exists():
+            _check_image(p, e, p.read_bytes())
+
+
 def load_distilled(folder) -> DistilledSet:
+    """A recover folder as a ``DistilledSet``: the one reader of relabel, validate, metrics and ``--init-from``, so
+    every one of them refuses a PNG changed since recover sealed it, and a manifest whose image list was edited."""
     folder = Path(folder)
     m = read_manifest(folder, ("recover", "random-real"), option="--distilled")
     info = DatasetInfo(**{k: v for k, v in m["inputs"]["dataset"].items() if k != "num_classes"})
-    entries = sorted(m["outputs"]["images"].values(), key=lambda e: (e["class"], e["ipc_index"]))
+    entries = _ordered(m["outputs"]["images"])
     imgs = []
     for e in entries:
         path = folder / e["file"]
         try:
-            with Image.open(path) as im:
+            data = path.read_bytes()
+            with Image.open(io.BytesIO(data)) as im:
                 arr = np.asarray(im.convert("L" if info.channels == 1 else "RGB"), dtype=np.uint8)
         except Exception as err:
             raise PrismError(f"{path}: cannot read distilled image ({err}); re-run recover to rewrite it") from None
+        _check_image(path, e, data)
         t = torch.from_numpy(arr.copy())
         imgs.append(t[None] if t.ndim == 2 else t.permute(2, 0, 1))
+    sealed = m["outputs"].get(SET_DIGEST)
+    if sealed is not None and sealed != _set_digest(entries):
+        raise PrismError(f"{folder / MANIFEST}: its image list was edited since recover wrote it; re-run the recover "
+                         f"command with --force to redo the set")
+    if sealed is None and m.get("stage") == "recover":
+        say_once(folder, f"[data] {folder}: made by an older prismdd, its images carry no digests: a change to them "
+                         f"cannot be noticed (recover --force records them)")
     targets = torch.tensor([e["class"] for e in entries])
     return DistilledSet(torch.stack(imgs), targets, info, m, folder)
 

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import errno
 import importlib
+import signal
 import sys
 import typing
 
@@ -187,7 +188,18 @@ def environment_error(e: BaseException) -> str:
     return f"{str(e).splitlines()[0]}: a safetensors file could not be read or written (disk full or damaged file)"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's time limit, `kill`, a container stop) unwinds like Ctrl-C: locks released, temporary
+    files removed, finished work kept."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the command line, not the API: a Python caller keeps its own SIGTERM handling
+        signal.signal(signal.SIGTERM, _terminate)
     parser = build_parser(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if not args.command:
@@ -240,9 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, UnicodeDecodeError, SafetensorError) as e:  # the environment, not a bug: one line, no traceback
         print(f"prismdd: error: {environment_error(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\nprismdd: interrupted; finished work is kept, re-run the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"\nprismdd: {what}; finished work is kept, re-run the same command to resume", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     return 0
 
 

@@ -21,7 +21,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import prismdd.core.io as io_mod
 from prismdd.artifacts import LOCK_FILE, check_finite_labels, output_lock, pack_logits
 from prismdd.core.errors import PrismError
 from prismdd.core.io import JsonlLog, read_json, remove_orphans, write_json
@@ -216,7 +215,7 @@ def test_environment_errors_at_the_cli_boundary(prism_run, zoo, tmp_path, cli, c
     """A failed write() names no file; the atomic writer adds the path and the CLI prints one line."""
     def failing_save(*a, **k):
         raise err
-    monkeypatch.setattr(io_mod, "save_file", failing_save)
+    monkeypatch.setattr("safetensors.torch.save_file", failing_save)  # core.io imports it when it writes
     out = tmp_path / "labels"
     code = cli(["relabel", "--distilled", prism_run, "--teachers", zoo, "--epochs", 1, "--out", out,
                 "--device", "cpu"])
@@ -228,7 +227,7 @@ def test_environment_errors_at_the_cli_boundary(prism_run, zoo, tmp_path, cli, c
 def test_torch_save_failure_is_one_line(tmp_path, cli, capsys, monkeypatch):
     def failing(*a, **k):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
-    monkeypatch.setattr(io_mod.torch, "save", failing)
+    monkeypatch.setattr(torch, "save", failing)
     out = tmp_path / "t"
     code = cli(["squeeze", "--dataset", "digits", "--arch", "convnet", "--width", 0.25, "--epochs", 1,
                 "--batch-size", 256, "--steps-per-epoch", 1, "--device", "cpu", "--out", out])
@@ -284,6 +283,57 @@ def test_relabel_reuse_checks_the_teacher_digest(prism_run, zoo, tmp_path, cli, 
     save_file(state, str(w))
     code = cli(["relabel", "--distilled", prism_run, "--teachers", teachers, "--epochs", 2, "--out", labels])
     one_line_error(capsys, code, "epoch_0000.safetensors", "teacher convnet changed", "--force")
+
+
+def test_changed_distilled_image_refused_by_every_reader_and_by_a_rerun(prism_run, zoo, tmp_path, cli, capsys):
+    """A PNG zeroed after recover: relabel, validate and metrics refuse it in one line naming the file, and the same
+    recover command no longer reports the folder finished; deleting it (the fix the line gives) remakes it."""
+    from PIL import Image
+
+    rec = tmp_path / "prism"
+    shutil.copytree(prism_run, rec)
+    png = rec / "images" / "003" / "003_001.png"
+    Image.fromarray(png_array(png) * 0).save(png)  # same size, same format: only the digest tells
+    needles = (str(png), "changed since recover wrote it", "delete it")
+    for argv in (["relabel", "--distilled", rec, "--teachers", zoo, "--epochs", 1, "--out", tmp_path / "l"],
+                 ["validate", "--distilled", rec, "--teachers", zoo, "--epochs", 1, "--device", "cpu",
+                  "--out", tmp_path / "v"],
+                 ["metrics", "--distilled", rec, "--observer", zoo / "convnet", "--out", tmp_path / "m"]):
+        one_line_error(capsys, cli(argv), *needles)
+    recover_args = ["recover", "--method", "prism", "--dataset", "digits", "--teachers", zoo, "--ipc", 2,
+                    "--iterations", 3, "--batch-size", 8, "--device", "cpu", "--out", rec]
+    one_line_error(capsys, cli(recover_args), *needles, "--force")
+    png.unlink()
+    assert cli(recover_args) == 0
+    same_images(rec, prism_run)  # the batch of the deleted image was made again, bit for bit
+    m = read_json(rec / "manifest.json")
+    assert m["outputs"]["images"]["3_1"]["sha256"] == read_json(prism_run / "manifest.json")["outputs"]["images"][
+        "3_1"]["sha256"]
+    # an entry dropped from the manifest by hand: the set's digest no longer matches
+    del m["outputs"]["images"]["3_1"]
+    write_json(rec / "manifest.json", m)
+    from prismdd.artifacts import load_distilled
+
+    with pytest.raises(PrismError, match="image list was edited"):
+        load_distilled(rec)
+
+
+def test_recover_folder_of_an_older_prismdd_still_loads_with_one_line(prism_run, tmp_path, capsys):
+    from prismdd.artifacts import load_distilled
+
+    old = tmp_path / "old"
+    shutil.copytree(prism_run, old)
+    m = read_json(old / "manifest.json")
+    del m["outputs"]["images_sha256"]
+    for e in m["outputs"]["images"].values():
+        del e["sha256"]
+    write_json(old / "manifest.json", m)
+    capsys.readouterr()
+    for _ in range(2):
+        ds = load_distilled(old)
+    assert torch.equal(ds.images, load_distilled(prism_run).images)
+    said = [ln for ln in capsys.readouterr().out.splitlines() if "no digests" in ln]
+    assert len(said) == 1 and str(old) in said[0]
 
 
 def test_force_with_a_smaller_ipc_leaves_no_stale_images(recover_run, tmp_path):
@@ -374,6 +424,60 @@ def test_bad_arguments_are_one_line(name, cli, capsys, tmp_path):
     assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
+def test_recover_with_lr_nan_is_refused_before_any_image(cli, capsys, tmp_path):
+    """`--lr nan` passes `minimum=0.0` (every comparison with NaN is false) and once made 10 black PNGs, rc 0."""
+    code = cli(["recover", "--method", "sre2l", "--dataset", "digits", "--lr", "nan", "--iterations", 1,
+                "--device", "cpu", "--out", tmp_path / "r"])
+    one_line_error(capsys, code, "--lr nan: must be a finite number")
+    assert not (tmp_path / "r").exists()
+    one_line_error(capsys, cli(["recover", "--set", "crop_scale=0.08,inf", "--out", tmp_path / "r"]),
+                   "--crop-scale inf: must be a finite number")
+
+
+def config_classes() -> dict[str, type]:
+    """Every stage, job and audit config class (each a subclass of CommonConfig)."""
+    import importlib
+
+    from prismdd.core.config import CommonConfig
+
+    for module in ("squeeze", "recover", "relabel", "validate", "metrics"):
+        importlib.import_module(f"prismdd.stages.{module}")
+    importlib.import_module("prismdd.pipeline")
+    importlib.import_module("prismdd.audit")
+
+    found, todo = {}, [CommonConfig]
+    while todo:
+        cls = todo.pop()
+        found[cls.__name__] = cls
+        todo += cls.__subclasses__()
+    return found
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", ".nan"])
+def test_every_float_option_of_every_config_refuses_non_finite_values(value):
+    import dataclasses
+    import re
+    import typing
+
+    from prismdd.core.config import build_config
+
+    classes = config_classes()
+    assert {"RecoverConfig", "SqueezeConfig", "RelabelConfig", "ValidateConfig", "MetricsConfig", "RunConfig",
+            "AuditConfig"} <= set(classes)
+    checked = 0
+    for cls in classes.values():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if "float" not in str(hints[f.name]):
+                continue
+            pair = typing.get_origin(hints[f.name]) is tuple
+            flag = "--" + f.name.replace("_", "-")
+            with pytest.raises(PrismError, match=re.escape(flag) + r" -?(nan|inf): must be a finite number"):
+                build_config(cls, {f.name: f"0.5,{value}" if pair else value})
+            checked += 1
+    assert checked >= 45  # recover's 28, validate's 9, squeeze's 5, audit's 3, the job's 2, relabel's 2
+
+
 def test_bad_config_files_are_one_line(cli, capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_bytes(b"epochs: 1\n# \xff\xfe\n")
@@ -406,12 +510,13 @@ def test_bad_teacher_folders_are_one_line(zoo, prism_run, tmp_path, cli, capsys)
 
 @pytest.mark.parametrize("case,needle", [("empty val", "the test split has no images"),
                                          ("empty class folder", "class 'c1' has no training images"),
-                                         ("class missing from val", "class 'c1' has no test images")])
+                                         ("class missing from val", "class 'c1' has no test images"),
+                                         ("one class", "classification needs at least 2 classes")])
 def test_imagefolder_gaps_are_refused_before_training(tmp_path, cli, capsys, case, needle):
     from PIL import Image
 
     root = tmp_path / "if"
-    for c in range(2):
+    for c in range(1 if case == "one class" else 2):
         (root / "train" / f"c{c}").mkdir(parents=True)
         for i in range(0 if (case == "empty class folder" and c == 1) else 3):
             Image.new("RGB", (8, 8), (40 * i, 100 * c, 0)).save(root / "train" / f"c{c}" / f"{i}.png")
@@ -424,6 +529,28 @@ def test_imagefolder_gaps_are_refused_before_training(tmp_path, cli, capsys, cas
                 "--epochs", 1, "--device", "cpu", "--out", tmp_path / "t"])
     one_line_error(capsys, code, needle)
     assert not list((tmp_path / "t").rglob("*.pt"))
+    if case == "one class":  # check-data refuses it too, rather than passing a set no classifier can learn from
+        one_line_error(capsys, cli(["check-data", "--dataset", "imagefolder", "--data-root", root]), needle)
+
+
+def test_hidden_files_are_skipped_not_fatal(tmp_path, cli, capsys):
+    """macOS leaves '._name.png' AppleDouble companions (metadata, not PNGs) beside every image it copies; squeeze
+    skips them, and hidden folders, with one notice instead of stopping on the first one."""
+    from PIL import Image
+
+    root = tmp_path / "if"
+    for split in ("train", "val"):
+        for c in range(2):
+            (root / split / f"c{c}").mkdir(parents=True)
+            Image.new("RGB", (8, 8), (0, 100 * c, 0)).save(root / split / f"c{c}" / "0.png")
+            (root / split / f"c{c}" / "._0.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    (root / "train" / ".Trashes").mkdir()
+    capsys.readouterr()
+    assert cli(["squeeze", "--dataset", "imagefolder", "--data-root", root, "--arch", "convnet", "--width", 0.25,
+                "--epochs", 1, "--device", "cpu", "--out", tmp_path / "t"]) == 0
+    said = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[data] imagefolder: skipped")]
+    assert said == ["[data] imagefolder: skipped 4 hidden files and 1 hidden folder (names starting with '.', e.g. "
+                    "macOS '._' companions): not images of the set"]
 
 
 # ----------------------------------------------------------------------------- more reuse and finite cases

@@ -187,6 +187,122 @@ def test_dwa_recover_end_to_end_and_restores_after_a_failing_batch(zoo, tmp_path
     assert not seen["plugin"].handles
 
 
+def _engine_batch(plugin, b, units, x, views, extra=0.0):
+    """The engine's calls for one batch (Engine.run_batch): begin_batch, then per iteration a loss on the view and the
+    gradient of the pixels and of ``grad_wrt()`` (handed to ``take_grads``), end_batch. Returns the record."""
+    y = torch.tensor([c for c, _ in units])
+    x = x.clone().requires_grad_(True)
+    plugin.begin_batch(b, units, x)
+    record = {}
+    try:
+        for v in views:
+            logits = plugin.model(x + v)
+            total = F.cross_entropy(logits, y) + extra * logits.square().mean()
+            wrt = plugin.grad_wrt()
+            _, *more = torch.autograd.grad(total, [x, *wrt], allow_unused=bool(wrt))
+            if wrt:
+                plugin.take_grads(more)
+    finally:
+        plugin.end_batch(b, record)
+    return record
+
+
+def test_dwa_carried_gradient_is_the_reference_leftover(tmp_path):
+    """dwa_carry_grad against distillation_imgnet.py re-stated literally for two batches of one IPC index: the
+    teacher is never frozen, so every iteration's ``loss.backward()`` (:188) adds to ``.grad``; the image optimiser's
+    ``zero_grad`` (:135) clears only the pixels and ``first_step(True)`` (perterb.py:20-32) clears ``.grad`` after
+    using it, so the next batch's FIRST adjustment step follows g_CE + the previous batch's sum. prismdd restores the
+    weights after each batch (FIDELITY.md D1), which the re-statement does too. The first batch of an IPC index
+    (class 0 first) carries nothing; a new process continues from the stored sum; settings that cannot carry fail."""
+    from prismdd.core.errors import PrismError
+
+    gen = torch.Generator().manual_seed(7)
+    x0, x1 = torch.randn(3, 1, 8, 8, generator=gen), torch.randn(2, 1, 8, 8, generator=gen)
+    views = [0.1 * torch.randn(1, 1, 8, 8, generator=gen) for _ in range(4)]
+    first, second = [(0, 0), (1, 0), (2, 0)], [(1, 0), (2, 0)]  # second: not class 0, so the same IPC index goes on
+    rho, steps, extra = 0.2, 3, 0.05
+    settings = dict(dwa_rho=rho, dwa_steps=steps, dwa_carry_grad=True, iterations=len(views))
+
+    model = _tiny_model()
+    base = [p.detach().clone() for p in model.parameters()]
+    plugin = _dwa_plugin(model, **settings)
+    plugin.prepare(tmp_path)
+    records = [_engine_batch(plugin, 0, first, x0, views, extra)]
+    plugin.begin_batch(1, second, x1)
+    ours = [p.detach().clone() for p in model.parameters()]
+    plugin.end_batch(1, {})
+
+    # the reference, literally (its views of the adjustment: prismdd's, FIDELITY.md DWA row 2)
+    ref = copy.deepcopy(model)
+    for p in ref.parameters():
+        p.requires_grad_(True)  # :212-216 never freezes the teacher
+
+    def first_steps(x, units):
+        y = torch.tensor([c for c, _ in units])
+        for _ in range(steps):  # :137-142
+            F.cross_entropy(ref(x), y).backward()
+            with torch.no_grad():  # perterb.py first_step(zero_grad=True) with rho / steps
+                grad_norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in ref.parameters() if p.grad is not None]))
+                for p in ref.parameters():
+                    if p.grad is not None:
+                        p.add_(p.grad * ((rho / steps) / (grad_norm + 1e-12)))
+                        p.grad = None
+
+    first_steps(plugin.view(0, x0), first)
+    xr = x0.clone().requires_grad_(True)
+    for v in views:  # :143-188: every iteration's backward adds to the teacher's .grad
+        logits = ref(xr + v)
+        (F.cross_entropy(logits, torch.tensor([0, 1, 2])) + extra * logits.square().mean()).backward()
+    with torch.no_grad():  # prismdd's restore after the batch (D1); .grad stays
+        for p, s in zip(ref.parameters(), base):
+            p.copy_(s)
+    first_steps(plugin.view(1, x1), second)
+    for p, q in zip(ours, ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert records[0]["dwa"]["carried_from"] is None
+    assert all(torch.equal(p, s) for p, s in zip(model.parameters(), base))  # restored
+    assert not any(p.requires_grad for p in model.parameters())  # frozen again after the batch
+
+    # without the option the second batch's first step is another one
+    plain = _dwa_plugin(_tiny_model(), dwa_rho=rho, dwa_steps=steps, iterations=len(views))
+    plain.begin_batch(1, second, x1)
+    assert not all(torch.allclose(p, q) for p, q in zip(plain.model.parameters(), ours))
+    plain.end_batch(1, {})
+    # a new process (resume) continues from the stored sum: the same adjustment
+    again = _dwa_plugin(_tiny_model(), **settings)
+    again.prepare(tmp_path)
+    again.begin_batch(1, second, x1)
+    assert all(torch.equal(p, q) for p, q in zip(again.model.parameters(), ours))
+    record = {}
+    again.end_batch(1, record)
+    assert record["dwa"]["carried_from"] == 0
+    with pytest.raises(PrismError, match="continues the teacher gradient of batch 4"):
+        again.begin_batch(5, second, x1)
+    for over, need in ((dict(pack="cross"), "--pack ipc"), (dict(dwa_rho=0.0), "--dwa-rho"),
+                       (dict(budget="early_late"), "--budget constant")):
+        with pytest.raises(PrismError, match=f"--dwa-carry-grad needs {need}"):
+            _dwa_plugin(_tiny_model(), **{**settings, **over})
+
+
+def test_dwa_carry_grad_end_to_end_and_resume(zoo, tmp_path):
+    """Through the engine: batches 1 and 3 (the second of IPC indices 0 and 1) continue batches 0 and 2, whose
+    adjustments equal the run without the option; a batch redone alone continues the stored sum (same PNG bytes)."""
+    settings = dict(TINY_RECOVER, teachers=str(zoo), iterations=2, batch_size=5)
+    runs = {}
+    for carry in (False, True):
+        out = recover(recover_config("dwa", out=str(tmp_path / f"carry{carry}"), dwa_carry_grad=carry, **settings))
+        runs[carry] = [read_json(p) for p in sorted((out / "records").glob("batch_*.json"))]
+    assert [r["dwa"]["carried_from"] for r in runs[True]] == [None, 0, None, 2]
+    for b, (plain, carried) in enumerate(zip(runs[False], runs[True])):
+        same = plain["dwa"]["grad_norms"] == carried["dwa"]["grad_norms"]
+        assert same == (b in (0, 2)), b
+    assert sorted(p.name for p in (out / "dwa_carry").iterdir()) == ["batch_00002.safetensors",
+                                                                     "batch_00003.safetensors"]
+    assert read_json(out / "manifest.json")["inputs"]["plugin"]["carry_grad"] is True
+    _redo_batch_gives_the_same_images(out, runs[True][3], lambda: recover(recover_config(
+        "dwa", out=str(out), dwa_carry_grad=True, **settings)))
+
+
 # ----------------------------------------------------------------------------- EDC
 def _ref_patches(x, per_image):
     """U:380-385 / 392-395 re-stated with explicit loops over the 16x16 cells (row-major (u v)) after the
@@ -293,6 +409,29 @@ def test_edc_class_statistics_and_the_patch_swap():
     assert (plain[1][3]["var"] > 0).all() and plain[1][3]["var"].shape == (10, 4)  # (classes, channels)
 
 
+def _reference_picks(aux_teacher, n_batches, iterations, gpus):
+    """recover.py:170-221 re-stated: each of the ``gpus`` processes keeps ONE counter (:170), advanced once per
+    iteration (:216, 221) and never reset; process ``gpu`` optimises its share of every 80-image batch ``zz``, which
+    is prismdd's batch zz * gpus + gpu (20 images, class-major). Returns prismdd batch -> the backbone of each
+    iteration."""
+    picks = {}
+    for gpu in range(gpus):
+        counter = 0
+        for zz in range(-(-n_batches // gpus)):
+            ids = []
+            for iteration in range(iterations):
+                id = counter % len(aux_teacher)
+                counter += 1
+                ids.append(aux_teacher[id])
+            if zz * gpus + gpu < n_batches:
+                picks[zz * gpus + gpu] = ids
+    return picks
+
+
+def _counts(picks):
+    return {a: picks.count(a) for a in sorted(set(picks))}
+
+
 def test_edc_recover_end_to_end(zoo, tmp_path, capsys):
     teachers = _edc_teachers(zoo, tmp_path, ("convnet", "resnet18", "mobilenet_v2"))  # statistics are stored there
     settings = dict(TINY_RECOVER, teachers=str(teachers), iterations=5, batch_size=4, edc_stats_images=100)
@@ -300,16 +439,60 @@ def test_edc_recover_end_to_end(zoo, tmp_path, capsys):
     assert "starts from a rded run's images; without --init-from" in capsys.readouterr().out  # says so, once
     records = [read_json(p) for p in sorted((out / "records").glob("batch_*.json"))]
     assert len(records) == 5 and len(list((out / "images").rglob("*.png"))) == 20
+    # the preset's order (recover.py:386) for the backbones it names, then the rest of the pool
+    expected = _reference_picks(["resnet18", "mobilenet_v2", "convnet"], 5, 5, gpus=4)
     for r in records:
         assert [u[0] for u in r["units"]] == sorted(u[0] for u in r["units"])  # class-major packing
-        counts = r["edc_rotation_counts"]
-        assert sum(counts.values()) == 5 and set(counts) <= set(r["bn_set"])
-        order = [r["bn_set"][(r["batch"] * 5 + it) % len(r["bn_set"])] for it in range(5)]
-        assert counts == {a: order.count(a) for a in sorted(set(order))}  # round-robin, a function of (b, it)
+        assert r["edc_rotation_counts"] == _counts(expected[r["batch"]])  # round-robin, a function of (b, it)
         assert r["final_losses"]["edc_stats"] > 0 and r["final_losses"]["bn_mean"] == 0
     m = read_json(out / "manifest.json")
     assert m["inputs"]["plugin"]["statistics"]["images"] == {a: 100 for a in ("convnet", "resnet18", "mobilenet_v2")}
     _redo_batch_gives_the_same_images(out, records[2], lambda: recover(recover_config("edc", out=str(out), **settings)))
+
+
+def test_edc_rotates_five_backbones_one_bn_free_as_the_reference_counts(zoo, tmp_path):
+    """EDC's pool is five backbones, the fifth (AlexNet) without BatchNorm (recover.py:386); with every Conv2d hooked
+    (recover.py:93-103) AlexNet takes part through its conv statistics. Here convnet_in (instance norm: BN-free)
+    stands in for AlexNet, fifth in the reference's order. The picks equal recover.py's per-process counter re-stated
+    literally, with 7 iterations (not a multiple of 5, where b * iterations + it would differ); every iteration has a
+    statistics term, the BN-free backbone's included; its real-data statistics are made and stored like the others'.
+    BN-free teachers stay refused as BN teachers (prism) and by edc without conv statistics."""
+    from prismdd.core.config import build_config
+    from prismdd.core.errors import PrismError
+    from prismdd.stages.squeeze import SqueezeConfig, squeeze
+
+    teachers = _edc_teachers(zoo, tmp_path, ("resnet18", "mobilenet_v2"))
+    for arch, width in (("efficientnet_b0", 0.25), ("shufflenet_v2_x0_5", 1.0), ("convnet_in", 0.25)):
+        squeeze(build_config(SqueezeConfig, dict(dataset="digits", arch=arch, width=width, epochs=1, batch_size=256,
+                                                 out=str(teachers), device="cpu")))
+    pool = ["resnet18", "mobilenet_v2", "efficientnet_b0", "shufflenet_v2_x0_5", "convnet_in"]
+    # --bn-pool in another order: the rotation follows the preset's edc_order (the reference's list)
+    settings = dict(TINY_RECOVER, teachers=str(teachers), primary="resnet18", bn_pool=",".join(pool[::-1]),
+                    iterations=7, batch_size=4, edc_stats_images=64, log_every=1)
+    out = recover(recover_config("edc", out=str(tmp_path / "edc5"), **settings))
+    records = {r["batch"]: r for r in map(read_json, (out / "records").glob("batch_*.json"))}
+    expected = _reference_picks(pool, 5, 7, gpus=4)
+    assert len(records) == 5
+    for b, r in records.items():
+        assert sorted(r["bn_set"]) == sorted(pool)
+        assert r["edc_rotation_counts"] == _counts(expected[b])
+    assert any(_counts(expected[b]) != _counts([pool[(b * 7 + it) % 5] for it in range(7)]) for b in records)
+    assert sum(r["edc_rotation_counts"]["convnet_in"] for r in records.values()) == 5
+    logged = [json.loads(line) for line in (out / "logs" / "rank0.jsonl").read_text().splitlines()]
+    by_step = {(e["batch"], e["iteration"]): e for e in logged if "iteration" in e}
+    bn_free_steps = [(b, it) for b in records for it in range(7) if expected[b][it] == "convnet_in"]
+    assert len(by_step) == 35 and len(bn_free_steps) == 5
+    assert all(e["edc_stats"] > 0 for e in by_step.values())  # the BN-free backbone's conv term too
+    stats = read_json(out / "manifest.json")["inputs"]["plugin"]["statistics"]
+    assert set(stats["images"]) == set(pool) and stats["stored"]["convnet_in"]["computed"]
+    assert layer_stats_path(teachers / "convnet_in", edc_stats_file(0)).exists()
+
+    _, _, info = load_splits(recover_config("edc", dataset="digits"))
+    for method, over in (("prism", {}), ("edc", dict(edc_conv=False))):
+        cfg = recover_config(method, dataset="digits", teachers=str(teachers), primary="resnet18",
+                             bn_pool=",".join(pool), device="cpu", **over)
+        with pytest.raises(PrismError, match="convnet_in has no BatchNorm"):
+            load_teachers(cfg, info, torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------- EDC: stored statistics
@@ -473,8 +656,10 @@ def test_init_from_starts_each_image_from_a_seeded_image_of_its_class(zoo, tmp_p
     cfg = recover_config("sre2l", **dict(TINY_RECOVER, teachers=str(zoo), init_from=str(src)))
     with pytest.raises(PrismError, match="--init-from .* at 8 px.* at 16 px"):
         init_source(cfg, dataclasses.replace(source.info, resolution=16))
-    m = read_json(src / "manifest.json")  # a set without class 0
+    from prismdd.artifacts import SET_DIGEST
+    m = read_json(src / "manifest.json")  # a set without class 0 (unsealed, as an older prismdd wrote them)
     m["outputs"]["images"] = {k: e for k, e in m["outputs"]["images"].items() if e["class"] != 0}
+    m["outputs"].pop(SET_DIGEST)
     (src / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(PrismError, match="--init-from .*no image of class"):
         init_source(cfg, source.info)

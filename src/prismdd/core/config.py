@@ -5,7 +5,8 @@ Precedence (lowest first): dataclass defaults < preset (``--method``, ``--protoc
 valid ones.
 
 Every field is declared with ``opt(default, help, ...)``: its help text (the CLI's ``--help``), its
-allowed values or lower bound (checked when the config is built, so a bad value fails before any work),
+allowed values or lower bound (checked when the config is built, so a bad value fails before any work; every
+float must also be finite: NaN or inf never reaches a stage),
 and whether it shapes results (fields that do not, such as ``out`` or ``device``, are left out of the
 config hash that decides whether finished work may be reused).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import types
 import typing
@@ -296,9 +298,15 @@ def _check_field(f: dataclasses.Field, value: Any) -> None:
         if bad or not items:
             raise PrismError(f"{flag} {value!r}: expected {'a comma list of ' if f.metadata.get('many') else 'one of '}"
                              f"{', '.join(map(str, choices))}")
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for v in values:
+        # NaN passes every comparison with a bound (nan < 0 is False), and inf passes a lower one: a float option
+        # is refused here, once for every config class, rather than becoming black images or a 'lr: .nan' record
+        if isinstance(v, float) and not math.isfinite(v):
+            raise PrismError(f"{flag} {v}: must be a finite number")
     low = f.metadata.get("minimum")
     if low is not None and value is not None:
-        for v in (value if isinstance(value, (list, tuple)) else [value]):
+        for v in values:
             if v < low:
                 raise PrismError(f"{flag} {v}: must be >= {low}")
 

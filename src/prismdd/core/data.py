@@ -12,13 +12,14 @@ import fcntl
 import gzip
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import struct
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -314,6 +315,23 @@ IMAGENET_CROP = 224 / 256  # "Resize 256 + CenterCrop 224": the crop keeps 87.5 
 EVAL_CROPS = ("auto", "none", "imagenet")
 INFER_SAMPLE = 2000  # image headers read to infer an ImageFolder's size and channels
 MAX_INFERRED = 224  # photos larger than this are decoded at 224 px unless --resolution says otherwise
+EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how the camera was held (1 = upright; phones store 6 or 8 sideways)
+# Transparent pixels are composited on white before use. The RGB under a fully transparent pixel is whatever the
+# writer left there (often black, sometimes garbage); dropping alpha, as a plain convert("RGB") does, shows it.
+# White is how viewers and web pages show cut-outs (logos, product shots), so the network sees what a person sees.
+ALPHA_BACKGROUND = 255
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+PALETTE_MODES = ("P", "PA")
+
+_SAID: set[tuple[str, str]] = set()  # (dataset root or folder, text): notices already printed by this process
+
+
+def say_once(key, text: str) -> None:
+    """Print a notice about ``key`` (a dataset root, a folder) once per process: every stage of ``prismdd run`` loads
+    the same data, and one notice said nine times reads as nine problems."""
+    if (str(key), text) not in _SAID:
+        _SAID.add((str(key), text))
+        print(text)
 
 
 def crop_ratio(eval_crop: str, resolution: int) -> float:
@@ -345,15 +363,47 @@ def to_8bit(im):
     return im
 
 
+def exif_orientation(im) -> int:
+    """The EXIF orientation of an opened image (1 when it has none, or an unreadable EXIF block)."""
+    try:
+        return int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: the pixels are still usable as stored
+        return 1
+
+
+def has_alpha(im) -> bool:
+    return im.mode in ALPHA_MODES or "transparency" in im.info
+
+
+def upright(im):
+    """The image as a viewer shows it: turned by its EXIF orientation (a phone photo is stored sideways with a tag
+    saying so; fed as stored, the network sees it on its side)."""
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(im) if 2 <= exif_orientation(im) <= 8 else im  # 1 or unknown: as stored
+
+
+def flatten_alpha(im):
+    """An image with transparency composited on ``ALPHA_BACKGROUND`` (RGB); other images unchanged."""
+    from PIL import Image
+
+    if not has_alpha(im):
+        return im
+    rgba = im.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (ALPHA_BACKGROUND,) * 3 + (255,)), rgba).convert("RGB")
+
+
 def load_image(path, resolution: int, channels: int = 3, crop: float = 1.0) -> torch.Tensor:
-    """Decode one image file to uint8 (C, R, R): 8-bit conversion (``to_8bit``), the shorter side resized to
-    ``resolution / crop``, then the centre R x R crop. A clear error names an unreadable file."""
+    """Decode one image file to uint8 (C, R, R): turned upright by its EXIF orientation (``upright``), 8-bit
+    conversion (``to_8bit``), transparency composited on white (``flatten_alpha``), the shorter side resized to
+    ``resolution / crop``, then the centre R x R crop. The cache, per-batch decoding and check-data all decode
+    here, so they agree. A clear error names an unreadable file."""
     from PIL import Image
     from torchvision.transforms import functional as TF
 
     try:
         with Image.open(path) as im:
-            im = to_8bit(im).convert("RGB" if channels == 3 else "L")
+            im = flatten_alpha(to_8bit(upright(im))).convert("RGB" if channels == 3 else "L")
             side = resolution if crop >= 1.0 else int(round(resolution / crop))
             if min(im.size) != side:
                 im = TF.resize(im, side)
@@ -366,8 +416,29 @@ def load_image(path, resolution: int, channels: int = 3, crop: float = 1.0) -> t
     return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
 
 
-def _scan_folder(split_dir: Path, classes: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
-    found = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+def _and(items: list[str]) -> str:
+    """["a", "b", "c"] -> "a, b and c"."""
+    return " and ".join(filter(None, [", ".join(items[:-1]), items[-1]])) if items else ""
+
+
+def _hidden(name: str) -> bool:
+    """Names starting with '.': macOS's '._x.png' AppleDouble companions (metadata, not images), .DS_Store,
+    .ipynb_checkpoints, .git. Never images of the set."""
+    return name.startswith(".")
+
+
+def _scan_folder(split_dir: Path, classes: list[str] | None = None,
+                 hidden: Counter | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+    """``(samples, classes)`` of one split; hidden entries are skipped and counted into ``hidden`` (image files
+    under "files", folders under "folders")."""
+    hidden = Counter() if hidden is None else hidden
+    found = []
+    for p in sorted(split_dir.iterdir()):
+        if p.is_dir():
+            if _hidden(p.name):
+                hidden["folders"] += 1
+            else:
+                found.append(p.name)
     classes = classes or found
     index = {c: i for i, c in enumerate(classes)}
     samples = []
@@ -375,11 +446,38 @@ def _scan_folder(split_dir: Path, classes: list[str] | None = None) -> tuple[lis
         if c not in index:
             raise PrismError(f"{split_dir / c}: class folder not present in train/; class folders must match")
         for dirpath, dirs, files in os.walk(split_dir / c):
-            dirs.sort()
+            hidden["folders"] += sum(map(_hidden, dirs))
+            dirs[:] = sorted(d for d in dirs if not _hidden(d))
             for f in sorted(files):
                 if f.lower().endswith(IMAGE_EXTENSIONS):
-                    samples.append((os.path.join(dirpath, f), index[c]))
+                    if _hidden(f):
+                        hidden["files"] += 1
+                    else:
+                        samples.append((os.path.join(dirpath, f), index[c]))
     return samples, classes
+
+
+def _scan_splits(root) -> tuple[list[tuple[str, int]], list[tuple[str, int]], list[str], list[str]]:
+    """``(train samples, test samples, classes, notes)`` of an ImageFolder: the one scan the loader and check-data
+    share. Refused here, before anything is decoded or trained: fewer than 2 classes (a one-class "classifier"
+    scores 100 % whatever it learns) and a train/ without images."""
+    train_dir, test_dir = _imagefolder_splits(root)
+    hidden: Counter = Counter()
+    train, classes = _scan_folder(train_dir, hidden=hidden)
+    if len(classes) < 2:
+        found = f"only {classes[0]!r}" if classes else "none"
+        raise PrismError(f"--data-root {root}: train/ has {len(classes)} class folder{'s' * (len(classes) != 1)} "
+                         f"({found}); classification needs at least 2 classes: add one sub-folder per class to "
+                         f"train/ and val/")
+    test, _ = _scan_folder(test_dir, classes, hidden)
+    if not train:
+        raise PrismError(f"{train_dir}: no image files found")
+    notes = []
+    parts = [f"{n} hidden {what[:-1] if n == 1 else what}" for what in ("files", "folders") if (n := hidden[what])]
+    if parts:
+        notes.append(f"skipped {_and(parts)} (names starting with '.', e.g. macOS '._' companions): "
+                     f"not images of the set")
+    return train, test, classes, notes
 
 
 def _imagefolder_splits(root: str | None) -> tuple[Path, Path]:
@@ -393,34 +491,99 @@ def _imagefolder_splits(root: str | None) -> tuple[Path, Path]:
     return train, test
 
 
-def infer_geometry(paths: list[str], sample: int = INFER_SAMPLE) -> tuple[int, int, str | None]:
-    """``(resolution, channels, notice)`` of an ImageFolder from its image headers (see ``_load_imagefolder``)."""
+@dataclass
+class Survey:
+    """What image headers say about a set of files (``survey_images``; check-data counts every file): shorter
+    sides, PIL modes, EXIF-turned and transparent images. ``sampled``: a spread subset was read, not every file."""
+
+    read: int = 0
+    sampled: bool = False
+    sides: Counter = field(default_factory=Counter)
+    modes: Counter = field(default_factory=Counter)
+    turned: int = 0
+    alpha: int = 0
+
+    def add(self, im) -> None:
+        self.read += 1
+        self.sides[min(im.size)] += 1
+        self.modes[im.mode] += 1
+        self.turned += 2 <= exif_orientation(im) <= 8
+        self.alpha += has_alpha(im)
+
+    def __add__(self, other: "Survey") -> "Survey":
+        return Survey(self.read + other.read, self.sampled or other.sampled, self.sides + other.sides,
+                      self.modes + other.modes, self.turned + other.turned, self.alpha + other.alpha)
+
+    @property
+    def of(self) -> str:
+        return f"{self.read} sampled" if self.sampled else f"{self.read} images"
+
+    def kinds(self) -> Counter:
+        """Images per kind: greyscale, palette (colours looked up in a table), colour."""
+        out: Counter = Counter()
+        for mode, n in self.modes.items():
+            out["greyscale" if mode in GREY_MODES else "palette" if mode in PALETTE_MODES else "colour"] += n
+        return out
+
+    def size_note(self) -> str | None:
+        """The resolution an ImageFolder gets without --resolution, said when it is not every image's own."""
+        common, count = max(self.sides.items(), key=lambda kv: (kv[1], kv[0]))
+        if len(self.sides) > 1:
+            other = self.read - count
+            what = (f"images of different sizes (shorter side {min(self.sides)}-{max(self.sides)} px; {other} of the "
+                    f"{self.of} {'differs' if other == 1 else 'differ'} from {common} px)")
+        elif common > MAX_INFERRED:
+            what = f"images of {common} px (shorter side)"
+        else:
+            return None
+        why = "ImageNet's convention for larger photos" if common > MAX_INFERRED else "the most common size"
+        return f"{what}: all resized to {min(common, MAX_INFERRED)} px, {why}; pass --resolution N to choose"
+
+    def content_notes(self, channels: int) -> list[str]:
+        """What decoding does beyond resizing, in plain words: EXIF turns, transparency, mixed colour kinds."""
+        notes = []
+        if self.turned:
+            notes.append(f"{self.turned} of the {self.of} carry an EXIF orientation (camera held sideways): turned "
+                         f"upright before use, as a photo viewer shows them")
+        if self.alpha:
+            notes.append(f"{self.alpha} of the {self.of} have transparency: composited on white "
+                         f"({ALPHA_BACKGROUND}) before use")
+        counts = self.kinds()
+        kinds = {k: counts[k] for k in ("greyscale", "colour", "palette") if counts[k]}
+        if len(kinds) > 1:
+            mixed = _and([f"{n} {k}" for k, n in kinds.items()])
+            how = ({"greyscale": "greyscale copied into all 3 channels", "palette": "palette colours looked up"}
+                   if channels == 3 else {"colour": "colour by its luma", "palette": "palette colours by their luma"})
+            into = "RGB" if channels == 3 else "greyscale"
+            notes.append(f"mixed image kinds ({mixed} of the {self.of}): all converted to {into} "
+                         f"({', '.join(how[k] for k in kinds if k in how)})")
+        return notes
+
+
+def survey_images(paths: list[str], sample: int = INFER_SAMPLE) -> Survey:
+    """Read up to ``sample`` image headers, evenly spread over ``paths`` (no pixel is decoded)."""
     from PIL import Image
 
     pick = paths if len(paths) <= sample else [paths[int(i)] for i in np.linspace(0, len(paths) - 1, sample)]
-    sides: Counter = Counter()
-    colour = 0
+    survey = Survey(sampled=len(pick) < len(paths))
     for p in pick:
         try:
             with Image.open(p) as im:
-                sides[min(im.size)] += 1
-                colour += im.mode not in GREY_MODES
+                survey.add(im)
         except Exception:  # noqa: BLE001 - unreadable files are reported when decoded (check-data lists them)
             continue
-    if not sides:
-        raise PrismError(f"{Path(paths[0]).parent.parent}: no readable image among {len(pick)} files; "
+    return survey
+
+
+def infer_geometry(paths: list[str], sample: int = INFER_SAMPLE) -> tuple[int, int, Survey]:
+    """``(resolution, channels, survey)`` of an ImageFolder from its image headers (see ``_load_imagefolder``)."""
+    survey = survey_images(paths, sample)
+    if not survey.sides:
+        raise PrismError(f"{Path(paths[0]).parent.parent}: no readable image among {min(len(paths), sample)} files; "
                          f"run `prismdd check-data --dataset imagefolder --data-root DIR`")
-    resolution, count = max(sides.items(), key=lambda kv: (kv[1], kv[0]))
-    notice = None
-    if len(sides) > 1:
-        notice = (f"[data] imagefolder: images have {len(sides)} sizes (shorter side {min(sides)}-{max(sides)} px); "
-                  f"using the most common, {min(resolution, MAX_INFERRED)} px ({count} of {sum(sides.values())} "
-                  f"read); pass --resolution N to choose")
-    if resolution > MAX_INFERRED:
-        notice = (f"[data] imagefolder: images are {resolution} px (most common shorter side); using {MAX_INFERRED} "
-                  f"px, ImageNet's convention; pass --resolution N to choose")
-        resolution = MAX_INFERRED
-    return resolution, (3 if colour else 1), notice
+    common = max(survey.sides.items(), key=lambda kv: (kv[1], kv[0]))[0]
+    colour = sum(n for m, n in survey.modes.items() if m not in GREY_MODES)
+    return min(common, MAX_INFERRED), (3 if colour else 1), survey
 
 
 class CachedFolderImages(TensorImages):
@@ -468,7 +631,11 @@ def files_digest(samples: list[tuple[str, int]]) -> str:
     return h.hexdigest()
 
 
-CACHE_VERSION = 1  # bump when the decoded layout changes: older caches are then ignored
+# bump when the decoded layout or the decoding changes: older caches are then ignored (2: EXIF orientation applied,
+# transparency composited on white, per-chunk checksums in meta.json)
+CACHE_VERSION = 2
+CHECK_CHUNK = 64 << 20  # bytes per checksum of images.u8: chunks are hashed in parallel and a change is located
+_VERIFIED: set[tuple] = set()  # (images.u8, inode, mtime): caches whose checksums this process has verified
 
 
 def _cache_key(digest: str, **settings) -> str:
@@ -476,32 +643,94 @@ def _cache_key(digest: str, **settings) -> str:
                                      sort_keys=True).encode()).hexdigest()[:24]
 
 
+def _chunk_digests(path: Path, nbytes: int, chunk: int | None = None) -> list[str]:
+    """sha256 of each ``chunk``-byte piece (default ``CHECK_CHUNK``) of a file, read through one shared read-only
+    mapping and hashed by up to 4 threads (hashlib releases the GIL). RELIABILITY.md states what it costs
+    (``benchmarks/cache_check.py``)."""
+    chunk = chunk or CHECK_CHUNK
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), nbytes, access=mmap.ACCESS_READ) as mm, memoryview(mm) as mv:
+        def one(start: int) -> str:
+            with mv[start: start + chunk] as piece:  # released before the mapping closes
+                return hashlib.sha256(piece).hexdigest()
+
+        starts = range(0, nbytes, chunk)
+        if len(starts) == 1:
+            return [one(0)]
+        with ThreadPoolExecutor(min(4, os.cpu_count() or 1, len(starts))) as pool:
+            return list(pool.map(one, starts))
+
+
+def _cache_problem(folder: Path, shape) -> str | None:
+    """Why the decoded cache in ``folder`` may not be used, ``""`` when there is none yet, None when it is sound:
+    ``meta.json`` parses and describes ``shape``, ``images.u8`` has exactly that many bytes, and (once per process
+    and file version) every chunk's checksum matches, so changed bytes are never trained on."""
+    if not folder.exists():
+        return ""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except FileNotFoundError:
+        return "meta.json is missing"
+    except (OSError, ValueError) as e:  # ValueError: garbled JSON or bytes that are not UTF-8
+        return f"meta.json cannot be read: {type(e).__name__}"
+    if not isinstance(meta, dict) or meta.get("shape") != list(shape):
+        return f"meta.json does not describe {shape[0]} images of {list(shape[1:])}"
+    nbytes = int(np.prod(shape))
+    sums, chunk = meta.get("sha256"), meta.get("chunk_bytes")
+    if not isinstance(chunk, int) or chunk < 1 or not isinstance(sums, list) or len(sums) != -(-nbytes // chunk):
+        return "meta.json holds no checksums"
+    data = folder / "images.u8"
+    try:
+        st = data.stat()
+    except OSError:
+        return "images.u8 is missing"
+    if st.st_size != nbytes:
+        return f"images.u8 holds {st.st_size} bytes, {nbytes} expected"
+    stamp = (str(data.resolve()), st.st_ino, st.st_mtime_ns)
+    if stamp not in _VERIFIED:
+        bad = sum(a != b for a, b in zip(sums, _chunk_digests(data, nbytes, chunk)))
+        if bad:
+            return f"images.u8 changed since it was decoded: {bad} of {len(sums)} checksummed chunks differ"
+        _VERIFIED.add(stamp)
+    return None
+
+
+def _discard(folder: Path) -> None:
+    """Remove a damaged cache and the half-written copies of killed builders (the caller holds the key's lock, so
+    no live process is writing them). Renamed first: a process that mapped the old file keeps reading its inode."""
+    for p in [folder, *folder.parent.glob(f"{folder.name}.tmp-*"), *folder.parent.glob(f"{folder.name}.old-*")]:
+        if p.exists():
+            gone = p.with_name(f"{folder.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+            os.replace(p, gone)
+            shutil.rmtree(gone, ignore_errors=True)
+
+
 def decode_cache(split: FolderImages, key: str, num_workers: int = 0, what: str = "images"):
     """``split`` decoded once into ``<cache_root>/imagefolder/<key>/images.u8`` (uint8 N x C x R x R, memory-mapped
     read-only-shared: pages are loaded as touched and shared between processes), written atomically under a lock
-    so parallel ranks decode it once. Returns a ``CachedFolderImages``, or ``split`` itself when caching is off or
-    the disk lacks room (a one-line notice says so)."""
+    so parallel ranks decode it once. A cache that fails ``_cache_problem`` (truncated, garbled metadata, changed
+    bytes) is decoded again with a one-line notice. Returns a ``CachedFolderImages``, or ``split`` itself when
+    caching is off or the disk lacks room (a one-line notice says so)."""
     root = cache_root()
     if root is None or len(split) == 0:
         return split
     folder = root / "imagefolder" / key
     shape = (len(split), split.channels, split.resolution, split.resolution)
     nbytes = int(np.prod(shape))
-    if not (folder / "meta.json").exists():
-        root.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(root).free
-        if free < nbytes * 1.05 + (1 << 30):
-            print(f"[data] {what}: decoded cache needs {nbytes / 1e9:.1f} GB, {root} has {free / 1e9:.1f} GB free; "
-                  f"decoding from the files every epoch instead (set PRISMDD_CACHE=DIR elsewhere)")
-            return split
+    if _cache_problem(folder, shape) is not None:
         (root / "imagefolder").mkdir(parents=True, exist_ok=True)
         with open(root / "imagefolder" / f"{key}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another process decoding the same folder: wait, then reuse its work
-            if not (folder / "meta.json").exists():
+            problem = _cache_problem(folder, shape)  # asked again: that process may have built or repaired it
+            if problem is not None:
+                if problem:
+                    print(f"[data] {what}: the decoded cache {folder} is damaged ({problem}); decoding it again")
+                _discard(folder)
+                free = shutil.disk_usage(root).free
+                if free < nbytes * 1.05 + (1 << 30):
+                    print(f"[data] {what}: decoded cache needs {nbytes / 1e9:.1f} GB, {root} has {free / 1e9:.1f} GB "
+                          f"free; decoding from the files every epoch instead (set PRISMDD_CACHE=DIR elsewhere)")
+                    return split
                 _write_cache(split, folder, shape, num_workers, what)
-    meta = json.loads((folder / "meta.json").read_text())
-    if tuple(meta["shape"]) != shape:
-        raise PrismError(f"{folder}: decoded cache has shape {meta['shape']}, expected {list(shape)}; delete the folder")
     arr = np.memmap(folder / "images.u8", dtype=np.uint8, mode="c", shape=shape)  # copy-on-write: never written back
     return CachedFolderImages(torch.from_numpy(arr), split.targets, split.samples, split.resolution, split.channels,
                               folder)
@@ -530,14 +759,21 @@ def _write_cache(split: FolderImages, folder: Path, shape, num_workers: int, wha
         raise PrismError(errors[0] + more)
     arr.flush()
     del arr
+    nbytes = int(np.prod(shape))
+    t1 = time.perf_counter()
+    sums = _chunk_digests(tmp / "images.u8", nbytes)  # read back from the page cache: what was written is sealed
     meta = {"shape": list(shape), "files": len(split), "source": str(Path(split.samples[0][0]).parents[1]),
-            "decode_seconds": round(time.perf_counter() - t0, 2), "workers": workers}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            "decode_seconds": round(t1 - t0, 2), "checksum_seconds": round(time.perf_counter() - t1, 3),
+            "workers": workers, "chunk_bytes": CHECK_CHUNK, "sha256": sums}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: a folder with it is complete
     try:
         os.replace(tmp, folder)
     except OSError:  # another process finished first (no lock on this file system): keep its copy
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"[data] {what}: decoded {len(split)} images once into {folder} ({np.prod(shape) / 1e6:.1f} MB, "
+    else:
+        st = (folder / "images.u8").stat()
+        _VERIFIED.add((str((folder / "images.u8").resolve()), st.st_ino, st.st_mtime_ns))  # sealed just now
+    print(f"[data] {what}: decoded {len(split)} images once into {folder} ({nbytes / 1e6:.1f} MB, "
           f"{meta['decode_seconds']:.1f}s); every later load reuses it")
 
 
@@ -547,34 +783,36 @@ def _load_imagefolder(root, download, resolution, channels=None, eval_crop="auto
     The rule for size and channels, unless ``--resolution`` / ``--channels`` say otherwise: the resolution is
     the most common shorter side among the training images (up to 2,000 headers read, evenly spread; a mixed
     set gets a one-line notice), capped at 224 px (larger photos, e.g. ImageNet's, get ImageNet's 224 with a
-    notice), and the images are 1-channel when every one read is greyscale (L, 1, 16-bit or float), else RGB. Each image's shorter side is resized to the resolution and the centre square kept;
+    notice), and the images are 1-channel when every one read is greyscale (L, 1, 16-bit or float), else RGB. Each
+    image is turned upright by its EXIF orientation, transparency is composited on white, and its shorter side is
+    resized to the resolution and the centre square kept;
     the test split can use ImageNet's "Resize 256 + CenterCrop 224" instead (``--eval-crop``; ``auto``: at
     224 px and above). Normalisation: ImageNet's mean/std for RGB (what pretrained torchvision teachers
     expect), the training images' own for grey. Both splits are decoded once into a memory-mapped cache
-    (``cache_root``) that every stage and epoch reuses.
+    (``cache_root``) that every stage and epoch reuses. What the loader decides for the user (sizes, EXIF turns,
+    transparency, mixed colour kinds, hidden files skipped) is said once per process (``say_once``).
     """
-    train_dir, test_dir = _imagefolder_splits(root)
-    train_samples, classes = _scan_folder(train_dir)
-    test_samples, _ = _scan_folder(test_dir, classes)
-    if not train_samples:
-        raise PrismError(f"{train_dir}: no image files found")
-    # what the request resolves to (the inferred size/channels) is remembered per file list, so a later load
-    # reads no image header; the decoded arrays are keyed by the resolved values, whoever asked for them
-    digest = files_digest(train_samples)
-    scan_key = _cache_key(digest, split="train", resolution=resolution, channels=channels)
+    train_samples, test_samples, classes, notes = _scan_splits(root)
+    # what the request resolves to (the inferred size/channels, the notices) is remembered per file list, so a
+    # later load reads no image header; the decoded arrays are keyed by the resolved values, whoever asked for them
+    digest, test_digest = files_digest(train_samples), files_digest(test_samples)
+    scan_key = _cache_key(digest, split="train", resolution=resolution, channels=channels, test=test_digest)
     scan = _read_scan(scan_key)
     if scan is None:
-        res, ch, notice = infer_geometry([p for p, _ in train_samples])
-        scan = {"resolution": resolution or res, "channels": channels or ch, "notice": None if resolution else notice}
+        res, ch, survey = infer_geometry([p for p, _ in train_samples])
+        res, ch = resolution or res, channels or ch
+        size_note = None if resolution else survey.size_note()
+        survey = survey + survey_images([p for p, _ in test_samples])  # content notes cover both splits
+        scan = {"resolution": res, "channels": ch, "notes": [size_note] * bool(size_note) + survey.content_notes(ch)}
         _write_scan(scan_key, scan)
     res, ch = scan["resolution"], scan["channels"]
-    if scan["notice"]:
-        print(scan["notice"])
+    for note in notes + scan["notes"]:
+        say_once(root, f"[data] imagefolder: {note}")
     key = _cache_key(digest, split="train", resolution=res, channels=ch)
     crop = crop_ratio(eval_crop, res)
     train = decode_cache(FolderImages(train_samples, res, ch, workers=num_workers), key, num_workers,
                          "imagefolder train")
-    test_key = _cache_key(files_digest(test_samples), split="test", resolution=res, channels=ch, crop=crop)
+    test_key = _cache_key(test_digest, split="test", resolution=res, channels=ch, crop=crop)
     test = decode_cache(FolderImages(test_samples, res, ch, crop, num_workers), test_key, num_workers,
                         "imagefolder test")
     if ch == 3:
@@ -586,12 +824,14 @@ def _load_imagefolder(root, download, resolution, channels=None, eval_crop="auto
 
 
 def _read_scan(key: str) -> dict | None:
+    """A remembered header scan, or None (none yet, or unreadable: the scan is simply made again)."""
     root = cache_root()
     path = root / "imagefolder" / f"{key}.scan.json" if root else None
     try:
-        return json.loads(path.read_text()) if path and path.exists() else None
+        scan = json.loads(path.read_text()) if path and path.exists() else None
     except (OSError, ValueError):
         return None
+    return scan if isinstance(scan, dict) and {"resolution", "channels", "notes"} <= scan.keys() else None
 
 
 def _write_scan(key: str, scan: dict) -> None:
@@ -737,21 +977,18 @@ def random_real_indices(train, num_classes: int, ipc: int, seed: int) -> torch.T
 def check_data(name: str, root: str | None = None, resolution: int | None = None,
                channels: int | None = None) -> dict:
     """Decode every file of a dataset; returns counts, the size and channels used, the list of unreadable
-    files and notes (mixed sizes, 16-bit or float images and how they were scaled, images that decode flat)."""
+    files and notes (mixed sizes, EXIF-turned and transparent images, mixed colour kinds, hidden files skipped,
+    16-bit or float images and how they were scaled, images that decode flat), counted over every file."""
     if DATASETS.get(name).loader is not _load_imagefolder:
         train, test, info = load_dataset(name, root, False, resolution, channels)
         return {"dataset": name, "train": len(train), "test": len(test), "classes": info.num_classes,
                 "resolution": info.resolution, "channels": info.channels, "bad_files": [], "notes": []}
     from PIL import Image
 
-    train_dir, test_dir = _imagefolder_splits(root)
-    train, classes = _scan_folder(train_dir)
-    test, _ = _scan_folder(test_dir, classes)
-    if not train:
-        raise PrismError(f"{train_dir}: no image files found")
-    res, ch, notice = infer_geometry([p for p, _ in train])
+    train, test, classes, notes = _scan_splits(root)
+    res, ch, sizes = infer_geometry([p for p, _ in train])  # the loader's rule, so both report the same geometry
     res, ch = resolution or res, channels or ch
-    modes: Counter = Counter()
+    survey = Survey()  # every file this time, not a sample
     bad, flat = [], []
     for path, _ in train + test:
         try:
@@ -760,10 +997,12 @@ def check_data(name: str, root: str | None = None, resolution: int | None = None
             bad.append(str(e))
             continue
         with Image.open(path) as im:
-            modes[im.mode] += 1
+            survey.add(im)
         if int(x.max()) == int(x.min()):
             flat.append(path)
-    notes = [notice] if notice and not resolution else []
+    modes = survey.modes
+    size_note = None if resolution else sizes.size_note()
+    notes = [size_note] * bool(size_note) + notes + survey.content_notes(ch)
     deep = sum(modes[m] for m in SIXTEEN_BIT_MODES)
     if deep:
         notes.append(f"{deep} 16-bit images ({', '.join(m for m in SIXTEEN_BIT_MODES if modes[m])}): scaled to 8 bit "
@@ -774,7 +1013,8 @@ def check_data(name: str, root: str | None = None, resolution: int | None = None
         notes.append(f"{len(flat)} images decode to one flat value (first: {flat[0]}); check their content and "
                      f"bit depth")
     return {"dataset": name, "train": len(train), "test": len(test), "classes": len(classes), "resolution": res,
-            "channels": ch, "modes": dict(modes), "bad_files": bad, "notes": notes}
+            "channels": ch, "modes": dict(modes), "exif_turned": survey.turned, "transparent": survey.alpha,
+            "bad_files": bad, "notes": notes}
 
 
 def iterate_batches(split, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,

@@ -29,6 +29,13 @@ class Plugin:
     # False: no teacher is loaded (nothing pretrained is used); --teachers/--primary are then not needed
     uses_teachers: ClassVar[bool] = True
 
+    @classmethod
+    def takes_bn_free(cls, cfg) -> bool:
+        """Whether BN-free teachers may be in this run's pool: only where the plug-in matches their statistics itself
+        and the engine's BN term is off (EDC's conv statistics). Elsewhere a BN-free member would count 0 in the BN
+        mean, so recover refuses it."""
+        return False
+
     def __init__(self, cfg, info, train, teachers: dict, pool: list[str], device: torch.device):
         # cfg: RecoverConfig; info: DatasetInfo; train: the training split (``get_images``, ``targets``);
         # teachers: arch -> Teacher(arch, model, card, folder); pool: the BN pool's archs
@@ -56,6 +63,14 @@ class Plugin:
         """Extra loss terms for one augmented batch, ALREADY WEIGHTED: every value is added to the total and
         logged under its name. ``logits``: arch -> logits of the teachers that ran this iteration."""
         return {}
+
+    def grad_wrt(self) -> list[torch.Tensor]:
+        """Tensors besides the pixels whose gradient of each iteration's total loss the plug-in receives in
+        ``take_grads`` (DWA's carried teacher gradient). None by default, so nothing more is computed."""
+        return []
+
+    def take_grads(self, grads: list[torch.Tensor | None]) -> None:
+        """The gradients of ``grad_wrt()``'s tensors, once per iteration (None: the loss does not use it)."""
 
     def end_batch(self, b: int, record: dict) -> None:
         """After a batch, also when it failed (undo what begin_batch changed); may add entries to the record."""

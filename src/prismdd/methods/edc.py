@@ -20,8 +20,14 @@ statistics of the batch's labels (``--category-aware global``, U:205-226 and U:4
 
 Loss: ``edc_weight * mean over the teachers that ran of sum_l w_l r_l`` (w_0 = first_bn_multiplier for the first
 hooked layer in module order, R:229-231); the engine's own BN term is meant to be off (alpha_bn 0).
-``edc_round_robin``: iteration ``it`` of batch ``b`` uses ONE teacher, (b * iterations + it) mod n of the
-batch's set (R:216, the counter as a function of (b, it)), for both the CE and the statistics.
+``edc_round_robin``: each iteration uses ONE teacher of the batch's set, ``counter mod n``, for both the CE and the
+statistics (R:216). The reference keeps one counter per process that every iteration advances and no batch resets
+(R:170, 221); each of its ``edc_gpus`` processes optimises its share of every batch, so prismdd's batch ``b`` (one
+share) is that process's (b // edc_gpus)-th and its counter is (b // edc_gpus) * iterations + it: the reference's
+value, as a function of (b, it), so resume and torchrun shards give the same images. The rotation's order is
+``edc_order`` (the reference's R:386 list in the preset), then the rest of the set. The reference's pool includes
+AlexNet, which has no BatchNorm: with ``edc_conv`` every Conv2d input is matched (R:93-103), so a BN-free backbone
+takes part through its conv statistics alone (``takes_bn_free``).
 The real-data statistics (every image a RandomResizedCrop 0.08-1 + flip, as R:126-138; order and crops drawn from
 (seed, "edc-stats")) are computed once per teacher and seed and stored beside the teacher
 (``edc_stats_seed<seed>.safetensors``, G-VBSM's mechanism: ``stats.stored_layer_stats``), reused while the teacher's
@@ -34,6 +40,7 @@ import torch
 import torch.nn as nn
 
 from ..artifacts import edc_stats_file, layer_stats_path
+from ..core.config import comma_list
 from ..core.errors import PrismError
 from ..core.runtime import Timer, make_generator
 from .base import PLUGINS, Plugin
@@ -57,8 +64,16 @@ def layer_term(stats: dict[str, torch.Tensor], glob: dict[str, torch.Tensor], ca
 class EDC(Plugin):
     name = "edc"
 
+    @classmethod
+    def takes_bn_free(cls, cfg) -> bool:
+        # a BN-free backbone (the reference's AlexNet) is matched through its Conv2d inputs, never the engine's R_BN
+        return cfg.edc_conv and cfg.edc_weight > 0 and cfg.alpha_bn == 0
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.cfg.edc_round_robin and self.cfg.budget != "constant":
+            raise PrismError(f"--budget {self.cfg.budget}: edc's backbone counter (the reference's) assumes every "
+                             f"batch runs --iterations steps; use --budget constant")
         # arch -> per hooked layer: (module, is_conv, global targets, class statistics (K, ...))
         self.targets: dict[str, list[tuple[nn.Module, bool, dict, dict]]] = {}
         self.handles: list = []
@@ -87,7 +102,7 @@ class EDC(Plugin):
         settings, name = self.stats_settings(), edc_stats_file(self.cfg.seed)
         used, files = {}, {}
         for arch, t in self.teachers.items():
-            if not hooked_layers(t.model, False):
+            if not hooked_layers(t.model, self.cfg.edc_conv):  # BN-free models count through their conv layers
                 continue
             folder, timer = getattr(t, "folder", None), Timer()  # no folder (a bare model): computed, not stored
             stats, computed = stored_layer_stats(folder, settings, lambda: self.real_pass(t.model), rank=rank,
@@ -155,10 +170,21 @@ class EDC(Plugin):
                 self.handles.append(m.register_forward_pre_hook(hook))
         self.collect = True
 
+    def rotation(self, bn_set: list[str]) -> list[str]:
+        """The round-robin's order: the set's members named in ``edc_order`` first, in that order, then the others
+        in the set's (--bn-pool) order."""
+        named = [a for a in comma_list(self.cfg.edc_order) if a in bn_set]
+        return named + [a for a in bn_set if a not in named]
+
+    def counter(self, b: int, it: int) -> int:
+        """The reference's per-process iteration counter at iteration ``it`` of batch ``b`` (module docstring)."""
+        return (b // self.cfg.edc_gpus) * self.cfg.iterations + it
+
     def pick_teachers(self, b, it, ce_teacher, bn_set):
         if not self.cfg.edc_round_robin:
             return ce_teacher, bn_set
-        pick = bn_set[(b * self.cfg.iterations + it) % len(bn_set)]
+        order = self.rotation(bn_set)
+        pick = order[self.counter(b, it) % len(order)]
         self.counts[pick] = self.counts.get(pick, 0) + 1
         return pick, [pick]
 

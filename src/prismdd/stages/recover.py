@@ -23,8 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..artifacts import (clear_outputs, guard_inputs, image_path, images_digest, load_model, find_teachers, locked_stage,
-                         record_path, reusable, save_image, teacher_digests, write_manifest)
+from ..artifacts import (check_finished_images, clear_outputs, guard_inputs, image_path, images_digest, load_model,
+                         find_teachers, locked_stage, record_path, reusable, save_image, seal_distilled,
+                         teacher_digests, write_manifest)
 from ..core import distributed as dist
 from ..core.augment import JITTER_MODES, apply_views, jitter, sample_views, scale_jitter
 from ..core.bn import bn_hooks
@@ -142,6 +143,10 @@ class RecoverConfig(CommonConfig):
                             "(--steps: 15 ImageNet-1K, 12 CIFAR and Tiny-ImageNet)", minimum=1, neutral=1)
     dwa_var_weight: float = opt(1.0, "dwa: weight of the variance part of the primary's R_BN (--r-var: 2 ImageNet-1K, "
                                      "11 CIFAR and Tiny-ImageNet); 1 = the engine's", minimum=0.0, neutral=1.0)
+    dwa_carry_grad: bool = opt(False, "dwa: the reference's leftover teacher gradient: the first adjustment step of a "
+                                      "batch also carries the sum of the previous batch's weight gradients (same IPC "
+                                      "index; its teacher is never frozen); needs --pack ipc and one process",
+                               neutral=False)
     edc_weight: float = opt(0.0, "edc: weight of the soft category-aware statistics term (recover.sh --r-loss 0.1); "
                                  "0 = off", minimum=0.0, neutral=0.0)
     edc_class_weight: float = opt(0.5, "edc: share of the class-statistics part in each layer's term, the rest "
@@ -157,8 +162,13 @@ class RecoverConfig(CommonConfig):
     edc_swap_patch_targets: bool = opt(False, "edc: the reference's class files hold patch mean and variance under "
                                               "each other's names (utils.py:359-362); on: match them that way",
                                        neutral=False)
-    edc_round_robin: bool = opt(False, "edc: one teacher of the batch's set per iteration, (b * iterations + it) mod "
-                                       "n, for CE and statistics (the reference's counter)", neutral=False)
+    edc_round_robin: bool = opt(False, "edc: one teacher of the batch's set per iteration, counter mod n, for CE and "
+                                       "statistics (the reference's counter)", neutral=False)
+    edc_order: str | None = opt(None, "edc: the round-robin's order, a comma list; the batch's teachers named here "
+                                      "come first, in this order, the rest after in --bn-pool order", neutral=None)
+    edc_gpus: int = opt(1, "edc: the reference's processes per batch, each counting its own iterations: batch b (one "
+                           "process's share) has counter (b // edc_gpus) * iterations + it (recover.sh: 4)", minimum=1,
+                        neutral=1)
     d4m_model: str = opt("stable-diffusion-v1-5/stable-diffusion-v1-5", "d4m: a local diffusers Stable Diffusion folder, "
                          "or a model id already in the local Hugging Face cache (never downloaded; needs "
                          "pip install 'prismdd[diffusion]')", neutral="stable-diffusion-v1-5/stable-diffusion-v1-5")
@@ -331,7 +341,8 @@ class Teacher:
 
 
 def load_teachers(cfg: RecoverConfig, info: DatasetInfo, device) -> tuple[Teacher, dict[str, Teacher], list[str]]:
-    """Load the primary and the BN pool; BN-free architectures are rejected from the pool."""
+    """Load the primary and the BN pool; BN-free architectures are rejected from the pool unless the plug-in
+    matches their statistics itself (``Plugin.takes_bn_free``)."""
     found = find_teachers(cfg.teachers)
     pool = comma_list(cfg.bn_pool) or list(found)
     need = [cfg.primary] + [a for a in pool if a != cfg.primary]
@@ -348,7 +359,7 @@ def load_teachers(cfg: RecoverConfig, info: DatasetInfo, device) -> tuple[Teache
             model = model.to(memory_format=torch.channels_last)
         teachers[arch] = Teacher(arch, model, card, str(found[arch]))
     bn_free = [a for a in pool if not has_batchnorm(teachers[a].model)]
-    if bn_free:
+    if bn_free and not PLUGINS.get(cfg.plugin).takes_bn_free(cfg):  # EDC matches them through conv statistics
         raise PrismError(f"--bn-pool: {', '.join(bn_free)} has no BatchNorm layers and would add 0 to the BN mean "
                          f"while counting in it; remove it from --bn-pool")
     if cfg.alpha_bn > 0 and not has_batchnorm(teachers[cfg.primary].model):
@@ -465,7 +476,10 @@ class Engine:
                 if not torch.isfinite(total):
                     raise PrismError(f"recover batch {b}: loss became {total.item()} with teachers "
                                      f"{', '.join(active_set)}; lower --lr or check those teachers")
-                grad, = torch.autograd.grad(total, x)
+                wrt = self.plugin.grad_wrt()  # e.g. DWA's teacher weights: their gradient of the same loss
+                grad, *more = torch.autograd.grad(total, [x, *wrt], allow_unused=bool(wrt))
+                if wrt:
+                    self.plugin.take_grads(more)
                 with torch.no_grad():
                     if rounds:
                         self._adam_step_global(x, grad, m, v, it, n_iter, b1, b2)
@@ -556,6 +570,7 @@ def recover(cfg: RecoverConfig) -> Path:
         guard_inputs(out, {**teacher_digests({a: t.folder for a, t in teachers.items()}),
                            **({"init_from": images_digest(source.images, source.targets)} if source else {})},
                      force=cfg.force)
+        check_finished_images(out)  # a finished set's images edited since: refused, not kept as recovered
     dist.barrier(ctx)
     chash = config_hash(cfg)
     for p in sorted((out / "records").glob("batch_*.json")):  # every batch of the folder, not only ours
@@ -616,7 +631,8 @@ def recover(cfg: RecoverConfig) -> Path:
                                    "config", {}).get("method"), "images": images_digest(source.images, source.targets)}}
                                   if source is not None else {}),
                                "digests": teacher_digests({a: t.folder for a, t in teachers.items()})},
-                       outputs={"images": images, "num_images": len(images), "batches": records},
+                       outputs={"images": images, "num_images": len(images), "batches": records,
+                                "images_sha256": seal_distilled(out, images)},  # also seals each entry of images
                        wall_time=timer.elapsed,
                        extra={"world_size": ctx.world_size})
         print(f"[recover] {len(images)} images -> {out / 'images'} ({timer.elapsed:.1f}s)")
