@@ -292,8 +292,9 @@ def part_accuracy(args) -> dict:
         results.append({"name": name, "bytes": bytes_ie, "top1": m["top1"], "std": m["top1_std"],
                         "per_seed": [r["top1"] for r in runs], "validate_s": time.perf_counter() - t,
                         "relabel_s": relabel_s})
-        print(f"[label_storage] {name}: top-1 {m['top1']:.2f} +- {m['top1_std']:.2f} "
-              f"({time.perf_counter() - t:.0f}s)", file=sys.stderr)
+        spread = f" +- {m['top1_std']:.2f}" if len(runs) > 1 else " (one run)"
+        print(f"[label_storage] {name}: top-1 {m['top1']:.2f}{spread} ({time.perf_counter() - t:.0f}s)",
+              file=sys.stderr)
 
     folders = {}
     for k in [0] + [k for k in args.acc_ks if k > 0]:

@@ -64,8 +64,9 @@ class RunConfig(CommonConfig):
                                      "section 10) | a comma list from --teacher-archs")
     full_steps: int = opt(300, "steps of the full-data baseline (hard labels, batch 128; 300 epochs of 60k is hours)",
                           minimum=1)
-    eval_every: int = opt(100, "student epochs between test evaluations (the last is always evaluated)", minimum=1,
-                          hashed=False)
+    eval_every: int | None = opt(None, "student epochs between test evaluations (the last is always evaluated); "
+                                       "None: every 10 % of training, so the report's curve has 10 points",
+                                 minimum=1, hashed=False)
     force: bool = opt(False, "redo every stage", hashed=False)
 
     def check(self):
@@ -259,7 +260,8 @@ def run(cfg: RunConfig) -> dict:
 
     # ------------------------------------------------------------------ recover + validate per method
     student = dict(protocol="prism", student=cfg.student, student_width=cfg.student_width, epochs=cfg.student_epochs,
-                   seeds=cfg.seeds, eval_every=cfg.eval_every, teachers=str(teachers_dir),
+                   seeds=cfg.seeds, eval_every=cfg.eval_every or max(1, cfg.student_epochs // 10),
+                   teachers=str(teachers_dir),
                    # named here so every row, random real included, is labelled by the same teachers
                    label_teachers=",".join(cfg.labellers))
     rows, distilled = [], {}

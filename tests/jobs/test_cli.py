@@ -234,3 +234,11 @@ def test_old_stage_names_and_lazy_attributes():
             "assert prismdd.RunConfig.__name__ == 'RunConfig' and callable(prismdd.validate_config)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_bad_name_in_a_list_option_is_named(cli, capsys, tmp_path):
+    """Issue 27: `--methods prism,foo` listed the valid names without saying which one was wrong."""
+    code = cli(["run", "--methods", "prism,foo", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--methods 'prism,foo' (foo unknown): expected a comma list of" in err
+    assert not (tmp_path / "r").exists()

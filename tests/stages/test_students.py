@@ -206,3 +206,14 @@ def test_random_rounds_recover_end_to_end(zoo, tmp_path, ipc):
     budgets = {(c, k): b for r in records for (c, k), b in zip(r["units"], r["budgets"])}
     assert budgets == {(c, k): image_budget(cfg, k, c) for c in range(10) for k in range(ipc)}
     assert set(budgets.values()) <= {2, 4, 6, 8} and len({class_rounds(cfg, c, 4) for c in range(10)}) > 1
+
+
+def test_a_single_run_logs_no_spread(zoo, prism_run, tmp_path, capsys):
+    """Issue 24: one seed logged "83.05 +- 0.00%", which reads as a measured zero spread."""
+    validate(validate_config("prism", **STUDENT, distilled=str(prism_run), teachers=str(zoo), epochs=1,
+                             label_teachers="convnet", out=str(tmp_path / "one")))
+    said = capsys.readouterr().out
+    assert "+- 0.00" not in said and "(one run, seed 0)" in said
+    validate(validate_config("prism", **STUDENT, distilled=str(prism_run), teachers=str(zoo), epochs=1,
+                             label_teachers="convnet", seeds="0,1", out=str(tmp_path / "two")))
+    assert "% over seeds [0, 1]" in capsys.readouterr().out

@@ -296,7 +296,8 @@ def _check_field(f: dataclasses.Field, value: Any) -> None:
         items = comma_list(value) if f.metadata.get("many") else [value]
         bad = [v for v in items if v not in choices]
         if bad or not items:
-            raise PrismError(f"{flag} {value!r}: expected {'a comma list of ' if f.metadata.get('many') else 'one of '}"
+            named = f" ({', '.join(map(str, bad))} unknown)" if bad and len(items) > 1 else ""
+            raise PrismError(f"{flag} {value!r}{named}: expected {'a comma list of ' if f.metadata.get('many') else 'one of '}"
                              f"{', '.join(map(str, choices))}")
     values = value if isinstance(value, (list, tuple)) else [value]
     for v in values:

@@ -328,8 +328,10 @@ def validate(cfg: ValidateConfig) -> dict:
         }
         if ctx.rank == 0:
             r = per_student[arch]
-            print(f"[validate] {arch}: final-epoch top-1 {r['top1']:.2f} +- {r['top1_std']:.2f}% "
-                  f"(best epoch {r['best_top1']:.2f}%, marked best, not the result) over seeds {seeds}")
+            # one run has no spread: "+- 0.00" would read as a measured zero
+            spread = f" +- {r['top1_std']:.2f}% over seeds {seeds}" if len(seeds) > 1 else f"% (one run, seed {seeds[0]})"
+            print(f"[validate] {arch}: final-epoch top-1 {r['top1']:.2f}{spread}; best epoch {r['best_top1']:.2f}% "
+                  f"(marked best, not the result)")
     first = per_student[students[0]]
     label_src = ("stored:" + str(cfg.labels)) if stored else (("online:" + ",".join(online.names)) if online else
                                                               "hard labels")
