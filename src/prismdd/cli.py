@@ -67,7 +67,8 @@ def _add_config_flags(p: argparse.ArgumentParser, cls, chosen: dict | None = Non
         default = defaults[f.name]
         mark = " from the preset" if preset and default != field_default(f) else ""
         h = f"{field_help(f)} [default{mark}: {default}]".strip().replace("%", "%%")
-        if hints[f.name] is bool:  # --x switches a field on, --no-x off; unset leaves the default/preset value
+        # --x switches a field on, --no-x off; unset leaves the default/preset value (or None: decided at run time)
+        if hints[f.name] is bool or set(typing.get_args(hints[f.name])) == {bool, type(None)}:
             g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
         else:
             g.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=h)

@@ -22,6 +22,13 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def default_channels_last(device: torch.device) -> bool:
+    """NHWC by default only where it is known to pay: CUDA convolutions (tensor-core kernels want NHWC; timed by
+    benchmarks/gpu_check.sh). On CPU it measured between 0.8x and 1.3x from run to run on the 2-core machine, the
+    same speed within noise (BENCHMARKS.md section 1), so the plain layout stays."""
+    return torch.device(device).type == "cuda"
+
+
 def make_generator(seed: int, *parts: Any) -> torch.Generator:
     """A CPU generator seeded from ``seed`` and any identifying parts (stage, batch index, epoch ...).
 

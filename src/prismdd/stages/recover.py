@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from contextlib import ExitStack, nullcontext
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -35,7 +36,7 @@ from ..core.errors import PrismError
 from ..core.io import JsonlLog, read_json, write_json
 from ..core.models import has_batchnorm
 from ..core.presets import METHODS, preset_file
-from ..core.runtime import Timer, make_generator, progress
+from ..core.runtime import Timer, default_channels_last, make_generator, progress
 from ..methods import PLUGINS, Plugin
 # the starting images (re-exported: ``prismdd.stages.recover.choose_starts`` etc. keep working)
 from ..methods.starts import (choose_starts, delt_medium, images_from, init_source, initial_images,  # noqa: F401
@@ -108,7 +109,9 @@ class RecoverConfig(CommonConfig):
                              "class gets all rounds", minimum=0, neutral=0)
     tv_l2: float = opt(0.0, "total-variation (L2) image prior weight", minimum=0.0)
     l2: float = opt(0.0, "L2 image prior weight", minimum=0.0)
-    channels_last: bool = opt(True, "NHWC convolutions: 1.2-1.6x faster on CPU", hashed=False)
+    channels_last: bool | None = opt(None, "NHWC convolutions; None: per device: on for CUDA (gpu_check.sh times "
+                                           "both), off on CPU, where on measured 0.8-1.3x run to run "
+                                           "(BENCHMARKS.md section 1)", hashed=False)
     compile: bool = opt(False, "torch.compile the teachers (cold compile costs seconds to minutes)", hashed=False)
     amp: bool = opt(False, "bf16 autocast on CUDA")
     log_every: int = opt(50, "iterations between JSON-lines loss records", minimum=1, hashed=False)
@@ -543,6 +546,8 @@ def recover(cfg: RecoverConfig) -> Path:
     timer = Timer()
     ctx = dist.init(cfg.device)
     device = ctx.device
+    if cfg.channels_last is None:  # recorded resolved in the manifest
+        cfg = dataclasses.replace(cfg, channels_last=default_channels_last(device))
     out = Path(cfg.out)
     train, _, info = load_splits(cfg)
     plugin_cls = PLUGINS.get(cfg.plugin)

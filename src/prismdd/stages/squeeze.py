@@ -19,7 +19,7 @@ from ..core.data import DatasetInfo, check_class_coverage, iterate_batches, load
 from ..core.errors import PrismError
 from ..core.io import JsonlLog, read_json
 from ..core.models import create_model
-from ..core.runtime import Timer, make_generator, resolve_device
+from ..core.runtime import Timer, default_channels_last, make_generator, resolve_device
 from ..core.training import SCHEDULES, OPTIMIZERS, evaluate, fit, make_optimizer
 
 
@@ -40,7 +40,8 @@ class SqueezeConfig(CommonConfig):
     warmup: float = opt(0.02, "fraction of training with linear LR warm-up", minimum=0.0)
     min_scale: float = opt(1.0, "RandomResizedCrop scale floor (1.0 = no crop: best in 2 epochs)")
     flip: bool = opt(True, "random horizontal flips while training")
-    channels_last: bool = opt(False, "NHWC convolutions (faster on some CPUs and GPUs)", hashed=False)
+    channels_last: bool | None = opt(None, "NHWC convolutions; None: per device (on for CUDA, off on CPU: "
+                                           "BENCHMARKS.md section 1)", hashed=False)
     steps_per_epoch: int | None = opt(None, "cap on optimiser steps per epoch (None: one full pass over the data)",
                                       minimum=1)
     eval_every: int = opt(1, "epochs between test evaluations (the last epoch is always evaluated)", minimum=1,
@@ -108,7 +109,8 @@ def train_teacher(cfg: SqueezeConfig, arch: str, train, test, info: DatasetInfo,
     pretrained = {"torchvision": True, None: False}.get(cfg.pretrained, cfg.pretrained)
     model = create_model(arch, info.num_classes, info.channels, info.resolution, cfg.width, cfg.small_stem,
                          pretrained).to(device)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    channels_last = default_channels_last(device) if cfg.channels_last is None else cfg.channels_last
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     opt_ = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
     if resume is not None:
@@ -133,7 +135,7 @@ def train_teacher(cfg: SqueezeConfig, arch: str, train, test, info: DatasetInfo,
         return {"total": loss}
 
     def evaluate_fn():
-        return evaluate(model, test, info, device, num_workers=cfg.num_workers, channels_last=cfg.channels_last)
+        return evaluate(model, test, info, device, num_workers=cfg.num_workers, channels_last=channels_last)
 
     result = fit(model, opt_, batches, loss_fn, epochs=cfg.epochs, steps_per_epoch=steps, lr=cfg.lr,
                  schedule=cfg.schedule, warmup=cfg.warmup, evaluate_fn=evaluate_fn, eval_every=cfg.eval_every,
