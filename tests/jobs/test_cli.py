@@ -242,3 +242,16 @@ def test_a_bad_name_in_a_list_option_is_named(cli, capsys, tmp_path):
     err = capsys.readouterr().err
     assert code == 2 and "--methods 'prism,foo' (foo unknown): expected a comma list of" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_failed_stage_call_leaves_no_empty_folder(cli, capsys, tmp_path):
+    """Issue 27: a call that failed its checks (missing --teachers) left its empty output folder behind."""
+    out = tmp_path / "new" / "recover"
+    code = cli(["recover", "--dataset", "digits", "--teachers", str(tmp_path / "missing"), "--out", str(out)])
+    assert code == 2 and "no finished teachers found" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    (kept / "note.txt").parent.mkdir()
+    (kept / "note.txt").write_text("mine")
+    assert cli(["recover", "--dataset", "digits", "--teachers", str(tmp_path / "missing"), "--out", str(kept)]) == 2
+    assert (kept / "note.txt").read_text() == "mine"  # a folder that existed is left alone

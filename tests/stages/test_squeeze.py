@@ -222,3 +222,14 @@ def test_small_folder_trains_every_step(tmp_path, capsys):
         losses = [json.loads(x)["train_loss"] for x in (tmp_path / "t" / arch / "log.jsonl").read_text().splitlines()]
         assert losses[0] > 0 and losses[-1] < losses[0], (arch, losses)
     assert read_json(tmp_path / "t" / "convnet" / "card.json")["test_top1"] > 50  # chance is 33.3
+
+
+def test_heartbeat_without_a_terminal(tmp_path, capsys, monkeypatch):
+    """Issue 27: a teacher epoch of minutes printed nothing when the output was not a terminal; a verbose fit now
+    says a line every HEARTBEAT_S seconds (0 here: every step)."""
+    monkeypatch.setattr(training, "HEARTBEAT_S", 0.0)
+    cfg = build_config(sq.SqueezeConfig, dict(dataset="digits", arch="convnet", width=0.25, epochs=1, batch_size=256,
+                                              out=str(tmp_path / "t"), device="cpu"))
+    sq.squeeze(cfg)
+    lines = [x for x in capsys.readouterr().out.splitlines() if ": step " in x]
+    assert lines and lines[0].startswith("[squeeze convnet] epoch 1/1: step 1/")
