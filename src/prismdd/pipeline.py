@@ -25,6 +25,7 @@ from .core.io import read_json, write_json
 from .core.models import ARCHS, create_model, has_batchnorm
 from .core.presets import METHODS, preset_file
 from .core.runtime import Timer
+from .core.scores import score_row
 from .core.training import trust, trust_line
 from .report import print_table, write_report
 from .stages.metrics import MetricsConfig, metrics
@@ -33,6 +34,12 @@ from .stages.squeeze import SqueezeConfig, squeeze
 from .stages.validate import ValidateConfig, validate
 
 BASELINES = ("random-real", "full")
+SCORES_NOTE = ("DD-Ranking's scores (arXiv 2505.13300), accuracies as fractions, weights 0.5: LRS from HLR = full "
+               "(the full row: hard labels, its capped step budget) - the set with hard labels (no augmentation, as "
+               "DD-Ranking's use_aug_for_hard=False) and IOR = the set - random real under the protocol; ARS from "
+               "the gaps over random real under the protocol and without augmentation (whole images, no flip, no "
+               "mix). Each student is the protocol's final epoch with its fixed LR, where DD-Ranking sweeps 5 LRs "
+               "and keeps the best evaluation.")
 
 
 @dataclass
@@ -64,6 +71,9 @@ class RunConfig(CommonConfig):
                                      "section 10) | a comma list from --teacher-archs")
     full_steps: int = opt(300, "steps of the full-data baseline (hard labels, batch 128; 300 epochs of 60k is hours)",
                           minimum=1)
+    scores: bool = opt(False, "DD-Ranking's LRS and ARS per method: adds a hard-label student (no augmentation, as "
+                              "DD-Ranking trains it) and a no-augmentation student per method, and one for random "
+                              "real; without it the scores show what they lack", neutral=False)
     eval_every: int | None = opt(None, "student epochs between test evaluations (the last is always evaluated); "
                                        "None: every 10 % of training, so the report's curve has 10 points",
                                  minimum=1, hashed=False)
@@ -274,6 +284,18 @@ def run(cfg: RunConfig) -> dict:
     if "random-real" in cfg.baseline_list:
         _, acc = stages.validate("validate-random-real", common, **student, random_real=True, ipc=cfg.ipc)
         rows.append(_row("random-real", acc, None, stages.timings["validate-random-real"]))
+    extra = {}  # method -> {"syn_hard": top-1, "syn_noaug": top-1}: the scores' students beside the protocol's
+    if cfg.scores:
+        hard = dict(student, loss="ce", augment=False, teachers=None, label_teachers=None)
+        for method, rec_dir in distilled.items():
+            _, acc_h = stages.validate(f"validate-{method}-hard", common, **hard, distilled=str(rec_dir))
+            _, acc_n = stages.validate(f"validate-{method}-noaug", common, **student, augment=False,
+                                       distilled=str(rec_dir))
+            extra[method] = {"syn_hard": acc_h["top1"], "syn_noaug": acc_n["top1"]}
+        if "random-real" in cfg.baseline_list:
+            _, acc_n = stages.validate("validate-random-real-noaug", common, **student, augment=False, random_real=True,
+                                       ipc=cfg.ipc)
+            extra["random-real"] = {"syn_noaug": acc_n["top1"]}
     if "full" in cfg.baseline_list:
         _, acc = stages.validate("validate-full", common, protocol="prism", full=True, student=cfg.student,
                                  student_width=cfg.student_width, **full_epochs, seeds=cfg.seeds,
@@ -282,6 +304,8 @@ def run(cfg: RunConfig) -> dict:
         rows.append(_row("full", acc, None, stages.timings["validate-full"]))
         steps = full_epochs["epochs"] * full_epochs["steps_per_epoch"]
         rows[-1]["label"] = f"full data, hard labels, {steps} steps (reference)"
+
+    _add_scores(rows, extra)
 
     # ------------------------------------------------------------------ diversity metrics (the metrics stage)
     diversity = {"sets": {}, "embedding": None, "warnings": [], "observer": None}
@@ -306,7 +330,9 @@ def run(cfg: RunConfig) -> dict:
                      f"training images with hard labels for {full_epochs['epochs'] * full_epochs['steps_per_epoch']} "
                      f"steps of 128"),
         "date": time.strftime("%Y-%m-%d %H:%M"), "command": "prismdd " + " ".join(sys.argv[1:]),
-        "rows": rows, "timings": dict(stages.timings, total=round(total.elapsed, 1)),
+        "rows": rows,
+        "scores": {"what": SCORES_NOTE, "computed": cfg.scores},
+        "timings": dict(stages.timings, total=round(total.elapsed, 1)),
         "reused": sorted(stages.reused),
         "teachers": {a: {"test_top1": c["test_top1"], "trust": trust(c["test_top1"], info.num_classes),
                          "wall_time_s": c["wall_time_s"]} for a, c in teacher_cards.items()},
@@ -326,6 +352,23 @@ def run(cfg: RunConfig) -> dict:
     print(print_table(rows))
     print(f"[run] report: {report}  ({total.elapsed:.0f}s)")
     return results
+
+
+def _add_scores(rows: list[dict], extra: dict) -> None:
+    """DD-Ranking's LRS and ARS on every distilled row, from the rows' own accuracies and the extra students;
+    random real is the reference both scores subtract, so it gets its no-augmentation accuracy and no score."""
+    by = {r["method"]: r for r in rows}
+    rnd, full = by.get("random-real", {}), by.get("full", {})
+    if "random-real" in extra:
+        rnd["noaug_top1"] = extra["random-real"]["syn_noaug"]
+    for r in rows:
+        if r["method"] in BASELINES:
+            continue
+        more = extra.get(r["method"], {})
+        r["hard_top1"], r["noaug_top1"] = more.get("syn_hard"), more.get("syn_noaug")
+        r["scores"] = score_row({"full_hard": full.get("top1"), "syn_hard": r["hard_top1"], "syn_soft": r["top1"],
+                                 "random_soft": rnd.get("top1"), "syn_aug": r["top1"], "random_aug": rnd.get("top1"),
+                                 "syn_noaug": r["noaug_top1"], "random_noaug": rnd.get("noaug_top1")})
 
 
 def _row(method: str, m: dict, distilled_dir, seconds: float) -> dict:

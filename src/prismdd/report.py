@@ -30,6 +30,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .core.io import atomic_path
+from .core.scores import missing_line
 from .core.text import format_table
 
 MAX_GRID_CLASSES = 20  # rows of a per-method image grid
@@ -198,16 +199,50 @@ def _audit_cell(v) -> str:
     return _cell(v)
 
 
+def scores_section(rows: list[dict], about: dict) -> list[str]:
+    """DD-Ranking's LRS and ARS per distilled set with the numbers behind them; a score that lacks an input shows
+    none and says which (the pipeline computes them: ``score_row``)."""
+    scored = [r for r in rows if r.get("scores")]
+    if not scored:
+        return []
+    body = []
+    for r in scored:
+        cells = [(row_label(r), False)]
+        for key, parts_ in (("lrs", ("hlr", "ior")), ("ars", ("gap_aug", "gap_noaug"))):
+            e = r["scores"][key]
+            if e.get("score") is None:
+                cells += [(missing_line(e), False), (DASH, True), (DASH, True)]
+            else:
+                cells += [(f"{100 * e['score']:.2f}", True)] + [(f"{e[p]:+.2f}", True) for p in parts_]
+        body.append(cells)
+    out = ["<h2>DD-Ranking scores</h2>",
+           _table(["method", "LRS (x100)", "HLR (points)", "IOR (points)", "ARS (x100)", "gap with aug", "gap without aug"],
+                  body)]
+    out.append(f'<p class="note">{_e(about.get("what", ""))} 26.89 = a set no better than random real with no '
+               "hard-label gap; higher is better.</p>")
+    if not about.get("computed"):
+        out.append('<p class="note">This run did not train the scores\' extra students: run it again with '
+                   "<code>--scores</code> (finished stages are reused).</p>")
+    return out
+
+
 def print_table(rows: list[dict]) -> str:
     """The terminal summary ``method | top-1 | intra-class cos | images | time`` as a string.
 
     Returns the text without printing it (callers do ``print(print_table(rows))``).
     """
     cols = ["method", "top-1", "intra-class cos", "images", "time"]
-    return format_table([{"method": r.get("method", "?"), "top-1": fmt_top1(r, "-"),
-                          "intra-class cos": _cell(r.get("intra_class_cos"), 4, "-"),
-                          "images": _cell(r.get("images"), 0, "-"), "time": fmt_seconds(r.get("seconds"), "-")}
-                         for r in rows], cols)
+    table = [{"method": r.get("method", "?"), "top-1": fmt_top1(r, "-"),
+              "intra-class cos": _cell(r.get("intra_class_cos"), 4, "-"),
+              "images": _cell(r.get("images"), 0, "-"), "time": fmt_seconds(r.get("seconds"), "-")} for r in rows]
+    scored = [(t, r) for t, r in zip(table, rows) if r.get("scores")]
+    if any(r["scores"][k].get("score") is not None for _, r in scored for k in ("lrs", "ars")):
+        cols += ["LRS x100", "ARS x100"]  # DD-Ranking's scores, only when the run measured them
+        for t, r in zip(table, rows):
+            for k in ("lrs", "ars"):
+                v = ((r.get("scores") or {}).get(k) or {}).get("score")
+                t[f"{k.upper()} x100"] = "-" if v is None else f"{100 * v:.2f}"
+    return format_table(table, cols)
 
 
 # ----------------------------------------------------------------------------- figures
@@ -498,6 +533,8 @@ def write_report(out_dir, results: dict) -> Path:
                  "of an observer network's penultimate features; <b>lower intra-class cosine = more diverse</b> images "
                  f"within a class.{obs_text} {DASH} = not measured. Time: wall clock of that method's stages, in "
                  f"{UNIT_WORDS[unit]}.</p>")
+
+    parts.extend(scores_section(rows, results.get("scores") or {}))
 
     # --- figures
     parts.append("<h2>Figures</h2>")

@@ -101,6 +101,9 @@ class ValidateConfig(CommonConfig):
     ema_eval: float = opt(0.0, "EDC: EMA decay of the student's parameters, updated every step; evaluation and the "
                                "saved student use the EMA parameters (live BN buffers); 0 = off",
                           minimum=0.0, neutral=0.0)
+    augment: bool = opt(True, "off: every image whole, unflipped and unmixed each epoch (the no-augmentation student of "
+                              "DD-Ranking's ARS); overrides --min-scale, --mix, --patch-shuffle, --rand-augment",
+                        neutral=True)
     bn_double_update: bool = opt(False, "RDED/DELT's code: before each step the student also forwards the unmixed "
                                         "views in train mode without gradient (for its training accuracy), so "
                                         "BatchNorm's running statistics move twice per step", neutral=False)
@@ -134,6 +137,15 @@ class ValidateConfig(CommonConfig):
     @property
     def seed_list(self) -> list[int]:
         return [int(s) for s in comma_list(self.seeds)]
+
+
+def view_config(cfg: ValidateConfig, batch_size: int) -> ViewConfig:
+    """The student's views. Without augmentation: a crop of scale 1 is the whole image (no aspect ratio but 1 fits
+    an area of 1, so the sampler falls back to the full box), no flip, no mix."""
+    if not cfg.augment:
+        return ViewConfig(batch_size, 1.0, "none", flip=False)
+    return ViewConfig(batch_size, cfg.min_scale, cfg.mix, patch_shuffle=cfg.patch_shuffle,
+                      rand_augment=cfg.rand_augment)
 
 
 def validate_config(protocol: str = "prism", **overrides) -> ValidateConfig:
@@ -203,7 +215,7 @@ def train_student(cfg: ValidateConfig, arch: str, seed: int, data: TensorImages,
     ddp = ctx.world_size > 1
     net = nn.parallel.DistributedDataParallel(model) if ddp else model
     bs = labels["batch_size"]
-    vc = ViewConfig(bs, cfg.min_scale, cfg.mix, patch_shuffle=cfg.patch_shuffle, rand_augment=cfg.rand_augment)
+    vc = view_config(cfg, bs)
     steps = math.ceil(len(data) / bs)
     if cfg.steps_per_epoch:
         steps = min(steps, cfg.steps_per_epoch)
@@ -220,7 +232,7 @@ def train_student(cfg: ValidateConfig, arch: str, seed: int, data: TensorImages,
 
     def loss_fn(batch):
         sl, idx, views, mix, soft_all = batch
-        x = make_inputs(data.get_images(idx), info, views, None, device, cfg.rand_augment, cfg.num_workers)
+        x = make_inputs(data.get_images(idx), info, views, None, device, vc.rand_augment, cfg.num_workers)
         if cfg.bn_double_update:  # RDED validation/main.py:213 (DELT :226): student(images) before the mixed pass
             with torch.no_grad():
                 net(x[ctx.rank::ctx.world_size] if ddp else x)
@@ -278,6 +290,7 @@ def validate(cfg: ValidateConfig) -> dict:
     data, source = training_images(cfg, train, info)
     stored = online = None
     bs = cfg.batch_size or default_view_batch(len(data), info.num_classes, cfg.batch_rule)
+    vc = view_config(cfg, bs)  # what the students' views are, for the record below
     vectors = None
     if cfg.labels and has_learned_labels(cfg.labels) and cfg.loss != "mse":
         raise PrismError(f"--labels {cfg.labels}: holds learned labels ({LEARNED_LABELS}); they train with --loss mse "
@@ -306,6 +319,9 @@ def validate(cfg: ValidateConfig) -> dict:
         stored.check_source(digests.get("distilled images"), cfg.distilled)
     if ctx.rank == 0:  # finished students made from other images, labels or teachers are not reused
         guard_inputs(cfg.out, digests, force=cfg.force)
+    if stored is not None and not cfg.augment:
+        raise PrismError(f"--no-augment: the labels in {cfg.labels} belong to their stored augmented views; label "
+                         f"online with --teachers DIR instead")
     if stored is not None and (cfg.mix, cfg.min_scale, cfg.patch_shuffle) != (
             stored.views["mix"], stored.views["min_scale"], stored.views.get("patch_shuffle", 0)):
         # the stored labels belong to their views: replaying them is the only consistent choice
@@ -342,10 +358,10 @@ def validate(cfg: ValidateConfig) -> dict:
                 "decay_exempt": cfg.decay_exempt, "grad_accum": cfg.grad_accum, "schedule": cfg.schedule,
                 "lr_every": cfg.lr_every,
                 "epochs": cfg.epochs, "batch_size": bs,
-                "mix": stored.views["mix"] if stored else cfg.mix, "soft_labels": label_src,
-                "min_scale": stored.views["min_scale"] if stored else cfg.min_scale,
-                "patch_shuffle": stored.views.get("patch_shuffle", 0) if stored else cfg.patch_shuffle,
-                "rand_augment": cfg.rand_augment,
+                "mix": stored.views["mix"] if stored else vc.mix, "soft_labels": label_src,
+                "min_scale": stored.views["min_scale"] if stored else vc.min_scale,
+                "patch_shuffle": stored.views.get("patch_shuffle", 0) if stored else vc.patch_shuffle,
+                "rand_augment": vc.rand_augment, "flip": vc.flip,
                 "ema_eval": cfg.ema_eval, "bn_double_update": cfg.bn_double_update,
                 "student_width": cfg.student_width, "result": "final epoch", "test_set": f"{info.name} test ({len(test)})"}
     accuracy = {"top1": first["top1"], "top5": first["top5"], "top1_std": first["top1_std"],
