@@ -18,7 +18,7 @@ from prismdd.core.config import CommonConfig, field_help
 
 PKG = Path(prismdd.__file__).parent
 # each module's layer; a module may import its own layer's modules (core internals) or lower layers only
-LAYERS = {"core": 0, "artifacts": 1, "methods": 1.5, "stages": 2, "pipeline": 3, "report": 2, "audit": 4, "cli": 5, "__init__": 6,
+LAYERS = {"core": 0, "artifacts": 1, "methods": 1.5, "stages": 2, "pipeline": 3, "report": 2, "export": 2, "audit": 4, "cli": 5, "__init__": 6,
           "__main__": 6}
 
 

@@ -40,6 +40,8 @@ STAGES: dict[str, tuple[str, str, str, str]] = {
     "metrics": ("prismdd.stages.metrics", "MetricsConfig", "metrics",
                 "diversity metrics of distilled sets (observer network)"),
     "audit": ("prismdd.audit", "AuditConfig", "audit", "membership-inference audit of the privacy claim"),
+    "export": ("prismdd.export", "ExportConfig", "export",
+               "write a distilled set for another evaluator: --format ddranking (DD-Ranking 0.2.0's LRS/ARS)"),
 }
 
 
@@ -72,6 +74,9 @@ def _add_config_flags(p: argparse.ArgumentParser, cls, chosen: dict | None = Non
             g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
         else:
             g.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=h)
+    if getattr(cls, "POSITIONAL", None):  # e.g. `prismdd export DIR`: the field also as the first bare argument
+        p.add_argument("positional", nargs="?", default=None, metavar=cls.POSITIONAL.upper(),
+                       help=f"the same as --{cls.POSITIONAL.replace('_', '-')}")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of key: value settings")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any option (repeatable), e.g. --set iterations=500")
@@ -81,6 +86,8 @@ def config_from_args(name: str, args: argparse.Namespace):
     """Defaults < preset (picked by the layers below) < --config < flags < --set."""
     cls = stage(name)[0]
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+    if getattr(args, "positional", None) is not None:
+        flags.setdefault(cls.POSITIONAL, args.positional)
     file_layer = load_yaml(args.config) if args.config else {}
     return build_config(cls, file_layer, flags, parse_sets(args.sets))
 
