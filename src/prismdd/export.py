@@ -173,7 +173,7 @@ def ddr_config(cfg: ExportConfig, dataset: str, info, ipc: int, teacher_names: l
         "weight_decay": protocol.get("weight_decay", 0.01), "momentum": 0.9, "num_eval": cfg.num_eval,
         "num_epochs": cfg.epochs or protocol.get("epochs", 300), "num_workers": 0,
         "syn_batch_size": protocol.get("batch_size") or (50 if ipc <= 10 else 100),  # validate's seed rule
-        "real_batch_size": 256, "batch_size": 256, "real_batch_size": 256, "batch_size": 256,
+        "real_batch_size": 256, "batch_size": 256,
         "eval_full_data": (dataset, student) not in FULL_CACHED,
         "random_data_format": "image", "random_data_path": "./random_data",
         "device": cfg.device, "dist": False, "save_path": "./ddranking_scores.csv",
