@@ -29,6 +29,7 @@ from prismdd.artifacts import load_distilled, load_model
 from prismdd.core.config import comma_list
 from prismdd.core.data import load_dataset, random_real_indices
 from prismdd.core.presets import METHODS as PRESETS, PROTOCOLS
+from prismdd.core.scores import ars, lrs
 from prismdd.core.training import extract_features
 from prismdd.pipeline import Stages, epochs_for
 from prismdd.stages.metrics import diversity_from_features
@@ -69,6 +70,16 @@ def experiments(ipcs=(1, 10, 50)) -> dict[str, list[dict]]:
              ("+ four-teacher labels (corrected)", {})]
     ex["students/ipc10"] = [cell(f"{m}, {name}", m, {"ipc": 10} if m != "random-real" else {}, dict(v, ipc=10))
                             for m in ("random-real", "sre2l", "delt", "prism") for name, v in steps]
+    # issue 23: DD-Ranking's LRS and ARS need, beside each set under the shared protocol, the set with hard labels
+    # (no augmentation, DD-Ranking's use_aug_for_hard=False) and the set without augmentation, random real under
+    # both protocols, and a full-data hard-label reference (SCORE_FULL_EPOCHS epochs, one seed: CPU-sized)
+    hard = {"loss": "ce", "augment": False, "teachers": None, "label_teachers": None}
+    for ipc_ in ipcs:
+        ex[f"scores/ipc{ipc_}"] = [cell("full data, hard labels", "full", {}, dict(FULL_REFERENCE))] + [
+            cell(f"{m}, {name}", m, {"ipc": ipc_} if m != "random-real" else {}, dict(v, ipc=ipc_))
+            for m in SCORED for name, v in (("protocol", {}), ("hard labels", hard), ("no augmentation",
+                                                                                      {"augment": False}))
+            if not (m == "random-real" and name == "hard labels")]
     for ipc_ in ipcs:
         # FRePo (issue 21): the images with the teacher's soft labels (shared protocol) and with their own learned
         # labels (protocol frepo, FRePo's eval.py step counts), random real under both; plus a ResNet-18 student
@@ -148,6 +159,12 @@ def experiments(ipcs=(1, 10, 50)) -> dict[str, list[dict]]:
     ex["cross-arch"] = [cell(f"{m} -> {s}", m, ipc, dict(ipc, student=s))
                         for s in ("resnet18", "shufflenet_v2_x0_5") for m in ("random-real", "sre2l", "prism")]
     return ex
+
+
+SCORED = ["random-real", "prism", "sre2l", "delt"]  # the rows section 10 corrected; the other methods: not run
+SCORE_FULL_EPOCHS = 5
+FULL_REFERENCE = {"full": True, "loss": "ce", "mix": "none", "epochs": SCORE_FULL_EPOCHS, "batch_size": 128,
+                  "lr_every": "step", "teachers": None, "label_teachers": None}
 
 
 # FRePo on 2 CPU cores: the pool networks at half width (64 channels), 256 real images per step instead of the
@@ -239,7 +256,12 @@ def main():
                            epochs=a.student_epochs, eval_every=a.student_epochs, teachers=str(teachers_dir),
                            label_teachers=label_teachers(protocol))
                 run_common = dict(common, seed=s)
-                if c["method"] == "random-real":
+                if c["method"] == "full":  # the whole training set: no diversity to measure
+                    if s != seeds[0]:
+                        continue
+                    val.update(**c["val"])
+                    imgs = None
+                elif c["method"] == "random-real":
                     val.update(random_real=True, **c["val"])
                     idx = random_real_indices(train, info.num_classes, val.get("ipc", 10), s)
                     imgs, tg = train.get_images(idx), train.targets[idx]
@@ -260,8 +282,11 @@ def main():
                 ev_dir, m = stages.validate("validate", run_common, **val)
                 vs += stages.timings["validate"]
                 top1.append(m["top1"])
-                div = diversity_from_features(extract_features(imgs, info, observer, "cpu"), tg, info.num_classes)
-                cos.append(div["intra_class_cos"] if div["intra_class_cos"] is not None else float("nan"))
+                if imgs is None:
+                    cos.append(float("nan"))
+                else:
+                    div = diversity_from_features(extract_features(imgs, info, observer, "cpu"), tg, info.num_classes)
+                    cos.append(div["intra_class_cos"] if div["intra_class_cos"] is not None else float("nan"))
                 with open(log, "a") as f:
                     f.write(json.dumps({"experiment": name, "cell": c["name"], "seed": s, "top1": m["top1"],
                                         "intra_class_cos": cos[-1], "distilled": str(rec_dir) if rec_dir else None,
@@ -275,12 +300,38 @@ def main():
                   f"{rs:.0f} | {vs:.0f} |", flush=True)
         if name.startswith(("own-protocol/", "frepo")):
             paired_table(finished, seeds)
+        if name.startswith("scores/"):
+            scores_table(finished, seeds)
+
+
+def scores_table(finished: dict[str, list[float]], seeds: list[int]) -> None:
+    """LRS and ARS (x100) per method and seed from the cells of a scores experiment (seed s of every row is a pair;
+    the full-data reference is one run), mean ± std over seeds, with the mean HLR, IOR and the two gaps."""
+    full = finished.get("full data, hard labels")
+    print("\n| method | LRS x100 | HLR (points) | IOR (points) | ARS x100 | gap with aug | gap without aug |")
+    print("|---|---|---|---|---|---|---|")
+    for m in SCORED[1:]:
+        need = [f"{m}, protocol", f"{m}, hard labels", f"{m}, no augmentation", "random-real, protocol",
+                "random-real, no augmentation"]
+        if full is None or any(k not in finished for k in need):
+            continue
+        syn, hard, noaug, rnd, rnd_noaug = (finished[k] for k in need)
+        per = [(lrs(full[0], hard[i], syn[i], rnd[i]), ars(syn[i], rnd[i], noaug[i], rnd_noaug[i]))
+               for i in range(len(seeds))]
+
+        def ms(xs, scale=1.0):
+            x = np.array(xs) * scale
+            return f"{x.mean():.2f}" + (f" ± {x.std(ddof=1):.2f}" if len(x) > 1 else "")
+
+        print(f"| {m} | {ms([p[0]['score'] for p in per], 100)} | {ms([p[0]['hlr'] for p in per])} | "
+              f"{ms([p[0]['ior'] for p in per])} | {ms([p[1]['score'] for p in per], 100)} | "
+              f"{ms([p[1]['gap_aug'] for p in per])} | {ms([p[1]['gap_noaug'] for p in per])} |")
 
 
 def paired_table(finished: dict[str, list[float]], seeds: list[int]) -> None:
     """Each method under its own protocol against random real under the SAME protocol, seed by seed (recovery
     and student seed are the same number, so seed s of both rows is a pair)."""
-    print(f"\n| method | top-1 % | random real, same protocol | difference | seeds above random real |")
+    print("\n| method | top-1 % | random real, same protocol | difference | seeds above random real |")
     print("|---|---|---|---|---|")
     for cell_name, top1 in finished.items():
         method, _, protocol = cell_name.partition(", protocol ")
