@@ -103,3 +103,28 @@ def test_no_augmentation_means_whole_unflipped_unmixed_images():
     # with augmentation (the default), crops, flips and CutMix are drawn
     aug = epoch_plan(100, 0, 0, view_config(validate_config(random_real=True, teachers="t"), 50), 28)
     assert (aug.views.boxes[:, 2] < 1).any() and aug.views.flips.any() and aug.mixes[0] is not None
+
+
+def test_validate_scores_trains_the_four_students_and_scores_from_them(recover_run, zoo, tmp_path):
+    from prismdd.core.io import read_json
+    from prismdd.stages.validate import validate
+
+    rec = recover_run(tmp_path / "set")
+    kw = dict(dataset="digits", device="cpu", student_width=0.25, epochs=2, distilled=str(rec), teachers=str(zoo),
+              out=str(tmp_path / "eval"), scores=True)
+    acc = validate(validate_config(**kw))
+    subs = {p.name: read_json(p / "accuracy.json") for p in (tmp_path / "eval" / "scores").iterdir()}
+    assert set(subs) == {"hard-labels", "no-augmentation", "random-real", "random-real-no-augmentation"}
+    assert subs["hard-labels"]["protocol"]["loss"] == "ce" and subs["hard-labels"]["protocol"]["soft_labels"] == "hard labels"
+    assert subs["no-augmentation"]["protocol"]["flip"] is False and subs["no-augmentation"]["protocol"]["mix"] == "none"
+    assert subs["random-real"]["images"] == acc["images"]  # the same IPC as the set
+    assert subs["random-real"]["protocol"]["soft_labels"] == acc["protocol"]["soft_labels"]  # the same teachers
+    s = acc["scores"]
+    assert s["lrs"]["score"] is None and s["lrs"]["missing"] == ["full_hard"]  # no --full-top1: named, not made up
+    assert s["ars"]["score"] == ars(acc["top1"], subs["random-real"]["top1"], subs["no-augmentation"]["top1"],
+                                    subs["random-real-no-augmentation"]["top1"])["score"]
+    acc2 = validate(validate_config(**kw, full_top1=95.0))  # every student reused, LRS now computed
+    assert acc2["scores"]["lrs"]["score"] == lrs(95.0, subs["hard-labels"]["top1"], acc["top1"],
+                                                 subs["random-real"]["top1"])["score"]
+    with pytest.raises(Exception, match="--scores: give --distilled DIR and --teachers DIR"):
+        validate_config(random_real=True, teachers=str(zoo), scores=True)

@@ -22,7 +22,7 @@ import math
 LRS_INPUTS = ("full_hard", "syn_hard", "syn_soft", "random_soft")
 ARS_INPUTS = ("syn_aug", "random_aug", "syn_noaug", "random_noaug")
 INPUT_WORDS = {
-    "full_hard": "full data with hard labels (the full baseline)",
+    "full_hard": "full data with hard labels (run's full baseline, or validate --full-top1)",
     "syn_hard": "the distilled set with hard labels (run --scores)",
     "syn_soft": "the distilled set under the protocol",
     "random_soft": "random real under the protocol (the random-real baseline)",

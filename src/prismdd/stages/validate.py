@@ -33,6 +33,7 @@ from ..core.io import JsonlLog, write_json
 from ..core.models import create_model
 from ..core.presets import PROTOCOLS
 from ..core.runtime import Timer
+from ..core.scores import missing_line, score_row
 from ..core.training import (DECAY_EXEMPT, ENSEMBLES, OPTIMIZERS, SCHEDULES, decay_groups, evaluate, fit, half_sse,
                              make_optimizer)
 
@@ -104,6 +105,11 @@ class ValidateConfig(CommonConfig):
     augment: bool = opt(True, "off: every image whole, unflipped and unmixed each epoch (the no-augmentation student of "
                               "DD-Ranking's ARS); overrides --min-scale, --mix, --patch-shuffle, --rand-augment",
                         neutral=True)
+    scores: bool = opt(False, "DD-Ranking's LRS and ARS for --distilled (with --teachers): also trains the set with "
+                              "hard labels (no augmentation) and without augmentation, and random real of the same IPC "
+                              "with and without, in <out>/scores/; LRS also needs --full-top1", hashed=False)
+    full_top1: float | None = opt(None, "LRS's full-data hard-label top-1 (%), a stated reference such as prismdd "
+                                        "run's full row; without it LRS says it is missing", minimum=0.0, hashed=False)
     bn_double_update: bool = opt(False, "RDED/DELT's code: before each step the student also forwards the unmixed "
                                         "views in train mode without gradient (for its training accuracy), so "
                                         "BatchNorm's running statistics move twice per step", neutral=False)
@@ -131,6 +137,9 @@ class ValidateConfig(CommonConfig):
         if self.grad_accum > 1 and bs is not None and bs % self.grad_accum:
             raise PrismError(f"--grad-accum {self.grad_accum}: --batch-size {bs} does not split into "
                              f"{self.grad_accum} equal parts; pick a divisor of the batch size")
+        if self.scores and not (self.distilled and self.teachers and not self.labels):
+            raise PrismError("--scores: give --distilled DIR and --teachers DIR (online labels: the random-real and "
+                             "no-augmentation students cannot replay stored --labels)")
         if self.ema_eval >= 1:
             raise PrismError(f"--ema-eval {self.ema_eval}: an EMA decay must be below 1 (EDC uses 0.99); 0 = off")
 
@@ -174,6 +183,30 @@ def from_distilled(cfg: ValidateConfig) -> ValidateConfig:
         return cfg if cfg.dataset is not None else dataclasses.replace(cfg, dataset=DEFAULT_DATASET)
     return with_distilled_dataset(cfg, read_manifest(cfg.distilled, ("recover", "random-real"), "--distilled"),
                                   cfg.distilled)
+
+
+def _scores(cfg: ValidateConfig, top1: float, ipc: int, labellers: list[str] | None) -> dict:
+    """DD-Ranking's LRS and ARS for the distilled set whose protocol student scored ``top1``: four more students,
+    each a validate of its own in ``<out>/scores/<name>`` (finished ones are reused), random real labelled by the
+    very teachers that labelled the set."""
+    def student(name: str, **kw) -> float:
+        sub = dataclasses.replace(cfg, scores=False, full_top1=None, out=str(Path(cfg.out) / "scores" / name), **kw)
+        return validate(sub)["top1"]
+
+    same = ",".join(labellers) if labellers else cfg.label_teachers
+    acc = {"syn_soft": top1, "syn_aug": top1, "full_hard": cfg.full_top1,
+           "syn_hard": student("hard-labels", loss="ce", augment=False, teachers=None, label_teachers=None),
+           "syn_noaug": student("no-augmentation", augment=False)}
+    acc["random_soft"] = acc["random_aug"] = student("random-real", distilled=None, random_real=True, ipc=ipc,
+                                                     label_teachers=same)
+    acc["random_noaug"] = student("random-real-no-augmentation", distilled=None, random_real=True, ipc=ipc,
+                                  label_teachers=same, augment=False)
+    out = score_row(acc)
+    for key in ("lrs", "ars"):
+        e = out[key]
+        print(f"[validate] {key.upper()} " + (f"{100 * e['score']:.2f} (x100)" if e["score"] is not None else
+                                              missing_line(e)))
+    return out
 
 
 # ----------------------------------------------------------------------------- losses
@@ -368,6 +401,9 @@ def validate(cfg: ValidateConfig) -> dict:
                 "best_top1": first["best_top1"], "curve": first["curve"], "protocol": protocol,
                 "seeds": seeds, "students": per_student, "source": {k: v for k, v in source.items() if k != "indices"},
                 "images": len(data)}
+    if cfg.scores:
+        accuracy["scores"] = _scores(cfg, accuracy["top1"], len(data) // info.num_classes,
+                                     online.names if online else None)
     if ctx.rank == 0:
         write_json(out / ACCURACY_FILE, accuracy)
         write_manifest(out, "validate", cfg, inputs={"dataset": info.to_dict(), "source": source, "digests": digests},
