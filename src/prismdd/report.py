@@ -24,6 +24,7 @@ import base64
 import html
 import json
 import re
+import textwrap
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -338,7 +339,8 @@ def accuracy_figure(rows: list[dict], path: Path, colors: dict | None = None) ->
     plt = _plt()
     names = [str(r.get("method")) for r in rows]
     colors = colors or method_colors(names)
-    labels = [row_label(r).replace(" (reference)", "\n(reference)") for r in rows]
+    # long row names (the full row's) wrapped so they do not run into their neighbours' names
+    labels = ["\n".join(textwrap.wrap(row_label(r), 14)) for r in rows]
     top1 = [float(r["top1"]) for r in rows]
     # error bars only where several runs give a spread; a single run's "0.0" would read as no noise at all
     std = [float(r.get("top1_std") or 0.0) if runs_of(r) > 1 else 0.0 for r in rows]
