@@ -67,6 +67,19 @@ def test_quality_smoke(tmp_path):
     last = [json.loads(line) for line in (tmp_path / "digits" / "results.jsonl").read_text().splitlines()][-4:]
     assert [r["protocol"]["soft_labels"].split(":")[0] for r in last] == ["online", "online", "learned",
                                                                            "centred one-hot"]
+    # DD-Ranking's scores (issue 23): the four extra students and a full-data reference, then LRS/ARS per method
+    out = _run(["benchmarks/quality.py", "--smoke", "--only", "scores/ipc1", "--cells", "full data,random-real,prism,",
+                "--out", str(tmp_path), "--threads", "1"], tmp_path, timeout=600)
+    rows = {r.split("|")[1].strip(): r.split("|") for r in out.splitlines() if r.startswith("| ")}
+    assert {"full data, hard labels", "prism, hard labels", "random-real, no augmentation", "prism"} <= set(rows)
+    top = {k: float(v[2].split("±")[0]) for k, v in rows.items() if k != "prism" and not k.startswith(("cell", "method"))}
+    from prismdd.core.scores import ars, lrs
+    want_lrs = lrs(top["full data, hard labels"], top["prism, hard labels"], top["prism, protocol"],
+                   top["random-real, protocol"])
+    want_ars = ars(top["prism, protocol"], top["random-real, protocol"], top["prism, no augmentation"],
+                   top["random-real, no augmentation"])
+    assert abs(float(rows["prism"][2]) - 100 * want_lrs["score"]) < 0.011
+    assert abs(float(rows["prism"][5]) - 100 * want_ars["score"]) < 0.011
 
 
 def test_label_storage_bytes_smoke(tmp_path):
