@@ -13,7 +13,8 @@ classes) and everything else from a YAML ``Config``. What that version accepts, 
   ConvNet at width 1 and a ResNet-18 at width 1 whose stem matches convert; anything else is refused here.
 - soft labels: mode 'M' (the teachers label each augmented batch) is the one that reads an image folder; mode
   'S' needs a tensor of stored labels and refers to an attribute 0.2.0 never sets. prismdd's protocol labels
-  online, which is mode 'M'.
+  online, which is mode 'M'. Random real as tensors calls ``get_random_data_tensors`` without its ``class_map``
+  argument (``metrics/soft_label.py:461``), so the export asks for random real as images.
 - LRS needs full-data accuracy: cached for (ImageNet1K | TinyImageNet, ResNet-18-BN), trained by it for the
   pairs it has a recipe for (``REAL_DATA_TRAINING_CONFIG``), refused otherwise.
 
