@@ -235,7 +235,7 @@ def main():
     seeds = [int(s) for s in a.seeds.split(",")]
     log = out / "results.jsonl"
     header = (f"{a.dataset}, student {a.student} (width {a.student_width}), {a.student_epochs} epochs, soft labels "
-              f"of the convnet teacher online (MSE + 0.1 CE), recovery {a.iterations} iterations (FRePo: {a.frepo_steps} "
+              f"online from label_teachers(protocol) (prism: {','.join(POOL)}, norm-matched; MSE + 0.1 CE), recovery {a.iterations} iterations (FRePo: {a.frepo_steps} "
               f"outer steps), seeds {seeds}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
     for name in wanted:
