@@ -33,6 +33,7 @@ from prismdd.core.scores import ars, lrs
 from prismdd.core.training import extract_features
 from prismdd.pipeline import Stages, epochs_for
 from prismdd.stages.metrics import diversity_from_features
+from prismdd.stages.validate import HARD_LABELS, NO_AUGMENTATION
 
 POOL = ["convnet", "resnet18", "mobilenet_v2", "efficientnet_b0"]  # BN pool (the first is the primary)
 OBSERVER = "shufflenet_v2_x0_5"
@@ -73,12 +74,11 @@ def experiments(ipcs=(1, 10, 50)) -> dict[str, list[dict]]:
     # issue 23: DD-Ranking's LRS and ARS need, beside each set under the shared protocol, the set with hard labels
     # (no augmentation, DD-Ranking's use_aug_for_hard=False) and the set without augmentation, random real under
     # both protocols, and a full-data hard-label reference (SCORE_FULL_EPOCHS epochs, one seed: CPU-sized)
-    hard = {"loss": "ce", "augment": False, "teachers": None, "label_teachers": None}
     for ipc_ in ipcs:
         ex[f"scores/ipc{ipc_}"] = [cell("full data, hard labels", "full", {}, dict(FULL_REFERENCE))] + [
             cell(f"{m}, {name}", m, {"ipc": ipc_} if m != "random-real" else {}, dict(v, ipc=ipc_))
-            for m in SCORED for name, v in (("protocol", {}), ("hard labels", hard), ("no augmentation",
-                                                                                      {"augment": False}))
+            for m in SCORED for name, v in (("protocol", {}), ("hard labels", HARD_LABELS),
+                                            ("no augmentation", NO_AUGMENTATION))
             if not (m == "random-real" and name == "hard labels")]
     for ipc_ in ipcs:
         # FRePo (issue 21): the images with the teacher's soft labels (shared protocol) and with their own learned

@@ -31,10 +31,10 @@ import torch
 import torch.nn as nn
 import torchvision.models as tvm
 
-from .artifacts import MANIFEST, load_distilled, load_model, read_manifest
+from .artifacts import MANIFEST, load_distilled, load_model
 from .core.config import opt
 from .core.errors import PrismError
-from .core.io import atomic_path, write_json
+from .core.io import torch_save, write_json
 from .core.presets import PROTOCOLS, preset_file
 
 # DD-Ranking 0.2.0's dataset names with their class counts (utils/data.py get_dataset)
@@ -96,7 +96,7 @@ def ddr_dataset(info_name: str, num_classes: int, channels: int, as_dataset: str
     return name
 
 
-def _ddr_convnet(sd: dict, num_classes: int) -> dict:
+def _ddr_convnet(sd: dict) -> dict:
     """prismdd ConvNet (BN, bias-free convs) -> DD-Ranking's ConvNet-3-BN state dict: same module indices
     (conv, norm, relu, pool per block), plus the zero biases its convs carry."""
     out = dict(sd)
@@ -138,7 +138,7 @@ def convert_teacher(folder: Path, arch: str, num_classes: int, resolution: int) 
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     name = DDR_MODELS[arch]
     if arch == "convnet":
-        sd = _ddr_convnet(sd, num_classes)
+        sd = _ddr_convnet(sd)
     ref = ddr_reference_model(name, num_classes, resolution)
     try:
         ref.load_state_dict(sd, strict=True)
@@ -198,18 +198,13 @@ if "ars" in which:
 '''
 
 
-def write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as t:
-        Path(t).write_text(text)
-
-
 def export(cfg: ExportConfig) -> Path:
     """Write the export folder; returns it. The images are checked against recover's digests on the way."""
     import yaml
 
     src = Path(cfg.distilled)
     ds = load_distilled(src)  # refuses edited or missing images
-    man = read_manifest(src, ("recover",), option="--distilled")
+    man = ds.manifest
     info = ds.info
     dataset = ddr_dataset(info.name, len(info.class_names), info.channels, cfg.as_dataset)
     out = Path(cfg.out or f"{src.as_posix().rstrip('/')}-ddranking")
@@ -221,8 +216,7 @@ def export(cfg: ExportConfig) -> Path:
     primary = man["config"].get("primary")
     archs = [a for a in (cfg.label_teachers or primary or "").split(",") if a]
     converted = [convert_teacher(teachers_dir, a, len(info.class_names), info.resolution) for a in archs]
-    validate_preset = preset_file("validate", cfg.protocol)
-    protocol = {**{k: v for k, v in validate_preset.items() if not isinstance(v, dict)}}
+    protocol = preset_file("validate", cfg.protocol)
     ipc = int(man["config"]["ipc"])
     if out.exists() and cfg.force:
         shutil.rmtree(out)
@@ -243,20 +237,20 @@ def export(cfg: ExportConfig) -> Path:
     for name, sd in converted:
         p = tmp / "teachers" / dataset / name / "ckpt_best.pt"
         p.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(p) as t:
-            torch.save(sd, t)
+        torch_save(sd, p)
         names.append(name)
     config = ddr_config(cfg, dataset, info, ipc, names, protocol)
     if config["real_data_path"] is None:
         config["real_data_path"] = man["config"].get("data_root") or "./dataset"
-    write_text(tmp / "ddranking.yaml", yaml.safe_dump(config, sort_keys=False))
-    write_text(tmp / "score_with_ddranking.py", SCRIPT.format(lr=float(protocol.get("lr", 0.001))))
+    # plain writes: the whole folder appears at once when tmp is renamed below
+    (tmp / "ddranking.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (tmp / "score_with_ddranking.py").write_text(SCRIPT.format(lr=float(protocol.get("lr", 0.001))))
     full = (dataset, config["model_name"])
     lrs_note = ("LRS uses DD-Ranking's cached full-data accuracy" if full in FULL_CACHED else
                 "LRS trains the full-data student with DD-Ranking's recipe" if full in FULL_RECIPE else
                 f"LRS will refuse: DD-Ranking 0.2.0 has neither a cached full-data accuracy nor a recipe for "
                 f"{full[0]}-{full[1]} (ARS runs)")
-    write_text(tmp / "README.md", f"""# {src.name} for DD-Ranking
+    (tmp / "README.md").write_text(f"""# {src.name} for DD-Ranking
 
 Written by `prismdd export --format ddranking` from `{src}`: {ipc} images per class of {dataset}
 ({len(info.class_names)} classes, {info.resolution} px), teachers {', '.join(names)} (converted from prismdd's
@@ -269,7 +263,7 @@ Score it (needs `pip install ddranking==0.2.0` and the real {dataset} data at `r
 {lrs_note}. Not expressible in DD-Ranking's config, so different from prismdd's own students: its cosine schedule
 (prismdd: {protocol.get('schedule', 'decayed_cosine')}), its best-of-evaluations accuracy (prismdd: the final
 epoch), its LR sweep for the hard-label and random-real students, and one teacher-averaged label per batch
-(prismdd's ensemble: {validate_preset.get('ensemble', 'mean')}).
+(prismdd's ensemble: {protocol.get('ensemble', 'mean')}).
 """)
     write_json(tmp / "export.json", {"format": "ddranking", "ddranking_version": "0.2.0", "source": str(src),
                                      "dataset": dataset, "teachers": dict(zip(names, archs)),

@@ -31,7 +31,7 @@ from .report import print_table, write_report
 from .stages.metrics import MetricsConfig, metrics
 from .stages.recover import RecoverConfig, recover
 from .stages.squeeze import SqueezeConfig, squeeze
-from .stages.validate import ValidateConfig, validate
+from .stages.validate import HARD_LABELS, NO_AUGMENTATION, ValidateConfig, validate
 
 BASELINES = ("random-real", "full")
 SCORES_NOTE = ("DD-Ranking's scores (arXiv 2505.13300), accuracies as fractions, weights 0.5: LRS from HLR = full "
@@ -286,15 +286,15 @@ def run(cfg: RunConfig) -> dict:
         rows.append(_row("random-real", acc, None, stages.timings["validate-random-real"]))
     extra = {}  # method -> {"syn_hard": top-1, "syn_noaug": top-1}: the scores' students beside the protocol's
     if cfg.scores:
-        hard = dict(student, loss="ce", augment=False, teachers=None, label_teachers=None)
         for method, rec_dir in distilled.items():
-            _, acc_h = stages.validate(f"validate-{method}-hard", common, **hard, distilled=str(rec_dir))
-            _, acc_n = stages.validate(f"validate-{method}-noaug", common, **student, augment=False,
+            _, acc_h = stages.validate(f"validate-{method}-hard", common, **dict(student, **HARD_LABELS),
+                                       distilled=str(rec_dir))
+            _, acc_n = stages.validate(f"validate-{method}-noaug", common, **student, **NO_AUGMENTATION,
                                        distilled=str(rec_dir))
             extra[method] = {"syn_hard": acc_h["top1"], "syn_noaug": acc_n["top1"]}
         if "random-real" in cfg.baseline_list:
-            _, acc_n = stages.validate("validate-random-real-noaug", common, **student, augment=False, random_real=True,
-                                       ipc=cfg.ipc)
+            _, acc_n = stages.validate("validate-random-real-noaug", common, **student, **NO_AUGMENTATION,
+                                       random_real=True, ipc=cfg.ipc)
             extra["random-real"] = {"syn_noaug": acc_n["top1"]}
     if "full" in cfg.baseline_list:
         _, acc = stages.validate("validate-full", common, protocol="prism", full=True, student=cfg.student,

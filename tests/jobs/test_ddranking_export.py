@@ -45,7 +45,7 @@ def test_a_prismdd_convnet_loads_strictly_into_ddrankings_and_computes_the_same(
     torch.manual_seed(0)
     ours = create_model("convnet", 10, 3, resolution, 1.0).eval()
     ref = ddr_reference_model("ConvNet-3-BN", 10, resolution).eval()
-    ref.load_state_dict(_ddr_convnet(ours.state_dict(), 10), strict=True)
+    ref.load_state_dict(_ddr_convnet(ours.state_dict()), strict=True)
     x = torch.randn(4, 3, resolution, resolution)
     assert torch.allclose(ours(x), ref.classifier(torch.flatten(ref.features(x), 1)), atol=1e-5)
 

@@ -185,6 +185,12 @@ def from_distilled(cfg: ValidateConfig) -> ValidateConfig:
                                   cfg.distilled)
 
 
+# DD-Ranking's students beside the protocol's (validate --scores, run --scores, the quality benchmark): the set with
+# hard labels, trained without augmentation as DD-Ranking trains it (use_aug_for_hard=False), and without augmentation
+HARD_LABELS = {"loss": "ce", "augment": False, "teachers": None, "label_teachers": None}
+NO_AUGMENTATION = {"augment": False}
+
+
 def _scores(cfg: ValidateConfig, top1: float, ipc: int, labellers: list[str] | None) -> dict:
     """DD-Ranking's LRS and ARS for the distilled set whose protocol student scored ``top1``: four more students,
     each a validate of its own in ``<out>/scores/<name>`` (finished ones are reused), random real labelled by the
@@ -195,12 +201,11 @@ def _scores(cfg: ValidateConfig, top1: float, ipc: int, labellers: list[str] | N
 
     same = ",".join(labellers) if labellers else cfg.label_teachers
     acc = {"syn_soft": top1, "syn_aug": top1, "full_hard": cfg.full_top1,
-           "syn_hard": student("hard-labels", loss="ce", augment=False, teachers=None, label_teachers=None),
-           "syn_noaug": student("no-augmentation", augment=False)}
+           "syn_hard": student("hard-labels", **HARD_LABELS), "syn_noaug": student("no-augmentation", **NO_AUGMENTATION)}
     acc["random_soft"] = acc["random_aug"] = student("random-real", distilled=None, random_real=True, ipc=ipc,
                                                      label_teachers=same)
     acc["random_noaug"] = student("random-real-no-augmentation", distilled=None, random_real=True, ipc=ipc,
-                                  label_teachers=same, augment=False)
+                                  label_teachers=same, **NO_AUGMENTATION)
     out = score_row(acc)
     for key in ("lrs", "ars"):
         e = out[key]
