@@ -104,6 +104,14 @@ def experiments(ipcs=(1, 10, 50)) -> dict[str, list[dict]]:
         cell(f"frepo lr {lr}, protocol frepo", "frepo", dict(FREPO_CPU, ipc=10, frepo_lr=lr, frepo_label_lr=lr), own10)
         for lr in (3e-4, 3e-3, 1e-2)] + [
         cell("random-real, protocol frepo", "random-real", {}, {k: v for k, v in own10.items() if k != "labels"})]
+    # issue 22: Direct Ascent Synthesis' multi-resolution parametrisation (seed appendix D, Table 5: "multi-resolution
+    # DeepInversion" below plain SRe2L on ImageNet-1K) with sre2l and prism, beside their pixel runs and random real
+    # under the shared protocol; DAS's view noise (0.2) as one more sre2l row
+    ex["multires/ipc10"] = [cell("random-real", "random-real", {}, {"ipc": 10})] + [
+        cell(f"{m}{name}", m, dict({"ipc": 10}, **rec), {"ipc": 10}) for m in ("sre2l", "prism")
+        for name, rec in (("", {}), (" + multires", {"param": "multires"}))] + [
+        cell("sre2l + multires + view noise 0.2", "sre2l", {"ipc": 10, "param": "multires", "view_noise": 0.2},
+             {"ipc": 10})]
     ipc = {"ipc": 10}
     # what PRISM adds: everything held fixed except the BN set
     ex["ablation/bn-set"] = [

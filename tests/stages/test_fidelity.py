@@ -56,7 +56,7 @@ def test_one_crop_and_one_flip_per_batch():
 
 
 def test_engine_draws_one_view_per_batch(recover_run, tmp_path, monkeypatch):
-    import prismdd.stages.recover as R
+    import prismdd.methods.engine as R
 
     seen = []
     real = R.apply_views
@@ -336,7 +336,7 @@ def test_delt_adam_is_one_torch_adam_over_the_batch():
 
 
 def test_delt_forwards_only_the_joined_images(recover_run, tmp_path, monkeypatch):
-    import prismdd.stages.recover as R
+    import prismdd.methods.engine as R
 
     sizes = []
     real = R.apply_views

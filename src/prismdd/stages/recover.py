@@ -12,32 +12,31 @@ batch: units, teachers, losses) and ``manifest.json``.
 """
 from __future__ import annotations
 
-import math
-from contextlib import ExitStack, nullcontext
 import dataclasses
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from ..artifacts import (check_finished_images, clear_outputs, guard_inputs, image_path, images_digest, load_model,
                          find_teachers, locked_stage, record_path, reusable, save_image, seal_distilled,
                          teacher_digests, write_manifest)
 from ..core import distributed as dist
-from ..core.augment import JITTER_MODES, apply_views, jitter, sample_views, scale_jitter
-from ..core.bn import bn_hooks
+from ..core.augment import JITTER_MODES
 from ..core.config import CommonConfig, build_config, comma_list, config_hash, opt
-from ..core.data import DatasetInfo, load_splits, pixel_bounds
+from ..core.data import DatasetInfo, load_splits
 from ..core.errors import PrismError
 from ..core.io import JsonlLog, read_json, write_json
 from ..core.models import has_batchnorm
 from ..core.presets import METHODS, preset_file
 from ..core.runtime import Timer, default_channels_last, make_generator, progress
-from ..methods import PLUGINS, Plugin
+from ..methods import PARAMS, PLUGINS
+# the inner loop and its schedules (re-exported: ``prismdd.stages.recover.Engine`` etc. keep working)
+from ..methods.engine import (Engine, Teacher, class_rounds, crop_low, delt_start_round,  # noqa: F401
+                              image_budget)
+from ..methods.priors import make_priors
 # the starting images (re-exported: ``prismdd.stages.recover.choose_starts`` etc. keep working)
 from ..methods.starts import (choose_starts, delt_medium, images_from, init_source, initial_images,  # noqa: F401
                               start_indices, tile)
@@ -109,6 +108,28 @@ class RecoverConfig(CommonConfig):
                              "class gets all rounds", minimum=0, neutral=0)
     tv_l2: float = opt(0.0, "total-variation (L2) image prior weight", minimum=0.0)
     l2: float = opt(0.0, "L2 image prior weight", minimum=0.0)
+    param: str = opt("pixels", "how an image is held while it is optimised: pixels (every pixel a parameter) | multires "
+                               "(Direct Ascent Synthesis: a sum of components from 1 px up to the full side, each "
+                               "upsampled, squashed into the valid range by tanh; any method, e.g. --method sre2l "
+                               "--param multires)", choices=PARAMS.names(), neutral="pixels")
+    multires_step: int = opt(4, "multires: component sides 1, 1 + step, 1 + 2 step, ... and always the full side (DAS: "
+                                "range(1, side + 1, 4)); 1 = every side", minimum=1, neutral=4)
+    multires_optimizer: str = opt("engine", "multires: engine (the method's Adam, schedule and budget on every component, "
+                                            "its LR divided by the number of components) | sgd (DAS: plain gradient "
+                                            "steps of size --lr, the same cosine; coarse components, which gather the "
+                                            "gradient of many pixels, move first)", choices=("engine", "sgd"),
+                                  neutral="engine")
+    view_noise: float = opt(0.0, "uniform noise in [0, s) (in [0, 1] pixel units) added to every view before the "
+                                 "teachers see it, then clipped to the valid range (DAS's augmentation: 0.2); 0 = off",
+                            minimum=0.0, neutral=0.0)
+    clip_prior: str = opt("", "a CLIP model (a local transformers folder, or a model id already in the local Hugging Face "
+                              "cache; never downloaded; pip install 'prismdd[clip]'): adds clip_weight * (1 - cosine) "
+                              "between the CLIP embedding of every view and the text embedding of --clip-prompt for its "
+                              "class; '' = off", neutral="")
+    clip_weight: float = opt(1.0, "weight of the CLIP prior", minimum=0.0, neutral=1.0)
+    clip_prompt: str = opt("a photo of a {name}", "CLIP prior: the text per class, {name} = the class name (ImageFolder "
+                                                  "folder names; ImageNet synset folders get their WordNet names)",
+                           neutral="a photo of a {name}")
     channels_last: bool | None = opt(None, "NHWC convolutions; None: per device: on for CUDA (gpu_check.sh times "
                                            "both), off on CPU, where on measured 0.8-1.3x run to run "
                                            "(BENCHMARKS.md section 1)", hashed=False)
@@ -191,6 +212,21 @@ class RecoverConfig(CommonConfig):
                           neutral="{name}")
     d4m_negative_prompt: str = opt("cartoon, anime, painting", "d4m: negative prompt (gen_syn_image.py); empty = none",
                                    neutral="cartoon, anime, painting")
+    t2i_model: str = opt("", "t2i: a local diffusers text-to-image folder (SD 1.x/2.x, SDXL, SD 3.5, FLUX: anything "
+                             "diffusers' AutoPipelineForText2Image loads), or a model id already in the local Hugging "
+                             "Face cache; never downloaded; needs pip install 'prismdd[diffusion]'", neutral="")
+    t2i_prompt: str = opt("a photo of a {name}", "t2i: prompt per image, {name} = the class name",
+                          neutral="a photo of a {name}")
+    t2i_negative_prompt: str = opt("", "t2i: negative prompt (models with classifier-free guidance); '' = none",
+                                   neutral="")
+    t2i_steps: int | None = opt(None, "t2i: denoising steps; None: the model family's default (few-step Turbo and "
+                                      "Schnell models: theirs)", minimum=1, neutral=None)
+    t2i_guidance: float | None = opt(None, "t2i: classifier-free guidance scale; None: the model family's default "
+                                           "(0 for Turbo and Schnell)", minimum=0.0, neutral=None)
+    t2i_size: int | None = opt(None, "t2i: side of the generated image before the resize to --resolution; None: the "
+                                     "model family's native side", minimum=8, neutral=None)
+    t2i_batch: int = opt(4, "t2i: images per generator call (memory only: every image has its own seed)", minimum=1,
+                         hashed=False)
     frepo_pool: int = opt(10, "frepo: networks in the online pool (distill.py --num_nn_state 10)", minimum=1, neutral=10)
     frepo_online_steps: int = opt(100, "frepo: online training steps of a pool network on the synthetic set before it "
                                        "is re-initialised (--max_online_updates 100)", minimum=1, neutral=100)
@@ -233,6 +269,9 @@ class RecoverConfig(CommonConfig):
             raise PrismError(f"--d4m-strength {self.d4m_strength}: expected 0 to 1")
         if "{name}" not in self.d4m_prompt:
             raise PrismError(f"--d4m-prompt {self.d4m_prompt!r}: must contain {{name}} (the class name)")
+        for flag, value in (("--clip-prompt", self.clip_prompt), ("--t2i-prompt", self.t2i_prompt)):
+            if "{name}" not in value:
+                raise PrismError(f"{flag} {value!r}: must contain {{name}} (the class name)")
 
 
 def recover_config(method: str = "prism", **overrides) -> RecoverConfig:
@@ -255,35 +294,6 @@ def plan_batches(num_classes: int, ipc: int, batch_size: int, pack: str = "cross
                 for k in range(ipc) for s in range(0, num_classes, batch_size)]
     units = [(c, k) for k in range(ipc) for c in range(num_classes)]
     return [units[i: i + batch_size] for i in range(0, len(units), batch_size)]
-
-
-def delt_start_round(ipc: int, rounds: int, k: int) -> int:
-    """DELT (recover.py get_round_imgs_indx): the ipc images of a class are split into ``rounds`` contiguous
-    groups (ipc // rounds each, the first ipc % rounds one more); image k joins in its group's round."""
-    sizes = [ipc // rounds + (1 if r < ipc % rounds else 0) for r in range(rounds)]
-    cum = np.cumsum(sizes)
-    return int(np.nonzero(k < cum)[0][0])
-
-
-def class_rounds(cfg: RecoverConfig, c: int, rounds: int) -> int:
-    """DELT's random rounds (``recover.py:278-284``): a class's round count uniform on [min_rounds, rounds], here
-    from (seed, class) so every shard and every resume draws the same number (DELT's draw is unseeded)."""
-    if not cfg.min_rounds or cfg.min_rounds >= rounds:
-        return rounds
-    return int(np.random.default_rng([cfg.seed, c]).integers(cfg.min_rounds, rounds + 1))
-
-
-def image_budget(cfg: RecoverConfig, k: int, c: int = 0) -> int:
-    """Iterations for IPC index k of class c: constant; PRISM's early-late (iterations - step * (k mod cycle)); or
-    DELT's rounds ((the class's rounds - start round) * round length; all images of a batch end together)."""
-    if cfg.budget == "constant":
-        return cfg.iterations
-    if cfg.budget == "rounds":
-        length = max(1, int(round(cfg.early_late_step * cfg.iterations)))
-        rounds = class_rounds(cfg, c, max(1, cfg.iterations // length))
-        return (rounds - delt_start_round(cfg.ipc, rounds, k)) * length
-    cut = int(round(cfg.early_late_step * cfg.iterations)) * (k % cfg.early_late_cycle)
-    return max(1, cfg.iterations - cut)
 
 
 def draw_teacher_sets(cfg: RecoverConfig, primary: str, pool: list[str], n_batches: int) -> list[list[str]]:
@@ -325,24 +335,7 @@ def batch_teacher_sets(cfg: RecoverConfig, primary: str, pool: list[str], batche
     return draw_teacher_sets(cfg, primary, pool, len(batches))
 
 
-def crop_low(cfg: RecoverConfig, progress_: float) -> float:
-    """Lower crop-scale bound at ``progress_`` = iteration / iterations (CDA's ``recover_cda_in1k.py`` with
-    milestone 1: 0.08 + 0.92 (1 + cos(pi it / iters)) / 2 for crop_scale (0.08, 1))."""
-    lo, hi = cfg.crop_scale
-    if cfg.crop_schedule == "uniform":
-        return lo
-    return lo + (hi - lo) * 0.5 * (1 + math.cos(math.pi * progress_))  # easy (large crops) -> hard
-
-
 # ----------------------------------------------------------------------------- teachers
-@dataclass
-class Teacher:
-    arch: str
-    model: nn.Module
-    card: dict
-    folder: str
-
-
 def load_teachers(cfg: RecoverConfig, info: DatasetInfo, device) -> tuple[Teacher, dict[str, Teacher], list[str]]:
     """Load the primary and the BN pool; BN-free architectures are rejected from the pool unless the plug-in
     matches their statistics itself (``Plugin.takes_bn_free``)."""
@@ -370,167 +363,6 @@ def load_teachers(cfg: RecoverConfig, info: DatasetInfo, device) -> tuple[Teache
         raise PrismError(f"--primary {cfg.primary}: has no BatchNorm layers, so it cannot serve the BN term; "
                          f"pick a BN architecture or --set alpha_bn=0")
     return teachers[cfg.primary], teachers, pool
-
-
-# ----------------------------------------------------------------------------- the engine
-class Engine:
-    """Runs one batch of recovery. Teachers' BN hooks are registered once for the whole run."""
-
-    def __init__(self, cfg: RecoverConfig, info: DatasetInfo, primary: Teacher, teachers: dict[str, Teacher],
-                 device: torch.device, stack: ExitStack, plugin: Plugin | None = None):
-        self.cfg, self.info, self.device = cfg, info, device
-        self.plugin = plugin or Plugin(cfg, info, None, teachers, list(teachers), device)
-        self.primary = primary
-        self.teachers = teachers
-        self.collectors = {a: stack.enter_context(bn_hooks(t.model, cfg.first_bn_multiplier, cfg.bn_layer_reduce))
-                           for a, t in teachers.items() if has_batchnorm(t.model)}
-        self.forward = {a: (torch.compile(t.model) if cfg.compile else t.model) for a, t in teachers.items()}
-        self.lo, self.hi = pixel_bounds(info, device)
-        self.jitter = cfg.jitter if cfg.jitter is not None else scale_jitter(info.resolution)
-        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        self.amp = cfg.amp and device.type == "cuda"
-
-    def losses(self, xa: torch.Tensor, y: torch.Tensor, ce_teacher: str, bn_set: list[str],
-               norms: dict[str, torch.Tensor] | None, b: int = 0, it: int = 0) -> dict[str, torch.Tensor]:
-        """Named loss terms for one augmented batch. Each teacher runs ONCE: the primary's forward serves
-        both the CE and (when it is in the BN set) its own BN term."""
-        terms: dict[str, torch.Tensor] = {}
-        run = [ce_teacher] + [a for a in bn_set if a != ce_teacher]
-        bn_terms = []
-        all_logits = {}
-        for arch in run:
-            col = self.collectors.get(arch)
-            in_bn = arch in bn_set and self.cfg.alpha_bn > 0
-            if col is not None:
-                col.reset()
-                col.active = in_bn
-            with torch.autocast("cuda", torch.bfloat16) if self.amp else nullcontext():
-                logits = self.forward[arch](xa)
-            all_logits[arch] = logits
-            if arch == ce_teacher:
-                terms["ce"] = F.cross_entropy(logits.float(), y)
-            if in_bn:
-                r = col.total().float()
-                terms[f"bn/{arch}"] = r.detach()
-                bn_terms.append(r / norms[arch] if norms is not None else r)
-        bn = torch.stack(bn_terms).mean() if bn_terms else torch.zeros((), device=xa.device)
-        terms["bn_mean"] = bn.detach()
-        total = terms["ce"] + self.cfg.alpha_bn * bn
-        for name, value in self.plugin.losses(self, xa, y, b, it, all_logits).items():
-            terms[name] = value.detach()
-            total = total + value
-        return {**terms, "total": total}
-
-    def image_priors(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = {}
-        if self.cfg.tv_l2 > 0:
-            dx = x[:, :, :, 1:] - x[:, :, :, :-1]
-            dy = x[:, :, 1:, :] - x[:, :, :-1, :]
-            out["tv_l2"] = (dx.pow(2).mean() + dy.pow(2).mean())
-        if self.cfg.l2 > 0:
-            out["l2"] = x.pow(2).mean()
-        return out
-
-    def run_batch(self, b: int, units: list[tuple[int, int]], bn_set: list[str], init: torch.Tensor,
-                  log: JsonlLog | None) -> tuple[torch.Tensor, dict]:
-        """Optimise one batch; returns (final normalised images, record)."""
-        cfg = self.cfg
-        gen = make_generator(cfg.seed, "recover", b)
-        y = torch.tensor([c for c, _ in units], device=self.device)
-        budgets = torch.tensor([image_budget(cfg, k, c) for c, k in units], device=self.device)
-        n_iter = int(budgets.max())
-        start = n_iter - budgets  # late IPC indices join late, so every image ends on the same step
-        # a fresh leaf: never turn the caller's tensor into a parameter
-        x = init.detach().to(self.device).clone(memory_format=self.memory_format).requires_grad_(True)
-        m = torch.zeros_like(x)
-        v = torch.zeros_like(x)
-        b1, b2 = cfg.betas
-        norms = None
-        rotate_counts: dict[str, int] = {}
-        last: dict[str, float] = {}
-        rounds = cfg.budget == "rounds"  # DELT: only the images that joined are forwarded (their own BN statistics)
-        plugin_record: dict = {}
-        try:
-            self.plugin.begin_batch(b, units, x)
-            for it in range(n_iter):
-                if rounds:
-                    joined = torch.nonzero(start <= it).squeeze(1)
-                    xs, ys = x[joined], y[joined]
-                else:
-                    xs, ys = x, y
-                views = sample_views(len(xs), gen, (crop_low(cfg, it / n_iter), cfg.crop_scale[1]),
-                                     flip=cfg.flip, per=cfg.crop_per)
-                xa = jitter(apply_views(xs, views), self.jitter, gen, cfg.jitter_mode).contiguous(
-                    memory_format=self.memory_format)
-                if cfg.selection == "rotate":
-                    pick = bn_set[int(torch.randint(len(bn_set), (1,), generator=gen))]
-                    rotate_counts[pick] = rotate_counts.get(pick, 0) + 1
-                    ce_teacher, active_set = pick, [pick]
-                else:
-                    ce_teacher, active_set = self.primary.arch, bn_set
-                ce_teacher, active_set = self.plugin.pick_teachers(b, it, ce_teacher, active_set)
-                if cfg.bn_normalize and norms is None and cfg.alpha_bn > 0:
-                    with torch.no_grad():  # per-teacher scale: R_BN of the starting images, so each starts at 1
-                        first = self.losses(xa.detach(), ys, ce_teacher, bn_set, None)
-                    norms = {a: first[f"bn/{a}"].clamp_min(1e-8) for a in bn_set}
-                terms = self.losses(xa, ys, ce_teacher, active_set, norms, b, it)
-                terms.update(self.image_priors(xs))
-                total = terms["total"] + cfg.tv_l2 * terms.get("tv_l2", 0) + cfg.l2 * terms.get("l2", 0)
-                if not torch.isfinite(total):
-                    raise PrismError(f"recover batch {b}: loss became {total.item()} with teachers "
-                                     f"{', '.join(active_set)}; lower --lr or check those teachers")
-                wrt = self.plugin.grad_wrt()  # e.g. DWA's teacher weights: their gradient of the same loss
-                grad, *more = torch.autograd.grad(total, [x, *wrt], allow_unused=bool(wrt))
-                if wrt:
-                    self.plugin.take_grads(more)
-                with torch.no_grad():
-                    if rounds:
-                        self._adam_step_global(x, grad, m, v, it, n_iter, b1, b2)
-                    else:
-                        self._adam_step(x, grad, m, v, it, start, budgets, b1, b2)
-                    x.clamp_(self.lo, self.hi)  # stay a valid image
-                if log is not None and (it % cfg.log_every == 0 or it == n_iter - 1):
-                    rec = {k: round(float(t.detach()), 6) for k, t in terms.items()}
-                    log.write(batch=b, iteration=it, **rec)
-                if it == n_iter - 1:
-                    last = {k: round(float(t.detach()), 6) for k, t in terms.items()}
-        finally:  # a plug-in that changed teacher weights restores them even when the batch fails
-            self.plugin.end_batch(b, plugin_record)
-        record = {"batch": b, "units": [list(u) for u in units], "bn_set": bn_set, "primary": self.primary.arch,
-                  "iterations": n_iter, "budgets": budgets.tolist(), "final_losses": last, **plugin_record}
-        if norms is not None:
-            record["bn_normalizers"] = {a: float(t) for a, t in norms.items()}
-        if rotate_counts:
-            record["rotation_counts"] = rotate_counts
-        return x.detach(), record
-
-    def _adam_step_global(self, x, g, m, v, it, n_iter, b1, b2, eps: float = 1e-8):
-        """DELT (recover.py:92-112): ONE torch Adam over the whole batch tensor: one step count and one cosine LR
-        over the batch's iterations. Images that have not joined get zero gradients, so their moments stay 0
-        and they do not move; an image that joins late gets the batch's (small) LR and bias corrections."""
-        lr = self.cfg.lr * 0.5 * (1 + math.cos(math.pi * it / n_iter))
-        m.mul_(b1).add_((1 - b1) * g)
-        v.mul_(b2).add_((1 - b2) * g * g)
-        t = it + 1
-        x.sub_(lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps))
-
-    def _adam_step(self, x, g, m, v, it, start, budgets, b1, b2, eps: float = 1e-8):
-        """Adam with a per-image step count and cosine LR over each image's own budget.
-
-        With equal budgets this is exactly torch.optim.Adam + cosine decay; with early-late budgets an
-        image is frozen (no update, no moment change) until its window opens.
-        """
-        cfg = self.cfg
-        t = (it - start + 1).clamp(min=0)  # (B,) per-image step, 0 = not started
-        active = (t > 0).float().view(-1, 1, 1, 1)
-        lr = cfg.lr * 0.5 * (1 + torch.cos(math.pi * (t - 1).clamp(min=0).float() / budgets.float()))
-        m.mul_(1 - active * (1 - b1)).add_(active * (1 - b1) * g)
-        v.mul_(1 - active * (1 - b2)).add_(active * (1 - b2) * g * g)
-        tf = t.clamp(min=1).float()
-        bc1 = (1 - b1 ** tf).view(-1, 1, 1, 1)
-        bc2 = (1 - b2 ** tf).view(-1, 1, 1, 1)
-        step = (lr.view(-1, 1, 1, 1) * active) * (m / bc1) / ((v / bc2).sqrt() + eps)
-        x.sub_(step)
 
 
 def _batch_done(out: Path, b: int, units) -> bool:
@@ -586,9 +418,10 @@ def recover(cfg: RecoverConfig) -> Path:
         print(f"[recover] resuming: {len(mine) - len(todo)} of {len(mine)} batches already finished")
     log = JsonlLog(out / "logs" / f"rank{ctx.rank}.jsonl")
     plugin = plugin_cls(cfg, info, train, teachers, pool, device)
+    priors = make_priors(cfg, info, device)  # e.g. the CLIP prior: its model loads (or fails) before any batch
     plugin_inputs = plugin.prepare(out, ctx.rank)
     with ExitStack() as stack:
-        engine = Engine(cfg, info, primary, teachers, device, stack, plugin)
+        engine = Engine(cfg, info, primary, teachers, device, stack, plugin, priors)
         bar = progress(total=len(todo), desc=f"recover {cfg.method}", disable=None if ctx.rank == 0 else True)
         for b in todo:
             units = batches[b]
@@ -632,6 +465,8 @@ def recover(cfg: RecoverConfig) -> Path:
                                                 "role": ("primary" if a == cfg.primary else "bn")}
                                             for a, t in teachers.items()},
                                "bn_pool": pool, "plugin": {"name": cfg.plugin, **plugin_inputs},
+                               "param": PARAMS.get(cfg.param)(cfg, info, device).describe(),
+                               **({"priors": {p.name: p.describe() for p in priors}} if priors else {}),
                                **({"init_from": {"folder": str(source.folder), "method": source.manifest.get(
                                    "config", {}).get("method"), "images": images_digest(source.images, source.targets)}}
                                   if source is not None else {}),
