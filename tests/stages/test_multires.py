@@ -118,3 +118,11 @@ def test_multires_moves_the_image_and_differs_from_pixels(recover_run, tmp_path)
 def test_sgd_steps_follow_the_schedule(recover_run, tmp_path):
     out = recover_run(tmp_path / "sgd", "sre2l", param="multires", multires_optimizer="sgd", lr=0.01, iterations=3)
     assert load_distilled(out).images.shape == (20, 1, 8, 8)
+
+
+def test_methods_that_do_not_optimise_pixels_refuse_the_engine_options(recover_run, tmp_path):
+    with pytest.raises(PrismError, match=r"^--param multires: --method rded does not optimise pixels"):
+        recover_run(tmp_path / "r", "rded", param="multires")
+    with pytest.raises(PrismError, match=r"^--view-noise 0.2: --method rded"):
+        recover_run(tmp_path / "r", "rded", view_noise=0.2)
+    assert not (tmp_path / "r" / "images").exists()

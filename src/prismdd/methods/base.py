@@ -28,6 +28,9 @@ class Plugin:
     whole_set: ClassVar[bool] = False
     # False: no teacher is loaded (nothing pretrained is used); --teachers/--primary are then not needed
     uses_teachers: ClassVar[bool] = True
+    # False: the engine's pixel optimisation never runs (the images are made another way), so its options
+    # (--param, --clip-prior, --view-noise) would change nothing and are refused
+    engine_optimises: ClassVar[bool] = True
 
     @classmethod
     def takes_bn_free(cls, cfg) -> bool:

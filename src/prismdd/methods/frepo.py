@@ -136,6 +136,7 @@ class FeatureNet:
 @PLUGINS.register("frepo")
 class FRePo(Plugin):
     name = "frepo"
+    engine_optimises = False  # its own meta-learning loop
     whole_set = True  # recover plans one batch of every unit: the set is learned jointly
     uses_teachers = False  # nothing pretrained: the pool networks are trained on the synthetic set itself
 

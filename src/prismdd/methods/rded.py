@@ -119,6 +119,7 @@ def stitch(patches: torch.Tensor, size: int, f: int) -> torch.Tensor:
 @PLUGINS.register("rded")
 class RDED(Plugin):
     name = "rded"
+    engine_optimises = False  # stitched real patches
 
     def prepare(self, out: Path, rank: int = 0) -> dict:
         cfg = self.cfg

@@ -390,6 +390,12 @@ def recover(cfg: RecoverConfig) -> Path:
                          f"{cfg.method} uses none; use first or random")
     else:
         primary, teachers, pool = None, {}, []
+    engine_only = [f"{f} {v}" for f, v, off in (("--param", cfg.param, "pixels"), ("--clip-prior", cfg.clip_prior, ""),
+                                                ("--view-noise", cfg.view_noise, 0.0)) if v != off]
+    if engine_only and not plugin_cls.engine_optimises:
+        raise PrismError(f"{engine_only[0]}: --method {cfg.method} does not optimise pixels, so it would change "
+                         f"nothing; drop it or pick an optimising method (e.g. sre2l, prism)")
+    priors = make_priors(cfg, info, device)  # e.g. the CLIP prior: its model loads (or fails) before any other work
     # a plug-in that learns the whole set jointly gets one class-major batch of every unit
     batches = (plan_batches(info.num_classes, cfg.ipc, info.num_classes * cfg.ipc, "class") if plugin_cls.whole_set
                else plan_batches(info.num_classes, cfg.ipc, cfg.batch_size, cfg.pack))
@@ -418,7 +424,6 @@ def recover(cfg: RecoverConfig) -> Path:
         print(f"[recover] resuming: {len(mine) - len(todo)} of {len(mine)} batches already finished")
     log = JsonlLog(out / "logs" / f"rank{ctx.rank}.jsonl")
     plugin = plugin_cls(cfg, info, train, teachers, pool, device)
-    priors = make_priors(cfg, info, device)  # e.g. the CLIP prior: its model loads (or fails) before any batch
     plugin_inputs = plugin.prepare(out, ctx.rank)
     with ExitStack() as stack:
         engine = Engine(cfg, info, primary, teachers, device, stack, plugin, priors)
