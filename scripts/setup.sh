@@ -14,10 +14,10 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
 fi
-# the diffusion extra (diffusers + transformers, for --method d4m): about 250 MB and 20 s more; timm for
+# the diffusion and clip extras (diffusers + transformers, for --method d4m / t2i and --clip-prior): about 250 MB and 20 s more; timm for
 # --rand-augment (DELT's student protocol) and timm:<name> models
 if ! .venv/bin/python -c "import prismdd, pytest, diffusers, transformers, timm" 2>/dev/null; then
-  .venv/bin/pip install -q -e ".[test,diffusion,timm]"
+  .venv/bin/pip install -q -e ".[test,diffusion,clip,timm]"
 fi
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
