@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# One prepared GPU check, under 8 minutes on one GPU; every table goes to ONE file (default gpu_check.md).
+# One prepared GPU check, under 9 minutes on one GPU; every table goes to ONE file (default gpu_check.md).
 #
 #   bash benchmarks/gpu_check.sh [OUT_FILE]          # on the GPU machine, from the repository root
 #   DEVICE=cpu QUICK=1 bash benchmarks/gpu_check.sh  # its CPU-runnable parts at tiny sizes (section 5 on digits):
 #                                                    # checks that the script itself runs; its numbers mean nothing
 #
-# Sections, each under its own time limit (seconds in brackets; 460 s in all):
+# Sections, each under its own time limit (seconds in brackets; 520 s in all):
 #   1. the machine (nvidia-smi, torch) [10]
 #   2. the test suite's CUDA-marked tests: pytest -m cuda [45]
 #   3. recover speed at 224 px with the seed's ImageNet pool at width 1 (ResNet-18 primary, MobileNet-V2,
@@ -13,6 +13,7 @@
 #      in fp32 eager (contiguous), channels_last, bf16 autocast, torch.compile (cold compile not timed) [150]
 #   4. relabel and validate throughput: benchmarks/scale.py on 1000 classes at 224 px, one rank [120]
 #   5. the Fashion-MNIST main job (--quick) with full-width teachers (teacher_width=1.0) [135]
+#   6. appendix D/E: multires / view noise / CLIP prior step times, a generator's s per image [60]
 # A section that runs out of time is cut off and says so; the rest still run.
 set -u
 OUT_FILE=$(realpath -m "${1:-gpu_check.md}")
@@ -127,5 +128,13 @@ elif "$PY" -m prismdd datasets 2>/dev/null | grep -q "^fashion-mnist *| */"; the
 else
   echo "skipped: Fashion-MNIST is not installed on this machine (apt-get install dataset-fashion-mnist, or copy the IDX files and pass --data-root)" >> "$OUT_FILE"
 fi
+
+section "6. appendix D/E options: multi-resolution, view noise, CLIP prior, a text-to-image generator"
+# CLIP_MODEL / T2I_MODEL: local folders or ids already in the Hugging Face cache (nothing is downloaded; a model that
+# is not there is a row saying so). Multi-resolution and view noise need no weights and are always timed.
+CLIP_MODEL=${CLIP_MODEL:-openai/clip-vit-base-patch32}
+T2I_MODEL=${T2I_MODEL:-stabilityai/sdxl-turbo}
+if [ "$QUICK" = 1 ]; then AT_ARGS="--res 32 --batch 4 --iters 2 --t2i-images 2"; else AT_ARGS="--res 224 --batch 100 --iters 10 --t2i-images 8"; fi
+limited 60 "$PY" benchmarks/appendix_timing.py --device "$DEVICE" $AT_ARGS --clip "$CLIP_MODEL" --t2i "$T2I_MODEL"
 
 echo "wrote $OUT_FILE (work folder $WORK)"

@@ -14,6 +14,7 @@ differentiably, so the gradient reaches the synthetic pixels.
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,9 @@ def load_clip(model: str, device: torch.device):
     """(CLIPModel, tokenizer, mean, std, side) from a local folder or the local cache; any failure: ``missing_clip``."""
     if importlib.util.find_spec("transformers") is None:
         raise missing_clip(model, "transformers is not installed")
+    if ("/" in model or "\\" in model or model.startswith(".")) and not Path(model).exists() and (
+            model.startswith((".", "/", "~")) or model.count("/") > 1):
+        raise missing_clip(model, "no such folder")  # a path, not a hub id: say so instead of a repo-id complaint
     try:
         from transformers import AutoTokenizer, CLIPModel
         from transformers.utils import logging as hf_logging
@@ -46,6 +50,9 @@ def load_clip(model: str, device: torch.device):
         clip = CLIPModel.from_pretrained(model, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
     except Exception as e:  # OSError, ValueError, huggingface_hub's LocalEntryNotFoundError, ImportError ...
+        if not Path(model).exists() and ("connect" in str(e) or "LocalEntryNotFound" in type(e).__name__):
+            raise missing_clip(model, "not a local folder and not in the local Hugging Face cache (nothing is "
+                                      "downloaded)") from None
         detail = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
         detail = detail if len(detail) <= 150 else detail[:147] + "..."
         raise missing_clip(model, f"cannot load a CLIP model ({type(e).__name__}: {detail})") from None
