@@ -21,18 +21,7 @@ from prismdd.methods import d4m as d4m_module
 from prismdd.methods.d4m import D4M, chunked, encode_images, kmeans_prototypes, load_pipeline
 from prismdd.stages.recover import recover, recover_config
 from conftest import TINY_RECOVER
-
-
-def _tiny_tokenizer(folder):
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in "abcdefghijklmnopqrstuvwxyz0123456789-/, ":
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault(ch + "</w>", len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")  # no merges: one token per character
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16), len(vocab)
+from tiny_models import tiny_clip_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +32,7 @@ def tiny_sd(tmp_path_factory):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     root = tmp_path_factory.mktemp("tiny-sd")
-    tokenizer, vocab_size = _tiny_tokenizer(root)
+    tokenizer, vocab_size = tiny_clip_tokenizer(root)
     torch.manual_seed(0)
     text = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=0,

@@ -34,7 +34,7 @@ import hashlib
 import importlib.util
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -51,32 +51,50 @@ GENERATE_BATCH = 10  # units per img2img call (memory only: every unit has its o
 LUMA = (0.299, 0.587, 0.114)  # PIL's RGB -> "L"
 
 
+def missing_weights(flag: str, model: str, reason: str, method: str, weights: str, example: str) -> PrismError:
+    """The one-line error of a plug-in that cannot load its diffusers model: the option and its value, why, and the
+    fix (the extra and a local folder; ``example`` is a Hugging Face id to download where there is internet)."""
+    reason = " ".join(str(reason).split())
+    return PrismError(f"{flag} {model}: {reason}; {method} needs the diffusion extra (pip install 'prismdd[diffusion]') "
+                      f"and {weights} on disk: pass {flag} a local diffusers folder (e.g. made by "
+                      f"`hf download {example} --local-dir DIR` where there is internet)")
+
+
 def missing_model(model: str, reason: str) -> PrismError:
     """The one-line error for a D4M run that cannot load its diffusion model."""
-    reason = " ".join(str(reason).split())
-    return PrismError(f"--d4m-model {model}: {reason}; D4M needs the diffusion extra (pip install 'prismdd[diffusion]') "
-                      f"and Stable Diffusion weights on disk: pass --d4m-model a local diffusers folder (e.g. made by "
-                      f"`hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir DIR` where there is internet)")
+    return missing_weights("--d4m-model", model, reason, "D4M", "Stable Diffusion weights",
+                           "stable-diffusion-v1-5/stable-diffusion-v1-5")
+
+
+def load_local(load: Callable[[], Any], model: str, what: str, missing: Callable[[str, str], PrismError]):
+    """``load()`` (a diffusers ``from_pretrained(..., local_files_only=True)``: never the network) with diffusers'
+    advice silenced and its progress bars off. The extra not installed, or any failure of ``load``: ``missing(model,
+    reason)``, one line that names ``what`` could not be loaded and the first sentence of why."""
+    if importlib.util.find_spec("diffusers") is None or importlib.util.find_spec("transformers") is None:
+        raise missing(model, "diffusers/transformers are not installed")
+    try:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()  # no "accelerate not found" advice on every run
+        pipe = load()
+    except Exception as e:  # OSError, ValueError, huggingface_hub's LocalEntryNotFoundError, ImportError ...
+        detail = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
+        detail = detail if len(detail) <= 150 else detail[:147] + "..."
+        raise missing(model, f"cannot load {what} ({type(e).__name__}: {detail})") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def load_pipeline(model: str, device: torch.device):
     """diffusers' ``StableDiffusionImg2ImgPipeline`` from a local folder or the local Hugging Face cache (never the
     network); fp16 on CUDA (the reference's ``torch_dtype``), fp32 elsewhere. Any failure: ``missing_model``."""
-    if importlib.util.find_spec("diffusers") is None or importlib.util.find_spec("transformers") is None:
-        raise missing_model(model, "diffusers/transformers are not installed")
-    try:
+    def load():
         from diffusers import StableDiffusionImg2ImgPipeline
-        from diffusers.utils import logging as diffusers_logging
 
-        diffusers_logging.set_verbosity_error()  # no "accelerate not found" advice on every run
-        pipe = StableDiffusionImg2ImgPipeline.from_pretrained(model, local_files_only=True, safety_checker=None,
+        return StableDiffusionImg2ImgPipeline.from_pretrained(model, local_files_only=True, safety_checker=None,
                                                               requires_safety_checker=False)
-    except Exception as e:  # OSError, ValueError, huggingface_hub's LocalEntryNotFoundError, ImportError ...
-        detail = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
-        detail = detail if len(detail) <= 150 else detail[:147] + "..."
-        raise missing_model(model, f"cannot load a Stable Diffusion img2img pipeline ({type(e).__name__}: {detail})"
-                            ) from None
-    pipe.set_progress_bar_config(disable=True)
+
+    pipe = load_local(load, model, "a Stable Diffusion img2img pipeline", missing_model)
     return pipe.to(device, torch.float16 if device.type == "cuda" else torch.float32)
 
 
@@ -143,6 +161,7 @@ def module_digest(module: torch.nn.Module) -> str:
 @PLUGINS.register("d4m")
 class D4M(Plugin):
     name = "d4m"
+    engine_optimises = False  # decoded diffusion prototypes
 
     def __init__(self, cfg, info, train, teachers, pool, device):
         super().__init__(cfg, info, train, teachers, pool, device)
