@@ -21,32 +21,17 @@ from prismdd.methods import d4m as d4m_module
 from prismdd.methods.d4m import D4M, chunked, encode_images, kmeans_prototypes, load_pipeline
 from prismdd.stages.recover import recover, recover_config
 from conftest import TINY_RECOVER
-from tiny_models import tiny_clip_tokenizer
+from tiny_models import tiny_sd_parts
 
 
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory):
     """A randomly initialised Stable Diffusion img2img pipeline (VAE downsampling 2, 4 latent channels, a one-layer
     CLIP text encoder), saved with ``save_pretrained`` like a real diffusers folder."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import StableDiffusionImg2ImgPipeline
 
     root = tmp_path_factory.mktemp("tiny-sd")
-    tokenizer, vocab_size = tiny_clip_tokenizer(root)
-    torch.manual_seed(0)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, max_position_embeddings=16, bos_token_id=0,
-                                        eos_token_id=1, pad_token_id=1))
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
-                                attention_head_dim=2, norm_num_groups=4)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=4, sample_size=16)
-    pipe = StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                                          scheduler=PNDMScheduler(skip_prk_steps=True, steps_offset=1), safety_checker=None,
-                                          feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionImg2ImgPipeline(**tiny_sd_parts(root))
     pipe.save_pretrained(root / "model")
     return root / "model"
 

@@ -20,41 +20,21 @@ from prismdd.core.runtime import make_generator
 from prismdd.methods.t2i import FAMILIES, UNKNOWN, TextToImage, family_defaults, load_text2image, model_name
 from prismdd.stages.recover import RecoverConfig, recover, recover_config
 from conftest import TINY_RECOVER
-from tiny_models import tiny_clip_tokenizer
+from tiny_models import tiny_clip_tokenizer, tiny_sd_parts, tiny_text_encoder
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "seed-table6"
 # t2i uses no teacher: the tiny runs need none (no --teachers); 2 denoising steps keep them fast
 SETTINGS = dict(TINY_RECOVER, t2i_steps=2)
 
 
-def _text_encoder(vocab_size: int, projection: bool = False):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                            num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
-                            pad_token_id=1, projection_dim=16)
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
-
-
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory):
     """A randomly initialised Stable Diffusion text-to-image pipeline (VAE downsampling 2, native side 8 x 2 = 16 px,
     a one-layer CLIP text encoder), saved with ``save_pretrained``; its folder name marks no Turbo model."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline
 
     root = tmp_path_factory.mktemp("tiny-sd")
-    tokenizer, vocab_size = tiny_clip_tokenizer(root)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
-                                attention_head_dim=2, norm_num_groups=4)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=4, sample_size=16)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=_text_encoder(vocab_size), tokenizer=tokenizer, unet=unet,
-                                   scheduler=PNDMScheduler(skip_prk_steps=True, steps_offset=1), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(**tiny_sd_parts(root))
     pipe.save_pretrained(root / "tiny-sd")
     return root / "tiny-sd"
 
@@ -82,8 +62,8 @@ def tiny_sdxl_turbo(tmp_path_factory):
                         layers_per_block=1, norm_num_groups=2, sample_size=512)
     scheduler = EulerAncestralDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                                 timestep_spacing="trailing")
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=_text_encoder(vocab_size), tokenizer=tokenizer,
-                                     text_encoder_2=_text_encoder(vocab_size, projection=True), tokenizer_2=tokenizer,
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=tiny_text_encoder(vocab_size), tokenizer=tokenizer,
+                                     text_encoder_2=tiny_text_encoder(vocab_size, projection=True), tokenizer_2=tokenizer,
                                      unet=unet, scheduler=scheduler)
     pipe.save_pretrained(root / "tiny-sdxl-turbo")
     return root / "tiny-sdxl-turbo"
