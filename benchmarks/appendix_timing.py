@@ -40,6 +40,7 @@ def main():
     p.add_argument("--clip", default="", help="a CLIP folder or cached id for the CLIP-prior row ('' = skip)")
     p.add_argument("--t2i", default="", help="a diffusers text-to-image folder or cached id ('' = skip)")
     p.add_argument("--t2i-images", type=int, default=4)
+    p.add_argument("--t2i-steps", type=int, default=None, help="denoising steps (default: the model family's)")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -92,7 +93,7 @@ def main():
 def t2i_row(a, info, dev, sync) -> None:
     from prismdd.methods.t2i import TextToImage
 
-    cfg = recover_config("t2i", t2i_model=a.t2i, device=a.device, ipc=1, t2i_batch=a.t2i_images)
+    cfg = recover_config("t2i", t2i_model=a.t2i, device=a.device, ipc=1, t2i_batch=a.t2i_images, t2i_steps=a.t2i_steps)
     try:
         plugin = TextToImage(cfg, info, None, {}, [], dev)
         resolved = plugin.prepare(Path("/tmp"), 0)

@@ -53,3 +53,39 @@ def tiny_sd_parts(folder: Path) -> dict:
     return dict(vae=vae, text_encoder=tiny_text_encoder(vocab_size), tokenizer=tokenizer, unet=unet,
                 scheduler=PNDMScheduler(skip_prk_steps=True, steps_offset=1), safety_checker=None,
                 feature_extractor=None, requires_safety_checker=False)
+
+
+CLIP_MEAN, CLIP_STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)  # a preprocessor config of its own, so its use is visible
+
+
+def save_tiny_clip(folder: Path) -> Path:
+    """A randomly initialised CLIP (one-layer towers, 16 px images in 4 px patches, 8-d embeddings) saved like a
+    transformers folder, with the character tokenizer and a preprocessor config holding ``CLIP_MEAN``/``CLIP_STD``."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer, vocab = tiny_clip_tokenizer(folder)
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=4),
+        projection_dim=8))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), size={"shortest_edge": 16},
+                       crop_size={"height": 16, "width": 16}).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_sd(folder: Path) -> Path:
+    """``tiny_sd_parts`` as a saved text-to-image ``StableDiffusionPipeline`` folder (no Turbo marker in its name)."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline(**tiny_sd_parts(folder)).save_pretrained(folder / "tiny-sd")
+    return folder / "tiny-sd"

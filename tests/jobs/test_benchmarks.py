@@ -104,3 +104,23 @@ def test_frepo_cost_smoke(tmp_path):
     rows = [l for l in out.splitlines() if l.startswith("| ") and not l.startswith("| IPC")]
     assert [r.split("|")[1].strip() for r in rows] == ["1", "2"]
     assert all(float(r.split("|")[5]) > 0 for r in rows)  # seconds per step, read from the run's own log
+
+
+def test_appendix_timing_times_every_row_with_tiny_models(tmp_path):
+    """gpu_check.sh section 6 on CPU: with a tiny CLIP and a tiny Stable Diffusion on disk every row is timed; with
+    names that are not on this machine the CLIP and generator rows say why instead of failing."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_models import save_tiny_clip, save_tiny_sd
+
+    clip, sd = save_tiny_clip(tmp_path / "clip"), save_tiny_sd(tmp_path / "sd")
+    common = ["benchmarks/appendix_timing.py", "--res", "16", "--batch", "2", "--iters", "1", "--classes", "10",
+              "--t2i-images", "2", "--t2i-steps", "2", "--threads", "1"]
+    out = _run(common + ["--clip", str(clip), "--t2i", str(sd)], tmp_path)
+    rows = {l.split("|")[1].strip(): l.split("|")[2:] for l in out.splitlines() if l.startswith("| ") and "---" not in l}
+    for name in ("pixels", "--param multires (5 components)", "--param multires --view-noise 0.2",
+                 f"--clip-prior {clip}"):
+        assert float(rows[name][0]) > 0, out  # seconds per step
+    assert float(rows[str(sd)][1]) > 0 and "'steps': 2" in rows[str(sd)][0], out  # seconds per image, its settings
+    out = _run(common + ["--clip", str(tmp_path / "no-clip"), "--t2i", str(tmp_path / "no-sd")], tmp_path)
+    assert f"| --clip-prior {tmp_path / 'no-clip'} | not timed: --clip-prior {tmp_path / 'no-clip'}: no such folder" in out
+    assert f"| {tmp_path / 'no-sd'} | not timed: --t2i-model" in out

@@ -18,31 +18,14 @@ from prismdd.methods import priors as priors_module
 from prismdd.methods.engine import Engine
 from prismdd.methods.priors import ClipPrior, load_clip, make_priors
 from prismdd.stages.recover import load_teachers, recover_config
-from tiny_models import tiny_clip_tokenizer
+from tiny_models import CLIP_MEAN, CLIP_STD, save_tiny_clip
 
-MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)  # a preprocessor config of its own, so its use is visible
+MEAN, STD = CLIP_MEAN, CLIP_STD
 
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    root = tmp_path_factory.mktemp("tiny-clip")
-    tokenizer, vocab = tiny_clip_tokenizer(root)
-    torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig(
-        text_config=dict(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=16, patch_size=4),
-        projection_dim=8))
-    folder = root / "model"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    CLIPImageProcessor(image_mean=list(MEAN), image_std=list(STD), size={"shortest_edge": 16},
-                       crop_size={"height": 16, "width": 16}).save_pretrained(folder)
-    return folder
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip") / "model")
 
 
 @pytest.fixture(scope="module")

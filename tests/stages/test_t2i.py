@@ -20,7 +20,7 @@ from prismdd.core.runtime import make_generator
 from prismdd.methods.t2i import FAMILIES, UNKNOWN, TextToImage, family_defaults, load_text2image, model_name
 from prismdd.stages.recover import RecoverConfig, recover, recover_config
 from conftest import TINY_RECOVER
-from tiny_models import tiny_clip_tokenizer, tiny_sd_parts, tiny_text_encoder
+from tiny_models import save_tiny_sd, tiny_clip_tokenizer, tiny_text_encoder
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "seed-table6"
 # t2i uses no teacher: the tiny runs need none (no --teachers); 2 denoising steps keep them fast
@@ -31,12 +31,7 @@ SETTINGS = dict(TINY_RECOVER, t2i_steps=2)
 def tiny_sd(tmp_path_factory):
     """A randomly initialised Stable Diffusion text-to-image pipeline (VAE downsampling 2, native side 8 x 2 = 16 px,
     a one-layer CLIP text encoder), saved with ``save_pretrained``; its folder name marks no Turbo model."""
-    from diffusers import StableDiffusionPipeline
-
-    root = tmp_path_factory.mktemp("tiny-sd")
-    pipe = StableDiffusionPipeline(**tiny_sd_parts(root))
-    pipe.save_pretrained(root / "tiny-sd")
-    return root / "tiny-sd"
+    return save_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
 
 
 @pytest.fixture(scope="module")
