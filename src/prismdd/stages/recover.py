@@ -1,6 +1,9 @@
 """recover: optimise synthetic pixels through frozen teachers (PRISM, and the SRe2L family as presets).
 
-    L(x) = CE(f_primary(A(x)), y) + alpha_BN * mean_{t in S} R_BN(t, A(x))  [+ TV-L2, L2 priors]
+    L(x) = CE(f_primary(A(x)), y) + alpha_BN * mean_{t in S} R_BN(t, A(x))  [+ TV-L2, L2, CLIP priors]
+
+with x held as pixels or as a multi-resolution sum (``--param``, ``methods/params.py``); the inner loop is
+``methods/engine.py``, what a method adds a plug-in (``methods/``).
 
 Work is split into (class, IPC index) units; units are packed, IPC index first, into cross-class batches
 of up to ``batch_size`` images (``pack='ipc'``, the reference: the classes of one IPC index per batch). Every random choice of a batch (views, jitter, noise init, rotation)
