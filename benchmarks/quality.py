@@ -111,6 +111,10 @@ def experiments(ipcs=(1, 10, 50)) -> dict[str, list[dict]]:
         cell(f"{m}{name}", m, dict({"ipc": 10}, **rec), {"ipc": 10}) for m in ("sre2l", "prism")
         for name, rec in (("", {}), (" + multires", {"param": "multires"}))] + [
         cell("sre2l + multires + view noise 0.2", "sre2l", {"ipc": 10, "param": "multires", "view_noise": 0.2},
+             {"ipc": 10}),
+        # prismdd's own choice under test: Adam's LR divided among the 8 components (28 px); lr 2.0 = 8 x 0.25 gives
+        # every component SRe2L's full LR
+        cell("sre2l + multires, LR not divided (lr 2.0)", "sre2l", {"ipc": 10, "param": "multires", "lr": 2.0},
              {"ipc": 10})]
     ipc = {"ipc": 10}
     # what PRISM adds: everything held fixed except the BN set
