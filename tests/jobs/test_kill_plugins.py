@@ -1,5 +1,6 @@
 """kill -9 and SIGTERM during the plug-in methods (issue 24): rded, G-VBSM while it computes the real-data
-statistics it stores beside its teachers, DWA, EDC. Each run is killed at a chosen atomic rename (a finished
+statistics it stores beside its teachers, DWA, EDC; and (issue 22) SRe2L with the multi-resolution parametrisation
+and a text-to-image generator. Each run is killed at a chosen atomic rename (a finished
 file written but not yet in place: ``test_faults.child``), re-run with the same settings, and compared with an
 uninterrupted run: the same images bit for bit, the same records, nothing left behind. SIGTERM through the
 CLI unwinds like Ctrl-C: one line, status 143, no lock, no temporary file, and the re-run finishes the set."""
@@ -24,11 +25,15 @@ from test_faults import child, same_images, tmp_files
 
 # the renames of a tiny run (ipc 2, batch 8, 3 iterations): 1 the lock, 2 inputs.json, then (G-VBSM, EDC) one
 # statistics file per teacher, then per batch its PNGs and its record
-KILL_AT = {
-    "rded": (13, {}),  # batch 1's 2nd PNG
-    "gvbsm": (4, {"gvbsm_stats_images": 64}),  # the 2nd teacher's statistics, computed, not yet stored
-    "dwa": (13, {}),  # batch 1's 2nd image (DWA packs one IPC index per batch)
-    "edc": (16, {"edc_stats_images": 64}),  # batch 1's 1st PNG, after every teacher's statistics
+TINY_SD = object()  # stands for the folder of a tiny Stable Diffusion, made only for the case that needs it
+KILL_AT = {  # case: (method, the rename to die at, settings)
+    "rded": ("rded", 13, {}),  # batch 1's 2nd PNG
+    "gvbsm": ("gvbsm", 4, {"gvbsm_stats_images": 64}),  # the 2nd teacher's statistics, computed, not yet stored
+    "dwa": ("dwa", 13, {}),  # batch 1's 2nd image (DWA packs one IPC index per batch)
+    "edc": ("edc", 16, {"edc_stats_images": 64}),  # batch 1's 1st PNG, after every teacher's statistics
+    # issue 22: the multi-resolution parametrisation with DAS's view noise, and a text-to-image generator
+    "sre2l-multires": ("sre2l", 13, {"param": "multires", "view_noise": 0.2}),  # batch 1's 2nd PNG
+    "t2i": ("t2i", 13, {"t2i_model": TINY_SD, "t2i_steps": 2}),  # batch 1's 2nd PNG (t2i: batches of 8, 8, 4)
 }
 
 
@@ -47,9 +52,14 @@ def records(out: Path) -> list[dict]:
             for p in sorted((out / "records").glob("batch_*.json"))]
 
 
-@pytest.mark.parametrize("method", list(KILL_AT))
-def test_kill9_during_a_plugin_method_then_resume_is_identical(method, zoo, tmp_path, one_thread):
-    n, extra = KILL_AT[method]
+@pytest.mark.parametrize("case", list(KILL_AT))
+def test_kill9_during_a_plugin_method_then_resume_is_identical(case, zoo, tmp_path, one_thread):
+    method, n, extra = KILL_AT[case]
+    if TINY_SD in extra.values():
+        from tiny_models import save_tiny_sd
+
+        model = str(save_tiny_sd(tmp_path / "sd"))
+        extra = {k: model if v is TINY_SD else v for k, v in extra.items()}
     runs = {}
     for name in ("ref", "killed"):  # each its own copy of the zoo: G-VBSM and EDC store statistics beside it
         shutil.copytree(zoo, tmp_path / f"teachers_{name}")
