@@ -131,3 +131,22 @@ def test_a_hub_id_not_in_the_cache_is_said_so():
     with pytest.raises(PrismError, match=r"^--clip-prior nobody/no-such-clip: not a local folder and not in the local "
                                          r"Hugging Face cache \(nothing is downloaded\)"):
         load_clip("nobody/no-such-clip", torch.device("cpu"))
+
+
+def test_resume_with_clip_weights_replaced_in_place_is_refused(recover_run, tmp_path):
+    """The CLIP weights are an input like the teachers: their digest is in inputs.json, so a batch made with other
+    weights is never mixed into the set."""
+    from transformers import CLIPModel
+
+    clip = save_tiny_clip(tmp_path / "clip")
+    out = tmp_path / "c"
+    recover_run(out, "sre2l", clip_prior=str(clip), clip_prompt="a {name}", iterations=2)
+    assert json.loads((out / "inputs.json").read_text())["prior/clip"] == json.loads(
+        (out / "manifest.json").read_text())["inputs"]["priors"]["clip"]["sha256"]
+    (out / "records" / "batch_00001.json").unlink()  # as if killed before batch 1 was finished
+    model = CLIPModel.from_pretrained(clip)
+    with torch.no_grad():
+        model.logit_scale.add_(1.0)
+    model.save_pretrained(clip)
+    with pytest.raises(PrismError, match=r"--out .*: its finished work was made from other inputs: prior/clip changed"):
+        recover_run(out, "sre2l", clip_prior=str(clip), clip_prompt="a {name}", iterations=2)

@@ -145,10 +145,13 @@ def to_dataset(images: torch.Tensor, info) -> torch.Tensor:
 
 
 def module_digest(module: torch.nn.Module) -> str:
-    """sha256 of a diffusers model as loaded: every state-dict tensor (name, dtype, shape, bytes) and its config
-    (keys starting with "_", such as the folder it was read from, left out), so a moved copy has the same digest."""
+    """sha256 of a diffusers (or transformers) model as loaded: every state-dict tensor (name, dtype, shape, bytes) and
+    its config (keys starting with "_", such as the folder it was read from, and the library version that wrote it
+    left out), so a moved copy has the same digest."""
     h = hashlib.sha256()
-    config = {k: v for k, v in dict(getattr(module, "config", {})).items() if not k.startswith("_")}
+    config = getattr(module, "config", {})
+    config = config.to_dict() if hasattr(config, "to_dict") else dict(config)  # transformers' configs are objects
+    config = {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, t in sorted(module.state_dict().items()):
         t = t.detach().cpu().contiguous()

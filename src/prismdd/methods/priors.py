@@ -80,6 +80,7 @@ class ClipPrior:
 
     def __init__(self, cfg, info, device: torch.device):
         self.cfg, self.info, self.weight = cfg, info, cfg.clip_weight
+        self._digest: str | None = None
         self.model, tokenizer, mean, std, self.side = load_clip(cfg.clip_prior, device)
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
@@ -108,9 +109,17 @@ class ClipPrior:
         cos = (self.image_embedding(xa) * self.text[y]).sum(-1)
         return self.weight * (1 - cos).mean()
 
+    def digest(self) -> str:
+        """sha256 of the CLIP weights and config as loaded (a resume with weights replaced in place is refused)."""
+        from .d4m import module_digest  # the diffusers/transformers model digest d4m keys its prototypes by
+
+        if self._digest is None:
+            self._digest = module_digest(self.model)
+        return self._digest
+
     def describe(self) -> dict:
         return {"model": self.cfg.clip_prior, "weight": self.weight, "input_side": self.side,
-                "normalisation": self.stats, "prompts": self.prompts}
+                "normalisation": self.stats, "prompts": self.prompts, "sha256": self.digest()}
 
 
 def make_priors(cfg, info, device) -> list:

@@ -414,7 +414,8 @@ def recover(cfg: RecoverConfig) -> Path:
         clear_outputs(out, "records/batch_*.json", "images/*/*.png", "logs/rank*.jsonl")
     if ctx.rank == 0:  # teachers retrained in place since the finished batches were made: refused
         guard_inputs(out, {**teacher_digests({a: t.folder for a, t in teachers.items()}),
-                           **({"init_from": images_digest(source.images, source.targets)} if source else {})},
+                           **({"init_from": images_digest(source.images, source.targets)} if source else {}),
+                           **{f"prior/{p.name}": p.digest() for p in priors}},
                      force=cfg.force)
         check_finished_images(out)  # a finished set's images edited since: refused, not kept as recovered
     dist.barrier(ctx)
