@@ -178,15 +178,18 @@ def test_bad_settings_are_refused_before_any_image(tiny_sd, tmp_path):
 
 
 # ----------------------------------------------------------------------------- missing weights
-@pytest.mark.parametrize("model", ["nope", ""])
-def test_missing_model_fails_up_front_in_one_line(model, tmp_path):
+@pytest.mark.parametrize("model, reason", [
+    ("nope", "not a local folder and not in the local Hugging Face cache (nothing is downloaded)"),
+    ("empty", "cannot load a diffusers text-to-image pipeline"),  # a folder that holds no model
+    ("", "no model given")])
+def test_missing_model_fails_up_front_in_one_line(model, reason, tmp_path):
     out = tmp_path / "t2i"
     value = str(tmp_path / model) if model else ""
+    (tmp_path / "empty").mkdir()
     with pytest.raises(PrismError) as err:
         recover(recover_config("t2i", **dict(SETTINGS, out=str(out), t2i_model=value)))
     message = str(err.value)
-    assert "\n" not in message and message.startswith(f"--t2i-model {value or repr('')}: ")
-    assert ("cannot load a diffusers text-to-image pipeline" if model else "no model given") in message
+    assert "\n" not in message and message.startswith(f"--t2i-model {value or repr('')}: {reason}")
     assert "pip install 'prismdd[diffusion]'" in message and "local diffusers folder" in message
     assert "hf download" in message
     assert not (out / "images").exists() and not (out / "records").exists()

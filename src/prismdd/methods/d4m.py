@@ -66,6 +66,20 @@ def missing_model(model: str, reason: str) -> PrismError:
                            "stable-diffusion-v1-5/stable-diffusion-v1-5")
 
 
+NOT_LOCAL = "not a local folder and not in the local Hugging Face cache (nothing is downloaded)"
+
+
+def load_failure(model: str, what: str, e: Exception) -> str:
+    """Why ``from_pretrained(model, local_files_only=True)`` failed, in words: a name that is neither a folder here
+    nor in the cache says so (the libraries word it as a failed connection or a missing model_index.json); anything
+    else gives the first sentence of the error."""
+    if not Path(model).exists():
+        return NOT_LOCAL
+    detail = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
+    detail = detail if len(detail) <= 150 else detail[:147] + "..."
+    return f"cannot load {what} ({type(e).__name__}: {detail})"
+
+
 def load_local(load: Callable[[], Any], model: str, what: str, missing: Callable[[str, str], PrismError]):
     """``load()`` (a diffusers ``from_pretrained(..., local_files_only=True)``: never the network) with diffusers'
     advice silenced and its progress bars off. The extra not installed, or any failure of ``load``: ``missing(model,
@@ -78,9 +92,7 @@ def load_local(load: Callable[[], Any], model: str, what: str, missing: Callable
         diffusers_logging.set_verbosity_error()  # no "accelerate not found" advice on every run
         pipe = load()
     except Exception as e:  # OSError, ValueError, huggingface_hub's LocalEntryNotFoundError, ImportError ...
-        detail = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
-        detail = detail if len(detail) <= 150 else detail[:147] + "..."
-        raise missing(model, f"cannot load {what} ({type(e).__name__}: {detail})") from None
+        raise missing(model, load_failure(model, what, e)) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

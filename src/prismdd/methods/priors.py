@@ -14,7 +14,6 @@ differentiably, so the gradient reaches the synthetic pixels.
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from ..core.classnames import SYNSET, readable_names
 from ..core.data import denormalize, say_once
 from ..core.errors import PrismError
+from .d4m import load_failure, module_digest  # the same words and digest as the diffusers plug-ins
 
 # OpenAI CLIP's preprocessing statistics (used when the model folder has no image-processor config)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -39,9 +39,6 @@ def load_clip(model: str, device: torch.device):
     """(CLIPModel, tokenizer, mean, std, side) from a local folder or the local cache; any failure: ``missing_clip``."""
     if importlib.util.find_spec("transformers") is None:
         raise missing_clip(model, "transformers is not installed")
-    if ("/" in model or "\\" in model or model.startswith(".")) and not Path(model).exists() and (
-            model.startswith((".", "/", "~")) or model.count("/") > 1):
-        raise missing_clip(model, "no such folder")  # a path, not a hub id: say so instead of a repo-id complaint
     try:
         from transformers import AutoTokenizer, CLIPModel
         from transformers.utils import logging as hf_logging
@@ -50,12 +47,7 @@ def load_clip(model: str, device: torch.device):
         clip = CLIPModel.from_pretrained(model, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
     except Exception as e:  # OSError, ValueError, huggingface_hub's LocalEntryNotFoundError, ImportError ...
-        if not Path(model).exists() and ("connect" in str(e) or "LocalEntryNotFound" in type(e).__name__):
-            raise missing_clip(model, "not a local folder and not in the local Hugging Face cache (nothing is "
-                                      "downloaded)") from None
-        detail = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
-        detail = detail if len(detail) <= 150 else detail[:147] + "..."
-        raise missing_clip(model, f"cannot load a CLIP model ({type(e).__name__}: {detail})") from None
+        raise missing_clip(model, load_failure(model, "a CLIP model", e)) from None
     mean, std = CLIP_MEAN, CLIP_STD
     try:  # the model's own preprocessing statistics where its folder has them
         from transformers import CLIPImageProcessor
@@ -111,8 +103,6 @@ class ClipPrior:
 
     def digest(self) -> str:
         """sha256 of the CLIP weights and config as loaded (a resume with weights replaced in place is refused)."""
-        from .d4m import module_digest  # the diffusers/transformers model digest d4m keys its prototypes by
-
         if self._digest is None:
             self._digest = module_digest(self.model)
         return self._digest
