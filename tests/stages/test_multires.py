@@ -126,3 +126,23 @@ def test_methods_that_do_not_optimise_pixels_refuse_the_engine_options(recover_r
     with pytest.raises(PrismError, match=r"^--view-noise 0.2: --method rded"):
         recover_run(tmp_path / "r", "rded", view_noise=0.2)
     assert not (tmp_path / "r" / "images").exists()
+
+
+TABLE5 = {"sre2l.yaml": ("pixels", "", 0.0), "sre2l-clip.yaml": ("pixels", "openai/clip-vit-base-patch32", 0.0),
+          "sre2l-multires.yaml": ("multires", "", 0.2),
+          "sre2l-clip-multires.yaml": ("multires", "openai/clip-vit-base-patch32", 0.2)}
+
+
+@pytest.mark.parametrize("name", sorted(TABLE5))
+def test_seed_table5_configs_load_as_their_row(name):
+    from pathlib import Path
+
+    from prismdd.core.config import build_config, load_yaml
+    from prismdd.stages.recover import RecoverConfig
+
+    folder = Path(__file__).resolve().parents[2] / "configs" / "seed-table5"
+    cfg = build_config(RecoverConfig, load_yaml(folder / name))
+    assert (cfg.method, cfg.primary, cfg.bn_pool, cfg.resolution, cfg.lr) == ("sre2l", "resnet18", "resnet18", 224, 0.25)
+    assert (cfg.param, cfg.clip_prior, cfg.view_noise) == TABLE5[name]
+    assert f"prismdd recover --config configs/seed-table5/{name}" in (folder / name).read_text()
+    assert sorted(p.name for p in folder.glob("*.yaml")) == sorted(TABLE5)
