@@ -146,3 +146,12 @@ def test_seed_table5_configs_load_as_their_row(name):
     assert (cfg.param, cfg.clip_prior, cfg.view_noise) == TABLE5[name]
     assert f"prismdd recover --config configs/seed-table5/{name}" in (folder / name).read_text()
     assert sorted(p.name for p in folder.glob("*.yaml")) == sorted(TABLE5)
+
+
+@pytest.mark.parametrize("s, side", [(5, 28), (17, 28), (25, 28), (9, 224), (221, 224)])
+def test_the_matrix_form_is_the_bicubic_upsampling(s, side):
+    from prismdd.methods.params import bicubic_matrix, upsample
+
+    p = torch.randn(2, 3, s, s, generator=torch.Generator().manual_seed(s))
+    a = bicubic_matrix(s, side)
+    torch.testing.assert_close(a @ p @ a.T, upsample(p, side), atol=1e-5, rtol=1e-5)
