@@ -129,4 +129,4 @@ class MultiRes(Param):
     def describe(self):
         return {"name": self.name, "sides": self.sides, "optimizer": "sgd" if self.sgd else "engine",
                 "lr_scale": self.lr_scale(0), "squash": "(tanh(raw0 + sum) + 1) / 2",
-                "upsample": "nearest for 1 px, bicubic otherwise"}
+                "upsample": "nearest for 1 px, bicubic otherwise (as separable matrix products)"}
