@@ -114,7 +114,7 @@ def experiments(ipcs=(1, 10, 50)) -> dict[str, list[dict]]:
              {"ipc": 10}),
         # prismdd's own choice under test: Adam's LR divided among the 8 components (28 px); lr 2.0 = 8 x 0.25 gives
         # every component SRe2L's full LR
-        cell("sre2l + multires, LR not divided (lr 2.0)", "sre2l", {"ipc": 10, "param": "multires", "lr": 2.0},
+        cell("sre2l + multires (LR not divided: lr 2.0)", "sre2l", {"ipc": 10, "param": "multires", "lr": 2.0},
              {"ipc": 10})]
     ipc = {"ipc": 10}
     # what PRISM adds: everything held fixed except the BN set
