@@ -72,6 +72,17 @@ class Teacher:
     folder: str
 
 
+def batch_lr(lr: float, it: int, n_iter: int) -> float:
+    """One cosine LR over the batch's iterations (DELT's rounds)."""
+    return lr * 0.5 * (1 + math.cos(math.pi * it / n_iter))
+
+
+def image_lrs(lr: float, it: int, start: torch.Tensor, budgets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) per-image step count (0 = its window has not opened) and cosine LR over each image's own budget."""
+    t = (it - start + 1).clamp(min=0)
+    return t, lr * 0.5 * (1 + torch.cos(math.pi * (t - 1).clamp(min=0).float() / budgets.float()))
+
+
 class Engine:
     """Runs one batch of recovery. Teachers' BN hooks are registered once for the whole run."""
 
@@ -168,7 +179,7 @@ class Engine:
                 xa = jitter(apply_views(xs, views), self.jitter, gen, cfg.jitter_mode)
                 if cfg.view_noise > 0:  # DAS: uniform noise on every view, clipped back into the valid range
                     noise = torch.rand(xa.shape, generator=gen).to(xa.device) * cfg.view_noise
-                    xa = torch.maximum(torch.minimum(xa + noise / self.std, self.hi), self.lo)
+                    xa = (xa + noise / self.std).clamp(self.lo, self.hi)
                 xa = xa.contiguous(memory_format=self.memory_format)
                 if cfg.selection == "rotate":
                     pick = bn_set[int(torch.randint(len(bn_set), (1,), generator=gen))]
@@ -219,25 +230,20 @@ class Engine:
         with torch.no_grad():
             return param.render(leaves).detach(), record
 
-    def _lrs(self, it, start, budgets, n_iter, rounds) -> torch.Tensor:
-        """(B,) learning rate of every image at iteration ``it`` (0 where its window has not opened): the same cosine
-        the Adam steps below follow, for the SGD steps of DAS."""
-        if rounds:
-            return torch.full_like(budgets, 1, dtype=torch.float) * self.cfg.lr * 0.5 * (
-                1 + math.cos(math.pi * it / n_iter))
-        t = (it - start + 1).clamp(min=0)
-        lr = self.cfg.lr * 0.5 * (1 + torch.cos(math.pi * (t - 1).clamp(min=0).float() / budgets.float()))
-        return lr * (t > 0).float()
-
     def _sgd_step(self, x, g, it, start, budgets, n_iter, rounds, scale: float = 1.0):
-        """Plain gradient descent (DAS optimises its components with torch.optim.SGD, no momentum)."""
-        x.sub_((self._lrs(it, start, budgets, n_iter, rounds) * scale).view(-1, *[1] * (x.dim() - 1)) * g)
+        """Plain gradient descent (DAS optimises its components with torch.optim.SGD, no momentum), on the same
+        schedule as the Adam steps below."""
+        if rounds:
+            x.sub_(batch_lr(self.cfg.lr, it, n_iter) * scale * g)
+            return
+        t, lr = image_lrs(self.cfg.lr, it, start, budgets)
+        x.sub_((lr * (t > 0).float() * scale).view(-1, *[1] * (x.dim() - 1)) * g)
 
     def _adam_step_global(self, x, g, m, v, it, n_iter, b1, b2, eps: float = 1e-8, scale: float = 1.0):
         """DELT (recover.py:92-112): ONE torch Adam over the whole batch tensor: one step count and one cosine LR
         over the batch's iterations. Images that have not joined get zero gradients, so their moments stay 0
         and they do not move; an image that joins late gets the batch's (small) LR and bias corrections."""
-        lr = self.cfg.lr * 0.5 * (1 + math.cos(math.pi * it / n_iter))
+        lr = batch_lr(self.cfg.lr, it, n_iter)
         if scale != 1.0:
             lr = lr * scale
         m.mul_(b1).add_((1 - b1) * g)
@@ -251,10 +257,8 @@ class Engine:
         With equal budgets this is exactly torch.optim.Adam + cosine decay; with early-late budgets an
         image is frozen (no update, no moment change) until its window opens.
         """
-        cfg = self.cfg
-        t = (it - start + 1).clamp(min=0)  # (B,) per-image step, 0 = not started
+        t, lr = image_lrs(self.cfg.lr, it, start, budgets)
         active = (t > 0).float().view(-1, 1, 1, 1)
-        lr = cfg.lr * 0.5 * (1 + torch.cos(math.pi * (t - 1).clamp(min=0).float() / budgets.float()))
         if scale != 1.0:  # a parametrisation's share of the LR (multires divides it among its components)
             lr = lr * scale
         m.mul_(1 - active * (1 - b1)).add_(active * (1 - b1) * g)

@@ -99,6 +99,8 @@ class MultiRes(Param):
         self.sgd = cfg.multires_optimizer == "sgd"
         self.raw0: torch.Tensor | None = None
         self.mats = {s: bicubic_matrix(s, info.resolution, device) for s in self.sides if 1 < s < info.resolution}
+        self.mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(info.std, device=device).view(1, -1, 1, 1)
 
     def init(self, x0):
         u = denormalize(x0.detach().float(), self.info).clamp(EPS, 1 - EPS)
@@ -113,9 +115,7 @@ class MultiRes(Param):
             a = self.mats.get(p.shape[-1])
             total = total + (upsample(p, side) if a is None else a @ p @ a.T)  # the same bicubic, as two products
         u = (torch.tanh(total) + 1) / 2
-        mean = torch.tensor(self.info.mean, device=u.device, dtype=u.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.info.std, device=u.device, dtype=u.dtype).view(1, -1, 1, 1)
-        return (u - mean) / std
+        return (u - self.mean) / self.std
 
     def lr_scale(self, i):
         # Adam moves every component by about lr per step whatever its gradient, so n components in step would move
