@@ -25,7 +25,8 @@ PHI_CLIP = 1e4  # |phi| beyond this is clipped (a float32 softmax saturates long
 
 
 SCHEDULES = ("cosine", "decayed_cosine", "decayed_cosine_smooth", "half_cosine", "half_linear", "linear", "constant",
-             "warmup_cosine")
+             "warmup_cosine", "step_half")
+STEP_DROP = 0.1  # step_half: the LR after the drop (DC-bench's and Hard Truths' MultiStepLR gamma)
 WARMUP_COSINE_FLOOR = 0.01  # FRePo's eval.py: optax warmup_cosine_decay_schedule ends at 0.01 x the peak
 OPTIMIZERS = ("adamw", "sgd", "adam")
 
@@ -43,6 +44,7 @@ def lr_factor(schedule: str, progress: float, warmup: float = 0.0) -> float:
     ``train_FKD_parallel.py`` actually runs, because its ``else`` branch replaces the cosine LambdaLR it built
     (FIDELITY.md, student protocols). ``warmup_cosine``: after the linear warm-up, a cosine over the REST of
     training from 1 to 0.01 (FRePo's ``eval.py:221-225``); the other schedules keep their curve over the whole run.
+    ``step_half``: 1, then 0.1 from half of training on (the hard-label regime's step decay).
     """
     p = min(max(progress, 0.0), 1.0)
     if warmup > 0 and p < warmup:
@@ -52,6 +54,8 @@ def lr_factor(schedule: str, progress: float, warmup: float = 0.0) -> float:
         return WARMUP_COSINE_FLOOR + (1 - WARMUP_COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * q))
     if schedule == "constant":
         return 1.0
+    if schedule == "step_half":  # one drop x0.1 after half of training (ca2d's MultiStepLR at epoch 151 of 300)
+        return 1.0 if p < 0.5 else STEP_DROP
     if schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * p))
     if schedule == "half_cosine":
@@ -94,13 +98,13 @@ def decay_groups(model: nn.Module, weight_decay: float, exempt: str = "1d") -> l
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def make_optimizer(name: str, params, lr: float, weight_decay: float, momentum: float = 0.9):
+def make_optimizer(name: str, params, lr: float, weight_decay: float, momentum: float = 0.9, nesterov: bool = True):
     """``params``: an iterable of tensors or of parameter groups (``decay_groups``); a group's own
     ``weight_decay`` wins over the default given here."""
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     raise PrismError(f"optimizer {name!r}: expected adamw, sgd or adam")

@@ -8,6 +8,8 @@ subset with the same IPC) and ``--full`` (the whole training set), under the sam
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..artifacts import (ACCURACY_FILE, StoredLabels, centred_onehot, consumed_digests, file_digest, guard_inputs,
-                         has_learned_labels, LEARNED_LABELS, load_distilled, load_labelers, locked_stage,
-                         read_learned_labels, read_manifest, reusable, save_model, with_distilled_dataset,
-                         write_manifest)
+from ..artifacts import (ACCURACY_FILE, StoredLabels, centred_onehot, check_finite_labels, consumed_digests,
+                         file_digest, guard_inputs, has_learned_labels, LEARNED_LABELS, load_distilled, load_if_header,
+                         load_labelers, locked_stage, read_learned_labels, read_manifest, reusable, save_model,
+                         settings_header, with_distilled_dataset, write_manifest)
 from ..core import distributed as dist
 from ..core.augment import (BATCH_RULES, ViewConfig, apply_mix, default_view_batch, epoch_plan, make_inputs,
                              mix_partners, rand_augment_transform)
@@ -29,9 +31,10 @@ from ..core.config import (DEFAULT_DATASET, FROM_DISTILLED, CommonConfig, build_
                            opt)
 from ..core.data import DatasetInfo, TensorImages, check_class_coverage, load_splits, random_real_indices
 from ..core.errors import PrismError
-from ..core.io import JsonlLog, write_json
+from ..core.io import JsonlLog, save_tensors, write_json
 from ..core.models import create_model
 from ..core.presets import PROTOCOLS
+from ..core.regimes import fixed_soft_labels, fixed_soft_logits, regime_of
 from ..core.runtime import Timer
 from ..core.scores import missing_line, score_row
 from ..core.training import (DECAY_EXEMPT, ENSEMBLES, OPTIMIZERS, SCHEDULES, decay_groups, evaluate, fit, half_sse,
@@ -69,6 +72,8 @@ class ValidateConfig(CommonConfig):
                                   "(RDED/DELT's argument.py: 10 at IPC 1, 50 to IPC 20, else 100; x2 for 100 or "
                                   "1000 classes)", choices=BATCH_RULES, neutral="seed")
     optimizer: str = opt("adamw", "adamw | sgd | adam", choices=OPTIMIZERS)
+    nesterov: bool = opt(True, "sgd: Nesterov momentum (the hard-label regime's reference uses plain momentum)",
+                         neutral=True)
     lr: float = opt(0.001, "peak learning rate", minimum=0.0)
     weight_decay: float = opt(0.01, "weight decay", minimum=0.0)
     decay_exempt: str = opt("1d", "which parameters take no weight decay: 1d (every reference's get_parameters: "
@@ -89,7 +94,11 @@ class ValidateConfig(CommonConfig):
                                 "every step (a smoother curve)", choices=("step", "epoch"))
     mix_ce: str = opt("own", "mse+ce under CutMix/Mixup: own (PRISM's code: CE on each image's own, unmixed hard "
                              "label) | mixed (CE mixed by lambda with the partner's label)", choices=("own", "mixed"))
-    temperature: float = opt(4.0, "kl: softmax temperature", minimum=0.0)
+    temperature: float = opt(4.0, "kl: softmax temperature (also the temperature of --fixed-labels)", minimum=0.0)
+    fixed_labels: bool = opt(False, "fixed soft labels (the soft regime, --protocol soft): the --teachers label each "
+                                    "UN-augmented image once (softmax of logits / --temperature, stored as "
+                                    "fixed_labels.safetensors beside the students) and every view keeps its image's "
+                                    "label; needs --loss kl", neutral=False)
     kl_t2: bool = opt(True, "kl: multiply the KL by T^2 (Hinton); off = SRe2L's train_FKD.py (plain batchmean KL)")
     min_scale: float = opt(0.25, "RandomResizedCrop floor (seed Table 3)", minimum=0.0)
     mix: str = opt("cutmix", "cutmix | mixup | none", choices=("cutmix", "mixup", "none"))
@@ -140,6 +149,9 @@ class ValidateConfig(CommonConfig):
         if self.scores and not (self.distilled and self.teachers and not self.labels):
             raise PrismError("--scores: give --distilled DIR and --teachers DIR (online labels: the random-real and "
                              "no-augmentation students cannot replay stored --labels)")
+        if self.fixed_labels and (self.loss != "kl" or not self.teachers or self.labels):
+            raise PrismError("--fixed-labels: one soft label per image needs --loss kl and --teachers DIR (not stored "
+                             "--labels, which belong to augmented views); --protocol soft sets both but --teachers")
         if self.ema_eval >= 1:
             raise PrismError(f"--ema-eval {self.ema_eval}: an EMA decay must be below 1 (EDC uses 0.99); 0 = off")
 
@@ -231,6 +243,10 @@ def student_loss(cfg: ValidateConfig, out: torch.Tensor, soft: torch.Tensor | No
         mse = F.mse_loss(out, soft)
         return {"mse": mse, "ce": ce, "total": mse + cfg.gamma * ce}
     t = cfg.temperature
+    if cfg.fixed_labels:  # ``soft``: the images' fixed label distributions (already at T), mixed as the images were
+        kl = F.kl_div(F.log_softmax(out / t, 1), soft, reduction="batchmean")
+        kl = kl * t * t if cfg.kl_t2 else kl
+        return {"kl": kl, "total": kl}
     kl = F.kl_div(F.log_softmax(out / t, 1), F.log_softmax(soft / t, 1), reduction="batchmean", log_target=True)
     kl = kl * t * t if cfg.kl_t2 else kl
     return {"kl": kl, "total": kl}
@@ -249,7 +265,7 @@ def train_student(cfg: ValidateConfig, arch: str, seed: int, data: TensorImages,
     torch.manual_seed(seed)
     model = create_model(arch, info.num_classes, info.channels, info.resolution, cfg.student_width).to(device)
     optimizer = make_optimizer(cfg.optimizer, decay_groups(model, cfg.weight_decay, cfg.decay_exempt), cfg.lr,
-                               cfg.weight_decay)
+                               cfg.weight_decay, nesterov=cfg.nesterov)
     ddp = ctx.world_size > 1
     net = nn.parallel.DistributedDataParallel(model) if ddp else model
     bs = labels["batch_size"]
@@ -349,8 +365,11 @@ def validate(cfg: ValidateConfig) -> dict:
     elif cfg.teachers and cfg.loss not in ("ce", "mse"):
         online = load_labelers(cfg.teachers, cfg.label_teachers, source.get("primary"), info, cfg.ensemble,
                                cfg.primary_weight, ctx.device, pool=source.get("bn_pool"))
-    labels = {"stored": stored, "online": online, "batch_size": bs, "vectors": vectors}
     digests = consumed_digests(data, stored, cfg.teachers, online.names if online else ())
+    fixed = None
+    if cfg.fixed_labels:  # computed once for every student and seed of this call, then never again
+        vectors, fixed = _fixed_labels(cfg, data, info, online, digests, ctx)
+    labels = {"stored": stored, "online": None if fixed else online, "batch_size": bs, "vectors": vectors}
     if vectors is not None and cfg.labels:  # a student made from other learned labels is not reused
         digests["learned labels"] = file_digest(Path(cfg.labels) / LEARNED_LABELS)
     if stored is not None:  # labels made for another set (or before recover re-ran): refused
@@ -389,9 +408,12 @@ def validate(cfg: ValidateConfig) -> dict:
     first = per_student[students[0]]
     label_src = ("stored:" + str(cfg.labels)) if stored else (("online:" + ",".join(online.names)) if online else
                                                               "hard labels")
-    if vectors is not None:
+    if vectors is not None and fixed is None:
         label_src = f"learned:{cfg.labels}" if cfg.labels else "centred one-hot"
-    protocol = {"protocol": cfg.protocol, "loss": cfg.loss, "gamma": cfg.gamma if cfg.loss == "mse+ce" else None,
+    if fixed is not None:
+        label_src = f"fixed:{','.join(online.names)} (T={cfg.temperature:g}, {cfg.ensemble})"
+    protocol = {"protocol": cfg.protocol, "regime": regime_of(cfg.loss, cfg.fixed_labels, bool(stored or online)),
+                "loss": cfg.loss, "gamma": cfg.gamma if cfg.loss == "mse+ce" else None,
                 "optimizer": cfg.optimizer, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
                 "decay_exempt": cfg.decay_exempt, "grad_accum": cfg.grad_accum, "schedule": cfg.schedule,
                 "lr_every": cfg.lr_every,
@@ -402,6 +424,8 @@ def validate(cfg: ValidateConfig) -> dict:
                 "rand_augment": vc.rand_augment, "flip": vc.flip,
                 "ema_eval": cfg.ema_eval, "bn_double_update": cfg.bn_double_update,
                 "student_width": cfg.student_width, "result": "final epoch", "test_set": f"{info.name} test ({len(test)})"}
+    if fixed is not None:
+        protocol["fixed_labels"] = fixed
     accuracy = {"top1": first["top1"], "top5": first["top5"], "top1_std": first["top1_std"],
                 "best_top1": first["best_top1"], "curve": first["curve"], "protocol": protocol,
                 "seeds": seeds, "students": per_student, "source": {k: v for k, v in source.items() if k != "indices"},
@@ -415,6 +439,32 @@ def validate(cfg: ValidateConfig) -> dict:
                        outputs={"accuracy": ACCURACY_FILE, "top1": accuracy["top1"]}, wall_time=timer.elapsed)
     dist.barrier(ctx)
     return accuracy
+
+
+FIXED_LABELS = "fixed_labels.safetensors"
+FIXED_FORMAT = "prismdd-fixed-labels/1"
+
+
+def _fixed_labels(cfg: ValidateConfig, data, info: DatasetInfo, labeler, digests: dict, ctx) -> tuple[torch.Tensor, dict]:
+    """The soft regime's labels: one distribution per image, softmax(teacher logits / T) on the un-augmented image,
+    stored in ``<out>/fixed_labels.safetensors`` with the teachers' and images' digests, the ensemble rule and T in
+    its header; a later call with the same inputs reads it instead of running the teachers again."""
+    settings = {"teachers": labeler.names, "ensemble": cfg.ensemble, "primary_weight": cfg.primary_weight,
+                "temperature": cfg.temperature, "images": len(data), "view": "un-augmented (whole, unflipped)"}
+    header = settings_header(FIXED_FORMAT, settings, inputs=json.dumps(digests, sort_keys=True),
+                             targets=hashlib.sha256(data.targets.numpy().tobytes()).hexdigest())
+    path = Path(cfg.out) / FIXED_LABELS
+    stored = load_if_header(path, header)
+    if stored is None:
+        logits = fixed_soft_logits(labeler, data, info, ctx.device)
+        check_finite_labels(logits, labeler.names, path)
+        stored = {"logits": logits, "probs": fixed_soft_labels(logits, cfg.temperature)}
+        if ctx.rank == 0:
+            save_tensors(stored, path, header)
+        print(f"[validate] fixed soft labels of {len(data)} images by {', '.join(labeler.names)} (T={cfg.temperature:g}) "
+              f"-> {path}")
+    record = dict(settings, file=FIXED_LABELS, sha256=file_digest(path) if path.exists() else None)
+    return stored["probs"], record
 
 
 def _micro_batches(cfg: ValidateConfig, net, x, soft, y, y2, lam):
