@@ -24,6 +24,7 @@ from .core.errors import PrismError
 from .core.io import read_json, write_json
 from .core.models import ARCHS, create_model, has_batchnorm
 from .core.presets import METHODS, preset_file
+from .core.regimes import REGIMES, regime_summary, summary_line
 from .core.runtime import Timer
 from .core.scores import score_row
 from .core.training import trust, trust_line
@@ -69,8 +70,19 @@ class RunConfig(CommonConfig):
                                      "relabel: all of --teacher-archs, norm-matched) | primary (the primary alone: "
                                      "3-20 points better for a ConvNet student on Fashion-MNIST, BENCHMARKS.md "
                                      "section 10) | a comma list from --teacher-archs")
-    full_steps: int = opt(300, "steps of the full-data baseline (hard labels, batch 128; 300 epochs of 60k is hours)",
-                          minimum=1)
+    regimes: str = opt("kd", "label regimes every set is trained under, one column each: hard (CE on the class label, "
+                              "no teacher) | soft (fixed soft labels: one teacher label per un-augmented image) | kd "
+                              "(the teachers label every augmented view: the shared protocol)", choices=tuple(REGIMES),
+                        many=True)
+    full_reference: str = opt("converged", "the full-data baseline per regime: converged (budgets of --full-start-epochs "
+                                           "doubling until the final top-1 rises by less than --full-tolerance, or "
+                                           "--full-max-epochs) | steps (one run of --full-steps steps: smoke runs)",
+                              choices=("converged", "steps"))
+    full_start_epochs: int = opt(1, "converged: the first budget (epochs over the whole training set)", minimum=1)
+    full_max_epochs: int = opt(16, "converged: the largest budget tried", minimum=1)
+    full_tolerance: float = opt(0.5, "converged: stop doubling when the final top-1 rose by less than this (points)",
+                                minimum=0.0)
+    full_steps: int = opt(300, "steps of the full-data baseline with --full-reference steps (batch 256)", minimum=1)
     scores: bool = opt(False, "DD-Ranking's LRS and ARS per method: adds a hard-label student (no augmentation, as "
                               "DD-Ranking trains it) and a no-augmentation student per method, and one for random "
                               "real; without it the scores show what they lack", neutral=False)
@@ -90,6 +102,10 @@ class RunConfig(CommonConfig):
     @property
     def baseline_list(self) -> list[str]:
         return comma_list(self.baselines)
+
+    @property
+    def regime_list(self) -> list[str]:
+        return comma_list(self.regimes)
 
     @property
     def teacher_list(self) -> list[str]:
@@ -252,7 +268,6 @@ def run(cfg: RunConfig) -> dict:
     zoo = cfg.teacher_list
     teacher_epochs = epochs_for(cfg.teacher_steps, len(train))
     observer_epochs = epochs_for(cfg.observer_steps, len(train))
-    full_epochs = epochs_for(cfg.full_steps, len(train))
     teachers_dir = stages.teachers("teachers", common, zoo, width=cfg.teacher_width, **teacher_epochs,
                                    eval_every=max(1, teacher_epochs["epochs"] // 4))
     observer_dir = stages.teachers("observer", dict(common, seed=cfg.seed + 1000),  # another seed as well as arch
@@ -268,22 +283,21 @@ def run(cfg: RunConfig) -> dict:
         if line:
             print(f"[run] {line}")
 
-    # ------------------------------------------------------------------ recover + validate per method
-    student = dict(protocol="prism", student=cfg.student, student_width=cfg.student_width, epochs=cfg.student_epochs,
-                   seeds=cfg.seeds, eval_every=cfg.eval_every or max(1, cfg.student_epochs // 10),
-                   teachers=str(teachers_dir),
-                   # named here so every row, random real included, is labelled by the same teachers
-                   label_teachers=",".join(cfg.labellers))
+    # ------------------------------------------------------------------ recover + validate per method and regime
+    regimes = cfg.regime_list
     rows, distilled = [], {}
     for method in cfg.method_list:
         rec_dir = stages.recover(method, common, teachers_dir, primary=primary, ipc=cfg.ipc,
                                  iterations=cfg.iterations, batch_size=cfg.recover_batch_size)
         distilled[method] = rec_dir
-        _, acc = stages.validate(f"validate-{method}", common, **student, distilled=str(rec_dir))
-        rows.append(_row(method, acc, rec_dir, stages.timings[f"recover-{method}"] + stages.timings[f"validate-{method}"]))
+        per = {r: stages.validate(regime_stage(method, r), common, **regime_student(cfg, r, teachers_dir),
+                                  distilled=str(rec_dir))[1] for r in regimes}
+        rows.append(_regime_row(method, per, regimes, rec_dir, stages, stages.timings[f"recover-{method}"]))
     if "random-real" in cfg.baseline_list:
-        _, acc = stages.validate("validate-random-real", common, **student, random_real=True, ipc=cfg.ipc)
-        rows.append(_row("random-real", acc, None, stages.timings["validate-random-real"]))
+        per = {r: stages.validate(regime_stage("random-real", r), common, **regime_student(cfg, r, teachers_dir),
+                                  random_real=True, ipc=cfg.ipc)[1] for r in regimes}
+        rows.append(_regime_row("random-real", per, regimes, None, stages, 0.0))
+    student = regime_student(cfg, "kd", teachers_dir)
     extra = {}  # method -> {"syn_hard": top-1, "syn_noaug": top-1}: the scores' students beside the protocol's
     if cfg.scores:
         for method, rec_dir in distilled.items():
@@ -296,14 +310,18 @@ def run(cfg: RunConfig) -> dict:
             _, acc_n = stages.validate("validate-random-real-noaug", common, **student, **NO_AUGMENTATION,
                                        random_real=True, ipc=cfg.ipc)
             extra["random-real"] = {"syn_noaug": acc_n["top1"]}
+    full_refs = {}
     if "full" in cfg.baseline_list:
-        _, acc = stages.validate("validate-full", common, protocol="prism", full=True, student=cfg.student,
-                                 student_width=cfg.student_width, **full_epochs, seeds=cfg.seeds,
-                                 eval_every=full_epochs["epochs"], loss="ce", mix="none",
-                                 lr_every="step")  # one capped epoch: a per-epoch LR would never decay
-        rows.append(_row("full", acc, None, stages.timings["validate-full"]))
-        steps = full_epochs["epochs"] * full_epochs["steps_per_epoch"]
-        rows[-1]["label"] = f"full data, hard labels, {steps} steps (reference)"
+        # LRS needs the full data under HARD labels whatever the regimes shown
+        for r in dict.fromkeys(regimes + (["hard"] if cfg.scores else [])):
+            full_refs[r] = full_reference(stages, common, cfg, r, teachers_dir, len(train))
+        shown = {r: full_refs[r]["accuracy"] for r in regimes}
+        rows.append(_regime_row("full", shown, regimes, None, stages, 0.0))
+        rows[-1]["seconds"] = round(sum(full_refs[r]["seconds"] for r in regimes), 1)
+        rows[-1]["label"] = "full data (reference: " + "; ".join(f"{r} {full_refs[r]['rule']}" for r in regimes) + ")"
+        rows[-1]["reference"] = {r: {k: v for k, v in ref.items() if k != "accuracy"} for r, ref in full_refs.items()}
+        if "hard" in full_refs:
+            rows[-1]["hard_full_top1"] = full_refs["hard"]["accuracy"]["top1"]
 
     _add_scores(rows, extra)
 
@@ -322,13 +340,11 @@ def run(cfg: RunConfig) -> dict:
     results = {
         "dataset": info.name, "num_classes": info.num_classes, "class_names": list(info.class_names),
         "ipc": cfg.ipc, "student": cfg.student,
-        "protocol": (f"{cfg.student} (width {cfg.student_width}) trained {cfg.student_epochs} epochs on each set with "
-                     f"soft labels of {', '.join(cfg.labellers)} computed online (norm-matched when several, "
-                     f"as PRISM's relabel; MSE + 0.1 CE, AdamW 1e-3 with biases and BatchNorm undecayed, decayed cosine, "
-                     f"RandomResizedCrop 0.25-1 + flip + CutMix, each batch in 2 accumulated parts); top-1 of the "
-                     f"FINAL epoch on the {len(test)} test images; full = the same student on all {len(train)} "
-                     f"training images with hard labels for {full_epochs['epochs'] * full_epochs['steps_per_epoch']} "
-                     f"steps of 128"),
+        "protocol": (f"{cfg.student} (width {cfg.student_width}) trained {cfg.student_epochs} epochs on each set "
+                     f"under each regime ({', '.join(regimes)}); top-1 of the FINAL epoch on the {len(test)} test "
+                     f"images; full = the same student on all {len(train)} training images under the same regime"),
+        "regimes": {"list": regimes, "protocols": {r: regime_protocol_text(cfg, r) for r in regimes},
+                    "summary": {r: regime_summary(rows, r) for r in regimes}},
         "date": time.strftime("%Y-%m-%d %H:%M"), "command": "prismdd " + " ".join(sys.argv[1:]),
         "rows": rows,
         "scores": {"what": SCORES_NOTE, "computed": cfg.scores},
@@ -349,7 +365,9 @@ def run(cfg: RunConfig) -> dict:
                    outputs={"results": "results.json", "report": str(report.name),
                             "stages": {k: str(v) for k, v in distilled.items()}},
                    wall_time=total.elapsed)
-    print(print_table(rows))
+    print(print_table(rows, regimes))
+    for r in regimes:
+        print(f"[run] {summary_line(results['regimes']['summary'][r])}")
     print(f"[run] report: {report}  ({total.elapsed:.0f}s)")
     return results
 
@@ -358,7 +376,8 @@ def _add_scores(rows: list[dict], extra: dict) -> None:
     """DD-Ranking's LRS and ARS on every distilled row, from the rows' own accuracies and the extra students;
     random real is the reference both scores subtract, so it gets its no-augmentation accuracy and no score."""
     by = {r["method"]: r for r in rows}
-    rnd, full = by.get("random-real", {}), by.get("full", {})
+    rnd = by.get("random-real", {})
+    full = {"top1": by.get("full", {}).get("hard_full_top1")}  # LRS's reference: full data under hard labels
     if "random-real" in extra:
         rnd["noaug_top1"] = extra["random-real"]["syn_noaug"]
     for r in rows:
@@ -369,6 +388,92 @@ def _add_scores(rows: list[dict], extra: dict) -> None:
         r["scores"] = score_row({"full_hard": full.get("top1"), "syn_hard": r["hard_top1"], "syn_soft": r["top1"],
                                  "random_soft": rnd.get("top1"), "syn_aug": r["top1"], "random_aug": rnd.get("top1"),
                                  "syn_noaug": r["noaug_top1"], "random_noaug": rnd.get("noaug_top1")})
+
+
+def regime_stage(set_name: str, regime: str) -> str:
+    """Stage names: the kd student keeps the name it always had, so finished stages are reused."""
+    return f"validate-{set_name}" if regime == "kd" else f"validate-{set_name}-regime-{regime}"
+
+
+def regime_student(cfg: RunConfig, regime: str, teachers_dir) -> dict:
+    """validate settings of one regime's students; hard loads no teacher, soft and kd are labelled by the same
+    teachers with the same ensemble rule (PRISM's norm-matched), so only WHEN the teachers label differs."""
+    base = dict(student=cfg.student, student_width=cfg.student_width, epochs=cfg.student_epochs, seeds=cfg.seeds,
+                eval_every=cfg.eval_every or max(1, cfg.student_epochs // 10))
+    if regime == "hard":
+        return dict(base, protocol="hard")
+    # named here so every row, random real included, is labelled by the same teachers
+    labelled = dict(base, teachers=str(teachers_dir), label_teachers=",".join(cfg.labellers))
+    return dict(labelled, protocol="soft", ensemble="norm-matched") if regime == "soft" else dict(labelled,
+                                                                                                  protocol="prism")
+
+
+def regime_protocol_text(cfg: RunConfig, regime: str) -> str:
+    who = ", ".join(cfg.labellers)
+    return {"hard": "cross-entropy on the class label, no teacher; SGD 0.01 momentum 0.9, weight decay 5e-4, LR x0.1 "
+                    "at half, batch 256, crops 0.25-1 + flip (validate --protocol hard)",
+            "soft": f"one soft label per un-augmented image from {who} (norm-matched), softmax at T = 20, kept by "
+                    f"every view; KL x T^2, AdamW 1e-3, cosine, batch 256, crops 0.25-1 + flip (validate --protocol soft)",
+            "kd": f"soft labels of {who} computed online on every augmented view (norm-matched when several, as "
+                  f"PRISM's relabel; MSE + 0.1 CE, AdamW 1e-3 with biases and BatchNorm undecayed, decayed cosine, "
+                  f"RandomResizedCrop 0.25-1 + flip + CutMix, each batch in 2 accumulated parts; validate --protocol "
+                  f"prism)"}[regime]
+
+
+FULL_BATCH = 256  # the full-data references: batches of 256 (60,000 images), the LR following every step
+
+
+def full_reference(stages: Stages, common: dict, cfg: RunConfig, regime: str, teachers_dir, n_train: int) -> dict:
+    """The full training set under one regime, as a ceiling. ``converged``: complete runs (the regime's schedule over
+    the whole budget) of ``full_start_epochs`` epochs, doubled until the final top-1 rises by less than
+    ``full_tolerance`` points or the next budget would pass ``full_max_epochs``; the last budget is the reference.
+    One seed (the first). Each budget is a stage beside the teachers in ``<out>/stages``, so every later run with
+    the same teachers reuses it. ``steps``: one run of about ``full_steps`` steps (smoke runs)."""
+    seed = comma_list(cfg.seeds)[:1]
+    base = dict(regime_student(cfg, regime, teachers_dir), full=True, batch_size=FULL_BATCH, lr_every="step",
+                seeds=",".join(seed))
+    history = []
+    if cfg.full_reference == "steps":
+        fe = epochs_for(cfg.full_steps, n_train, FULL_BATCH)
+        _, acc = stages.validate(f"full-{regime}", common, **dict(base, **fe, eval_every=fe["epochs"]))
+        steps = fe["epochs"] * fe["steps_per_epoch"]
+        return {"accuracy": acc, "rule": f"{steps} steps of {FULL_BATCH}, not converged",
+                "seconds": stages.timings[f"full-{regime}"], "history": [{"steps": steps, "top1": acc["top1"]}],
+                "converged": False}
+    epochs, converged = cfg.full_start_epochs, False
+    while True:
+        name = f"full-{regime}-e{epochs}"
+        _, acc = stages.validate(name, common, **dict(base, epochs=epochs, eval_every=epochs))
+        history.append({"epochs": epochs, "top1": acc["top1"], "seconds": stages.timings[name]})
+        if len(history) > 1 and history[-1]["top1"] - history[-2]["top1"] < cfg.full_tolerance:
+            converged = True
+            break
+        if epochs * 2 > cfg.full_max_epochs:
+            break
+        epochs *= 2
+    rule = (f"{epochs} epochs, converged (+{history[-1]['top1'] - history[-2]['top1']:.2f} over {history[-2]['epochs']})"
+            if converged else f"{epochs} epochs, NOT converged by --full-max-epochs {cfg.full_max_epochs}")
+    return {"accuracy": acc, "rule": rule, "seconds": round(sum(h["seconds"] for h in history), 1),
+            "history": history, "converged": converged, "seed": int(seed[0])}
+
+
+def _regime_entry(acc: dict, seconds: float) -> dict:
+    return {"top1": acc["top1"], "top1_std": acc["top1_std"], "runs": len(acc.get("seeds") or [1]),
+            "seconds": round(seconds, 1), "protocol": acc["protocol"].get("protocol"), "seeds": acc.get("seeds"),
+            "per_seed": [{"seed": r["seed"], "top1": r["top1"]}
+                         for r in next(iter(acc.get("students", {}).values()), {}).get("runs", [])]}
+
+
+def _regime_row(method: str, per: dict, regimes: list[str], distilled_dir, stages: Stages, before: float) -> dict:
+    """One set's row: its per-regime results under ``regimes``, and the kd regime's (else the first's) numbers as the
+    row's own, which the figures and the DD-Ranking scores read."""
+    main = "kd" if "kd" in per else regimes[0]
+    names = {r: regime_stage(method, r) for r in per}
+    seconds = {r: stages.timings.get(names[r], 0.0) for r in per}
+    row = _row(method, per[main], distilled_dir, before + sum(seconds.values()))
+    row["regime"] = main
+    row["regimes"] = {r: _regime_entry(per[r], seconds[r]) for r in regimes if r in per}
+    return row
 
 
 def _row(method: str, m: dict, distilled_dir, seconds: float) -> dict:

@@ -31,6 +31,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .core.io import atomic_path
+from .core.regimes import REGIME_WORDS, summary_line
 from .core.scores import missing_line
 from .core.text import format_table
 
@@ -227,13 +228,45 @@ def scores_section(rows: list[dict], about: dict) -> list[str]:
     return out
 
 
-def print_table(rows: list[dict]) -> str:
-    """The terminal summary ``method | top-1 | intra-class cos | images | time`` as a string.
+def shows_regimes(regimes: list[str] | None) -> bool:
+    """One top-1 column per regime unless the run trained only the default (kd), whose table stays as it was."""
+    return bool(regimes) and list(regimes) != ["kd"]
+
+
+def regimes_section(rows: list[dict], about: dict) -> list[str]:
+    """Every set under every label regime the run trained, random real beside it, the paired margin of the best set
+    over random real, and each regime's full-data ceiling; one sentence per regime says who won and by how much."""
+    regimes = about.get("list") or []
+    if not shows_regimes(regimes):
+        return []
+    summary = about.get("summary") or {}
+    body = []
+    for r in rows:
+        cells = [(row_label(r), False)]
+        for g in regimes:
+            e = (r.get("regimes") or {}).get(g)
+            cells.append((fmt_top1(e) if e else DASH, True))
+        body.append(cells)
+    out = ["<h2>Label regimes</h2>",
+           _table(["set"] + [f"top-1 {g}" for g in regimes], body, cls="regimes"),
+           "<ul>" + "".join(f"<li>{_e(summary_line(summary[g]))}</li>" for g in regimes if g in summary) + "</ul>"]
+    protocols = about.get("protocols") or {}
+    out.append('<p class="note">' + " ".join(f"<b>{_e(g)}</b>: {_e(protocols.get(g, REGIME_WORDS[g]))}."
+                                             for g in regimes) +
+               " Margins over random real pair seed s with seed s (same student seed).</p>")
+    return out
+
+
+def print_table(rows: list[dict], regimes: list[str] | None = None) -> str:
+    """The terminal summary ``method | top-1 | intra-class cos | images | time`` as a string, with one top-1 column
+    per label regime (``top-1 hard``, ...) when the run trained other regimes than kd.
 
     Returns the text without printing it (callers do ``print(print_table(rows))``).
     """
-    cols = ["method", "top-1", "intra-class cos", "images", "time"]
+    tops = [f"top-1 {g}" for g in regimes] if shows_regimes(regimes) else ["top-1"]
+    cols = ["method", *tops, "intra-class cos", "images", "time"]
     table = [{"method": r.get("method", "?"), "top-1": fmt_top1(r, "-"),
+              **{f"top-1 {g}": fmt_top1((r.get("regimes") or {}).get(g) or {}, "-") for g in regimes or []},
               "intra-class cos": _cell(r.get("intra_class_cos"), 4, "-"),
               "images": _cell(r.get("images"), 0, "-"), "time": fmt_seconds(r.get("seconds"), "-")} for r in rows]
     scored = [(t, r) for t, r in zip(table, rows) if r.get("scores")]
@@ -506,6 +539,9 @@ def write_report(out_dir, results: dict) -> Path:
                         cls="meta"))
 
     summary = verdict(rows, results.get("teachers"))
+    main = next((r.get("regime") for r in rows if r.get("regime")), None)
+    if summary and main and untrusted_teachers(results.get("teachers")) is None:  # the verdict says which regime
+        summary = f"Regime {main}, {REGIME_WORDS[main]}. {summary}"
     if summary:
         parts.append(f'<p class="verdict">{_e(summary)}</p>')
     for w in results.get("warnings") or []:
@@ -536,6 +572,7 @@ def write_report(out_dir, results: dict) -> Path:
                  f"within a class.{obs_text} {DASH} = not measured. Time: wall clock of that method's stages, in "
                  f"{UNIT_WORDS[unit]}.</p>")
 
+    parts.extend(regimes_section(rows, results.get("regimes") or {}))
     parts.extend(scores_section(rows, results.get("scores") or {}))
 
     # --- figures

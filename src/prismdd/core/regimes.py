@@ -13,9 +13,7 @@ computation of fixed soft labels, and the per-regime comparison against random r
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from .data import DatasetInfo, normalize
 from .errors import PrismError
 
 # regime -> validate protocol; None: the caller's knowledge-distillation protocol (prism unless it says otherwise)
@@ -42,28 +40,30 @@ def regime_of(loss: str, fixed_labels: bool, labelled: bool) -> str:
     return "kd" if labelled else "learned"  # learned: FRePo's label vectors (or centred one-hot), its own kind
 
 
-@torch.no_grad()
-def fixed_soft_logits(labeler, data, info: DatasetInfo, device, batch: int = FIXED_LABEL_BATCH) -> torch.Tensor:
+def fixed_soft_logits(labeler, data, info, device, batch: int = FIXED_LABEL_BATCH):
     """Teacher (ensemble) logits (N, K) of every image of ``data`` as it is, un-augmented: whole, unflipped, unmixed,
     normalised as the student sees it at test time. Each image goes through the teachers exactly once."""
+    import torch  # torch-free at import: the report and the CLI's --help read this module
+
+    from .data import normalize
+
     out = []
-    for start in range(0, len(data), batch):
-        idx = torch.arange(start, min(start + batch, len(data)))
-        out.append(labeler(normalize(data.get_images(idx).to(device), info)).float().cpu())
-    if not out:
-        return torch.zeros(0, info.num_classes)
-    return torch.cat(out)
+    with torch.no_grad():
+        for start in range(0, len(data), batch):
+            idx = torch.arange(start, min(start + batch, len(data)))
+            out.append(labeler(normalize(data.get_images(idx).to(device), info)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, info.num_classes)
 
 
-def fixed_soft_labels(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def fixed_soft_labels(logits, temperature: float):
     """softmax(logits / T): the per-image label the student is trained towards at the same T (KL x T^2)."""
-    return torch.softmax(logits / temperature, dim=1)
+    return (logits / temperature).softmax(dim=1)
 
 
 # ----------------------------------------------------------------------------- comparing sets per regime
 def per_seed(entry: dict) -> dict[int, float]:
     """seed -> final-epoch top-1 of one regime's students (the first student architecture's runs)."""
-    return {int(r["seed"]): float(r["top1"]) for r in entry.get("runs") or []}
+    return {int(r["seed"]): float(r["top1"]) for r in entry.get("per_seed") or []}
 
 
 def paired_margin(entry: dict, reference: dict) -> dict | None:
