@@ -74,9 +74,10 @@ class RunConfig(CommonConfig):
                               "no teacher) | soft (fixed soft labels: one teacher label per un-augmented image) | kd "
                               "(the teachers label every augmented view: the shared protocol)", choices=tuple(REGIMES),
                         many=True)
-    full_reference: str = opt("converged", "the full-data baseline per regime: converged (budgets of --full-start-epochs "
-                                           "doubling until the final top-1 rises by less than --full-tolerance, or "
-                                           "--full-max-epochs) | steps (one run of --full-steps steps: smoke runs)",
+    full_reference: str = opt("steps", "the full-data baseline per regime: steps (one run of --full-steps steps, NOT "
+                                       "converged) | converged (budgets of --full-start-epochs doubling until the final "
+                                       "top-1 rises by less than --full-tolerance, or --full-max-epochs: a real "
+                                       "ceiling, at several full-data epochs per regime)",
                               choices=("converged", "steps"))
     full_start_epochs: int = opt(1, "converged: the first budget (epochs over the whole training set)", minimum=1)
     full_max_epochs: int = opt(16, "converged: the largest budget tried", minimum=1)

@@ -19,7 +19,7 @@ from prismdd.core.io import read_json
 SMALL = ["--set", "teacher_steps=60", "--set", "observer_steps=60", "--set", "iterations=10",
          "--set", "student_epochs=6", "--set", "full_steps=30", "--set", "eval_every=3"]
 STAGES = ["teachers", "observer", "recover-prism", "validate-prism", "recover-sre2l", "validate-sre2l",
-          "validate-random-real", "validate-full", "metrics"]
+          "validate-random-real", "full-kd", "metrics"]
 METHOD_ROWS = ["prism", "sre2l", "random-real", "full"]
 
 
@@ -75,8 +75,10 @@ def test_results_rows(quick_run):
     for m in ("prism", "sre2l"):
         assert Path(by[m]["distilled"]).parent == quick_run.dir / "stages"
         assert Path(by[m]["distilled"]).name.startswith(f"recover-{m}-")
-    assert by["full"]["protocol"]["loss"] == "ce" and by["prism"]["protocol"]["loss"] == "mse+ce"
-    # the full baseline is one capped epoch: its LR must decay per step, the distilled sets' per epoch (reference)
+    # the full baseline is the regime's (kd: the shared protocol) on all the data, capped at --full-steps steps
+    assert by["full"]["protocol"]["loss"] == by["prism"]["protocol"]["loss"] == "mse+ce"
+    assert by["full"]["reference"]["kd"]["converged"] is False and by["full"]["regimes"]["kd"]["top1"] == by["full"]["top1"]
+    # one capped epoch: its LR must decay per step, the distilled sets' per epoch (reference)
     assert by["full"]["protocol"]["lr_every"] == "step" and by["prism"]["protocol"]["lr_every"] == "epoch"
     assert set(res["timings"]) >= set(STAGES)
     assert res["dataset"] == "digits" and res["ipc"] == 10 and "FINAL epoch" in res["protocol"]
@@ -105,8 +107,8 @@ def test_report_is_self_contained(quick_run):
     assert not re.search(r'(src|href)\s*=\s*"(https?:)?//', html)
     assert "<script" not in html.lower() and "<link" not in html.lower()
     for m in METHOD_ROWS:
-        if m == "full":  # the full row is named for what it is: all the data, hard labels, a capped budget
-            assert re.search(r"<td>full data, hard labels, \d+ steps \(reference\)</td>", html), m
+        if m == "full":  # the full row is named for what it is: all the data, its regime, a capped budget
+            assert re.search(r"<td>full data \(reference: kd \d+ steps of 256, not converged\)</td>", html), m
         else:
             assert f"<td>{m}</td>" in html or f">{m}<" in html, m
     # the figures are written beside the page, one image grid per distilled set
@@ -130,7 +132,7 @@ def test_rerun_reuses_every_stage(cli, quick_run):
 def test_changed_recovery_setting_redoes_only_what_depends_on_it(cli, quick_run):
     r = run_cli(cli, base_argv(quick_run.dir) + ["--set", "iterations=11"])
     assert r.code == 0, r.err[-3000:]
-    for stage in ("teachers", "observer", "validate-random-real", "validate-full"):
+    for stage in ("teachers", "observer", "validate-random-real", "full-kd"):
         assert re.search(rf"\[run\] {stage}: reusing ", r.out), stage
     for stage in ("recover-prism", "validate-prism", "recover-sre2l", "validate-sre2l", "metrics"):
         assert re.search(rf"\[run\] {stage} -> ", r.out), stage
