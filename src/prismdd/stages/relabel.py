@@ -65,8 +65,6 @@ class RelabelConfig(CommonConfig):
 @locked_stage("relabel")
 def relabel(cfg: RelabelConfig) -> Path:
     timer = Timer()
-    if cfg.force:  # nothing of the replaced labels survives (e.g. epochs beyond the new --epochs)
-        clear_outputs(cfg.out, "epoch_*.safetensors")
     device = resolve_device(cfg.device)
     ds = load_distilled(cfg.distilled)
     info = ds.info
@@ -85,6 +83,9 @@ def relabel(cfg: RelabelConfig) -> Path:
     if cfg.rand_augment:
         rand_augment_transform(cfg.rand_augment)  # timm missing or a bad string: refused before any work
     out = Path(cfg.out)
+    if cfg.force:  # nothing of the replaced labels survives (e.g. epochs beyond the new --epochs); cleared only
+        # now that the set, the teachers and every option have been checked, so a failed call keeps the old labels
+        clear_outputs(out, "epoch_*.safetensors")
     total_bytes = file_bytes = 0
     for epoch in progress(range(cfg.epochs), desc="relabel"):
         path = epoch_file(out, epoch)
