@@ -664,15 +664,26 @@ def seal_files(out, names) -> dict[str, str]:
     return {n: file_digest(Path(out) / n) for n in names if (Path(out) / n).exists()}
 
 
-def check_sealed_file(folder, name: str, was: str | None) -> None:
-    """Refuse a sealed file of a recover folder whose bytes are not those its manifest recorded."""
+def check_sealed_file(folder, name: str, was: str | None, stage: str = "recover") -> None:
+    """Refuse a sealed file of a ``stage`` folder (recover, relabel) whose bytes are not those its manifest
+    recorded."""
     if was is None:
         return  # a folder of an older prismdd: nothing recorded
     path = Path(folder) / name
     now = file_digest(path)
     if now != was:
-        raise PrismError(f"{path}: changed since recover wrote it (sha256 {was[:12]} then, {now[:12]} now); delete it "
-                         f"and re-run the recover command to make it again, or re-run it with --force to redo the set")
+        raise PrismError(f"{path}: changed since {stage} wrote it (sha256 {was[:12]} then, {now[:12]} now); delete it "
+                         f"and re-run the {stage} command to make it again, or re-run it with --force to redo the "
+                         f"{'set' if stage == 'recover' else 'labels'}")
+
+
+def sealed_in(folder, stage: str) -> dict[str, str]:
+    """``{name: sha256}`` a finished ``stage`` folder's manifest sealed (none: no manifest, another stage, older)."""
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        return {}
+    m = read_json(path)
+    return dict((m.get("outputs") or {}).get(SEALED_FILES) or {}) if m.get("stage") == stage else {}
 
 
 def load_distilled(folder) -> DistilledSet:
@@ -790,7 +801,11 @@ class StoredLabels:
         if e >= self.epochs:
             raise PrismError(f"--labels {self.folder}: holds {self.epochs} epochs, validation asks for epoch {e + 1}; "
                              f"relabel with --epochs >= the student's epochs")
-        d = load_tensors(epoch_file(self.folder, e))
+        path = epoch_file(self.folder, e)
+        # sealed by relabel's manifest: a label file changed since (other logits, same header) is refused
+        check_sealed_file(self.folder, path.name, ((self.manifest.get("outputs") or {}).get(SEALED_FILES) or {}).get(
+            path.name), stage="relabel")
+        d = load_tensors(path)
         return EpochPlan.from_tensors(d, self.views["batch_size"]), unpack_logits(d, self.num_classes)
 
 

@@ -390,3 +390,34 @@ def test_stored_labels_record_how_they_were_made(finished, zoo, tmp_path, cli, c
     assert (proto["label_teachers"], proto["ensemble"]) == (["convnet"], "mean")
     config = read_json(out / "manifest.json")["config"]
     assert (config["label_teachers"], config["ensemble"]) == ("convnet", "mean")
+
+
+def test_changed_label_file_refused_by_validate_and_by_a_relabel_rerun(finished, zoo, tmp_path, cli, capsys):
+    """relabel's manifest seals every epoch file: other logits under the same header are refused, not trained on."""
+    labels = tmp_path / "labels"
+    args = ["relabel", "--distilled", finished, "--teachers", zoo, "--epochs", 2, "--out", labels, "--device", "cpu"]
+    assert cli(args) == 0
+    assert set(read_json(labels / "manifest.json")["outputs"]["files"]) == {"epoch_0000.safetensors",
+                                                                            "epoch_0001.safetensors"}
+    path = labels / "epoch_0001.safetensors"
+    d = load_tensors(path)
+    save_tensors({**d, "logits": d["logits"].roll(1, dims=1)}, path, metadata=tensors_metadata(path))
+    capsys.readouterr()
+    code = cli(["validate", "--distilled", finished, "--labels", labels, "--epochs", 2, "--student-width", 0.25,
+                "--device", "cpu", "--out", tmp_path / "v"])
+    one_line(capsys, code, str(path), "changed since relabel wrote it")
+    one_line(capsys, cli(args), str(path), "changed since relabel wrote it", "re-run the relabel command")
+
+
+def test_relabel_force_with_a_bad_input_keeps_the_finished_labels(finished, zoo, tmp_path, cli, capsys):
+    """relabel --force cleared its epoch files before it read --distilled: a typo there cost the labels."""
+    labels = tmp_path / "labels"
+    assert cli(["relabel", "--distilled", finished, "--teachers", zoo, "--epochs", 1, "--out", labels,
+                "--device", "cpu"]) == 0
+    before = snapshot(labels)
+    capsys.readouterr()
+    for bad in (["--distilled", tmp_path / "missing", "--teachers", zoo],
+                ["--distilled", finished, "--teachers", zoo, "--label-teachers", "vgg99"]):
+        code = cli(["relabel", *bad, "--epochs", 1, "--out", labels, "--device", "cpu", "--force"])
+        one_line(capsys, code)
+        assert snapshot(labels) == before
