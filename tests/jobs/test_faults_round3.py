@@ -388,8 +388,17 @@ def test_stored_labels_record_how_they_were_made(finished, zoo, tmp_path, cli, c
     assert "relabel --protocol prism" in said
     proto = read_json(out / "accuracy.json")["protocol"]
     assert (proto["label_teachers"], proto["ensemble"]) == (["convnet"], "mean")
-    config = read_json(out / "manifest.json")["config"]
-    assert (config["label_teachers"], config["ensemble"]) == ("convnet", "mean")
+    made_by = read_json(out / "manifest.json")["inputs"]["labels_made_by"]
+    assert (made_by["label_teachers"], made_by["ensemble"]) == (["convnet"], "mean")
+    # relabel --protocol prism makes the protocol's labels: nothing to say, the record names its teachers
+    capsys.readouterr()
+    assert cli(["relabel", "--protocol", "prism", "--distilled", finished, "--teachers", zoo, "--epochs", 1,
+                "--out", tmp_path / "labels-prism", "--device", "cpu"]) == 0
+    assert cli(["validate", "--distilled", finished, "--labels", tmp_path / "labels-prism", "--epochs", 1,
+                "--student-width", 0.25, "--device", "cpu", "--out", tmp_path / "v2"]) == 0
+    assert "note: the labels in" not in capsys.readouterr().out
+    proto = read_json(tmp_path / "v2" / "accuracy.json")["protocol"]
+    assert proto["ensemble"] == "norm-matched" and len(proto["label_teachers"]) == 3
 
 
 def test_changed_label_file_refused_by_validate_and_by_a_relabel_rerun(finished, zoo, tmp_path, cli, capsys):

@@ -153,10 +153,12 @@ class ValidateConfig(CommonConfig):
         return [int(s) for s in comma_list(self.seeds)]
 
 
-def stored_label_settings(cfg: ValidateConfig, stored: StoredLabels) -> ValidateConfig:
-    """The student trains on the labels relabel stored, made by ITS teachers and ensemble: the record must say those,
-    not the protocol's online settings (a relabel without --protocol labels with the primary alone, by mean, while
-    the prism protocol's record said primary,pool and norm-matched). A difference is said once, with the fix."""
+def stored_label_settings(cfg: ValidateConfig, stored: StoredLabels) -> dict:
+    """How stored labels were made (the relabel folder's own teachers, ensemble and weight): the student trains on
+    those, so its record must name them, not the protocol's online settings (a relabel without --protocol labels
+    with the primary alone, by mean, while the prism protocol's record said primary,pool and norm-matched). A
+    difference is said once, with the fix. The config is left as given: its hash names the student's folder and
+    ``prismdd run`` reuses a stage by it."""
     made = stored.manifest.get("config") or {}
     names = (stored.manifest.get("inputs") or {}).get("label_teachers") or []
     theirs = (made.get("label_teachers") or "primary", made.get("ensemble", "mean"))
@@ -168,8 +170,8 @@ def stored_label_settings(cfg: ValidateConfig, stored: StoredLabels) -> Validate
                  f"with ensemble {theirs[1]}; --protocol {cfg.protocol} labels with {ours[0]} and {ours[1]}; the "
                  f"student trains on the stored labels and its record says so (for the protocol's labels: prismdd "
                  f"relabel --protocol {cfg.protocol} --distilled {cfg.distilled} --out {cfg.labels} --force)")
-    return dataclasses.replace(cfg, label_teachers=",".join(names) or theirs[0], ensemble=theirs[1],
-                               primary_weight=made.get("primary_weight", cfg.primary_weight))
+    return {"label_teachers": names or [theirs[0]], "ensemble": theirs[1],
+            "primary_weight": made.get("primary_weight") if theirs[1] == "weighted" else None}
 
 
 def check_grad_accum(k: int, batch_size: int, source: str) -> None:
@@ -360,7 +362,7 @@ def validate(cfg: ValidateConfig) -> dict:
     train, test, info = load_splits(cfg)
     check_class_coverage(info, test=test)  # an empty val/ or a class missing from it: refused now, not after an epoch
     data, source = training_images(cfg, train, info)
-    stored = online = None
+    stored = online = made_by = None
     bs = cfg.batch_size or default_view_batch(len(data), info.num_classes, cfg.batch_rule)
     vc = view_config(cfg, bs)  # what the students' views are, for the record below
     vectors = None
@@ -376,7 +378,7 @@ def validate(cfg: ValidateConfig) -> dict:
             raise PrismError(f"--batch-size {cfg.batch_size}: the labels in {cfg.labels} were made for batch size "
                              f"{v['batch_size']}; drop --batch-size or relabel")
         bs = v["batch_size"]
-        cfg = stored_label_settings(cfg, stored)
+        made_by = stored_label_settings(cfg, stored)
         if cfg.rand_augment != v.get("rand_augment", ""):  # the seeds are stored, the string must agree
             raise PrismError(f"--rand-augment {cfg.rand_augment!r}: the labels in {cfg.labels} were made with "
                              f"{v.get('rand_augment', '')!r}; relabel with the same --rand-augment (or relabel "
@@ -440,8 +442,8 @@ def validate(cfg: ValidateConfig) -> dict:
                 "epochs": cfg.epochs, "batch_size": bs,
                 "mix": stored.views["mix"] if stored else vc.mix, "soft_labels": label_src,
                 # how the soft labels were made: the relabel folder's own teachers and ensemble for stored labels
-                "label_teachers": (cfg.label_teachers.split(",") if stored else online.names if online else None),
-                "ensemble": cfg.ensemble if (stored or online) else None,
+                "label_teachers": (made_by["label_teachers"] if stored else online.names if online else None),
+                "ensemble": made_by["ensemble"] if stored else cfg.ensemble if online else None,
                 "min_scale": stored.views["min_scale"] if stored else vc.min_scale,
                 "patch_shuffle": stored.views.get("patch_shuffle", 0) if stored else vc.patch_shuffle,
                 "rand_augment": vc.rand_augment, "flip": vc.flip,
@@ -456,7 +458,8 @@ def validate(cfg: ValidateConfig) -> dict:
                                      online.names if online else None)
     if ctx.rank == 0:
         write_json(out / ACCURACY_FILE, accuracy)
-        write_manifest(out, "validate", cfg, inputs={"dataset": info.to_dict(), "source": source, "digests": digests},
+        write_manifest(out, "validate", cfg, inputs={"dataset": info.to_dict(), "source": source, "digests": digests,
+                                                     **({"labels_made_by": made_by} if made_by else {})},
                        outputs={"accuracy": ACCURACY_FILE, "top1": accuracy["top1"]}, wall_time=timer.elapsed)
     dist.barrier(ctx)
     return accuracy
