@@ -247,7 +247,7 @@ WRITE = textwrap.dedent("""
 
 def test_safetensors_files_are_byte_reproducible_across_processes(tmp_path):
     """The header's metadata came out in a per-process hash order: the same labels had other bytes (and digests)."""
-    paths = [tmp_path / f"{i}.safetensors" for i in range(4)]
+    paths = [tmp_path / f"{i}.safetensors" for i in range(2)]  # 12 keys: two processes hash them alike 1 in 12!
     for p in paths:
         subprocess.run([sys.executable, "-c", WRITE, str(p)], check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     data = [p.read_bytes() for p in paths]
