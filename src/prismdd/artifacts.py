@@ -344,9 +344,32 @@ def save_model(folder, model: nn.Module, info: DatasetInfo, cfg, ev: dict, wall:
         "config": config_to_dict(cfg),
         "wall_time_s": round(wall, 2),
         "config_hash": chash,
+        # the weights' sha256 as written: squeeze checks it before it counts a teacher as finished
+        WEIGHTS_DIGEST: file_digest(folder / WEIGHTS),
     }
     save_config(cfg, folder / "config.yaml")
     write_json(folder / CARD, card)
+
+
+WEIGHTS_DIGEST = "weights_sha256"  # in card.json: the sha256 of model.safetensors as save_model wrote it
+
+
+def weights_problem(folder, card: dict) -> str | None:
+    """What is wrong with a finished model folder's weights, or None: missing, unreadable, or other bytes than
+    the card recorded (cards of an older prismdd record none: loadable is then enough)."""
+    path = Path(folder) / WEIGHTS
+    if not path.exists():
+        return "is missing"
+    try:
+        tensors_metadata(path)
+        load_tensors(path)
+    except PrismError:
+        return "cannot be read (damaged or cut off)"
+    was = card.get(WEIGHTS_DIGEST)
+    now = file_digest(path)
+    if was is not None and now != was:
+        return f"changed since squeeze wrote it (sha256 {was[:12]} then, {now[:12]} now)"
+    return None
 
 
 def load_model(path, *, arch: str | None = None, dataset: str | None = None,
@@ -614,7 +637,8 @@ def _check_image(path: Path, entry: dict, data: bytes) -> None:
 
 def check_finished_images(folder) -> None:
     """For a re-run of recover: every image a finished manifest in ``folder`` lists and that is still on disk must
-    be the one recover wrote (a missing one is simply made again; a changed one would be kept and passed on)."""
+    be the one recover wrote (a missing one is simply made again; a changed one would be kept and passed on); the
+    same for the method's sealed files (``seal_files``: FRePo's learned labels and state)."""
     path = Path(folder) / MANIFEST
     if not path.exists():
         return
@@ -625,6 +649,41 @@ def check_finished_images(folder) -> None:
         p = Path(folder) / e["file"]
         if p.exists():
             _check_image(p, e, p.read_bytes())
+    for name, was in (m.get("outputs", {}).get(SEALED_FILES) or {}).items():
+        if (Path(folder) / name).exists():
+            check_sealed_file(folder, name, was)
+
+
+SEALED_FILES = "files"  # a recover manifest's outputs: {file name: sha256} of the method's files (``seal_files``)
+
+
+def seal_files(out, names) -> dict[str, str]:
+    """``{name: sha256}`` of the files a method wrote beside the images (FRePo's ``learned_labels.safetensors`` and
+    ``frepo_state.safetensors``): without a digest, labels shifted by one class trained a student to chance with
+    exit status 0."""
+    return {n: file_digest(Path(out) / n) for n in names if (Path(out) / n).exists()}
+
+
+def check_sealed_file(folder, name: str, was: str | None, stage: str = "recover") -> None:
+    """Refuse a sealed file of a ``stage`` folder (recover, relabel) whose bytes are not those its manifest
+    recorded."""
+    if was is None:
+        return  # a folder of an older prismdd: nothing recorded
+    path = Path(folder) / name
+    now = file_digest(path)
+    if now != was:
+        raise PrismError(f"{path}: changed since {stage} wrote it (sha256 {was[:12]} then, {now[:12]} now); delete it "
+                         f"and re-run the {stage} command to make it again, or re-run it with --force to redo the "
+                         f"{'set' if stage == 'recover' else 'labels'}")
+
+
+def sealed_in(folder, stage: str) -> dict[str, str]:
+    """``{name: sha256}`` a finished ``stage`` folder's manifest sealed (none: no manifest, another stage, older)."""
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        return {}
+    m = read_json(path)
+    return dict((m.get("outputs") or {}).get(SEALED_FILES) or {}) if m.get("stage") == stage else {}
 
 
 def load_distilled(folder) -> DistilledSet:
@@ -742,7 +801,11 @@ class StoredLabels:
         if e >= self.epochs:
             raise PrismError(f"--labels {self.folder}: holds {self.epochs} epochs, validation asks for epoch {e + 1}; "
                              f"relabel with --epochs >= the student's epochs")
-        d = load_tensors(epoch_file(self.folder, e))
+        path = epoch_file(self.folder, e)
+        # sealed by relabel's manifest: a label file changed since (other logits, same header) is refused
+        check_sealed_file(self.folder, path.name, ((self.manifest.get("outputs") or {}).get(SEALED_FILES) or {}).get(
+            path.name), stage="relabel")
+        d = load_tensors(path)
         return EpochPlan.from_tensors(d, self.views["batch_size"]), unpack_logits(d, self.num_classes)
 
 
@@ -759,13 +822,29 @@ def centred_onehot(y: torch.Tensor, num_classes: int, scaled: bool = False) -> t
 
 
 def has_learned_labels(folder) -> bool:
-    return (Path(folder) / LEARNED_LABELS).exists() and (Path(folder) / MANIFEST).exists()
+    """Whether a finished folder holds learned labels. A FRePo set whose labels file was deleted is refused: read
+    as a set without them, its images were trained on one-hot labels and reported as the FRePo result."""
+    folder = Path(folder)
+    path = folder / LEARNED_LABELS
+    if not (folder / MANIFEST).exists():
+        return False
+    m = read_json(folder / MANIFEST)
+    made = m.get("stage") == "recover" and (LEARNED_LABELS in ((m.get("outputs") or {}).get(SEALED_FILES) or {})
+                                            or (m.get("config") or {}).get("plugin") == "frepo")
+    if made and not path.exists():
+        raise PrismError(f"{path}: missing: {folder} is a FRePo set and its learned labels were deleted; re-run the "
+                         f"recover command that made it (it makes them again), or re-run it with --force")
+    return path.exists()
 
 
 def read_learned_labels(folder, ds: DistilledSet) -> torch.Tensor:
     """The (N, C) learned labels of a recover folder, in ``ds``'s image order (class, then IPC index), checked
-    against the images it holds."""
+    against the digest its manifest sealed and against the images it holds."""
     path = Path(folder) / LEARNED_LABELS
+    if not path.exists():
+        raise PrismError(f"{path}: missing; re-run the recover command that made {folder} to make it again")
+    sealed = (read_manifest(folder).get("outputs") or {}).get(SEALED_FILES) or {}
+    check_sealed_file(folder, LEARNED_LABELS, sealed.get(LEARNED_LABELS))
     d = load_tensors(path)
     labels, cls, k = d["labels"].float(), d["class"].long(), d["ipc_index"].long()
     order = sorted(range(len(cls)), key=lambda i: (int(cls[i]), int(k[i])))

@@ -22,6 +22,8 @@ The folder holds images/, teachers/, ddranking.yaml, score_with_ddranking.py and
 """
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ import torch
 import torch.nn as nn
 import torchvision.models as tvm
 
-from .artifacts import MANIFEST, load_distilled, load_model
+from .artifacts import LEARNED_LABELS, MANIFEST, load_distilled, load_model
 from .core.config import opt
 from .core.errors import PrismError
 from .core.io import torch_save, write_json
@@ -200,14 +202,13 @@ if "ars" in which:
 
 def export(cfg: ExportConfig) -> Path:
     """Write the export folder; returns it. The images are checked against recover's digests on the way."""
-    import yaml
-
     src = Path(cfg.distilled)
     ds = load_distilled(src)  # refuses edited or missing images
     man = ds.manifest
     info = ds.info
     dataset = ddr_dataset(info.name, len(info.class_names), info.channels, cfg.as_dataset)
     out = Path(cfg.out or f"{src.as_posix().rstrip('/')}-ddranking")
+    check_out(out, src)
     if out.exists() and any(out.iterdir()) and not cfg.force:
         raise PrismError(f"export: {out} exists and is not empty; pass --force to overwrite it or another --out")
     teachers_dir = Path(cfg.teachers or man["config"].get("teachers") or "")
@@ -218,10 +219,57 @@ def export(cfg: ExportConfig) -> Path:
     converted = [convert_teacher(teachers_dir, a, len(info.class_names), info.resolution) for a in archs]
     protocol = preset_file("validate", cfg.protocol)
     ipc = int(man["config"]["ipc"])
-    if out.exists() and cfg.force:
-        shutil.rmtree(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if (man.get("config") or {}).get("plugin") == "frepo":  # DD-Ranking labels with teachers (mode 'M'): FRePo's
+        # own labels cannot go along
+        print(f"[export] note: {src} is a FRePo set; its learned labels ({LEARNED_LABELS}) are not exported: "
+              f"DD-Ranking labels the images with the exported teachers")
+    # everything is written into a new hidden folder beside --out first; --out changes only once it is complete
+    # (a plain mkdir, so the folder gets the umask's mode; a name of its own, never a user's folder)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.export-tmp"
+    tmp.mkdir()
+    try:
+        n_images, lrs_note = _write_export(cfg, tmp, out, src, man, info, dataset, ipc, archs, converted, protocol)
+        _replace_export(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"[export] {n_images} images, teachers {', '.join(n for n, _ in converted)} -> {out}")
+    print(f"[export] score it: cd {out} && python score_with_ddranking.py   ({lrs_note})")
+    return out
+
+
+EXPORT_FILES = ("images", "teachers", "ddranking.yaml", "score_with_ddranking.py", "README.md", "export.json")
+
+
+def check_out(out: Path, src: Path) -> None:
+    """Refuse an --out that is the distilled folder, inside it or holds it: replacing it would delete the set."""
+    o, s = out.resolve(), src.resolve()
+    if o == s or s in o.parents or o in s.parents:
+        where = "is" if o == s else "is inside" if s in o.parents else "contains"
+        raise PrismError(f"--out {out}: {where} the distilled folder {src}; pass an --out outside it (default: "
+                         f"{src.as_posix().rstrip('/')}-ddranking)")
+
+
+def _replace_export(tmp: Path, out: Path) -> None:
+    """Move a finished export into ``out``. An existing ``out`` (--force) loses only what an export writes
+    (``EXPORT_FILES``); any other file in it stays."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    for name in EXPORT_FILES:
+        old = out / name
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        elif old.exists() or old.is_symlink():
+            old.unlink()
+        if (tmp / name).exists():
+            (tmp / name).rename(old)
+
+
+def _write_export(cfg, tmp, out, src, man, info, dataset, ipc, archs, converted, protocol) -> tuple[int, str]:
+    """The export's files, written into ``tmp``."""
+    import yaml
+
     (tmp / "images").mkdir(parents=True)
     # class folders sort in class order (ImageFolder numbers them that way), named as DD-Ranking names its own
     counts = {}
@@ -242,7 +290,7 @@ def export(cfg: ExportConfig) -> Path:
     config = ddr_config(cfg, dataset, info, ipc, names, protocol)
     if config["real_data_path"] is None:
         config["real_data_path"] = man["config"].get("data_root") or "./dataset"
-    # plain writes: the whole folder appears at once when tmp is renamed below
+    # plain writes: the folder's files appear in --out only once all are written (``_replace_export``)
     (tmp / "ddranking.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     (tmp / "score_with_ddranking.py").write_text(SCRIPT.format(lr=float(protocol.get("lr", 0.001))))
     full = (dataset, config["model_name"])
@@ -268,7 +316,4 @@ epoch), its LR sweep for the hard-label and random-real students, and one teache
     write_json(tmp / "export.json", {"format": "ddranking", "ddranking_version": "0.2.0", "source": str(src),
                                      "dataset": dataset, "teachers": dict(zip(names, archs)),
                                      "config": config, "protocol": cfg.protocol})
-    tmp.rename(out)
-    print(f"[export] {sum(counts.values())} images, teachers {', '.join(names)} -> {out}")
-    print(f"[export] score it: cd {out} && python score_with_ddranking.py   ({lrs_note})")
-    return out
+    return sum(counts.values()), lrs_note

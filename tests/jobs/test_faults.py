@@ -215,7 +215,7 @@ def test_environment_errors_at_the_cli_boundary(prism_run, zoo, tmp_path, cli, c
     """A failed write() names no file; the atomic writer adds the path and the CLI prints one line."""
     def failing_save(*a, **k):
         raise err
-    monkeypatch.setattr("safetensors.torch.save_file", failing_save)  # core.io imports it when it writes
+    monkeypatch.setattr("safetensors.torch.save", failing_save)  # core.io imports it when it writes
     out = tmp_path / "labels"
     code = cli(["relabel", "--distilled", prism_run, "--teachers", zoo, "--epochs", 1, "--out", out,
                 "--device", "cpu"])

@@ -445,9 +445,12 @@ def _scan_folder(split_dir: Path, classes: list[str] | None = None,
     for c in found:
         if c not in index:
             raise PrismError(f"{split_dir / c}: class folder not present in train/; class folders must match")
-        for dirpath, dirs, files in os.walk(split_dir / c):
+        _check_link(split_dir / c, split_dir)
+        for dirpath, dirs, files in os.walk(split_dir / c, followlinks=True):
             hidden["folders"] += sum(map(_hidden, dirs))
             dirs[:] = sorted(d for d in dirs if not _hidden(d))
+            for d in dirs:  # followed only once checked: a loop would never end, a link out would mix in other images
+                _check_link(Path(dirpath) / d, split_dir)
             for f in sorted(files):
                 if f.lower().endswith(IMAGE_EXTENSIONS):
                     if _hidden(f):
@@ -455,6 +458,23 @@ def _scan_folder(split_dir: Path, classes: list[str] | None = None,
                     else:
                         samples.append((os.path.join(dirpath, f), index[c]))
     return samples, classes
+
+
+def _check_link(folder: Path, split_dir: Path) -> None:
+    """Refuse a symlinked folder of an ImageFolder that loops (points at the data root, the split or a folder above
+    the link) or points outside the data root: a class folder linked to the root put every val/ image into
+    training as that class, without a word."""
+    if not folder.is_symlink():
+        return
+    root = split_dir.parent.resolve()
+    target = folder.resolve()
+    if target == folder.parent.resolve() or target in folder.parent.resolve().parents or target in (
+            root, split_dir.resolve()):
+        raise PrismError(f"{folder}: a symlink loop (it points at {target}, a folder that holds it); remove the link "
+                         f"or make it a folder of its own images")
+    if root not in target.parents:
+        raise PrismError(f"{folder}: a symlink to {target}, outside the data root {root}; copy those images into "
+                         f"the folder, or pass a --data-root that holds them")
 
 
 def _scan_splits(root) -> tuple[list[tuple[str, int]], list[tuple[str, int]], list[str], list[str]]:

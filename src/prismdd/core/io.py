@@ -156,19 +156,38 @@ def torch_load(path, map_location="cpu"):
 
 def save_tensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
     """A flat dict of tensors as one safetensors file (no pickle), written atomically; ``metadata``: text
-    fields stored in the file's header (e.g. the config hash it was made with)."""
-    from safetensors.torch import save_file
+    fields stored in the file's header (e.g. the config hash it was made with).
+
+    The bytes come from ``safetensors.torch.save`` and are written by us, not by ``save_file``: ``save_file``
+    creates its file anew with mode 0600 whatever the umask (the temporary file made by ``atomic_path`` would be
+    replaced), and its header lists the metadata in a per-process hash order, so the same tensors gave other
+    bytes in another process and byte digests refused identical files. The header is re-serialised with sorted
+    keys (the tensors' offsets are in it, so their data is unchanged) and padded to 8 bytes as the format asks."""
+    from safetensors.torch import save
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         try:
-            save_file(tensors, str(tmp), metadata=metadata)
-        except OSError:
+            data = _sorted_header(save(tensors, metadata=metadata))
+            with open(tmp, "wb") as f:
+                f.write(data)
+        except OSError as e:
+            if e.errno == errno.EFBIG:  # a file-size limit (ulimit -f) reads as a full disk, as safetensors said it
+                raise _write_failed(path, e) from None
             raise
         except Exception as e:  # SafetensorError "I/O error: ... (os error 28)": the write failed
             if "I/O error" in str(e) or "os error" in str(e):
                 raise _write_failed(path, e) from None
             raise
+
+
+def _sorted_header(blob: bytes) -> bytes:
+    """A safetensors file's bytes with its JSON header written in sorted key order (deterministic)."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data must start at a multiple of 8 bytes
+    return len(text).to_bytes(8, "little") + text + blob[8 + n:]
 
 
 def tensors_metadata(path) -> dict[str, str]:
@@ -197,12 +216,12 @@ class JsonlLog:
     """Append-only JSON-lines log (one dict per line) for machines; progress bars are for people."""
 
     def __init__(self, path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(path)  # its folder is made by the first write: a call that fails first leaves none
 
     def write(self, **record) -> None:
         record.setdefault("time", round(time.time(), 3))
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:
                 f.write(json.dumps(record, default=_json_default) + "\n")
         except OSError as e:

@@ -31,6 +31,13 @@ class Plugin:
     # False: the engine's pixel optimisation never runs (the images are made another way), so its options
     # (--param, --clip-prior, --view-noise) would change nothing and are refused
     engine_optimises: ClassVar[bool] = True
+    # files (glob patterns under the recover folder) the method writes besides images, records and logs/rank*:
+    # ``recover --force`` removes those of EVERY method, so a folder re-made with another method holds none of
+    # the old method's files (FRePo's learned labels would otherwise be read with the new images)
+    owned_files: ClassVar[tuple[str, ...]] = ()
+    # of those, the files that belong to the finished set: sealed in the manifest (sha256, ``outputs.files``),
+    # checked by their readers and by a re-run of recover
+    sealed_files: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def takes_bn_free(cls, cfg) -> bool:
@@ -48,6 +55,11 @@ class Plugin:
         """Once per run, before any batch (e.g. precompute real-data statistics). Returns provenance for the
         manifest (what was computed or loaded, from which files)."""
         return {}
+
+    def outputs_present(self, out: Path) -> bool:
+        """Whether the files a finished set of this method needs besides its images are in ``out`` (a batch whose
+        record and images exist is redone when not: a re-run remakes what was deleted)."""
+        return True
 
     def synthesize(self, b: int, units: list[tuple[int, int]], x0: torch.Tensor) -> tuple[torch.Tensor, dict] | None:
         """Methods that do not optimise pixels return (normalised images, record extras) for the batch's units;

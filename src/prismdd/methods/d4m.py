@@ -177,10 +177,17 @@ def module_digest(module: torch.nn.Module) -> str:
 class D4M(Plugin):
     name = "d4m"
     engine_optimises = False  # decoded diffusion prototypes
+    owned_files = (D4M_PROTOTYPES_FILE,)
 
     def __init__(self, cfg, info, train, teachers, pool, device):
         super().__init__(cfg, info, train, teachers, pool, device)
+        if cfg.init == "real":  # the engine's starts would be recorded as these images' provenance
+            raise PrismError("--init real: d4m starts from its own prototypes; use --init noise (the d4m preset's)")
         self.pipe = load_pipeline(cfg.d4m_model, device)  # fails up front, before any image is encoded
+        factor = self.pipe.vae_scale_factor  # checked here: recover --force clears the folder only after this
+        if cfg.d4m_size % factor:
+            raise PrismError(f"--d4m-size {cfg.d4m_size}: must be a multiple of the VAE's downsampling factor "
+                             f"{factor} (reference: 512)")
         self.prototypes: dict[int, torch.Tensor] = {}
 
     def prompt(self, c: int) -> str:
@@ -188,12 +195,6 @@ class D4M(Plugin):
 
     def prepare(self, out: Path, rank: int = 0) -> dict:
         cfg, info, vae = self.cfg, self.info, self.pipe.vae
-        if cfg.init == "real":  # the engine's starts would be recorded as these images' provenance
-            raise PrismError("--init real: d4m starts from its own prototypes; use --init noise (the d4m preset's)")
-        factor = self.pipe.vae_scale_factor
-        if cfg.d4m_size % factor:
-            raise PrismError(f"--d4m-size {cfg.d4m_size}: must be a multiple of the VAE's downsampling factor "
-                             f"{factor} (reference: 512)")
         settings, digest = self.prototype_settings(), module_digest(vae)
         stored = None if cfg.force else load_prototypes(out, settings, digest)
         if stored is None:

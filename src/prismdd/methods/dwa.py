@@ -85,6 +85,7 @@ def var_deviation(x: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
 @PLUGINS.register("dwa")
 class DWA(Plugin):
     name = "dwa"
+    owned_files = (f"{CARRY_DIR}/batch_*.safetensors",)  # the carried gradient sums (dwa_carry_grad)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -27,6 +27,7 @@ from it bit-identically. The learned labels go to ``learned_labels.safetensors``
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -139,16 +140,22 @@ class FRePo(Plugin):
     engine_optimises = False  # its own meta-learning loop
     whole_set = True  # recover plans one batch of every unit: the set is learned jointly
     uses_teachers = False  # nothing pretrained: the pool networks are trained on the synthetic set itself
+    owned_files = (STATE_FILE, LEARNED_LABELS, "logs/frepo.jsonl")  # recover --force removes them (any method)
+    sealed_files = (LEARNED_LABELS, STATE_FILE)
+
+    def __init__(self, cfg, info, train, teachers, pool, device):
+        super().__init__(cfg, info, train, teachers, pool, device)
+        try:  # checked before recover --force clears the folder
+            self.net = FeatureNet(cfg.frepo_arch, cfg.frepo_width, info, device)
+        except PrismError as e:
+            raise PrismError(f"--frepo-arch {cfg.frepo_arch}: {e}") from None
+
+    def outputs_present(self, out: Path) -> bool:
+        return (Path(out) / LEARNED_LABELS).exists()  # deleted: the set is made again from the final state
 
     def prepare(self, out: Path, rank: int = 0) -> dict:
         cfg = self.cfg
-        self.out = Path(out)
-        try:
-            self.net = FeatureNet(cfg.frepo_arch, cfg.frepo_width, self.info, self.device)
-        except PrismError as e:
-            raise PrismError(f"--frepo-arch {cfg.frepo_arch}: {e}") from None
-        if cfg.force:  # a forced run starts anew; the old state goes with the old images
-            (self.out / STATE_FILE).unlink(missing_ok=True)
+        self.out = Path(out)  # a forced run finds no old state: recover --force removed it with the old images
         return {"pool_arch": cfg.frepo_arch, "pool_width": cfg.frepo_width, "pool": cfg.frepo_pool,
                 "steps": cfg.iterations, "state_file": STATE_FILE, "labels_file": LEARNED_LABELS,
                 "reference": "github.com/yongchao97/FRePo @ 9b98c65beac9baa851aeab7f1c8ca71ca74bb886"}
@@ -179,7 +186,8 @@ class FRePo(Plugin):
         for i, s in enumerate(st["slots"]):
             for part in ("state", "m", "v"):
                 tensors.update({f"slot{i}/{part}/{k}": t for k, t in s[part].items()})
-        save_tensors(tensors, self.out / STATE_FILE, metadata={"config_hash": chash, "step": str(st["step"])})
+        save_tensors(tensors, self.out / STATE_FILE, metadata={"config_hash": chash, "step": str(st["step"]),
+                                                               "last": json.dumps(st.get("last", {}))})
 
     def _load(self, path: Path, chash: str, x0: torch.Tensor) -> dict:
         if tensors_metadata(path).get("config_hash") != chash:
@@ -188,6 +196,7 @@ class FRePo(Plugin):
         d = load_tensors(path)
         st = {k: d[k].to(self.device) if k in self.ON_DEVICE else d[k] for k in self.FLAT}
         st["step"] = int(d["step"])
+        st["last"] = json.loads(tensors_metadata(path).get("last", "{}"))  # the losses of the step it was saved at
         if st["images"].shape != x0.shape:
             raise PrismError(f"{path}: holds {tuple(st['images'].shape)} images, this run makes {tuple(x0.shape)}; "
                              f"use --force to start anew")
@@ -272,10 +281,10 @@ class FRePo(Plugin):
         if st["step"]:
             print(f"[recover] frepo: resuming at step {st['step']} of {cfg.iterations} from {path}")
         bar = progress(total=cfg.iterations, initial=st["step"], desc="recover frepo")
-        last: dict = {}
+        last: dict = st.get("last", {})  # a finished state re-read (its labels file was deleted): its last losses
         while st["step"] < cfg.iterations:
             s = st["step"]
-            last = self._meta_step(st, s, lo, hi)
+            last = st["last"] = self._meta_step(st, s, lo, hi)
             st["step"] = s + 1
             if s % cfg.log_every == 0 or st["step"] == cfg.iterations:
                 log.write(step=s, **{k: round(v, 6) if isinstance(v, float) else v for k, v in last.items()})

@@ -121,14 +121,18 @@ class RDED(Plugin):
     name = "rded"
     engine_optimises = False  # stitched real patches
 
+    def __init__(self, cfg, info, train, teachers, pool, device):
+        super().__init__(cfg, info, train, teachers, pool, device)
+        # option checks here, not in prepare: recover --force clears the folder between the two
+        if cfg.rded_factor > info.resolution:
+            raise PrismError(f"--rded-factor {cfg.rded_factor}: larger than the {info.resolution}-pixel images; "
+                             f"use at most {info.resolution}")
+        if cfg.init == "real":  # the engine's starts would be recorded as this image's provenance
+            raise PrismError("--init real: rded takes its real images itself; use --init noise (the rded preset's)")
+
     def prepare(self, out: Path, rank: int = 0) -> dict:
         cfg = self.cfg
         f = cfg.rded_factor
-        if f > self.info.resolution:
-            raise PrismError(f"--rded-factor {f}: larger than the {self.info.resolution}-pixel images; "
-                             f"use at most {self.info.resolution}")
-        if cfg.init == "real":  # the engine's starts would be recorded as this image's provenance
-            raise PrismError("--init real: rded takes its real images itself; use --init noise (the rded preset's)")
         # a private copy: recovery's BN hooks go onto the shared teachers after prepare and would run on every
         # scoring forward
         self.scorer = copy.deepcopy(self.teachers[cfg.primary].model).eval()

@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 
 from ..artifacts import (check_finished_images, clear_outputs, guard_inputs, image_path, images_digest, load_model,
-                         find_teachers, locked_stage, record_path, reusable, save_image, seal_distilled,
+                         find_teachers, locked_stage, record_path, reusable, save_image, seal_distilled, seal_files,
                          teacher_digests, write_manifest)
 from ..core import distributed as dist
 from ..core.augment import JITTER_MODES
@@ -275,6 +275,29 @@ class RecoverConfig(CommonConfig):
         for flag, value in (("--clip-prompt", self.clip_prompt), ("--t2i-prompt", self.t2i_prompt)):
             if "{name}" not in value:
                 raise PrismError(f"{flag} {value!r}: must contain {{name}} (the class name)")
+        # options that would change nothing are refused, not passed over in silence
+        if self.param != "multires":
+            for flag, value, off in (("--multires-step", self.multires_step, 4),
+                                     ("--multires-optimizer", self.multires_optimizer, "engine")):
+                if value != off:
+                    raise PrismError(f"{flag} {value}: only --param multires uses it (this run holds pixels); drop "
+                                     f"it or add --param multires")
+        if not self.clip_prior and self.clip_weight != 1.0:
+            raise PrismError(f"--clip-weight {self.clip_weight}: weighs the CLIP prior, and no --clip-prior is given; "
+                             f"drop it or add --clip-prior MODEL")
+        if self.min_rounds and self.budget != "rounds":
+            raise PrismError(f"--min-rounds {self.min_rounds}: only --budget rounds (DELT) draws round counts, this "
+                             f"run's budget is {self.budget}; drop it or add --budget rounds")
+        if self.min_rounds and self.budget == "rounds":
+            length = max(1, int(round(self.early_late_step * self.iterations)))
+            rounds = max(1, self.iterations // length)  # engine.image_budget's round count
+            if self.min_rounds > rounds:
+                raise PrismError(f"--min-rounds {self.min_rounds}: above the {rounds} rounds of this run (--iterations "
+                                 f"{self.iterations} / round length {length}), so every class would get all rounds; "
+                                 f"pass 1 to {rounds}, or 0 for all rounds")
+        if self.frepo_lr_floor > 1:
+            raise PrismError(f"--frepo-lr-floor {self.frepo_lr_floor}: the factor the cosine falls to from 1; above 1 "
+                             f"both learning rates would rise instead; pass 0 to 1 (FRePo: 0.1)")
 
 
 def recover_config(method: str = "prism", **overrides) -> RecoverConfig:
@@ -396,8 +419,11 @@ def recover(cfg: RecoverConfig) -> Path:
     engine_only = [f"{f} {v}" for f, v, off in (("--param", cfg.param, "pixels"), ("--clip-prior", cfg.clip_prior, ""),
                                                 ("--view-noise", cfg.view_noise, 0.0)) if v != off]
     if engine_only and not plugin_cls.engine_optimises:
-        raise PrismError(f"{engine_only[0]}: --method {cfg.method} does not optimise pixels, so it would change "
-                         f"nothing; drop it or pick an optimising method (e.g. sre2l, prism)")
+        # FRePo does optimise its pixels, in a loop of its own: the message must not say otherwise
+        how = ("optimises its pixels in its own loop, not with recover's engine that this option acts on" if
+               plugin_cls.name == "frepo" else "does not optimise pixels")
+        raise PrismError(f"{engine_only[0]}: --method {cfg.method} {how}, so it would change nothing; drop it or pick "
+                         f"an optimising method (e.g. sre2l, prism)")
     priors = make_priors(cfg, info, device)  # e.g. the CLIP prior: its model loads (or fails) before any other work
     # a plug-in that learns the whole set jointly gets one class-major batch of every unit
     batches = (plan_batches(info.num_classes, cfg.ipc, info.num_classes * cfg.ipc, "class") if plugin_cls.whole_set
@@ -410,8 +436,13 @@ def recover(cfg: RecoverConfig) -> Path:
               f"(a {before} recover folder) this run starts as its preset says (FIDELITY.md); `prismdd run` chains both")
     starts = (choose_starts(cfg, train, info, primary and primary.model, device) if cfg.init == "real" and source is None
               else None)
-    if cfg.force and ctx.rank == 0:  # every image and record of the replaced run goes (a smaller IPC leaves none)
-        clear_outputs(out, "records/batch_*.json", "images/*/*.png", "logs/rank*.jsonl")
+    # the plug-in checks its options and loads its models (t2i, d4m: minutes, or a one-line refusal) before
+    # --force touches the folder: a call that fails its checks leaves a finished set as it was
+    plugin = plugin_cls(cfg, info, train, teachers, pool, device)
+    if cfg.force and ctx.rank == 0:  # every file of the replaced run goes (a smaller IPC leaves no image behind),
+        # the files of every method included: the previous run may have been another method (FRePo's labels)
+        clear_outputs(out, "records/batch_*.json", "images/*/*.png", "logs/rank*.jsonl",
+                      *dict.fromkeys(f for name in PLUGINS.names() for f in PLUGINS.get(name).owned_files))
     if ctx.rank == 0:  # teachers retrained in place since the finished batches were made: refused
         guard_inputs(out, {**teacher_digests({a: t.folder for a, t in teachers.items()}),
                            **({"init_from": images_digest(source.images, source.targets)} if source else {}),
@@ -423,11 +454,11 @@ def recover(cfg: RecoverConfig) -> Path:
     for p in sorted((out / "records").glob("batch_*.json")):  # every batch of the folder, not only ours
         reusable(p, chash, what="a recovery batch")  # made with other settings: refused, never mixed in
     mine = [b for b in range(len(batches)) if b % ctx.world_size == ctx.rank]
-    todo = [b for b in mine if not _batch_done(out, b, batches[b])]
+    present = plugin.outputs_present(out)  # e.g. FRePo's learned labels deleted: its one batch is made again
+    todo = [b for b in mine if not (present and _batch_done(out, b, batches[b]))]
     if ctx.rank == 0 and len(todo) < len(mine):
         print(f"[recover] resuming: {len(mine) - len(todo)} of {len(mine)} batches already finished")
     log = JsonlLog(out / "logs" / f"rank{ctx.rank}.jsonl")
-    plugin = plugin_cls(cfg, info, train, teachers, pool, device)
     plugin_inputs = plugin.prepare(out, ctx.rank)
     with ExitStack() as stack:
         engine = Engine(cfg, info, primary, teachers, device, stack, plugin, priors)
@@ -481,7 +512,9 @@ def recover(cfg: RecoverConfig) -> Path:
                                   if source is not None else {}),
                                "digests": teacher_digests({a: t.folder for a, t in teachers.items()})},
                        outputs={"images": images, "num_images": len(images), "batches": records,
-                                "images_sha256": seal_distilled(out, images)},  # also seals each entry of images
+                                "images_sha256": seal_distilled(out, images),  # also seals each entry of images
+                                **({"files": seal_files(out, plugin_cls.sealed_files)} if plugin_cls.sealed_files
+                                   else {})},
                        wall_time=timer.elapsed,
                        extra={"world_size": ctx.world_size})
         print(f"[recover] {len(images)} images -> {out / 'images'} ({timer.elapsed:.1f}s)")

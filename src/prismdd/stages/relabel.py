@@ -14,9 +14,9 @@ from typing import ClassVar
 
 import torch
 
-from ..artifacts import (check_finite_labels, clear_outputs, epoch_file, find_teachers, images_digest, label_bytes,
-                         load_distilled, load_labelers, locked_stage, pack_logits, reusable, teacher_digests,
-                         with_distilled_dataset, write_manifest)
+from ..artifacts import (check_finite_labels, check_sealed_file, clear_outputs, epoch_file, file_digest, find_teachers,
+                         images_digest, label_bytes, load_distilled, load_labelers, locked_stage, pack_logits, reusable,
+                         sealed_in, teacher_digests, with_distilled_dataset, write_manifest)
 from ..core.augment import BATCH_RULES, ViewConfig, default_view_batch, epoch_plan, make_inputs, rand_augment_transform
 from ..core.config import FROM_DISTILLED, CommonConfig, config_hash, opt
 from ..core.presets import PROTOCOLS
@@ -65,8 +65,6 @@ class RelabelConfig(CommonConfig):
 @locked_stage("relabel")
 def relabel(cfg: RelabelConfig) -> Path:
     timer = Timer()
-    if cfg.force:  # nothing of the replaced labels survives (e.g. epochs beyond the new --epochs)
-        clear_outputs(cfg.out, "epoch_*.safetensors")
     device = resolve_device(cfg.device)
     ds = load_distilled(cfg.distilled)
     info = ds.info
@@ -85,10 +83,15 @@ def relabel(cfg: RelabelConfig) -> Path:
     if cfg.rand_augment:
         rand_augment_transform(cfg.rand_augment)  # timm missing or a bad string: refused before any work
     out = Path(cfg.out)
+    if cfg.force:  # nothing of the replaced labels survives (e.g. epochs beyond the new --epochs); cleared only
+        # now that the set, the teachers and every option have been checked, so a failed call keeps the old labels
+        clear_outputs(out, "epoch_*.safetensors")
+    sealed = {} if cfg.force else sealed_in(out, "relabel")  # label files the finished folder sealed
     total_bytes = file_bytes = 0
     for epoch in progress(range(cfg.epochs), desc="relabel"):
         path = epoch_file(out, epoch)
         if reusable(path, chash, force=cfg.force, what="a label file", inputs=inputs) is not None:
+            check_sealed_file(out, path.name, sealed.get(path.name), stage="relabel")  # reused: must be as written
             total_bytes += label_bytes(load_tensors(path))
             file_bytes += path.stat().st_size
             continue
@@ -110,6 +113,9 @@ def relabel(cfg: RelabelConfig) -> Path:
                                                 "distilled_digest": inputs["distilled images"], "digests": inputs},
                    outputs={"epochs": cfg.epochs, "images": len(ds), "batch_size": bs, "label_bytes": total_bytes,
                             "bytes_per_image_epoch": round(total_bytes / max(1, n_ie), 2),
+                            # every label file sealed: its readers refuse one changed since (``StoredLabels``)
+                            "files": {epoch_file(out, e).name: file_digest(epoch_file(out, e))
+                                      for e in range(cfg.epochs)},
                             "file_bytes": file_bytes,  # labels + the stored view parameters + headers
                             "file_bytes_per_image_epoch": round(file_bytes / max(1, n_ie), 2)},
                    wall_time=timer.elapsed, extra={"views": {"batch_size": bs, "min_scale": cfg.min_scale,

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..artifacts import CARD, locked_stage, reusable, save_model, write_manifest
+from ..artifacts import CARD, WEIGHTS, locked_stage, reusable, save_model, weights_problem, write_manifest
 from ..core.augment import apply_views, sample_views
 from ..core.config import CommonConfig, comma_list, config_hash, opt
 from ..core.data import DatasetInfo, check_class_coverage, iterate_batches, load_splits, normalize
@@ -97,11 +97,14 @@ def train_teacher(cfg: SqueezeConfig, arch: str, train, test, info: DatasetInfo,
     folder = Path(cfg.out) / arch
     chash = teacher_hash(cfg, arch, len(train))
     card = reusable(folder / CARD, chash, force=cfg.force, what="a teacher")
-    if card is not None:
+    problem = weights_problem(folder, card) if card is not None else None
+    if card is not None and problem is None:
         print(f"[squeeze] {arch}: finished teacher found in {folder} (top-1 {card['test_top1']:.2f}%), "
               f"skipping (use --force to retrain)")
         return folder
-    if cfg.force:
+    if problem is not None:  # a card alone is no teacher: counting it finished made every reader fail (or loop)
+        print(f"[squeeze] {arch}: {folder / WEIGHTS} {problem}; training the teacher again")
+    if cfg.force or problem is not None:
         for p in (folder / CARD, folder / "checkpoint.pt", folder / "log.jsonl"):
             p.unlink(missing_ok=True)
     resume = reusable(folder / "checkpoint.pt", chash, what="an unfinished teacher")
@@ -144,4 +147,9 @@ def train_teacher(cfg: SqueezeConfig, arch: str, train, test, info: DatasetInfo,
     save_model(folder, model, info, cfg, result["final"], result["seconds"], chash)
     (folder / "checkpoint.pt").unlink(missing_ok=True)
     print(f"[squeeze] {arch}: test top-1 {result['final']['top1']:.2f}% -> {folder}")
+    chance = 100.0 / info.num_classes
+    if result["final"]["top1"] <= chance * 1.5:  # said, not refused: a smoke test trains such teachers on purpose
+        print(f"[squeeze] {arch}: note: test top-1 {result['final']['top1']:.2f}% is at chance level ({chance:.1f}% for "
+              f"{info.num_classes} classes); images and labels made with this teacher carry little; train longer "
+              f"(--epochs) or check the data")
     return folder

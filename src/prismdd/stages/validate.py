@@ -29,7 +29,8 @@ from ..core.augment import (BATCH_RULES, ViewConfig, apply_mix, default_view_bat
                              mix_partners, rand_augment_transform)
 from ..core.config import (DEFAULT_DATASET, FROM_DISTILLED, CommonConfig, build_config, comma_list, config_hash,
                            opt)
-from ..core.data import DatasetInfo, TensorImages, check_class_coverage, load_splits, random_real_indices
+from ..core.data import (DatasetInfo, TensorImages, check_class_coverage, load_splits, random_real_indices,
+                         say_once)
 from ..core.errors import PrismError
 from ..core.io import JsonlLog, save_tensors, write_json
 from ..core.models import create_model
@@ -142,10 +143,14 @@ class ValidateConfig(CommonConfig):
             raise PrismError(f"--seeds {self.seeds!r}: expected a comma list of integers, e.g. 0,1,2") from None
         if not comma_list(self.seeds):
             raise PrismError("--seeds: give at least one seed")
-        bs = self.batch_size
-        if self.grad_accum > 1 and bs is not None and bs % self.grad_accum:
-            raise PrismError(f"--grad-accum {self.grad_accum}: --batch-size {bs} does not split into "
-                             f"{self.grad_accum} equal parts; pick a divisor of the batch size")
+        if self.batch_size is not None:
+            check_grad_accum(self.grad_accum, self.batch_size, "--batch-size")
+        if self.full_top1 is not None and self.full_top1 <= 1:
+            raise PrismError(f"--full-top1 {self.full_top1}: a top-1 in percent is expected, and this reads as "
+                             f"{self.full_top1} %; a fraction such as 0.9 is 90 %: multiply it by 100 "
+                             f"(--full-top1 {round(self.full_top1 * 100, 4):g})")
+        if self.full_top1 is not None and self.full_top1 > 100:
+            raise PrismError(f"--full-top1 {self.full_top1}: a top-1 in percent, at most 100")
         if self.scores and not (self.distilled and self.teachers and not self.labels):
             raise PrismError("--scores: give --distilled DIR and --teachers DIR (online labels: the random-real and "
                              "no-augmentation students cannot replay stored --labels)")
@@ -158,6 +163,37 @@ class ValidateConfig(CommonConfig):
     @property
     def seed_list(self) -> list[int]:
         return [int(s) for s in comma_list(self.seeds)]
+
+
+def stored_label_settings(cfg: ValidateConfig, stored: StoredLabels) -> dict:
+    """How stored labels were made (the relabel folder's own teachers, ensemble and weight): the student trains on
+    those, so its record must name them, not the protocol's online settings (a relabel without --protocol labels
+    with the primary alone, by mean, while the prism protocol's record said primary,pool and norm-matched). A
+    difference is said once, with the fix. The config is left as given: its hash names the student's folder and
+    ``prismdd run`` reuses a stage by it."""
+    made = stored.manifest.get("config") or {}
+    names = (stored.manifest.get("inputs") or {}).get("label_teachers") or []
+    theirs = (made.get("label_teachers") or "primary", made.get("ensemble", "mean"))
+    ours = (cfg.label_teachers or "primary", cfg.ensemble)
+    weighted = "weighted" in (theirs[1], ours[1])
+    if theirs != ours or (weighted and made.get("primary_weight") != cfg.primary_weight):
+        say_once(("labels", str(cfg.labels)),
+                 f"[validate] note: the labels in {cfg.labels} were made by teachers {','.join(names) or theirs[0]} "
+                 f"with ensemble {theirs[1]}; --protocol {cfg.protocol} labels with {ours[0]} and {ours[1]}; the "
+                 f"student trains on the stored labels and its record says so (for the protocol's labels: prismdd "
+                 f"relabel --protocol {cfg.protocol} --distilled {cfg.distilled} --out {cfg.labels} --force)")
+    return {"label_teachers": names or [theirs[0]], "ensemble": theirs[1],
+            "primary_weight": made.get("primary_weight") if theirs[1] == "weighted" else None}
+
+
+def check_grad_accum(k: int, batch_size: int, source: str) -> None:
+    """--grad-accum k splits every batch into k equal parts of at least 2 images (train-mode BatchNorm over one
+    image normalises it by itself); ``source``: what set the batch (an option, the automatic rule, the labels)."""
+    if k > 1 and (batch_size % k or batch_size // k < 2):
+        why = (f"does not split into {k} equal parts" if batch_size % k else
+               f"would run as {k} passes of {batch_size // k} image through train-mode BatchNorm")
+        raise PrismError(f"--grad-accum {k}: the batch of {batch_size} images ({source}) {why}; pick a divisor of "
+                         f"{batch_size} that leaves at least 2 images per part, or set --batch-size")
 
 
 def view_config(cfg: ValidateConfig, batch_size: int) -> ViewConfig:
@@ -342,7 +378,7 @@ def validate(cfg: ValidateConfig) -> dict:
     train, test, info = load_splits(cfg)
     check_class_coverage(info, test=test)  # an empty val/ or a class missing from it: refused now, not after an epoch
     data, source = training_images(cfg, train, info)
-    stored = online = None
+    stored = online = made_by = None
     bs = cfg.batch_size or default_view_batch(len(data), info.num_classes, cfg.batch_rule)
     vc = view_config(cfg, bs)  # what the students' views are, for the record below
     vectors = None
@@ -358,6 +394,7 @@ def validate(cfg: ValidateConfig) -> dict:
             raise PrismError(f"--batch-size {cfg.batch_size}: the labels in {cfg.labels} were made for batch size "
                              f"{v['batch_size']}; drop --batch-size or relabel")
         bs = v["batch_size"]
+        made_by = stored_label_settings(cfg, stored)
         if cfg.rand_augment != v.get("rand_augment", ""):  # the seeds are stored, the string must agree
             raise PrismError(f"--rand-augment {cfg.rand_augment!r}: the labels in {cfg.labels} were made with "
                              f"{v.get('rand_augment', '')!r}; relabel with the same --rand-augment (or relabel "
@@ -365,20 +402,27 @@ def validate(cfg: ValidateConfig) -> dict:
     elif cfg.teachers and cfg.loss not in ("ce", "mse"):
         online = load_labelers(cfg.teachers, cfg.label_teachers, source.get("primary"), info, cfg.ensemble,
                                cfg.primary_weight, ctx.device, pool=source.get("bn_pool"))
+    # the batch the accumulation splits, whatever set it: checked before anything is written
+    check_grad_accum(cfg.grad_accum, bs, "--batch-size" if cfg.batch_size else
+                     f"the batch size of the labels in {cfg.labels}" if stored is not None else
+                     f"--batch-rule {cfg.batch_rule}'s size for {len(data)} images")
+    if cfg.full_top1 is not None and cfg.full_top1 <= 100 / info.num_classes:
+        raise PrismError(f"--full-top1 {cfg.full_top1}: at or below chance ({100 / info.num_classes:.2f} % for "
+                         f"{info.num_classes} classes); pass the full-data student's top-1 in percent")
     digests = consumed_digests(data, stored, cfg.teachers, online.names if online else ())
-    fixed = None
-    if cfg.fixed_labels:  # computed once for every student and seed of this call, then never again
-        vectors, fixed = _fixed_labels(cfg, data, info, online, digests, ctx)
-    labels = {"stored": stored, "online": None if fixed else online, "batch_size": bs, "vectors": vectors}
     if vectors is not None and cfg.labels:  # a student made from other learned labels is not reused
         digests["learned labels"] = file_digest(Path(cfg.labels) / LEARNED_LABELS)
     if stored is not None:  # labels made for another set (or before recover re-ran): refused
         stored.check_source(digests.get("distilled images"), cfg.distilled)
-    if ctx.rank == 0:  # finished students made from other images, labels or teachers are not reused
-        guard_inputs(cfg.out, digests, force=cfg.force)
-    if stored is not None and not cfg.augment:
+    if stored is not None and not cfg.augment:  # refused before inputs.json is written: a failed call writes nothing
         raise PrismError(f"--no-augment: the labels in {cfg.labels} belong to their stored augmented views; label "
                          f"online with --teachers DIR instead")
+    if ctx.rank == 0:  # finished students made from other images, labels or teachers are not reused
+        guard_inputs(cfg.out, digests, force=cfg.force)
+    fixed = None
+    if cfg.fixed_labels:  # computed once for every student and seed of this call, then never again
+        vectors, fixed = _fixed_labels(cfg, data, info, online, digests, ctx)
+    labels = {"stored": stored, "online": None if fixed else online, "batch_size": bs, "vectors": vectors}
     if stored is not None and (cfg.mix, cfg.min_scale, cfg.patch_shuffle) != (
             stored.views["mix"], stored.views["min_scale"], stored.views.get("patch_shuffle", 0)):
         # the stored labels belong to their views: replaying them is the only consistent choice
@@ -419,6 +463,9 @@ def validate(cfg: ValidateConfig) -> dict:
                 "lr_every": cfg.lr_every,
                 "epochs": cfg.epochs, "batch_size": bs,
                 "mix": stored.views["mix"] if stored else vc.mix, "soft_labels": label_src,
+                # how the soft labels were made: the relabel folder's own teachers and ensemble for stored labels
+                "label_teachers": (made_by["label_teachers"] if stored else online.names if online else None),
+                "ensemble": made_by["ensemble"] if stored else cfg.ensemble if online else None,
                 "min_scale": stored.views["min_scale"] if stored else vc.min_scale,
                 "patch_shuffle": stored.views.get("patch_shuffle", 0) if stored else vc.patch_shuffle,
                 "rand_augment": vc.rand_augment, "flip": vc.flip,
@@ -435,7 +482,8 @@ def validate(cfg: ValidateConfig) -> dict:
                                      online.names if online else None)
     if ctx.rank == 0:
         write_json(out / ACCURACY_FILE, accuracy)
-        write_manifest(out, "validate", cfg, inputs={"dataset": info.to_dict(), "source": source, "digests": digests},
+        write_manifest(out, "validate", cfg, inputs={"dataset": info.to_dict(), "source": source, "digests": digests,
+                                                     **({"labels_made_by": made_by} if made_by else {})},
                        outputs={"accuracy": ACCURACY_FILE, "top1": accuracy["top1"]}, wall_time=timer.elapsed)
     dist.barrier(ctx)
     return accuracy
