@@ -250,7 +250,10 @@ def main(argv: list[str] | None = None) -> int:
                 print("  " + b)
             return 1 if res["bad_files"] else 0
         else:
-            stage(args.command)[1](config_from_args(args.command, args))
+            cfg = config_from_args(args.command, args)
+            # before any work, also what a stage does outside its own (the main job's data loading and checks)
+            with _lazy("prismdd.core.runtime", "torch_threads")(getattr(cfg, "threads", None)):
+                stage(args.command)[1](cfg)
     except PrismError as e:
         print(f"prismdd: error: {e}", file=sys.stderr)
         return 2

@@ -121,7 +121,7 @@ def epochs_for(steps: int, n: int, batch_size: int = 128) -> dict:
 
 
 COMMON_KEYS = ("dataset", "data_root", "download", "device", "seed", "num_workers", "resolution", "channels",
-               "eval_crop", "subset")
+               "eval_crop", "subset", "threads")
 
 
 def common_fields(cfg) -> dict:
