@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..artifacts import (ACCURACY_FILE, StoredLabels, centred_onehot, consumed_digests, file_digest, guard_inputs,
-                         has_learned_labels, LEARNED_LABELS, load_distilled, load_labelers, locked_stage,
+from ..artifacts import (ACCURACY_FILE, StoredLabels, centred_onehot, consumed_digests, epoch_file, file_digest,
+                         guard_inputs, has_learned_labels, LEARNED_LABELS, load_distilled, load_labelers, locked_stage,
                          read_learned_labels, read_manifest, reusable, save_model, with_distilled_dataset,
                          write_manifest)
 from ..core import distributed as dist
@@ -346,6 +346,16 @@ def validate(cfg: ValidateConfig) -> dict:
             raise PrismError(f"--rand-augment {cfg.rand_augment!r}: the labels in {cfg.labels} were made with "
                              f"{v.get('rand_augment', '')!r}; relabel with the same --rand-augment (or relabel "
                              f"--protocol {cfg.protocol})")
+        # checked here, before a student trains: the first missing epoch would otherwise stop it there, hours in
+        missing = [e + 1 for e in range(min(cfg.epochs, stored.epochs)) if not epoch_file(cfg.labels, e).exists()]
+        if cfg.epochs > stored.epochs or missing:
+            held = f"hold {stored.epochs} epochs" + (f" and lack the files of epochs {missing[:5]}" if missing else "")
+            raise PrismError(f"--epochs {cfg.epochs}: the labels in {cfg.labels} {held}; relabel with --epochs "
+                             f"{cfg.epochs} (prismdd relabel --distilled {cfg.distilled} --epochs {cfg.epochs} --out "
+                             f"{cfg.labels}), or train fewer epochs; nothing was trained")
+        if not cfg.augment:
+            raise PrismError(f"--no-augment: the labels in {cfg.labels} belong to their stored augmented views; "
+                             f"label online with --teachers DIR instead")
     elif cfg.teachers and cfg.loss not in ("ce", "mse"):
         online = load_labelers(cfg.teachers, cfg.label_teachers, source.get("primary"), info, cfg.ensemble,
                                cfg.primary_weight, ctx.device, pool=source.get("bn_pool"))
@@ -355,11 +365,9 @@ def validate(cfg: ValidateConfig) -> dict:
         digests["learned labels"] = file_digest(Path(cfg.labels) / LEARNED_LABELS)
     if stored is not None:  # labels made for another set (or before recover re-ran): refused
         stored.check_source(digests.get("distilled images"), cfg.distilled)
+    check_students(cfg, info)  # a student that cannot take these images fails now, before anything is written
     if ctx.rank == 0:  # finished students made from other images, labels or teachers are not reused
         guard_inputs(cfg.out, digests, force=cfg.force)
-    if stored is not None and not cfg.augment:
-        raise PrismError(f"--no-augment: the labels in {cfg.labels} belong to their stored augmented views; label "
-                         f"online with --teachers DIR instead")
     if stored is not None and (cfg.mix, cfg.min_scale, cfg.patch_shuffle) != (
             stored.views["mix"], stored.views["min_scale"], stored.views.get("patch_shuffle", 0)):
         # the stored labels belong to their views: replaying them is the only consistent choice
@@ -415,6 +423,22 @@ def validate(cfg: ValidateConfig) -> dict:
                        outputs={"accuracy": ACCURACY_FILE, "top1": accuracy["top1"]}, wall_time=timer.elapsed)
     dist.barrier(ctx)
     return accuracy
+
+
+def check_students(cfg: ValidateConfig, info: DatasetInfo) -> None:
+    """Every student architecture is built and run on two blank images of the data's size, so an unknown name or a
+    network too deep for the resolution is refused before the first epoch (and before the output folder is made)."""
+    x = torch.zeros(2, info.channels, info.resolution, info.resolution)
+    for arch in comma_list(cfg.student):
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():  # the students' own seeds stay untouched
+                create_model(arch, info.num_classes, info.channels, info.resolution, cfg.student_width).eval()(x)
+        except PrismError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure of the forward pass is the network's, said in one line
+            raise PrismError(f"--student {arch}: cannot run on {info.resolution} px {info.channels}-channel images "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); pick another or pass "
+                             f"--resolution") from None
 
 
 def _micro_batches(cfg: ValidateConfig, net, x, soft, y, y2, lam):
