@@ -68,7 +68,9 @@ def _add_config_flags(p: argparse.ArgumentParser, cls, chosen: dict | None = Non
         flag = "--" + f.name.replace("_", "-")
         default = defaults[f.name]
         mark = " from the preset" if preset and default != field_default(f) else ""
-        h = f"{field_help(f)} [default{mark}: {default}]".strip().replace("%", "%%")
+        # one default per option: a help that says what an unset (None) option means gets no "[default: None]"
+        said = default is None and "default" in field_help(f).lower()
+        h = (field_help(f) if said else f"{field_help(f)} [default{mark}: {default}]").strip().replace("%", "%%")
         # --x switches a field on, --no-x off; unset leaves the default/preset value (or None: decided at run time)
         if hints[f.name] is bool or set(typing.get_args(hints[f.name])) == {bool, type(None)}:
             g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
