@@ -27,6 +27,7 @@ from .core.presets import METHODS, preset_file
 from .core.runtime import Timer
 from .core.scores import score_row
 from .core.training import trust, trust_line
+from .export import OURS_TO_DDR
 from .report import print_table, write_report
 from .stages.metrics import MetricsConfig, metrics
 from .stages.recover import RecoverConfig, recover
@@ -138,6 +139,7 @@ class Stages:
 
     def __init__(self, root, force: bool = False):
         self.root, self.force, self.timings, self.reused = Path(root), force, {}, set()
+        self.folders: dict[str, Path] = {}  # stage name -> its folder, for the commands that continue from them
 
     def run(self, name: str, cls, fn: Callable, fields: dict) -> Path:
         """Run ``fn`` on ``cls(**fields)`` in ``<root>/stages/<name>-<hash>`` unless it already finished there."""
@@ -152,6 +154,7 @@ class Stages:
             print(f"[run] {name} -> {folder}")
             fn(cfg)
         self.timings[name] = read_json(folder / MANIFEST).get("wall_time_s") or round(t.elapsed, 2)
+        self.folders[name] = folder
         return folder
 
     def teachers(self, name: str, common: dict, archs: list[str], **fields) -> Path:
@@ -351,7 +354,36 @@ def run(cfg: RunConfig) -> dict:
                    wall_time=total.elapsed)
     print(print_table(rows))
     print(f"[run] report: {report}  ({total.elapsed:.0f}s)")
+    print(continue_from(cfg, stages.folders))
     return results
+
+
+def continue_from(cfg: RunConfig, folders: dict[str, Path]) -> str:
+    """The job's stage folders and the commands that go on from them (relabel, validate, export, audit), so nobody
+    has to ``ls`` for the hash-named folders; the README's stage examples say the same."""
+    width = max(map(len, folders), default=0)
+    lines = ["[run] stage folders (a re-run of this command reuses them):"]
+    lines += [f"  {name:<{width}}  {folder}" for name, folder in folders.items()]
+    rec = next((name for name in folders if name.startswith("recover-")), None)
+    teachers, out = folders.get("teachers"), Path(cfg.out)
+    lines.append("[run] to continue from them:")
+    if rec and teachers:
+        method, distilled = rec[len("recover-"):], folders[rec]
+        lines += [f"  prismdd relabel --protocol prism --distilled {distilled} --teachers {teachers} --label-teachers "
+                  f"{','.join(cfg.labellers)} --epochs {cfg.student_epochs} --out {out / ('labels-' + method)}",
+                  f"  prismdd validate --distilled {distilled} --labels {out / ('labels-' + method)} --student "
+                  f"{cfg.student} --student-width {cfg.student_width} --epochs {cfg.student_epochs} --out "
+                  f"{out / ('eval-' + method)}",
+                  ]
+        if cfg.dataset in OURS_TO_DDR or cfg.dataset == "imagefolder":
+            name = " --as-dataset NAME" if cfg.dataset == "imagefolder" else ""
+            lines.append(f"  prismdd export {distilled} --format ddranking{name} --out {out / ('export-' + method)}")
+        else:  # said rather than printed as a command that would only be refused
+            lines.append(f"  (export: DD-Ranking 0.2.0 scores CIFAR-10/100 and ImageNet subsets only, not {cfg.dataset})")
+    quick = " --quick" if cfg.quick else ""
+    lines.append(f"  prismdd audit --dataset {cfg.dataset}{quick} --out {out / 'audit'}   "
+                 f"(then this command again: its report adds the audit)")
+    return "\n".join(lines)
 
 
 def _add_scores(rows: list[dict], extra: dict) -> None:
