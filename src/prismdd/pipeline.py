@@ -56,8 +56,9 @@ class RunConfig(CommonConfig):
     quick: bool = opt(False, "a smoke-sized run: fewer steps, iterations and epochs everywhere (settings you give win)")
     teacher_archs: str = opt("convnet,resnet18,mobilenet_v2", "the teacher zoo (BN pool); the first is the primary")
     teacher_width: float = opt(0.25, "width multiplier of the teachers (CPU-sized; 1.0 on a GPU)", minimum=0.01)
-    teacher_steps: int = opt(500, "optimiser steps per teacher (batch 128): about one epoch of Fashion-MNIST",
-                             minimum=1)
+    teacher_steps: int = opt(500, "optimiser steps per teacher (batch 128): 500 is about one pass over Fashion-MNIST's "
+                                  "60k images, trained as epochs of at most one pass (here 2 of 250 steps; the "
+                                  "progress lines count both)", minimum=1)
     observer: str = opt("shufflenet_v2_x0_5", "diversity observer: an architecture that takes no part in synthesis")
     observer_steps: int = opt(200, "its training steps (it only has to give meaningful features)", minimum=1)
     iterations: int = opt(300, "recovery iterations per image", minimum=1)
