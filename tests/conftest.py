@@ -12,8 +12,6 @@ import torch
 # One intra-op thread: stable timings on a shared 2-core machine, and the same float reduction order as the
 # OMP_NUM_THREADS=1 subprocesses of the torchrun test.
 torch.set_num_threads(1)
-# ... and in every stage, which sets its own count (--threads; unset: OMP_NUM_THREADS, else the usable cores)
-os.environ["OMP_NUM_THREADS"] = "1"
 os.environ.pop("WORLD_SIZE", None)  # recover must run as a single process unless a test launches torchrun
 # decoded ImageFolder caches go to a throw-away folder, never the user's ~/.cache/prismdd
 if "PRISMDD_CACHE" not in os.environ:

@@ -278,7 +278,7 @@ def output_lock(folder, stage: str, option: str = "--out"):
 def locked_stage(stage: str):
     """Decorator of a stage function ``fn(cfg)``: holds ``cfg.out`` (``output_lock``) for the stage's life,
     released on any exit. Under torchrun only rank 0 takes it (the ranks of one job share the folder). Every rank
-    runs with ``cfg.threads`` torch threads (``torch_threads``: None is the machine's share of this process)."""
+    runs with ``cfg.threads`` torch threads when given (``torch_threads``; None: as the caller set them)."""
     def wrap(fn):
         @functools.wraps(fn)
         def run(cfg, *args, **kwargs):

@@ -253,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1 if res["bad_files"] else 0
         else:
             cfg = config_from_args(args.command, args)
-            # before any work, also what a stage does outside its own (the main job's data loading and checks)
-            with _lazy("prismdd.core.runtime", "torch_threads")(getattr(cfg, "threads", None)):
+            # before any work (the main job's data loading and checks too); unset: this process's share of the cores
+            threads = getattr(cfg, "threads", None) or _lazy("prismdd.core.runtime", "default_threads")()
+            with _lazy("prismdd.core.runtime", "torch_threads")(threads):
                 stage(args.command)[1](cfg)
     except PrismError as e:
         print(f"prismdd: error: {e}", file=sys.stderr)

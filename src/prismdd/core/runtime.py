@@ -50,10 +50,14 @@ def default_threads() -> int:
 
 @contextmanager
 def torch_threads(n: int | None):
-    """torch's intra-op CPU threads inside the block: ``n``, or ``default_threads()`` when None; the caller's count
-    is restored after (a Python caller's own setting survives a stage)."""
+    """torch's intra-op CPU threads inside the block: ``n``; None leaves them as they are (the command line has
+    already set ``default_threads()``; a Python caller keeps its own ``torch.set_num_threads``, as the benchmark
+    scripts' ``--threads`` do). The count before is restored after."""
+    if not n:
+        yield
+        return
     before = torch.get_num_threads()
-    torch.set_num_threads(n or default_threads())
+    torch.set_num_threads(n)
     try:
         yield
     finally:
