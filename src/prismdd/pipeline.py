@@ -57,7 +57,7 @@ class RunConfig(CommonConfig):
     teacher_archs: str = opt("convnet,resnet18,mobilenet_v2", "the teacher zoo (BN pool); the first is the primary")
     teacher_width: float = opt(0.25, "width multiplier of the teachers (CPU-sized; 1.0 on a GPU)", minimum=0.01)
     teacher_steps: int = opt(500, "optimiser steps per teacher (batch 128): 500 is about one pass over Fashion-MNIST's "
-                                  "60k images, trained as epochs of at most one pass (here 2 of 250 steps; the "
+                                  "60k images, trained as epochs of at most one pass (there 2 of 250 steps; the "
                                   "progress lines count both)", minimum=1)
     observer: str = opt("shufflenet_v2_x0_5", "diversity observer: an architecture that takes no part in synthesis")
     observer_steps: int = opt(200, "its training steps (it only has to give meaningful features)", minimum=1)
@@ -374,8 +374,7 @@ def continue_from(cfg: RunConfig, folders: dict[str, Path]) -> str:
                   f"{','.join(cfg.labellers)} --epochs {cfg.student_epochs} --out {out / ('labels-' + method)}",
                   f"  prismdd validate --distilled {distilled} --labels {out / ('labels-' + method)} --student "
                   f"{cfg.student} --student-width {cfg.student_width} --epochs {cfg.student_epochs} --out "
-                  f"{out / ('eval-' + method)}",
-                  ]
+                  f"{out / ('eval-' + method)}"]
         if cfg.dataset in OURS_TO_DDR or cfg.dataset == "imagefolder":
             name = " --as-dataset NAME" if cfg.dataset == "imagefolder" else ""
             lines.append(f"  prismdd export {distilled} --format ddranking{name} --out {out / ('export-' + method)}")

@@ -476,7 +476,8 @@ def test_labels_with_other_batch_size(cli, capsys, prism_run, labels_fp32, tmp_p
 
 
 @pytest.mark.parametrize("case,match", [
-    ("more epochs", "--epochs 5: the labels in .* hold 4 epochs; relabel with --epochs 5"),
+    ("more epochs", "--epochs 5: the labels in .* hold 4 epochs; extend them with prismdd relabel --config "
+                    ".*config.yaml --epochs 5"),
     ("missing file", r"lack the files of epochs \[2\]"),
     ("no augment", "--no-augment: the labels"),
     ("unknown student", "nosuch")])

@@ -350,9 +350,10 @@ def validate(cfg: ValidateConfig) -> dict:
         missing = [e + 1 for e in range(min(cfg.epochs, stored.epochs)) if not epoch_file(cfg.labels, e).exists()]
         if cfg.epochs > stored.epochs or missing:
             held = f"hold {stored.epochs} epochs" + (f" and lack the files of epochs {missing[:5]}" if missing else "")
-            raise PrismError(f"--epochs {cfg.epochs}: the labels in {cfg.labels} {held}; relabel with --epochs "
-                             f"{cfg.epochs} (prismdd relabel --distilled {cfg.distilled} --epochs {cfg.epochs} --out "
-                             f"{cfg.labels}), or train fewer epochs; nothing was trained")
+            # their own config.yaml: the same settings, so the folder is extended rather than refused as other labels
+            raise PrismError(f"--epochs {cfg.epochs}: the labels in {cfg.labels} {held}; extend them with prismdd "
+                             f"relabel --config {Path(cfg.labels) / 'config.yaml'} --epochs {cfg.epochs}, or train "
+                             f"fewer epochs; nothing was trained")
         if not cfg.augment:
             raise PrismError(f"--no-augment: the labels in {cfg.labels} belong to their stored augmented views; "
                              f"label online with --teachers DIR instead")
