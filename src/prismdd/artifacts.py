@@ -45,6 +45,7 @@ from .core.errors import PrismError
 from .core.io import (atomic_path, load_tensors, pid_alive, read_json, remove_orphans, save_tensors, tensors_metadata,
                       torch_load, write_json)
 from .core.models import BN_FREE_ARCHS, model_from_spec
+from .core.runtime import torch_threads
 from .core.training import SoftLabeler
 
 MANIFEST = "manifest.json"
@@ -88,6 +89,7 @@ def write_manifest(out_dir, stage: str, config, *, inputs: dict | None = None, o
         "outputs": outputs or {},
         "versions": versions(),
         "wall_time_s": None if wall_time is None else round(wall_time, 2),
+        "threads": torch.get_num_threads(),  # what the wall time was measured with (--threads resolved)
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join(sys.argv),
     }
@@ -275,15 +277,17 @@ def output_lock(folder, stage: str, option: str = "--out"):
 
 def locked_stage(stage: str):
     """Decorator of a stage function ``fn(cfg)``: holds ``cfg.out`` (``output_lock``) for the stage's life,
-    released on any exit. Under torchrun only rank 0 takes it (the ranks of one job share the folder)."""
+    released on any exit. Under torchrun only rank 0 takes it (the ranks of one job share the folder). Every rank
+    runs with ``cfg.threads`` torch threads when given (``torch_threads``; None: as the caller set them)."""
     def wrap(fn):
         @functools.wraps(fn)
         def run(cfg, *args, **kwargs):
             if int(os.environ.get("RANK", "0")) != 0:
-                return fn(cfg, *args, **kwargs)
+                with torch_threads(getattr(cfg, "threads", None)):
+                    return fn(cfg, *args, **kwargs)
             made = _missing_folders(Path(cfg.out))
             try:
-                with output_lock(cfg.out, stage):
+                with output_lock(cfg.out, stage), torch_threads(getattr(cfg, "threads", None)):
                     return fn(cfg, *args, **kwargs)
             except BaseException:
                 # a call that failed its checks leaves no empty folder behind; anything written stays

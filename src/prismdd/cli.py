@@ -68,7 +68,9 @@ def _add_config_flags(p: argparse.ArgumentParser, cls, chosen: dict | None = Non
         flag = "--" + f.name.replace("_", "-")
         default = defaults[f.name]
         mark = " from the preset" if preset and default != field_default(f) else ""
-        h = f"{field_help(f)} [default{mark}: {default}]".strip().replace("%", "%%")
+        # one default per option: a help that says what an unset (None) option means gets no "[default: None]"
+        said = default is None and "default" in field_help(f).lower()
+        h = (field_help(f) if said else f"{field_help(f)} [default{mark}: {default}]").strip().replace("%", "%%")
         # --x switches a field on, --no-x off; unset leaves the default/preset value (or None: decided at run time)
         if hints[f.name] is bool or set(typing.get_args(hints[f.name])) == {bool, type(None)}:
             g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
@@ -126,8 +128,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         prog="prismdd",
         description="Dataset distillation with PRISM (PRIors from diverse Source Models) and the SRe2L family: "
                     "squeeze -> recover -> relabel -> validate, or `prismdd run` for all of it.",
-        epilog="Start with: prismdd run --dataset digits --quick --out runs/demo   (a few minutes on a laptop CPU; "
-               "README: measured times)")
+        epilog="Start with: prismdd run --dataset digits --quick --out runs/demo   (8 min on 2 shared CPU cores with "
+               "--threads 1 beside a second job: README; two jobs on one machine: --threads 1 each)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     d = sub.add_parser("datasets", help="list datasets and whether each is available here")
     d.add_argument("--data-root", default=None)
@@ -250,7 +252,11 @@ def main(argv: list[str] | None = None) -> int:
                 print("  " + b)
             return 1 if res["bad_files"] else 0
         else:
-            stage(args.command)[1](config_from_args(args.command, args))
+            cfg = config_from_args(args.command, args)
+            # before any work (the main job's data loading and checks too); unset: this process's share of the cores
+            threads = getattr(cfg, "threads", None) or _lazy("prismdd.core.runtime", "default_threads")()
+            with _lazy("prismdd.core.runtime", "torch_threads")(threads):
+                stage(args.command)[1](cfg)
     except PrismError as e:
         print(f"prismdd: error: {e}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ from .core.regimes import REGIMES, regime_summary, summary_line
 from .core.runtime import Timer
 from .core.scores import score_row
 from .core.training import trust, trust_line
+from .export import OURS_TO_DDR
 from .report import print_table, write_report
 from .stages.metrics import MetricsConfig, metrics
 from .stages.recover import RecoverConfig, recover
@@ -56,8 +57,9 @@ class RunConfig(CommonConfig):
     quick: bool = opt(False, "a smoke-sized run: fewer steps, iterations and epochs everywhere (settings you give win)")
     teacher_archs: str = opt("convnet,resnet18,mobilenet_v2", "the teacher zoo (BN pool); the first is the primary")
     teacher_width: float = opt(0.25, "width multiplier of the teachers (CPU-sized; 1.0 on a GPU)", minimum=0.01)
-    teacher_steps: int = opt(500, "optimiser steps per teacher (batch 128): about one epoch of Fashion-MNIST",
-                             minimum=1)
+    teacher_steps: int = opt(500, "optimiser steps per teacher (batch 128): 500 is about one pass over Fashion-MNIST's "
+                                  "60k images, trained as epochs of at most one pass (there 2 of 250 steps; the "
+                                  "progress lines count both)", minimum=1)
     observer: str = opt("shufflenet_v2_x0_5", "diversity observer: an architecture that takes no part in synthesis")
     observer_steps: int = opt(200, "its training steps (it only has to give meaningful features)", minimum=1)
     iterations: int = opt(300, "recovery iterations per image", minimum=1)
@@ -138,7 +140,7 @@ def epochs_for(steps: int, n: int, batch_size: int = 128) -> dict:
 
 
 COMMON_KEYS = ("dataset", "data_root", "download", "device", "seed", "num_workers", "resolution", "channels",
-               "eval_crop", "subset")
+               "eval_crop", "subset", "threads")
 
 
 def common_fields(cfg) -> dict:
@@ -155,6 +157,7 @@ class Stages:
 
     def __init__(self, root, force: bool = False):
         self.root, self.force, self.timings, self.reused = Path(root), force, {}, set()
+        self.folders: dict[str, Path] = {}  # stage name -> its folder, for the commands that continue from them
 
     def run(self, name: str, cls, fn: Callable, fields: dict) -> Path:
         """Run ``fn`` on ``cls(**fields)`` in ``<root>/stages/<name>-<hash>`` unless it already finished there."""
@@ -169,6 +172,7 @@ class Stages:
             print(f"[run] {name} -> {folder}")
             fn(cfg)
         self.timings[name] = read_json(folder / MANIFEST).get("wall_time_s") or round(t.elapsed, 2)
+        self.folders[name] = folder
         return folder
 
     def teachers(self, name: str, common: dict, archs: list[str], **fields) -> Path:
@@ -370,7 +374,35 @@ def run(cfg: RunConfig) -> dict:
     for r in regimes:
         print(f"[run] {summary_line(results['regimes']['summary'][r])}")
     print(f"[run] report: {report}  ({total.elapsed:.0f}s)")
+    print(continue_from(cfg, stages.folders))
     return results
+
+
+def continue_from(cfg: RunConfig, folders: dict[str, Path]) -> str:
+    """The job's stage folders and the commands that go on from them (relabel, validate, export, audit), so nobody
+    has to ``ls`` for the hash-named folders; the README's stage examples say the same."""
+    width = max(map(len, folders), default=0)
+    lines = ["[run] stage folders (a re-run of this command reuses them):"]
+    lines += [f"  {name:<{width}}  {folder}" for name, folder in folders.items()]
+    rec = next((name for name in folders if name.startswith("recover-")), None)
+    teachers, out = folders.get("teachers"), Path(cfg.out)
+    lines.append("[run] to continue from them:")
+    if rec and teachers:
+        method, distilled = rec[len("recover-"):], folders[rec]
+        lines += [f"  prismdd relabel --protocol prism --distilled {distilled} --teachers {teachers} --label-teachers "
+                  f"{','.join(cfg.labellers)} --epochs {cfg.student_epochs} --out {out / ('labels-' + method)}",
+                  f"  prismdd validate --distilled {distilled} --labels {out / ('labels-' + method)} --student "
+                  f"{cfg.student} --student-width {cfg.student_width} --epochs {cfg.student_epochs} --out "
+                  f"{out / ('eval-' + method)}"]
+        if cfg.dataset in OURS_TO_DDR or cfg.dataset == "imagefolder":
+            name = " --as-dataset NAME" if cfg.dataset == "imagefolder" else ""
+            lines.append(f"  prismdd export {distilled} --format ddranking{name} --out {out / ('export-' + method)}")
+        else:  # said rather than printed as a command that would only be refused
+            lines.append(f"  (export: DD-Ranking 0.2.0 scores CIFAR-10/100 and ImageNet subsets only, not {cfg.dataset})")
+    quick = " --quick" if cfg.quick else ""
+    lines.append(f"  prismdd audit --dataset {cfg.dataset}{quick} --out {out / 'audit'}   "
+                 f"(then this command again: its report adds the audit)")
+    return "\n".join(lines)
 
 
 def _add_scores(rows: list[dict], extra: dict) -> None:

@@ -151,7 +151,7 @@ def verdict(rows: list[dict], teachers: dict | None = None) -> str | None:
             text += (f" Over {n} seeds the margin is {'within' if within else 'larger than'} the seed-to-seed "
                      f"spread (std up to {spread:.1f} points)" + ("; treat the two as tied." if within else "."))
         real = next((r for r in cands if r.get("method") == "random-real"), None)
-        if real is not None and best is not real:
+        if real is not None and best is not real and real is not second:  # (as second, its margin is said above)
             text += (f" Against a random real subset with the same soft labels: "
                      f"{float(best['top1']) - float(real['top1']):+.1f} points.")
         elif real is best:
@@ -207,6 +207,10 @@ def scores_section(rows: list[dict], about: dict) -> list[str]:
     scored = [r for r in rows if r.get("scores")]
     if not scored:
         return []
+    if not about.get("computed"):  # a table of "needs ..." cells would say nothing more than this line
+        return ["<h2>DD-Ranking scores</h2>",
+                '<p class="note">Not computed (LRS and ARS need extra students per set): run it again with '
+                "<code>--scores</code> (finished stages are reused).</p>"]
     body = []
     for r in scored:
         cells = [(row_label(r), False)]
@@ -222,9 +226,6 @@ def scores_section(rows: list[dict], about: dict) -> list[str]:
                   body)]
     out.append(f'<p class="note">{_e(about.get("what", ""))} 26.89 = a set no better than random real with no '
                "hard-label gap; higher is better.</p>")
-    if not about.get("computed"):
-        out.append('<p class="note">This run did not train the scores\' extra students: run it again with '
-                   "<code>--scores</code> (finished stages are reused).</p>")
     return out
 
 
@@ -265,7 +266,7 @@ def print_table(rows: list[dict], regimes: list[str] | None = None) -> str:
     """
     tops = [f"top-1 {g}" for g in regimes] if shows_regimes(regimes) else ["top-1"]
     cols = ["method", *tops, "intra-class cos", "images", "time"]
-    table = [{"method": r.get("method", "?"), "top-1": fmt_top1(r, "-"),
+    table = [{"method": row_label(r), "top-1": fmt_top1(r, "-"),  # the names the report shows
               **{f"top-1 {g}": fmt_top1((r.get("regimes") or {}).get(g) or {}, "-") for g in regimes or []},
               "intra-class cos": _cell(r.get("intra_class_cos"), 4, "-"),
               "images": _cell(r.get("images"), 0, "-"), "time": fmt_seconds(r.get("seconds"), "-")} for r in rows]

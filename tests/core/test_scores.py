@@ -80,8 +80,11 @@ def test_pipeline_rows_get_scores_from_their_own_students():
     assert "scores" not in by["random-real"] and "scores" not in by["full"]  # the references are not scored
     table = print_table(rows)
     assert "LRS x100" in table and f"{100 * by['prism']['scores']['lrs']['score']:.2f}" in table
-    html = "".join(scores_section(rows, {"what": "w", "computed": False}))
-    assert "DD-Ranking scores" in html and "needs the distilled set with hard labels" in html and "--scores" in html
+    html = "".join(scores_section(rows, {"what": "w", "computed": True}))
+    assert "DD-Ranking scores" in html and "needs the distilled set with hard labels" in html  # sre2l's cells
+    # issue 36: a run without --scores shows one line, not a table of "needs ..." cells
+    folded = scores_section(rows, {"what": "w", "computed": False})
+    assert len(folded) == 2 and "<table" not in "".join(folded) and "--scores" in folded[1]
 
 
 def test_without_random_real_or_full_no_score_is_made_up():

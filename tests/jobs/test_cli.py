@@ -255,3 +255,63 @@ def test_a_failed_stage_call_leaves_no_empty_folder(cli, capsys, tmp_path):
     (kept / "note.txt").write_text("mine")
     assert cli(["recover", "--dataset", "digits", "--teachers", str(tmp_path / "missing"), "--out", str(kept)]) == 2
     assert (kept / "note.txt").read_text() == "mine"  # a folder that existed is left alone
+
+
+# ----------------------------------------------------------------------------- issue 36: threads, help
+THREADED = ("squeeze", "recover", "relabel", "validate", "run", "metrics", "audit")
+
+
+@pytest.mark.parametrize("command", THREADED)
+def test_every_stage_command_takes_threads_outside_the_config_hash(cli, capsys, command):
+    from prismdd.cli import stage
+    from prismdd.core.config import CommonConfig, build_config, config_fields, config_hash
+
+    code, out, _ = _run(cli, capsys, [command, "--help"])
+    assert code == 0 and "--threads THREADS" in out
+    cls = stage(command)[0]
+    # one definition, not one per command
+    assert config_fields(cls)["threads"].metadata is config_fields(CommonConfig)["threads"].metadata
+    base = {"validate": dict(random_real=True, teachers="t")}.get(command, {})
+    # a machine setting: finished outputs made with any thread count stay reusable
+    assert config_hash(build_config(cls, base)) == config_hash(build_config(cls, dict(base, threads=1)))
+
+
+def test_default_threads_share_the_usable_cores(monkeypatch):
+    import os
+
+    from prismdd.core import runtime
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)  # e.g. taskset -c 0,2,5
+    assert runtime.default_threads() == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun --nproc_per_node 2: half each, at least one
+    assert runtime.default_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's word wins
+    assert runtime.default_threads() == 2
+
+
+def test_threads_are_set_for_the_stage_recorded_and_restored(cli, capsys, tmp_path):
+    import torch
+
+    from prismdd.core.io import read_json
+
+    before = torch.get_num_threads()
+    want = 2 if before == 1 else 1  # a count other than the caller's, so setting it is seen
+    code, _, err = _run(cli, capsys, ["squeeze", "--dataset", "digits", "--arch", "convnet", "--width", "0.25",
+                                      "--epochs", "1", "--batch-size", "256", "--device", "cpu", "--threads", want,
+                                      "--out", tmp_path / "t"])
+    assert code == 0, err
+    assert read_json(tmp_path / "t" / "manifest.json")["threads"] == want
+    assert torch.get_num_threads() == before  # the caller's count is back
+
+
+def test_one_default_per_option_in_help(cli, capsys):
+    code, out, _ = _run(cli, capsys, ["export", "--help"])
+    assert code == 0 and "(default: <distilled>-ddranking)" in out
+    assert "[default: None]" not in out.split("--out OUT", 1)[1].split("--teachers", 1)[0]
+    for command in ("validate", "relabel", "recover", "run"):
+        code, out, _ = _run(cli, capsys, [command, "--help"])
+        options = " ".join(out.split()).split(" --")[1:]  # one option (flag, help, default) per item
+        twice = [o for o in options if "[default: None]" in o and "default" in o.split("[default")[0].lower()]
+        assert code == 0 and not twice, (command, twice)

@@ -17,7 +17,7 @@ from PIL import Image
 from prismdd.core.data import DatasetInfo
 from prismdd.artifacts import image_path, save_image
 from prismdd.core.training import trust, trust_line
-from prismdd.report import grid_figure, print_table, write_report
+from prismdd.report import grid_figure, print_table, row_label, write_report
 from prismdd.core.io import write_json
 
 METHODS = ["prism", "sre2l", "random-real", "full"]
@@ -139,6 +139,11 @@ def test_print_table(fake_results):
     assert len(lines) == 2 + len(METHODS)
     assert "81.2 \u00b1 0.3" in lines[2] and "0.4100" in lines[2] and "12.3 s" in lines[2]
     assert lines[5].split("|")[2].strip() == "-"  # full: no intra-class cosine
+    # issue 36: each row under the name the report gives it (the pipeline's label of the full row, not "full")
+    rows = [dict(r) for r in results["rows"]]
+    rows[-1]["label"] = "full data, hard labels, 300 steps (reference)"
+    named = [line.split("|")[0].strip() for line in print_table(rows).splitlines()[2:]]
+    assert named == [row_label(r) for r in rows] and named[-1] == rows[-1]["label"]
 
 
 def test_verdict_names_the_winner_margin_and_spread(report):
@@ -146,6 +151,7 @@ def test_verdict_names_the_winner_margin_and_spread(report):
     verdict = re.search(r'<p class="verdict">(.*?)</p>', html).group(1)
     assert verdict.startswith("Best: prism with 81.2% top-1, 0.3 points ahead of random-real (80.9%).")
     assert "within the seed-to-seed spread (std up to 0.4 points); treat the two as tied." in verdict
+    assert verdict.count("points ahead") == 1 and "Against a random real" not in verdict  # the margin said once
     assert "full training set reached 90.1%" in verdict  # the full-data row is a reference, not a contender
 
 

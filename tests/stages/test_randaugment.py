@@ -5,6 +5,7 @@ and epoch, stored with the views so relabel's labels replay exactly. FIDELITY.md
 from __future__ import annotations
 
 import random
+import subprocess
 import sys
 
 import numpy as np
@@ -166,3 +167,12 @@ def test_worker_processes_give_the_serial_result(channels):
     state = random.getstate()
     rand_augment_images(x, seeds, DELT, workers=2)
     assert random.getstate() == state
+
+
+def test_a_process_that_used_the_pool_exits_without_traceback_text():
+    """Issue 36: the pool kept for the process's life is shut down at exit while the interpreter is whole; collected
+    during its teardown it printed ``Exception ignored in ... weakref_cb ... AttributeError`` after a green run."""
+    code = "from prismdd.core.augment import rand_augment_pool\nprint(rand_augment_pool(1).submit(abs, -3).result())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "3", proc.stderr[-2000:]
+    assert "Exception ignored" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]

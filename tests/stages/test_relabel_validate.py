@@ -475,6 +475,37 @@ def test_labels_with_other_batch_size(cli, capsys, prism_run, labels_fp32, tmp_p
                                  epochs=5, out=str(tmp_path / "x")))
 
 
+@pytest.mark.parametrize("case,match", [
+    ("more epochs", "--epochs 5: the labels in .* hold 4 epochs; extend them with prismdd relabel --config "
+                    ".*config.yaml --epochs 5"),
+    ("missing file", r"lack the files of epochs \[2\]"),
+    ("no augment", "--no-augment: the labels"),
+    ("unknown student", "nosuch")])
+def test_validate_refuses_before_the_first_epoch(prism_run, labels_fp32, tmp_path, monkeypatch, case, match):
+    """Issue 36: a check that can fail does so before any training, and the refused call leaves no folder."""
+    def no_training(*a, **k):
+        raise AssertionError("a student trained before the call was refused")
+
+    monkeypatch.setattr(V, "fit", no_training)
+    labels, kw = labels_fp32, dict(epochs=4)
+    if case == "more epochs":
+        kw["epochs"] = 5
+    elif case == "missing file":
+        labels = tmp_path / "labels"
+        labels.mkdir()
+        for f in Path(labels_fp32).iterdir():  # the module's labels stay whole: a copy loses epoch 2's file
+            if f.name != epoch_file(labels_fp32, 1).name:
+                (labels / f.name).write_bytes(f.read_bytes())
+    elif case == "no augment":
+        kw["augment"] = False
+    else:
+        kw["student"] = "nosuch"
+    out = tmp_path / "eval" / "v"
+    with pytest.raises(PrismError, match=match):
+        validate(validate_config(**STUDENT, distilled=str(prism_run), labels=str(labels), out=str(out), **kw))
+    assert not (tmp_path / "eval").exists()
+
+
 def test_labels_folder_must_be_a_relabel_output(prism_run, tmp_path):
     with pytest.raises(PrismError, match="relabel"):
         validate(validate_config(**STUDENT, distilled=str(prism_run), labels=str(prism_run), epochs=1,

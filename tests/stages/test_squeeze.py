@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import prismdd.core.training as training
+import prismdd.core.runtime as runtime
 import prismdd.stages.squeeze as sq
 from prismdd.core.config import build_config, load_yaml
 from prismdd.core.data import load_dataset, normalize
@@ -226,10 +227,10 @@ def test_small_folder_trains_every_step(tmp_path, capsys):
 
 def test_heartbeat_without_a_terminal(tmp_path, capsys, monkeypatch):
     """Issue 27: a teacher epoch of minutes printed nothing when the output was not a terminal; a verbose fit now
-    says a line every HEARTBEAT_S seconds (0 here: every step)."""
-    monkeypatch.setattr(training, "HEARTBEAT_S", 0.0)
+    says a line every PRISMDD_PROGRESS_EVERY seconds (0 here: every step; issue 36: every fit, not only verbose ones)."""
+    monkeypatch.setenv(runtime.PROGRESS_EVERY_ENV, "0")
     cfg = build_config(sq.SqueezeConfig, dict(dataset="digits", arch="convnet", width=0.25, epochs=1, batch_size=256,
                                               out=str(tmp_path / "t"), device="cpu"))
     sq.squeeze(cfg)
-    lines = [x for x in capsys.readouterr().out.splitlines() if ": step " in x]
-    assert lines and lines[0].startswith("[squeeze convnet] epoch 1/1: step 1/")
+    lines = [x for x in capsys.readouterr().out.splitlines() if ", step " in x]
+    assert lines and lines[0].startswith("[squeeze convnet] epoch 1/1, step 1/5 (20 %), loss ")

@@ -57,8 +57,6 @@ class AuditConfig(CommonConfig):
     lira_variance: str = opt("auto", "auto (global below 64 shadows, Carlini et al. 2022) | global | per-example",
                              choices=LIRA_VARIANCES)
     bootstrap: int = opt(200, "bootstrap resamples for the confidence intervals (0: no intervals)", minimum=0)
-    threads: int | None = opt(None, "torch CPU threads while auditing; None: torch's default (tiny nets run faster "
-                                    "on 1)", minimum=1, hashed=False)
     force: bool = opt(False, "retrain every model of the audit", hashed=False)
 
     def check(self):

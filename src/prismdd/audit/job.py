@@ -34,7 +34,7 @@ and the stages skip finished work, so re-running the same command resumes.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager, redirect_stdout
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +46,7 @@ from ..artifacts import CARD, load_distilled, load_model, reusable, write_manife
 from ..core.config import comma_list, config_to_dict
 from ..core.data import load_dataset
 from ..core.io import atomic_path, read_json, write_json
-from ..core.runtime import Timer, derive_seed, resolve_device
+from ..core.runtime import Timer, derive_seed, resolve_device, torch_threads
 from ..core.text import format_table
 from ..core.training import example_scores
 from ..pipeline import Stages
@@ -66,19 +66,6 @@ TRAINING_KEYS = ("dataset", "data_root", "resolution", "subset", "seed", "pool_s
 
 
 # ----------------------------------------------------------------------------- pipelines
-@contextmanager
-def _torch_threads(n: int | None):
-    if not n:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def model_seed(seed: int, index: int) -> int:
     """Stage seed of pipeline ``index`` (0 = target): weight init, data order, views and draws all differ."""
     return derive_seed(seed, "audit", "model", index) % (2 ** 31)
@@ -98,7 +85,7 @@ def train_pipeline(cfg: AuditConfig, folder: Path, index: int, members: np.ndarr
     targets = cfg.target_list
     common = dict(dataset=dataset, data_root=cfg.data_root, download=cfg.download, device=cfg.device,
                   resolution=cfg.resolution, num_workers=cfg.num_workers, subset=str(subset),
-                  seed=model_seed(cfg.seed, index))
+                  seed=model_seed(cfg.seed, index), threads=cfg.threads)  # each stage sets its own count
     pool = comma_list(cfg.bn_pool)
     archs = [cfg.teacher_arch] + ([a for a in pool if a != cfg.teacher_arch] if "prism" in targets else [])
     stages = Stages(folder, cfg.force)
@@ -163,7 +150,7 @@ def _check_plan(out: Path, cfg: AuditConfig, plan: dict) -> None:
 def audit(cfg: AuditConfig) -> dict:
     """Train the target and shadow pipelines, attack every target, write ``audit.json``; returns it."""
     cfg = resolve_config(cfg)
-    with _torch_threads(cfg.threads):
+    with torch_threads(cfg.threads):
         return _audit(cfg)
 
 

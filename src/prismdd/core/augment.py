@@ -7,6 +7,7 @@ relabel and validate see identical views (FKD-style) without pickling tensors.
 """
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import functools
 import math
@@ -169,11 +170,27 @@ def _rand_augment_array(arr: np.ndarray, seeds: list[int], config: str) -> np.nd
     return out
 
 
-@functools.lru_cache(maxsize=2)
+_POOLS: dict[int, concurrent.futures.ProcessPoolExecutor] = {}  # workers -> the pool kept for the process's life
+
+
 def rand_augment_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
     """A pool kept for the life of the process (shut down at exit). "spawn": a forked copy of a process that
     holds torch's thread pools (or CUDA) can hang."""
-    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    if workers not in _POOLS:
+        if not _POOLS:
+            atexit.register(_close_pools)
+        _POOLS[workers] = concurrent.futures.ProcessPoolExecutor(workers,
+                                                                 mp_context=multiprocessing.get_context("spawn"))
+    return _POOLS[workers]
+
+
+def _close_pools() -> None:
+    """Shut the pools down and drop them while the interpreter is whole: a pool collected during its teardown runs
+    its weakref callback after ``multiprocessing`` is gone, and a clean exit printed ``Exception ignored in ...
+    weakref_cb ... AttributeError: 'NoneType' object has no attribute 'util'`` (issue 36)."""
+    for pool in _POOLS.values():
+        pool.shutdown(wait=True, cancel_futures=True)
+    _POOLS.clear()
 
 
 def sample_views(n: int, generator: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),

@@ -80,6 +80,10 @@ class CommonConfig:
                          choices=("auto", "none", "imagenet"))
     subset: str | None = opt(None, ".npy/.txt file of training-set indices to use instead of the whole train split",
                              path=True)
+    threads: int | None = opt(None, "torch CPU threads; None: OMP_NUM_THREADS if set, else the cores this process "
+                                    "may use (taskset), divided among torchrun's processes on this machine (from "
+                                    "Python: torch's own setting); two jobs side by side on a 2-core machine: "
+                                    "--threads 1 each (README)", minimum=1, hashed=False)
     force: bool = opt(False, "redo finished work in --out instead of reusing it", hashed=False)
 
 

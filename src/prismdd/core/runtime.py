@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import time
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -27,6 +29,39 @@ def default_channels_last(device: torch.device) -> bool:
     benchmarks/gpu_check.sh). On CPU it measured between 0.8x and 1.3x from run to run on the 2-core machine, the
     same speed within noise (BENCHMARKS.md section 1), so the plain layout stays."""
     return torch.device(device).type == "cuda"
+
+
+def default_threads() -> int:
+    """torch's CPU threads when ``--threads`` is not given: ``OMP_NUM_THREADS`` if set (the user's word), else the
+    cores this process may use (``taskset``, a container's or a scheduler's CPU set: not the machine's count), shared
+    by the processes torchrun starts on this machine (``LOCAL_WORLD_SIZE``). More threads than free cores costs
+    2-3x when two jobs share a machine (BENCHMARKS.md section 14), so pinning each job (``taskset -c 0``) or
+    ``--threads`` is how two jobs run side by side."""
+    given = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call: every core
+        cores = os.cpu_count() or 1
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1").strip()
+    return max(1, cores // max(1, int(local) if local.isdigit() else 1))
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """torch's intra-op CPU threads inside the block: ``n``; None leaves them as they are (the command line has
+    already set ``default_threads()``; a Python caller keeps its own ``torch.set_num_threads``, as the benchmark
+    scripts' ``--threads`` do). The count before is restored after."""
+    if not n:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def make_generator(seed: int, *parts: Any) -> torch.Generator:
@@ -57,3 +92,54 @@ class Timer:
     @property
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
+
+
+PROGRESS_EVERY_S = 60.0  # seconds between progress lines when no bar is shown (a log file, nohup, a batch job)
+PROGRESS_EVERY_ENV = "PRISMDD_PROGRESS_EVERY"  # overrides it (seconds), e.g. for a test with output redirected
+
+
+def progress_every() -> float:
+    given = os.environ.get(PROGRESS_EVERY_ENV, "").strip()
+    try:
+        return max(0.0, float(given)) if given else PROGRESS_EVERY_S
+    except ValueError:
+        raise PrismError(f"{PROGRESS_EVERY_ENV}={given!r}: expected a number of seconds") from None
+
+
+def clock(seconds: float) -> str:
+    """``75`` -> ``1m15s``; ``4000`` -> ``1h06m``: elapsed and left times in progress lines."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class Heartbeat:
+    """A progress line at most every ``progress_every()`` seconds when stderr is not a terminal (where ``progress``'s
+    bar is silent), so a job with its output in a file says where it is:
+    ``[recover prism] step 120/300 (40 %), loss 1.2345, 2m10s elapsed, about 3m15s left``.
+
+    ``total`` counts the steps of the whole stage and ``done`` those finished before this call (a resume); the time
+    left is estimated from the steps made in this call. ``enabled=False``: silent (torchrun's other ranks)."""
+
+    def __init__(self, stage: str, total: int, *, done: int = 0, enabled: bool = True, unit: str = "step"):
+        self.stage, self.total, self.done, self.first = stage, max(1, int(total)), int(done), int(done)
+        self.unit = unit
+        self.enabled = enabled and not sys.stderr.isatty()
+        self.every = progress_every()
+        self.timer, self.last = Timer(), 0.0
+
+    def step(self, n: int = 1, loss: float | torch.Tensor | None = None, **more) -> None:
+        self.done += n
+        if not self.enabled or self.timer.elapsed - self.last < self.every:
+            return
+        self.last = t = self.timer.elapsed
+        made = self.done - self.first
+        parts = [f"{k} {v}" for k, v in more.items()]
+        parts.append(f"{self.unit} {self.done}/{self.total} ({100 * self.done / self.total:.0f} %)")
+        if loss is not None:
+            parts.append(f"loss {float(loss):.4f}")
+        parts.append(f"{clock(t)} elapsed")
+        if made > 0:
+            parts.append(f"about {clock(t / made * max(0, self.total - self.done))} left")
+        print(f"[{self.stage}] " + ", ".join(parts), flush=True)

@@ -16,9 +16,8 @@ from .data import DatasetInfo, iterate_batches, normalize
 from .errors import PrismError
 from .io import JsonlLog, torch_save
 from .models import FeatureExtractor
-from .runtime import Timer, progress
+from .runtime import Heartbeat, Timer, progress
 
-HEARTBEAT_S = 60.0  # seconds between progress lines of a verbose fit when no progress bar is shown
 FEATURE_BATCH = 256  # images per forward pass when extracting features (no gradients)
 SCORE_BATCH = 500  # images per forward pass when scoring examples
 PHI_CLIP = 1e4  # |phi| beyond this is clipped (a float32 softmax saturates long before)
@@ -221,7 +220,8 @@ def fit(model: nn.Module, optimizer, batches: Callable[[int], Iterable], loss_fn
     epoch ``checkpoint`` holds model, optimiser, epoch and the accuracy curve (written by the main process;
     the log line follows it, so a kill in between never logs an epoch twice). ``resume``: such a
     checkpoint, already checked against ``config_hash`` by the caller's resume guard. ``verbose``: print a
-    line per evaluation (teachers; students show it on their progress bar). ``ema_decay`` > 0: an EMA of the
+    line per evaluation (teachers; students show it on their progress bar). Without a terminal every fit prints a
+    ``Heartbeat`` line at least once a minute (epoch, step, loss, elapsed, time left). ``ema_decay`` > 0: an EMA of the
     parameters (``ParamEMA``) is updated after every step and every evaluation uses it (EDC); at the end the
     model holds the averaged parameters, the weights the final accuracy was measured with.
     Returns ``{"curve", "final", "seconds"}``; ``seconds`` counts time before a resume too.
@@ -235,12 +235,13 @@ def fit(model: nn.Module, optimizer, batches: Callable[[int], Iterable], loss_fn
     measure = (lambda: ema.swapped_in(evaluate_fn)) if ema is not None else evaluate_fn
     timer = Timer()
     total_steps = max(1, epochs * steps_per_epoch)
+    # without a terminal (a log file, nohup, CI) the bar is silent: a line a minute says where training is
+    beat = Heartbeat(desc, total_steps, done=start * steps_per_epoch, enabled=is_main)
     for epoch in range(start, epochs):
         model.train()
         bar = progress(total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{epochs}", leave=False,
                        disable=None if is_main else True)
         running, steps = 0.0, 0
-        beat = Timer()  # without a terminal (a log file, CI) the bar is silent: a verbose fit says a line a minute
         for step, batch in enumerate(batches(epoch)):
             if step >= steps_per_epoch:
                 break
@@ -261,19 +262,17 @@ def fit(model: nn.Module, optimizer, batches: Callable[[int], Iterable], loss_fn
             steps += 1
             bar.update(1)
             bar.set_postfix(loss=f"{running / steps:.3f}")
-            if verbose and is_main and bar.disable and beat.elapsed >= HEARTBEAT_S:
-                print(f"[{desc}] epoch {epoch + 1}/{epochs}: step {steps}/{steps_per_epoch}, train loss "
-                      f"{running / steps:.4f}", flush=True)
-                beat = Timer()
+            beat.step(loss=running / steps, epoch=f"{epoch + 1}/{epochs}")
+        beat.done = (epoch + 1) * steps_per_epoch  # an epoch shorter than steps_per_epoch (a small last pass)
         bar.close()
         record = {"epoch": epoch + 1, "train_loss": running / max(steps, 1), "lr": optimizer.param_groups[0]["lr"]}
         if (epoch + 1) % max(1, eval_every) == 0 or epoch + 1 == epochs:
             ev = measure()
             record.update(test_top1=ev["top1"], test_top5=ev["top5"])
             curve.append({"epoch": epoch + 1, "top1": round(ev["top1"], 3), "top5": round(ev["top5"], 3)})
-            if verbose and is_main:
-                print(f"[{desc}] epoch {epoch + 1}/{epochs}: train loss {record['train_loss']:.4f}, "
-                      f"test top-1 {ev['top1']:.2f}%")
+            if verbose and is_main:  # the steps too: an "epoch" here may be part of a pass (run's teacher steps)
+                print(f"[{desc}] epoch {epoch + 1}/{epochs} (step {(epoch + 1) * steps_per_epoch}/{total_steps}): "
+                      f"train loss {record['train_loss']:.4f}, test top-1 {ev['top1']:.2f}%")
         if is_main:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                      "curve": curve, "elapsed": before + timer.elapsed, "config_hash": config_hash}

@@ -20,7 +20,7 @@ from ..core.data import DatasetInfo, pixel_bounds
 from ..core.errors import PrismError
 from ..core.io import JsonlLog
 from ..core.models import has_batchnorm
-from ..core.runtime import make_generator
+from ..core.runtime import Heartbeat, make_generator
 from .base import Plugin
 from .params import PARAMS
 
@@ -147,8 +147,9 @@ class Engine:
         return out
 
     def run_batch(self, b: int, units: list[tuple[int, int]], bn_set: list[str], init: torch.Tensor,
-                  log: JsonlLog | None) -> tuple[torch.Tensor, dict]:
-        """Optimise one batch; returns (final normalised images, record)."""
+                  log: JsonlLog | None, beat: Heartbeat | None = None) -> tuple[torch.Tensor, dict]:
+        """Optimise one batch; returns (final normalised images, record). ``beat`` counts its iterations (one batch
+        of PRISM at README scale runs for half an hour)."""
         cfg = self.cfg
         gen = make_generator(cfg.seed, "recover", b)
         y = torch.tensor([c for c, _ in units], device=self.device)
@@ -217,6 +218,8 @@ class Engine:
                     log.write(batch=b, iteration=it, **rec)
                 if it == n_iter - 1:
                     last = {k: round(float(t.detach()), 6) for k, t in terms.items()}
+                if beat is not None:
+                    beat.step(loss=total.detach(), batch=b)  # read (a GPU sync) only when printed
         finally:  # a plug-in that changed teacher weights restores them even when the batch fails
             self.plugin.end_batch(b, plugin_record)
         record = {"batch": b, "units": [list(u) for u in units], "bn_set": bn_set, "primary": self.primary.arch,

@@ -41,7 +41,7 @@ from ..core.data import normalize, pixel_bounds
 from ..core.errors import PrismError
 from ..core.io import JsonlLog, load_tensors, save_tensors, tensors_metadata
 from ..core.models import create_model
-from ..core.runtime import derive_seed, make_generator, progress
+from ..core.runtime import Heartbeat, derive_seed, make_generator, progress
 from ..core.training import half_sse
 from .base import PLUGINS, Plugin
 
@@ -281,6 +281,7 @@ class FRePo(Plugin):
         if st["step"]:
             print(f"[recover] frepo: resuming at step {st['step']} of {cfg.iterations} from {path}")
         bar = progress(total=cfg.iterations, initial=st["step"], desc="recover frepo")
+        beat = Heartbeat("recover frepo", cfg.iterations, done=st["step"])  # a line a minute without a terminal
         last: dict = st.get("last", {})  # a finished state re-read (its labels file was deleted): its last losses
         while st["step"] < cfg.iterations:
             s = st["step"]
@@ -292,6 +293,7 @@ class FRePo(Plugin):
                 self._save(st, chash)
             bar.update(1)
             bar.set_postfix(loss=f"{last['loss']:.4f}", krr_acc=f"{last['krr_acc']:.2f}")
+            beat.step(loss=last["loss"])
         bar.close()
         labels = st["labels"].detach().cpu()
         save_tensors({"labels": labels, "class": y.cpu(), "ipc_index": torch.tensor([k for _, k in units])},

@@ -34,7 +34,7 @@ from ..core.errors import PrismError
 from ..core.io import JsonlLog, read_json, write_json
 from ..core.models import has_batchnorm
 from ..core.presets import METHODS, preset_file
-from ..core.runtime import Timer, default_channels_last, make_generator, progress
+from ..core.runtime import Heartbeat, Timer, default_channels_last, make_generator, progress
 from ..methods import PARAMS, PLUGINS
 # the inner loop and its schedules (re-exported: ``prismdd.stages.recover.Engine`` etc. keep working)
 from ..methods.engine import (Engine, Teacher, class_rounds, crop_low, delt_start_round,  # noqa: F401
@@ -463,6 +463,11 @@ def recover(cfg: RecoverConfig) -> Path:
     with ExitStack() as stack:
         engine = Engine(cfg, info, primary, teachers, device, stack, plugin, priors)
         bar = progress(total=len(todo), desc=f"recover {cfg.method}", disable=None if ctx.rank == 0 else True)
+        # a line a minute without a terminal: per iteration where the engine optimises (a batch can take half an
+        # hour), per batch otherwise (a whole-set method such as FRePo says its own steps)
+        per_iter = plugin_cls.engine_optimises
+        beat = Heartbeat(f"recover {cfg.method}", sum(max(image_budget(cfg, k, c) for c, k in batches[b]) for b in todo)
+                         if per_iter else len(todo), enabled=ctx.rank == 0)
         for b in todo:
             units = batches[b]
             start = start_indices(cfg, units, starts) if starts is not None else None
@@ -473,7 +478,7 @@ def recover(cfg: RecoverConfig) -> Path:
             t0 = Timer()
             made = plugin.synthesize(b, units, x0)
             if made is None:
-                x, record = engine.run_batch(b, units, sets[b], x0, log)
+                x, record = engine.run_batch(b, units, sets[b], x0, log, beat if per_iter else None)
             else:  # a method that does not optimise pixels (RDED, D4M)
                 x, extras = made
                 record = {"batch": b, "units": [list(u) for u in units], "bn_set": [], "primary": cfg.primary,
@@ -489,6 +494,8 @@ def recover(cfg: RecoverConfig) -> Path:
             write_json(record_path(out, b), record)  # last: marks the batch finished
             bar.update(1)
             bar.set_postfix(ce=record["final_losses"].get("ce"), bn=record["final_losses"].get("bn_mean"))
+            if not per_iter:
+                beat.step()
         bar.close()
     dist.barrier(ctx)
     if ctx.rank == 0:

@@ -21,7 +21,7 @@ from ..core.augment import BATCH_RULES, ViewConfig, default_view_batch, epoch_pl
 from ..core.config import FROM_DISTILLED, CommonConfig, config_hash, opt
 from ..core.presets import PROTOCOLS
 from ..core.io import load_tensors, save_tensors
-from ..core.runtime import Timer, progress, resolve_device
+from ..core.runtime import Heartbeat, Timer, progress, resolve_device
 from ..core.training import ENSEMBLES
 
 
@@ -88,12 +88,15 @@ def relabel(cfg: RelabelConfig) -> Path:
         clear_outputs(out, "epoch_*.safetensors")
     sealed = {} if cfg.force else sealed_in(out, "relabel")  # label files the finished folder sealed
     total_bytes = file_bytes = 0
+    beat = Heartbeat("relabel", cfg.epochs, unit="epoch")  # a line a minute without a terminal (where the bar is silent)
     for epoch in progress(range(cfg.epochs), desc="relabel"):
         path = epoch_file(out, epoch)
         if reusable(path, chash, force=cfg.force, what="a label file", inputs=inputs) is not None:
             check_sealed_file(out, path.name, sealed.get(path.name), stage="relabel")  # reused: must be as written
             total_bytes += label_bytes(load_tensors(path))
             file_bytes += path.stat().st_size
+            beat.first += 1  # found, not made: the time left is estimated from the epochs labelled here
+            beat.step()
             continue
         plan = epoch_plan(len(ds), epoch, cfg.seed, vc, info.resolution)
         chunks = []
@@ -106,6 +109,7 @@ def relabel(cfg: RelabelConfig) -> Path:
         save_tensors(tensors, path, metadata={"config_hash": chash, "inputs": json.dumps(inputs)})
         total_bytes += label_bytes(tensors)
         file_bytes += path.stat().st_size
+        beat.step()
     n_ie = len(ds) * cfg.epochs
     write_manifest(out, "relabel", cfg, inputs={"distilled": str(cfg.distilled), "dataset": info.to_dict(),
                                                 "label_teachers": labeler.names,

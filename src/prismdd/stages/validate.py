@@ -21,9 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..artifacts import (ACCURACY_FILE, StoredLabels, centred_onehot, check_finite_labels, consumed_digests,
-                         file_digest, guard_inputs, has_learned_labels, LEARNED_LABELS, load_distilled, load_if_header,
-                         load_labelers, locked_stage, read_learned_labels, read_manifest, reusable, save_model,
-                         settings_header, with_distilled_dataset, write_manifest)
+                         epoch_file, file_digest, guard_inputs, has_learned_labels, LEARNED_LABELS, load_distilled,
+                         load_if_header, load_labelers, locked_stage, read_learned_labels, read_manifest, reusable,
+                         save_model, settings_header, with_distilled_dataset, write_manifest)
 from ..core import distributed as dist
 from ..core.augment import (BATCH_RULES, ViewConfig, apply_mix, default_view_batch, epoch_plan, make_inputs,
                              mix_partners, rand_augment_transform)
@@ -399,6 +399,17 @@ def validate(cfg: ValidateConfig) -> dict:
             raise PrismError(f"--rand-augment {cfg.rand_augment!r}: the labels in {cfg.labels} were made with "
                              f"{v.get('rand_augment', '')!r}; relabel with the same --rand-augment (or relabel "
                              f"--protocol {cfg.protocol})")
+        # checked here, before a student trains: the first missing epoch would otherwise stop it there, hours in
+        missing = [e + 1 for e in range(min(cfg.epochs, stored.epochs)) if not epoch_file(cfg.labels, e).exists()]
+        if cfg.epochs > stored.epochs or missing:
+            held = f"hold {stored.epochs} epochs" + (f" and lack the files of epochs {missing[:5]}" if missing else "")
+            # their own config.yaml: the same settings, so the folder is extended rather than refused as other labels
+            raise PrismError(f"--epochs {cfg.epochs}: the labels in {cfg.labels} {held}; extend them with prismdd "
+                             f"relabel --config {Path(cfg.labels) / 'config.yaml'} --epochs {cfg.epochs}, or train "
+                             f"fewer epochs; nothing was trained")
+        if not cfg.augment:
+            raise PrismError(f"--no-augment: the labels in {cfg.labels} belong to their stored augmented views; "
+                             f"label online with --teachers DIR instead")
     elif cfg.teachers and cfg.loss not in ("ce", "mse"):
         online = load_labelers(cfg.teachers, cfg.label_teachers, source.get("primary"), info, cfg.ensemble,
                                cfg.primary_weight, ctx.device, pool=source.get("bn_pool"))
@@ -414,9 +425,7 @@ def validate(cfg: ValidateConfig) -> dict:
         digests["learned labels"] = file_digest(Path(cfg.labels) / LEARNED_LABELS)
     if stored is not None:  # labels made for another set (or before recover re-ran): refused
         stored.check_source(digests.get("distilled images"), cfg.distilled)
-    if stored is not None and not cfg.augment:  # refused before inputs.json is written: a failed call writes nothing
-        raise PrismError(f"--no-augment: the labels in {cfg.labels} belong to their stored augmented views; label "
-                         f"online with --teachers DIR instead")
+    check_students(cfg, info)  # a student that cannot take these images fails now, before anything is written
     if ctx.rank == 0:  # finished students made from other images, labels or teachers are not reused
         guard_inputs(cfg.out, digests, force=cfg.force)
     fixed = None
@@ -513,6 +522,22 @@ def _fixed_labels(cfg: ValidateConfig, data, info: DatasetInfo, labeler, digests
               f"-> {path}")
     record = dict(settings, file=FIXED_LABELS, sha256=file_digest(path) if path.exists() else None)
     return stored["probs"], record
+
+
+def check_students(cfg: ValidateConfig, info: DatasetInfo) -> None:
+    """Every student architecture is built and run on two blank images of the data's size, so an unknown name or a
+    network too deep for the resolution is refused before the first epoch (and before the output folder is made)."""
+    x = torch.zeros(2, info.channels, info.resolution, info.resolution)
+    for arch in comma_list(cfg.student):
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():  # the students' own seeds stay untouched
+                create_model(arch, info.num_classes, info.channels, info.resolution, cfg.student_width).eval()(x)
+        except PrismError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure of the forward pass is the network's, said in one line
+            raise PrismError(f"--student {arch}: cannot run on {info.resolution} px {info.channels}-channel images "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); pick another or pass "
+                             f"--resolution") from None
 
 
 def _micro_batches(cfg: ValidateConfig, net, x, soft, y, y2, lam):
