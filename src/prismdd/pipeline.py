@@ -410,7 +410,9 @@ def _add_scores(rows: list[dict], extra: dict) -> None:
     random real is the reference both scores subtract, so it gets its no-augmentation accuracy and no score."""
     by = {r["method"]: r for r in rows}
     rnd = by.get("random-real", {})
-    full = {"top1": by.get("full", {}).get("hard_full_top1")}  # LRS's reference: full data under hard labels
+    f = by.get("full", {})
+    # LRS's reference is full data under HARD labels: the run's hard reference, or a full row that is one
+    full = {"top1": f.get("hard_full_top1", f.get("top1") if f.get("regime") in (None, "hard") else None)}
     if "random-real" in extra:
         rnd["noaug_top1"] = extra["random-real"]["syn_noaug"]
     for r in rows:
