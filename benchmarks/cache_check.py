@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-import prismdd.core.data as D
+import prismdd.core.data.cache as D
 
 
 def measure(n: int) -> str:

@@ -269,6 +269,8 @@ def package() -> tuple[frozenset[str], dict[str, list[Path]], dict[str, list[Pat
     for p in PKG.rglob("*.py"):
         names |= definitions(p)
         modules.setdefault(p.stem, []).append(p)
+        if p.name == "__init__.py":  # a package (`artifacts`, `core.data`): its modules define its names
+            modules.setdefault(p.parent.name, []).extend(sorted(p.parent.glob("*.py")))
         for node in ast.walk(_tree(p) or ast.Module(body=[], type_ignores=[])):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(r"[A-Za-z_]\w*",
                                                                                                  node.value):

@@ -2,10 +2,10 @@
 
 Layout (each layer imports only the ones above it):
 
-- ``core``: errors, file I/O, registries, configs and presets, data, models, BN statistics, views,
-  the training loop;
-- ``artifacts``: every on-disk format (manifests, the resume guard, model cards, distilled sets,
-  soft-label files);
+- ``core``: errors, file I/O, registries, configs and presets, data (a package: the dataset registry and loaders,
+  image decoding, the ImageFolder scan, the decode cache, sampling), models, BN statistics, views, the training loop;
+- ``artifacts``: every on-disk format, one module per concern (manifests and provenance, the folder lock, model
+  cards and teachers, distilled sets, soft labels); a method's own files live in its module under ``methods``;
 - ``stages``: squeeze, recover, relabel, validate, metrics: each a function from a dataclass config to an
   output folder, importing ``core`` and ``artifacts`` only;
 - ``pipeline`` (``prismdd run``, the main job), ``audit`` (the privacy audit), ``report``, ``cli``.

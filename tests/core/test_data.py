@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from prismdd.core import data as D
+from prismdd.core.data import registry
 from prismdd.core.config import CommonConfig, build_config
 from prismdd.core.data import FASHION_CLASSES, IDX_FILES, check_data, list_datasets, load_dataset, load_splits, read_idx, write_idx
 from prismdd.core.errors import PrismError
@@ -126,7 +127,7 @@ def test_idx_dataset_length_mismatch(tmp_path):
 
 
 def test_missing_idx_dataset_lists_places_and_hint(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "DEBIAN_ROOT", tmp_path / "debian")  # this machine may have the real package
+    monkeypatch.setattr(registry, "DEBIAN_ROOT", tmp_path / "debian")  # this machine may have the real package
     root = tmp_path / "empty"
     root.mkdir()
     with pytest.raises(PrismError) as ei:
@@ -140,7 +141,7 @@ def test_missing_idx_dataset_lists_places_and_hint(tmp_path, monkeypatch):
 
 
 def test_incomplete_idx_folder_is_not_used(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "DEBIAN_ROOT", tmp_path / "debian")
+    monkeypatch.setattr(registry, "DEBIAN_ROOT", tmp_path / "debian")
     folder = _fake_idx_folder(tmp_path / "fashion-mnist")
     (folder / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(PrismError, match="not found"):

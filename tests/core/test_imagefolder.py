@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 
 import prismdd.core.data as D
+import prismdd.core.data.cache as data_cache
+import prismdd.core.data.decode as decode
 from prismdd.core.data import check_data, load_dataset
 from prismdd.core.errors import PrismError
 
@@ -87,8 +89,8 @@ def test_large_photos_default_to_224(tmp_path, capsys):
 def test_cache_decodes_once_and_notices_a_changed_file(tmp_path, monkeypatch):
     root = tree(tmp_path / "data", {f"train/{c}/{i}.png": grey(12, seed=i) for c in "ab" for i in range(2)})
     calls = []
-    real = D.load_image
-    monkeypatch.setattr(D, "load_image", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    real = decode.load_image
+    monkeypatch.setattr(decode, "load_image", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     train, _, _ = load_dataset("imagefolder", str(root))
     assert isinstance(train, D.CachedFolderImages) and len(calls) == 6  # 4 train + 2 val, decoded once
     assert (tmp_path / "cache" / "imagefolder" / train.cache.name / "images.u8").exists()
@@ -190,7 +192,7 @@ def test_exif_orientation_is_applied_by_the_cache_per_batch_decoding_and_check_d
     """A phone photo is stored sideways with EXIF Orientation 6; every decoding path shows it upright."""
     root = tmp_path / "data"
     exif = Image.Exif()
-    exif[D.EXIF_ORIENTATION] = 6  # "turn 90 degrees clockwise to view"
+    exif[decode.EXIF_ORIENTATION] = 6  # "turn 90 degrees clockwise to view"
     for split in ("train", "val"):
         for c in "ab":
             (root / split / c).mkdir(parents=True)
@@ -263,7 +265,7 @@ DAMAGE = {"truncated images.u8": "bytes, ", "cut-off meta.json": "meta.json cann
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_damaged_cache_is_rebuilt_with_one_notice(tmp_path, monkeypatch, capsys, damage):
-    monkeypatch.setattr(D, "CHECK_CHUNK", 256)  # 4 chunks of 12 x 12 x 7 images: chunk hashing runs in threads
+    monkeypatch.setattr(data_cache, "CHECK_CHUNK", 256)  # 4 chunks of 12 x 12 x 7 images: chunk hashing runs in threads
     root = tree(tmp_path / "data", {f"train/{c}/{i}.png": grey(12, seed=i) for c in "ab" for i in range(4)})
     train, _, _ = load_dataset("imagefolder", str(root))
     ref, folder = train.images.clone(), train.cache
@@ -297,11 +299,11 @@ def test_cache_checksums_are_verified_once_per_process(tmp_path, monkeypatch):
     root = tree(tmp_path / "data", {f"train/{c}/{i}.png": grey(12, seed=i) for c in "ab" for i in range(2)})
     load_dataset("imagefolder", str(root))  # builds both splits (sealing them counts as their check)
     calls = []
-    real = D._chunk_digests
-    monkeypatch.setattr(D, "_chunk_digests", lambda *a: calls.append(a[0]) or real(*a))
+    real = data_cache._chunk_digests
+    monkeypatch.setattr(data_cache, "_chunk_digests", lambda *a: calls.append(a[0]) or real(*a))
     load_dataset("imagefolder", str(root))
     assert calls == []  # sealed by this process: not hashed again
-    D._VERIFIED.clear()  # as a new process finds them
+    data_cache._VERIFIED.clear()  # as a new process finds them
     load_dataset("imagefolder", str(root))
     load_dataset("imagefolder", str(root))
     assert len(calls) == 2  # train and test, once each
@@ -313,8 +315,8 @@ def _build(root: str, result: str) -> None:
     import contextlib
     import io
 
-    real = D.load_image
-    D.load_image = lambda *a, **k: time.sleep(0.05) or real(*a, **k)
+    real = decode.load_image
+    decode.load_image = lambda *a, **k: time.sleep(0.05) or real(*a, **k)
     said = io.StringIO()
     with contextlib.redirect_stdout(said):
         train, test, _ = load_dataset("imagefolder", root)
@@ -339,6 +341,6 @@ def test_two_processes_building_one_cache_end_with_one_good_copy(tmp_path):
     cache = tmp_path / "cache" / "imagefolder"
     folders = sorted(p.name for p in cache.iterdir() if p.is_dir())
     assert len(folders) == 2 and all("." not in f for f in folders)  # train and test, no .tmp or .old copies
-    D._VERIFIED.clear()
+    data_cache._VERIFIED.clear()
     train, _, _ = load_dataset("imagefolder", str(root))  # and the copy they left passes its checksums
     assert int(train.images.sum()) == res[0]["sums"][0] and train.cache.name == res[0]["cache"]

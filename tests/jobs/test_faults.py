@@ -164,9 +164,13 @@ def test_relabel_kill9_then_resume_is_identical(prism_run, zoo, tmp_path, cli):
 
 def test_lock_is_exclusive_reentrant_and_stale_after_death(tmp_path, capsys):
     folder = tmp_path / "out"
-    sleeper = subprocess.Popen(["sleep", "60"])
+    folder.mkdir()
+    # the owner holds an flock on the lock file (as output_lock does) and records itself in it
+    hold = "import fcntl, sys, time; f = open(sys.argv[1]); fcntl.flock(f, fcntl.LOCK_EX); print(flush=True); time.sleep(60)"
+    (folder / LOCK_FILE).write_text("")
+    sleeper = subprocess.Popen([sys.executable, "-c", hold, str(folder / LOCK_FILE)], stdout=subprocess.PIPE, text=True)
     try:  # a lock whose owner runs: refused, naming it
-        folder.mkdir()
+        sleeper.stdout.readline()  # it holds the flock now
         (folder / LOCK_FILE).write_text(json.dumps({"pid": sleeper.pid, "host": os.uname().nodename,
                                                     "stage": "relabel", "started": "then"}))
         with pytest.raises(PrismError, match=f"in use by prismdd relabel \\(pid {sleeper.pid}"):
@@ -185,6 +189,19 @@ def test_lock_is_exclusive_reentrant_and_stale_after_death(tmp_path, capsys):
     with pytest.raises(RuntimeError):  # released on any exit
         with output_lock(folder, "validate"):
             raise RuntimeError("boom")
+    assert not (folder / LOCK_FILE).exists()
+
+
+def test_a_lock_file_whose_flock_is_free_is_taken_over(tmp_path, capsys):
+    """The kernel says whether the owner runs: a record naming a live PID (a reused PID) whose flock nobody holds
+    is a dead writer's lock, taken over with the note."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / LOCK_FILE).write_text(json.dumps({"pid": os.getppid(), "host": os.uname().nodename,
+                                                "stage": "recover", "started": "then"}))
+    with output_lock(folder, "validate"):
+        assert read_json(folder / LOCK_FILE)["pid"] == os.getpid()
+    assert "taking over the lock of a process that no longer runs" in capsys.readouterr().err
     assert not (folder / LOCK_FILE).exists()
 
 

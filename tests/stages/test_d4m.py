@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from sklearn.cluster import MiniBatchKMeans
 
-from prismdd.artifacts import D4M_PROTOTYPES_FILE, image_path, load_distilled, record_path, save_image
+from prismdd.artifacts import image_path, load_distilled, record_path, save_image
 from prismdd.core.data import load_splits
 from prismdd.core.errors import PrismError
 from prismdd.core.io import tensors_metadata
 from prismdd.core.runtime import make_generator
 from prismdd.methods import d4m as d4m_module
-from prismdd.methods.d4m import D4M, chunked, encode_images, kmeans_prototypes, load_pipeline
+from prismdd.methods.d4m import D4M, D4M_PROTOTYPES_FILE, chunked, encode_images, kmeans_prototypes, load_pipeline
 from prismdd.stages.recover import recover, recover_config
 from conftest import TINY_RECOVER
 from tiny_models import tiny_sd_parts

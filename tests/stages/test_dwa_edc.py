@@ -13,13 +13,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import TINY_RECOVER
-from prismdd.artifacts import WEIGHTS, edc_stats_file, file_digest, layer_stats_path, save_image
+from prismdd.artifacts import WEIGHTS, file_digest, save_image
 from prismdd.core.bn import bn_loss_reference
 from prismdd.core.data import load_splits
 from prismdd.core.io import load_tensors, read_json, save_tensors, tensors_metadata
 from prismdd.methods.dwa import DWA, adjust_weights
-from prismdd.methods.edc import EDC, batch_stats, category_target, layer_term
-from prismdd.methods.stats import RealStats, real_data_pass, smoothed
+from prismdd.methods.edc import EDC, batch_stats, category_target, edc_stats_file, layer_term
+from prismdd.methods.stats import RealStats, layer_stats_path, real_data_pass, smoothed
 from prismdd.stages.recover import load_teachers, recover, recover_config
 
 

@@ -11,13 +11,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prismdd.artifacts import WEIGHTS, file_digest, image_path, layer_stats_path, record_path
+from prismdd.artifacts import WEIGHTS, file_digest, image_path, record_path
 from prismdd.core.augment import apply_views, sample_views, scale_jitter
 from prismdd.core.data import load_splits, normalize
 from prismdd.core.io import load_tensors, save_tensors, tensors_metadata
 from prismdd.core.runtime import make_generator
 from prismdd.methods.gvbsm import GVBSM, STATS_BATCH, STATS_SEED, StatHook, densification_loss, hooked_layers
-from prismdd.methods.stats import patch_var_mean
+from prismdd.methods.stats import layer_stats_path, patch_var_mean
 from prismdd.stages.recover import load_teachers, recover, recover_config
 
 

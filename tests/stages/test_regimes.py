@@ -25,7 +25,7 @@ def test_hard_loads_no_teacher(zoo, tmp_path, monkeypatch):
         raise AssertionError("a teacher was loaded for the hard-label regime")
 
     monkeypatch.setattr(V, "load_labelers", refuse)
-    monkeypatch.setattr("prismdd.artifacts.load_model", refuse)
+    monkeypatch.setattr("prismdd.artifacts.cards.load_model", refuse)
     acc = V.validate(V.validate_config("hard", teachers=str(zoo), out=str(tmp_path / "h"), **TINY))
     p = acc["protocol"]
     assert (p["regime"], p["loss"], p["soft_labels"], p["optimizer"], p["schedule"]) == (

@@ -40,15 +40,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..artifacts import D4M_PROTOTYPES_FILE, load_prototypes, save_prototypes
+from ..artifacts import load_if_header, settings_header
 from ..core.data import class_indices, normalize
 from ..core.errors import PrismError
+from ..core.io import save_tensors
 from ..core.runtime import make_generator, progress
 from .base import PLUGINS, Plugin
 
 ENCODE_BATCH = 10    # images per VAE forward (the reference's loader batch); results do not depend on it
 GENERATE_BATCH = 10  # units per img2img call (memory only: every unit has its own noise generator)
 LUMA = (0.299, 0.587, 0.114)  # PIL's RGB -> "L"
+D4M_PROTOTYPES_FILE = "d4m_prototypes.safetensors"  # in a recover output folder: the per-class k-means centres
+D4M_PROTOTYPES_FORMAT = "prismdd-d4m-prototypes/1"
 
 
 def missing_weights(flag: str, model: str, reason: str, method: str, weights: str, example: str) -> PrismError:
@@ -260,3 +263,20 @@ class D4M(Plugin):
                           output_type="pt").images
             made.append(to_dataset(images.float().cpu(), self.info))
         return torch.cat(made), {"d4m_prompts": [self.prompt(c) for c, _ in units]}
+
+
+# ----------------------------------------------------------------------------- the stored prototypes
+
+
+def load_prototypes(out, settings: dict, model_digest: str) -> dict[str, torch.Tensor] | None:
+    """A recover folder's stored D4M prototypes when they were made from the same diffusion model (``model_digest``)
+    and ``settings``; None otherwise (recompute and overwrite)."""
+    return load_if_header(Path(out) / D4M_PROTOTYPES_FILE,
+                          settings_header(D4M_PROTOTYPES_FORMAT, settings, model_digest=model_digest))
+
+
+def save_prototypes(out, tensors: dict[str, torch.Tensor], settings: dict, model_digest: str) -> Path:
+    """Write D4M's prototypes atomically into the recover folder (header: format, model digest, settings)."""
+    path = Path(out) / D4M_PROTOTYPES_FILE
+    save_tensors(tensors, path, metadata=settings_header(D4M_PROTOTYPES_FORMAT, settings, model_digest=model_digest))
+    return path

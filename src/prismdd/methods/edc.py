@@ -39,13 +39,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..artifacts import edc_stats_file, layer_stats_path
 from ..core.config import comma_list
 from ..core.errors import PrismError
 from ..core.runtime import Timer, make_generator
 from .base import PLUGINS, Plugin
-from .stats import (PATCH, STATS_BATCH, batch_stats, hooked_layers, real_data_pass, smooth_stats, stat_distance,
-                    stored_layer_stats)
+from .stats import (PATCH, STATS_BATCH, batch_stats, hooked_layers, layer_stats_path, real_data_pass, smooth_stats,
+                    stat_distance, stored_layer_stats)
 
 
 def category_target(class_stats: dict[str, torch.Tensor], y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -220,3 +219,9 @@ class EDC(Plugin):
         self.handles, self.inputs, self.ema = [], {}, {}
         if self.counts:
             record["edc_rotation_counts"] = dict(sorted(self.counts.items()))
+
+
+# ----------------------------------------------------------------------------- the stored file
+def edc_stats_file(seed: int) -> str:
+    """EDC's statistics file beside a teacher: one per recover seed (its real-data pass is drawn from the seed)."""
+    return f"edc_stats_seed{int(seed)}.safetensors"

@@ -22,7 +22,7 @@ uninterrupted one take the same draws):
 The whole set is optimised jointly (``whole_set``: recover plans ONE batch of every (class, IPC index) unit). The
 whole state (images, labels, their LAMB moments, every pool network with its buffers and Adam moments, ages) is
 written atomically every ``frepo_checkpoint_every`` steps to ``frepo_state.safetensors``; a killed run continues
-from it bit-identically. The learned labels go to ``learned_labels.safetensors`` (``artifacts.LEARNED_LABELS``):
+from it bit-identically. The learned labels go to ``learned_labels.safetensors`` (``artifacts.distilled.LEARNED_LABELS``):
 ``validate --labels <this folder> --loss mse`` trains with them.
 """
 from __future__ import annotations

@@ -31,12 +31,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..artifacts import layer_stats_path
 from ..core.errors import PrismError
 from ..core.runtime import Timer, make_generator
 from .base import PLUGINS, Plugin
-from .stats import (CONV_KEYS, PATCH, STATS_BATCH, batch_stats, hooked_layers, real_data_pass, smooth_stats,
-                    stat_distance, stored_layer_stats)
+from .stats import (CONV_KEYS, PATCH, STATS_BATCH, batch_stats, hooked_layers, layer_stats_path, real_data_pass,
+                    smooth_stats, stat_distance, stored_layer_stats)
 
 STATS_SEED = 0  # the stats pass's crops and order: fixed, so one file per teacher serves every recover seed
 

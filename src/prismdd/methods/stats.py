@@ -21,28 +21,32 @@ the same helpers. Citations: G-VBSM = github.com/shaoshitong/G_VBSM_Dataset_Cond
 - ``real_data_pass`` / ``RealStats``: the real-data pass, shuffled batches of 256 RandomResizedCrop(0.08-1) + flip
   views (GS:68-95, ER:126-138), per-batch statistics summed weighted by bs / N (GU:186-201, EU:373-389); with
   ``num_classes`` also per-class sums of per-image statistics (EU:391-403).
-- ``stored_layer_stats``: the real-data statistics stored beside a teacher (``artifacts.save_layer_stats``), reused
+- ``stored_layer_stats``: the real-data statistics stored beside a teacher (``save_layer_stats`` below), reused
   while the teacher's weights digest and the settings in the header match, else computed and stored (both plug-ins).
 """
 from __future__ import annotations
 
 import errno
 import functools
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..artifacts import LAYER_STATS_FILE, layer_stats_path, load_layer_stats, save_layer_stats
+from ..artifacts import WEIGHTS, file_digest, load_if_header, settings_header
 from ..core.augment import apply_views, sample_views
 from ..core.data import normalize
+from ..core.io import remove_orphans, save_tensors
 
 PATCH = 16  # GU:195, EU:382 (h=16, w=16)
 STATS_BATCH = 256  # GS:79, ER:136 (the real-data loader's batch size)
 VIEW_SCALE = (0.08, 1.0)  # RandomResizedCrop scale of the real-data views (GS:68-95, ER:126-138)
 BN_KEYS = ("var", "mean")  # GU:122-123
 CONV_KEYS = ("var", "mean", "patch_mean", "patch_var")  # GU:229-232 (EDC: the same order)
+LAYER_STATS_FILE = "gvbsm_stats.safetensors"  # beside a teacher's model.safetensors (G-VBSM's conv statistics)
+LAYER_STATS_FORMAT = "prismdd-layer-stats/1"
 
 
 def round_up16(v: int) -> int:
@@ -241,3 +245,33 @@ def stored_layer_stats(folder, settings: dict, compute: Callable[[], dict[str, t
             print(f"[recover] {what}: {folder} is read-only; its real-data statistics are not stored and will be "
                   f"recomputed by the next run ({layer_stats_path(folder, name).name})")
     return stats, True
+
+
+# ----------------------------------------------------------------------------- the stored file (beside a teacher)
+
+
+def layer_stats_path(teacher_folder, name: str = LAYER_STATS_FILE) -> Path:
+    """A teacher's stored real-data statistics: ``name`` is G-VBSM's file by default (EDC: ``edc_stats_file``)."""
+    return Path(teacher_folder) / name
+
+
+def layer_stats_header(teacher_folder, settings: dict) -> dict[str, str]:
+    """The header a statistics file must carry to be reused: its format, the sha256 of the teacher's weights
+    it was computed with (``file_digest``) and the ``settings`` (dataset, images, seed, ...), all as text."""
+    return settings_header(LAYER_STATS_FORMAT, settings, teacher_digest=file_digest(Path(teacher_folder) / WEIGHTS))
+
+
+def load_layer_stats(teacher_folder, settings: dict, name: str = LAYER_STATS_FILE) -> dict[str, torch.Tensor] | None:
+    """The stored statistics of a teacher when the file's header matches the teacher's CURRENT weights and
+    ``settings``; None when there is no file or it was made from other weights (teacher retrained in place)
+    or other settings: the caller recomputes and overwrites it. A damaged file is refused (one line)."""
+    return load_if_header(layer_stats_path(teacher_folder, name), layer_stats_header(teacher_folder, settings))
+
+
+def save_layer_stats(teacher_folder, stats: dict[str, torch.Tensor], settings: dict,
+                     name: str = LAYER_STATS_FILE) -> Path:
+    """Write a teacher's statistics atomically (safetensors, header from ``layer_stats_header``)."""
+    path = layer_stats_path(teacher_folder, name)
+    remove_orphans(path.parent, depth=0)  # a run killed while writing here left its temporary copy (no lock here)
+    save_tensors(stats, path, metadata=layer_stats_header(teacher_folder, settings))
+    return path
