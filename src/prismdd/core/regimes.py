@@ -7,8 +7,9 @@
   every method's own protocol).
 
 Under kd the images matter least (random real subsets match the distillation methods); under hard labels they
-matter most. This module holds what every caller of the regimes shares: their names and protocols, the one
-computation of fixed soft labels, and the per-regime comparison against random real paired by seed.
+matter most. This module holds what every caller of the regimes shares: their names and protocols and the per-regime
+comparison against random real paired by seed; it imports no torch (the report and --help read it). The one
+computation of fixed soft labels is ``core.training.fixed_soft_logits``.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ REGIMES = {"hard": "hard", "soft": "soft", "kd": None}
 REGIME_WORDS = {"hard": "hard labels (CE on the class label, no teacher)",
                 "soft": "fixed soft labels (one teacher label per un-augmented image)",
                 "kd": "knowledge distillation (the teachers label every augmented view)"}
-FIXED_LABEL_BATCH = 256  # images per teacher forward when the fixed labels are computed (no gradients)
 
 
 def check_regimes(names: list[str], option: str = "--regimes") -> list[str]:
@@ -38,26 +38,6 @@ def regime_of(loss: str, fixed_labels: bool, labelled: bool) -> str:
     if fixed_labels:
         return "soft"
     return "kd" if labelled else "learned"  # learned: FRePo's label vectors (or centred one-hot), its own kind
-
-
-def fixed_soft_logits(labeler, data, info, device, batch: int = FIXED_LABEL_BATCH):
-    """Teacher (ensemble) logits (N, K) of every image of ``data`` as it is, un-augmented: whole, unflipped, unmixed,
-    normalised as the student sees it at test time. Each image goes through the teachers exactly once."""
-    import torch  # torch-free at import: the report and the CLI's --help read this module
-
-    from .data import normalize
-
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(data), batch):
-            idx = torch.arange(start, min(start + batch, len(data)))
-            out.append(labeler(normalize(data.get_images(idx).to(device), info)).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, info.num_classes)
-
-
-def fixed_soft_labels(logits, temperature: float):
-    """softmax(logits / T): the per-image label the student is trained towards at the same T (KL x T^2)."""
-    return (logits / temperature).softmax(dim=1)
 
 
 # ----------------------------------------------------------------------------- comparing sets per regime

@@ -378,6 +378,24 @@ def combine_logits(logits: list[torch.Tensor], how: str, primary_weight: float =
     raise PrismError(f"ensemble {how!r}: expected one of {', '.join(ENSEMBLES)}")
 
 
+FIXED_LABEL_BATCH = 256  # images per teacher forward when the fixed labels are computed (no gradients)
+
+
+@torch.no_grad()
+def fixed_soft_logits(labeler, data, info: DatasetInfo, device, batch: int = FIXED_LABEL_BATCH) -> torch.Tensor:
+    """Teacher (ensemble) logits (N, K) of every image of ``data`` as it is, un-augmented: whole, unflipped, unmixed,
+    normalised as the student sees it at test time (the soft regime's fixed labels). Each image goes through the
+    teachers exactly once."""
+    out = [labeler(normalize(data.get_images(torch.arange(i, min(i + batch, len(data)))).to(device), info)).float().cpu()
+           for i in range(0, len(data), batch)]
+    return torch.cat(out) if out else torch.zeros(0, info.num_classes)
+
+
+def fixed_soft_labels(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(logits / T): the per-image label the student is trained towards at the same T (KL x T^2)."""
+    return torch.softmax(logits / temperature, dim=1)
+
+
 class SoftLabeler:
     """Teacher (ensemble) logits on given inputs; the same object serves relabel and online validation."""
 

@@ -35,11 +35,11 @@ from ..core.errors import PrismError
 from ..core.io import JsonlLog, save_tensors, write_json
 from ..core.models import create_model
 from ..core.presets import PROTOCOLS
-from ..core.regimes import fixed_soft_labels, fixed_soft_logits, regime_of
+from ..core.regimes import regime_of
 from ..core.runtime import Timer
 from ..core.scores import missing_line, score_row
-from ..core.training import (DECAY_EXEMPT, ENSEMBLES, OPTIMIZERS, SCHEDULES, decay_groups, evaluate, fit, half_sse,
-                             make_optimizer)
+from ..core.training import (DECAY_EXEMPT, ENSEMBLES, OPTIMIZERS, SCHEDULES, decay_groups, evaluate, fit,
+                             fixed_soft_labels, fixed_soft_logits, half_sse, make_optimizer)
 
 
 @dataclass
