@@ -330,9 +330,9 @@ def part_accuracy(args) -> dict:
                      "-" if r is base else f"{dm:+.2f} ± {ds:.2f}",
                      " / ".join(f"{x:.2f}" for x in r["per_seed"]),
                      "-" if r["relabel_s"] is None else f"{r['relabel_s']:.0f}", f"{r['validate_s']:.0f}"])
-    from prismdd.artifacts import find_teachers, load_teacher
+    from prismdd.artifacts import find_teachers, load_model
 
-    cards = {a: load_teacher(f)[1] for a, f in find_teachers(str(teachers)).items()}
+    cards = {a: load_model(f)[1] for a, f in find_teachers(str(teachers)).items()}
     print(f"\n## Part 2: accuracy, {args.dataset} IPC 10 (100 images), ConvNet student width 0.5\n")
     print(f"Teachers/distilled set: {how}. Teacher test top-1: "
           + ", ".join(f"{a} {c['test_top1']:.2f}%" for a, c in cards.items())

@@ -27,7 +27,8 @@ from prismdd.core.augment import apply_views, jitter, sample_views
 from prismdd.core.data import DatasetInfo
 from prismdd.core.bn import bn_loss_reference
 from prismdd.core.models import create_model
-from prismdd.stages.recover import Engine, Teacher, recover_config
+from prismdd.methods.engine import Engine, Teacher
+from prismdd.stages.recover import recover_config
 
 
 def make_teachers(archs, width, res, channels, classes, seed=0):

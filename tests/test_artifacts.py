@@ -70,14 +70,6 @@ def test_distilled_set_exposes_recorded_starts(prism_run):
     assert len(starts) == len(ds) and all(isinstance(s, list) and len(s) == 1 for s in starts)
 
 
-def test_old_stage_module_names_still_import():
-    from prismdd.recover import recover, recover_config  # noqa: F401
-    from prismdd.validate import validate  # noqa: F401
-    import prismdd
-
-    assert prismdd.recover.recover is recover and prismdd.validate.validate is validate
-
-
 def test_a_different_dataset_than_the_distilled_folders_is_refused(prism_run, zoo, tmp_path):
     with pytest.raises(PrismError, match=r"--dataset fashion-mnist: .* was distilled from 'digits'"):
         relabel(build_config(RelabelConfig, dict(dataset="fashion-mnist", distilled=str(prism_run),

@@ -13,26 +13,28 @@ Layout (each layer imports only the ones above it):
 ::
 
     import prismdd
-    prismdd.squeeze.squeeze(prismdd.SqueezeConfig(dataset="digits", arch="convnet", out="runs/t"))
-    prismdd.recover.recover(prismdd.recover_config("prism", dataset="digits", teachers="runs/t", out="runs/p"))
+    from prismdd.stages import recover, squeeze
+    squeeze.squeeze(prismdd.SqueezeConfig(dataset="digits", arch="convnet", out="runs/t"))
+    recover.recover(prismdd.recover_config("prism", dataset="digits", teachers="runs/t", out="runs/p"))
     ds = prismdd.load_distilled("runs/p")
     results = prismdd.run(prismdd.run_config(dataset="digits", quick=True, out="runs/demo"))
 """
 from __future__ import annotations
 
 import importlib
-import importlib.abc
-import importlib.util
-import sys
+import logging
 
 __version__ = "0.1.0"
+
+# messages go to the `prismdd` logger tree (prismdd.core.log); a library caller routes or silences them, and gets
+# nothing printed until it configures logging (the `prismdd` command installs its terminal handler)
+logging.getLogger("prismdd").addHandler(logging.NullHandler())
 
 # The public names, imported on first use (PEP 562): `prismdd --help` and the listings must not wait for torch,
 # which almost every module below imports (cli.py, BENCHMARKS.md section 11).
 _PUBLIC = {
     "audit": "prismdd.audit",
     "find_teachers": "prismdd.artifacts", "load_distilled": "prismdd.artifacts", "load_model": "prismdd.artifacts",
-    "load_teacher": "prismdd.artifacts",
     "build_config": "prismdd.core.config",
     "DATASETS": "prismdd.core.data", "list_datasets": "prismdd.core.data", "load_dataset": "prismdd.core.data",
     "ARCHS": "prismdd.core.models", "create_model": "prismdd.core.models", "list_models": "prismdd.core.zoo",
@@ -44,39 +46,15 @@ _PUBLIC = {
     "SqueezeConfig": "prismdd.stages.squeeze",
     "ValidateConfig": "prismdd.stages.validate", "validate_config": "prismdd.stages.validate",
 }
-# `prismdd.recover` & co. were top-level modules before the stages moved into `prismdd.stages`: the attribute is
-# the stage module, and `from prismdd.recover import recover` keeps working (_OldStageNames)
-_STAGE_MODULES = ("metrics", "recover", "relabel", "squeeze", "validate")
 
 
 def __getattr__(name: str):
-    if name in _STAGE_MODULES:
-        return importlib.import_module(f"prismdd.stages.{name}")
     if name in _PUBLIC:
         value = getattr(importlib.import_module(_PUBLIC[name]), name) if name != "audit" else \
             importlib.import_module(_PUBLIC[name])
         globals()[name] = value
         return value
     raise AttributeError(f"module 'prismdd' has no attribute {name!r}")
-
-
-class _OldStageNames(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Imports ``prismdd.<stage>`` as the module ``prismdd.stages.<stage>`` itself (not a copy)."""
-
-    def find_spec(self, fullname, path=None, target=None):
-        head, _, tail = fullname.partition(".")
-        if head == __name__ and tail in _STAGE_MODULES:
-            return importlib.util.spec_from_loader(fullname, self)
-        return None
-
-    def create_module(self, spec):
-        return importlib.import_module(f"prismdd.stages.{spec.name.rsplit('.', 1)[1]}")
-
-    def exec_module(self, module):
-        pass  # already executed as prismdd.stages.<stage>
-
-
-sys.meta_path.append(_OldStageNames())
 
 
 def list_methods() -> list[dict]:
@@ -87,5 +65,4 @@ def list_methods() -> list[dict]:
 __all__ = ["ARCHS", "DATASETS", "METHODS", "MetricsConfig", "PROTOCOLS", "RecoverConfig", "RelabelConfig",
            "RunConfig", "SqueezeConfig", "ValidateConfig", "audit", "build_config", "create_model", "find_teachers",
            "list_datasets", "list_methods", "list_models", "load_dataset", "load_distilled", "load_model",
-           "load_teacher", "metrics", "recover", "recover_config", "relabel", "run", "run_config", "squeeze",
-           "validate", "validate_config"]
+           "recover_config", "run", "run_config", "validate_config"]

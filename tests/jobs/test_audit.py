@@ -145,11 +145,11 @@ OVERFIT = dict(arch="convnet", width=0.25, epochs=150, batch_size=25, lr=0.01, s
 
 def _overfit(out, dataset: str, members: np.ndarray):
     from prismdd.stages.squeeze import SqueezeConfig, squeeze
-    from prismdd.artifacts import load_teacher
+    from prismdd.artifacts import load_model
 
     np.save(out / "members.npy", np.sort(members))
     squeeze(build_config(SqueezeConfig, dict(OVERFIT, dataset=dataset, subset=str(out / "members.npy"), out=str(out))))
-    return load_teacher(out / "convnet")[0]
+    return load_model(out / "convnet")[0]
 
 
 def _threshold_metrics(model, dataset, idx_in, idx_out):

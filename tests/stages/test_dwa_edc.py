@@ -652,7 +652,7 @@ def test_init_from_starts_each_image_from_a_seeded_image_of_its_class(zoo, tmp_p
             batch_size=4)))
     # a folder of another size (here: this run's info at 16 px), or one that lacks a class: one line naming the option
     import dataclasses
-    from prismdd.stages.recover import init_source
+    from prismdd.methods.starts import init_source
     cfg = recover_config("sre2l", **dict(TINY_RECOVER, teachers=str(zoo), init_from=str(src)))
     with pytest.raises(PrismError, match="--init-from .* at 8 px.* at 16 px"):
         init_source(cfg, dataclasses.replace(source.info, resolution=16))

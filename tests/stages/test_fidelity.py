@@ -19,8 +19,8 @@ from prismdd.core.augment import Views, apply_views, jitter, sample_views
 from prismdd.core.bn import bn_hooks
 from prismdd.core.io import read_json
 from prismdd.core.training import combine_logits, lr_factor
-from prismdd.stages.recover import (batch_teacher_sets, crop_low, draw_teacher_sets, plan_batches,
-                                    recover_config)
+from prismdd.methods.engine import crop_low
+from prismdd.stages.recover import batch_teacher_sets, draw_teacher_sets, plan_batches, recover_config
 from prismdd.stages.validate import student_loss, validate, validate_config
 
 PAPER_RECOVER = ("prism", "prism-pre", "sre2l", "cda")
@@ -282,13 +282,13 @@ def _delt_budget(ipc, iteration, round_iterations, img_indx):
 def test_delt_budgets_per_ipc_index(ipc):
     cfg = recover_config("delt", ipc=ipc)
     assert (cfg.iterations, cfg.early_late_step, cfg.lr, cfg.jitter, cfg.budget) == (4000, 0.125, 0.25, 0, "rounds")
-    from prismdd.stages.recover import image_budget
+    from prismdd.methods.engine import image_budget
 
     assert [image_budget(cfg, k) for k in range(ipc)] == [_delt_budget(ipc, 4000, 500, k) for k in range(ipc)]
 
 
 def test_delt_medium_selection():
-    from prismdd.stages.recover import delt_medium
+    from prismdd.methods.starts import delt_medium
 
     g = torch.Generator().manual_seed(0)
     prob = torch.rand(37, generator=g).numpy()
@@ -314,7 +314,7 @@ def test_delt_adam_is_one_torch_adam_over_the_batch():
     # recover.py:92-93, 111-112, 166-168: torch.optim.Adam([inputs]) + lr_cosine_policy(lr, 0, iterations) per
     # iteration; images outside the current round get no gradient
     from types import SimpleNamespace
-    from prismdd.stages.recover import Engine
+    from prismdd.methods.engine import Engine
 
     torch.manual_seed(0)
     n_iter, lr = 12, 0.25
@@ -379,7 +379,7 @@ def test_real_starts_at_224_get_resize_256_centre_crop_224(eval_crop, expect_cro
     import torchvision.transforms as T
 
     from prismdd.core.data import DatasetInfo, TensorImages, normalize
-    from prismdd.stages.recover import initial_images
+    from prismdd.methods.starts import initial_images
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (4, 3, 224, 224), generator=g, dtype=torch.uint8)

@@ -20,8 +20,9 @@ from prismdd.core.data import class_indices, load_dataset
 from prismdd.core.presets import METHODS
 from prismdd.core.presets import preset_settings
 from prismdd.methods import PLUGINS, Plugin
-from prismdd.stages.recover import (Engine, batch_teacher_sets, draw_teacher_sets, image_budget, load_teachers,
-                                    plan_batches, recover_config)
+from prismdd.methods.engine import Engine, image_budget
+from prismdd.stages.recover import (batch_teacher_sets, draw_teacher_sets, load_teachers, plan_batches,
+                                    recover_config)
 from prismdd.artifacts import image_path, load_distilled
 from prismdd.core.errors import PrismError
 from prismdd.core.io import read_json
@@ -567,7 +568,7 @@ def test_torchrun_two_ranks_match_single_process(prism_run, zoo, tmp_path):
 
 # ----------------------------------------------------------------------------- real starts: selection and tiles
 def test_tile_places_each_image_in_its_cell():
-    from prismdd.stages.recover import tile
+    from prismdd.methods.starts import tile
 
     imgs = torch.stack([torch.full((1, 6, 6), float(v)) for v in (1, 2, 3, 4)])
     out = tile(imgs, 2)
@@ -582,11 +583,11 @@ def test_tile_places_each_image_in_its_cell():
 @pytest.mark.parametrize("select", ["first", "random", "low-loss", "mid-loss"])
 def test_choose_starts(select, zoo):
     from prismdd.core.training import example_scores
-    from prismdd.stages.recover import choose_starts
-    from prismdd.artifacts import load_teacher
+    from prismdd.methods.starts import choose_starts
+    from prismdd.artifacts import load_model
 
     train, _, info = load_dataset("digits")
-    model = load_teacher(zoo / "convnet")[0]
+    model = load_model(zoo / "convnet")[0]
     members = class_indices(train.targets, 10)
     # candidates = the whole class, so the loss ranking can be checked against every member
     cfg = recover_config("prism", **dict(TINY_RECOVER, ipc=2, init_tiles=2, init_select=select, init_candidates=10_000))
@@ -611,7 +612,7 @@ def test_choose_starts(select, zoo):
 
 
 def test_tiled_start_recorded_and_unoptimised_image_is_the_mosaic(recover_run, tmp_path):
-    from prismdd.stages.recover import tile
+    from prismdd.methods.starts import tile
 
     out = recover_run(tmp_path / "tiles", "prism", init_tiles=2, init_select="random", iterations=1, lr=0.0)
     train, _, info = load_dataset("digits")

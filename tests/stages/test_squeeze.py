@@ -13,7 +13,7 @@ import prismdd.core.runtime as runtime
 import prismdd.stages.squeeze as sq
 from prismdd.core.config import build_config, load_yaml
 from prismdd.core.data import load_dataset, normalize
-from prismdd.artifacts import find_teachers, load_teacher
+from prismdd.artifacts import find_teachers, load_model
 from prismdd.core.errors import PrismError
 from prismdd.core.io import read_json
 
@@ -46,7 +46,7 @@ def test_squeeze_cli_artefacts(squeezed):
     assert card["spec"]["width"] == 0.25 and card["spec"]["in_channels"] == 1 and card["spec"]["resolution"] == 8
 
     # test_top1 is a percentage: recompute it from the saved weights
-    model, _ = load_teacher(folder)
+    model, _ = load_model(folder)
     _, test, info = load_dataset("digits")
     with torch.no_grad():
         pred = model(normalize(test.images, info)).argmax(1)
@@ -132,19 +132,19 @@ def test_resume_after_interruption_during_checkpoint(tmp_path, cli, monkeypatch)
 
 def test_load_teacher_checks_expectations(squeezed):
     folder = squeezed / "convnet"
-    model, card = load_teacher(folder, arch="convnet", dataset="digits", class_names=[str(i) for i in range(10)])
+    model, card = load_model(folder, arch="convnet", dataset="digits", class_names=[str(i) for i in range(10)])
     assert not model.training and not any(p.requires_grad for p in model.parameters())
-    load_teacher(folder / "model.safetensors")  # the weights file works as well
+    load_model(folder / "model.safetensors")  # the weights file works as well
     with pytest.raises(PrismError, match="expected 'resnet18'"):
-        load_teacher(folder, arch="resnet18")
+        load_model(folder, arch="resnet18")
     with pytest.raises(PrismError, match="expected 'fashion-mnist'"):
-        load_teacher(folder, dataset="fashion-mnist")
+        load_model(folder, dataset="fashion-mnist")
     with pytest.raises(PrismError, match="classes differ"):
-        load_teacher(folder, class_names=[str(i) for i in range(9)])
+        load_model(folder, class_names=[str(i) for i in range(9)])
     with pytest.raises(PrismError, match="classes differ"):
-        load_teacher(folder, class_names=[str(i) for i in reversed(range(10))])
+        load_model(folder, class_names=[str(i) for i in reversed(range(10))])
     with pytest.raises(PrismError, match="no card.json"):
-        load_teacher(squeezed)
+        load_model(squeezed)
     assert find_teachers(squeezed) == {"convnet": folder}
     assert find_teachers(folder) == {"convnet": folder}
 
@@ -156,7 +156,7 @@ def test_load_teacher_weights_of_another_shape(squeezed, tmp_path):
     card["spec"]["width"] = 0.5  # the card no longer matches the weights
     (folder / "card.json").write_text(json.dumps(card))
     with pytest.raises(PrismError, match="cannot load"):
-        load_teacher(folder)
+        load_model(folder)
 
 
 def test_load_teacher_corrupt_weights(squeezed, tmp_path):
@@ -165,7 +165,7 @@ def test_load_teacher_corrupt_weights(squeezed, tmp_path):
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(PrismError, match="model.safetensors"):
-        load_teacher(folder)
+        load_model(folder)
 
 
 def test_bad_set_value_exits_2_with_one_line(tmp_path, cli, capsys):

@@ -15,7 +15,8 @@ from prismdd.artifacts import label_teacher_names
 from prismdd.core.config import build_config
 from prismdd.core.models import create_model
 from prismdd.core.training import combine_logits, decay_groups, fit, lr_factor, make_optimizer
-from prismdd.stages.recover import RecoverConfig, class_rounds, delt_start_round, image_budget
+from prismdd.methods.engine import class_rounds, delt_start_round, image_budget
+from prismdd.stages.recover import RecoverConfig
 from prismdd.stages.validate import _micro_batches, validate, validate_config
 
 STUDENT = dict(dataset="digits", device="cpu", student_width=0.25, lr=0.01)

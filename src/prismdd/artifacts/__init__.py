@@ -17,7 +17,7 @@ prototypes: ``methods.d4m``). Stages import this package and ``core``, never eac
 package's API: import them from ``prismdd.artifacts``.
 """
 from .cards import (REFERENCE_LABEL_TEACHERS, WEIGHTS_DIGEST, check_finite_state, find_one_teacher, find_teachers,
-                    label_teacher_names, load_labelers, load_model, load_teacher, save_model, weights_problem)
+                    label_teacher_names, load_labelers, load_model, save_model, weights_problem)
 from .distilled import (IMAGE_DIGEST, LEARNED_LABELS, SET_DIGEST, DistilledSet, centred_onehot, check_finished_images,
                         class_dirname, has_learned_labels, image_path, load_distilled, read_learned_labels,
                         record_path, save_image, seal_distilled, with_distilled_dataset)
@@ -35,7 +35,7 @@ __all__ = ["ACCURACY_FILE", "CARD", "DistilledSet", "IMAGE_DIGEST", "INPUTS_FILE
            "check_finite_labels", "check_finite_state", "check_inputs", "check_sealed_file", "class_dirname",
            "clear_outputs", "consumed_digests", "epoch_file", "file_digest", "find_one_teacher", "find_teachers",
            "guard_inputs", "has_learned_labels", "image_path", "images_digest", "label_bytes", "label_teacher_names",
-           "load_distilled", "load_if_header", "load_labelers", "load_model", "load_teacher", "locked_stage",
+           "load_distilled", "load_if_header", "load_labelers", "load_model", "locked_stage",
            "output_lock", "pack_logits", "read_learned_labels", "read_manifest", "record_path", "reusable",
            "save_image", "save_model", "seal_distilled", "seal_files", "sealed_in", "settings_header",
            "teacher_digests", "unpack_logits", "versions", "weights_problem", "with_distilled_dataset",

@@ -108,9 +108,6 @@ def load_model(path, *, arch: str | None = None, dataset: str | None = None,
     return model, card
 
 
-load_teacher = load_model  # the name most callers know it by
-
-
 def find_teachers(folder) -> dict[str, Path]:
     """``{arch: teacher folder}`` for every finished teacher under a squeeze output folder."""
     folder = Path(folder)

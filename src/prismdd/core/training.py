@@ -36,7 +36,7 @@ def lr_factor(schedule: str, progress: float, warmup: float = 0.0) -> float:
     ``decayed_cosine``: PRISM's "decayed cosine" exactly as its ``validate/train_FKD_parallel.py``
     (``--cos``), with t = progress * E: 0.5 (1 + cos(pi t / (2.5 E))) for t <= 5E/6 (0.75 at the knee),
     then 0.5 (1 + cos(pi 5 / (6 * 2.5))) * (6E - 6t) / (6E) = 0.75 (1 - p): a DROP to 0.125 just after
-    the knee, then a linear fall to 0. ``decayed_cosine_smooth`` (prismdd's earlier curve): the same
+    the knee, then a linear fall to 0. ``decayed_cosine_smooth``: the same
     cosine, then a continuous linear ramp 0.75 -> 0 over the last sixth. ``half_cosine``: 0.5 (1 + cos(pi p / 2)),
     the first half of a cosine period, 1 -> 0.5 (RDED/DELT's ``--cos``: ``math.pi * step / re_epochs / 2``;
     EDC's intent, ``--ls-type cos --st 2``). ``half_linear``: 1 - p / 2, 1 -> 0.5 in a straight line: what EDC's

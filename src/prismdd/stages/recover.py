@@ -36,13 +36,9 @@ from ..core.models import has_batchnorm
 from ..core.presets import METHODS, preset_file
 from ..core.runtime import Heartbeat, Timer, default_channels_last, make_generator, progress
 from ..methods import PARAMS, PLUGINS
-# the inner loop and its schedules (re-exported: ``prismdd.stages.recover.Engine`` etc. keep working)
-from ..methods.engine import (Engine, Teacher, class_rounds, crop_low, delt_start_round,  # noqa: F401
-                              image_budget)
+from ..methods.engine import Engine, Teacher, image_budget
 from ..methods.priors import make_priors
-# the starting images (re-exported: ``prismdd.stages.recover.choose_starts`` etc. keep working)
-from ..methods.starts import (choose_starts, delt_medium, images_from, init_source, initial_images,  # noqa: F401
-                              start_indices, tile)
+from ..methods.starts import choose_starts, images_from, init_source, initial_images, start_indices
 
 SELECTIONS = ("intra", "pre", "all", "single", "rotate")
 INIT_SELECTS = ("first", "random", "low-loss", "mid-loss", "delt-medium")

@@ -79,7 +79,7 @@ class ValidateConfig(CommonConfig):
     weight_decay: float = opt(0.01, "weight decay", minimum=0.0)
     decay_exempt: str = opt("1d", "which parameters take no weight decay: 1d (every reference's get_parameters: "
                                   "biases and BatchNorm's scale/shift, i.e. all but conv/linear kernels) | none "
-                                  "(every parameter decays: prismdd before issue 26)", choices=DECAY_EXEMPT,
+                                  "(every parameter decays)", choices=DECAY_EXEMPT,
                             neutral="none")
     grad_accum: int = opt(1, "gradient accumulation: each batch runs as this many equal forward/backward passes "
                              "before one optimiser step, so train-mode BatchNorm sees batch/N images (PRISM's and "
