@@ -32,6 +32,37 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one; benchmarks/gpu_check.sh runs them)")
 
 
+@pytest.fixture(autouse=True)
+def terminal_messages():
+    """prismdd's messages on stdout as the `prismdd` command shows them (its terminal handler at info level), so
+    a test that calls a stage directly reads them with capsys as a CLI user would see them; each test starts from
+    that level (a --quiet test leaves nothing behind). ``library_logging`` undoes it."""
+    import logging
+
+    from prismdd.core.log import ROOT, configure
+
+    logger = logging.getLogger(ROOT)
+    handlers, level = list(logger.handlers), logger.level
+    configure(logging.INFO)
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+
+
+@pytest.fixture
+def library_logging(terminal_messages):
+    """The ``prismdd`` logger as ``import prismdd`` leaves it for a library caller: no handler of prismdd's own
+    (the NullHandler only), no level."""
+    import logging
+
+    from prismdd.core.log import ROOT, TerminalHandler
+
+    logger = logging.getLogger(ROOT)
+    logger.handlers[:] = [h for h in logger.handlers if not isinstance(h, TerminalHandler)]
+    logger.setLevel(logging.NOTSET)
+    yield logger
+
+
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory) -> Path:
     """convnet, resnet18 and mobilenet_v2 teachers on digits (width 0.25, 2 epochs), trained once.

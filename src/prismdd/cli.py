@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 
 from .core.config import build_config, field_default, field_help, load_yaml, parse_sets, preset_defaults
 from .core.errors import PrismError
+from .core.log import configure, level_of
 from .core.presets import list_presets
 from .core.text import format_table
 from .core.zoo import list_models
@@ -117,6 +118,14 @@ def _chosen_preset(argv: list[str] | None, command: str) -> dict:
     return found
 
 
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
+    """--quiet / --verbose, the same on every command: how much of prismdd's messages reach the terminal (the
+    command's own product, a table or a listing, is printed whatever they say)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quiet", "-q", action="store_true", help="warnings and errors only (no progress messages)")
+    g.add_argument("--verbose", "-v", action="store_true", help="debug messages too")
+
+
 def invoked(argv: list[str] | None) -> str | None:
     """The command ``argv`` runs (its first word that is one), or None."""
     return next((a for a in argv or [] if not a.startswith("-") and a in STAGES), None)
@@ -145,8 +154,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     c.add_argument("--resolution", type=int, default=None, help="default: the dataset's own (imagefolder: inferred)")
     c.add_argument("--channels", type=int, default=None, choices=(1, 3), help="default: the dataset's own")
     running = invoked(argv) if argv is not None else None
+    for listing in (d, sub.choices["models"], m, c):
+        _add_output_flags(listing)
     for name, (*_, help_) in STAGES.items():
         sp = sub.add_parser(name, help=help_, description=help_)
+        _add_output_flags(sp)
         if argv is not None and name != running:
             continue
         cls = stage(name)[0]
@@ -215,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
+    configure(level_of(args.quiet, args.verbose))  # a library caller configures logging itself
     try:
         if args.command == "datasets":
             rows = [dict(r, available=r["available"] or f"no ({r['how_to_get']})")

@@ -38,6 +38,9 @@ from .core.config import opt
 from .core.errors import PrismError
 from .core.io import torch_save, write_json
 from .core.presets import PROTOCOLS, preset_file
+from .core.log import get_logger
+
+logger = get_logger("export")
 
 # DD-Ranking 0.2.0's dataset names with their class counts (utils/data.py get_dataset)
 DDR_DATASETS = {"CIFAR10": 10, "CIFAR100": 100, "TinyImageNet": 200, "ImageNette": 10, "ImageWoof": 10,
@@ -221,8 +224,8 @@ def export(cfg: ExportConfig) -> Path:
     ipc = int(man["config"]["ipc"])
     if (man.get("config") or {}).get("plugin") == "frepo":  # DD-Ranking labels with teachers (mode 'M'): FRePo's
         # own labels cannot go along
-        print(f"[export] note: {src} is a FRePo set; its learned labels ({LEARNED_LABELS}) are not exported: "
-              f"DD-Ranking labels the images with the exported teachers")
+        logger.info(f"[export] note: {src} is a FRePo set; its learned labels ({LEARNED_LABELS}) are not exported: "
+                    f"DD-Ranking labels the images with the exported teachers")
     # everything is written into a new hidden folder beside --out first; --out changes only once it is complete
     # (a plain mkdir, so the folder gets the umask's mode; a name of its own, never a user's folder)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -233,8 +236,8 @@ def export(cfg: ExportConfig) -> Path:
         _replace_export(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"[export] {n_images} images, teachers {', '.join(n for n, _ in converted)} -> {out}")
-    print(f"[export] score it: cd {out} && python score_with_ddranking.py   ({lrs_note})")
+    logger.info(f"[export] {n_images} images, teachers {', '.join(n for n, _ in converted)} -> {out}")
+    logger.info(f"[export] score it: cd {out} && python score_with_ddranking.py   ({lrs_note})")
     return out
 
 

@@ -34,6 +34,9 @@ from .stages.metrics import MetricsConfig, metrics
 from .stages.recover import RecoverConfig, recover
 from .stages.squeeze import SqueezeConfig, squeeze
 from .stages.validate import HARD_LABELS, NO_AUGMENTATION, ValidateConfig, validate
+from .core.log import get_logger
+
+logger = get_logger("run")
 
 BASELINES = ("random-real", "full")
 SCORES_NOTE = ("DD-Ranking's scores (arXiv 2505.13300), accuracies as fractions, weights 0.5: LRS from HLR = full "
@@ -166,10 +169,10 @@ class Stages:
         cfg = build_config(cls, dict(fields, out=str(folder), force=self.force))
         t = Timer()
         if reusable(folder / MANIFEST, config_hash(cfg), force=self.force, what=f"stage {name}") is not None:
-            print(f"[run] {name}: reusing {folder}")
+            logger.info(f"[run] {name}: reusing {folder}")
             self.reused.add(name)  # its time is the one measured when it was made
         else:
-            print(f"[run] {name} -> {folder}")
+            logger.info(f"[run] {name} -> {folder}")
             fn(cfg)
         self.timings[name] = read_json(folder / MANIFEST).get("wall_time_s") or round(t.elapsed, 2)
         self.folders[name] = folder
@@ -286,7 +289,7 @@ def run(cfg: RunConfig) -> dict:
             ("observer", cfg.observer, observer_card)]:
         line = trust_line(role, arch, card["test_top1"], info.num_classes)
         if line:
-            print(f"[run] {line}")
+            logger.warning(f"[run] {line}")
 
     # ------------------------------------------------------------------ recover + validate per method and regime
     regimes = cfg.regime_list
@@ -372,9 +375,9 @@ def run(cfg: RunConfig) -> dict:
                    wall_time=total.elapsed)
     print(print_table(rows, regimes))
     for r in regimes:
-        print(f"[run] {summary_line(results['regimes']['summary'][r])}")
-    print(f"[run] report: {report}  ({total.elapsed:.0f}s)")
-    print(continue_from(cfg, stages.folders))
+        logger.info(f"[run] {summary_line(results['regimes']['summary'][r])}")
+    logger.info(f"[run] report: {report}  ({total.elapsed:.0f}s)")
+    logger.info(continue_from(cfg, stages.folders))
     return results
 
 

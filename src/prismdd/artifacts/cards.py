@@ -14,6 +14,9 @@ from ..core.io import load_tensors, read_json, save_tensors, tensors_metadata, w
 from ..core.models import BN_FREE_ARCHS, model_from_spec
 from ..core.training import SoftLabeler
 from .manifest import CARD, WEIGHTS, file_digest
+from ..core.log import get_logger
+
+logger = get_logger("labels")
 
 
 def check_finite_state(state: dict, what: str, fix: str) -> None:
@@ -163,9 +166,9 @@ def load_labelers(teachers_dir: str, archs: str | None, default_arch: str | None
     if missing:
         raise PrismError(f"--label-teachers: no teacher {', '.join(missing)} in {teachers_dir} (found: {', '.join(found)})")
     if "pool" in comma_list(archs) and len(names) < REFERENCE_LABEL_TEACHERS:
-        print(f"[labels] soft labels from {len(names)} teacher(s) ({', '.join(names)}); PRISM labels with "
-              f"{REFERENCE_LABEL_TEACHERS} (its primary, mobilenet_v2, alexnet, shufflenet_v2_x0_5): train more into "
-              f"{teachers_dir} to match")
+        logger.info(f"[labels] soft labels from {len(names)} teacher(s) ({', '.join(names)}); PRISM labels with "
+                    f"{REFERENCE_LABEL_TEACHERS} (its primary, mobilenet_v2, alexnet, shufflenet_v2_x0_5): train more "
+                    f"into {teachers_dir} to match")
     models = [load_model(found[a], arch=a, dataset=info.name, class_names=info.class_names,
                          resolution=info.resolution, device=device)[0] for a in names]
     return SoftLabeler(models, names, ensemble, primary_weight)

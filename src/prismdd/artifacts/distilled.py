@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..core.data import DatasetInfo, TensorImages, denormalize, say_once
+from ..core.data import DatasetInfo, TensorImages, denormalize
+from ..core.log import say_once
 from ..core.errors import PrismError
 from ..core.io import atomic_path, load_tensors, read_json
 from .manifest import MANIFEST, SEALED_FILES, check_sealed_file, read_manifest

@@ -19,6 +19,9 @@ from pathlib import Path
 from ..core.errors import PrismError
 from ..core.io import atomic_path, remove_orphans
 from ..core.runtime import torch_threads
+from ..core.log import get_logger
+
+logger = get_logger("lock")
 
 LOCK_FILE = ".prismdd.lock"  # the one writer of a folder: an flock held on it, and its PID, host and stage inside
 
@@ -73,8 +76,9 @@ def _acquire(folder: Path, lock: Path, stage: str, option: str) -> int:
                     os.close(old)
             if owner and owner.get("host") != socket.gethostname():
                 raise _refuse(folder, lock, owner, option)  # another machine's process: cannot be checked from here
-            print(f"[{stage}] taking over the lock of a process that no longer runs "
-                  f"(pid {owner.get('pid', '?')}, {owner.get('stage', '?')}) in {folder}", file=sys.stderr)
+            logger.warning(f"[{stage}] taking over the lock of a process that no longer runs "
+                           f"(pid {owner.get('pid', '?')}, {owner.get('stage', '?')}) in {folder}",
+                           extra={"stderr": True})  # on stderr, as a problem is
             lock.unlink(missing_ok=True)
         fd = None
         try:

@@ -34,7 +34,6 @@ and the stages skip finished work, so re-running the same command resumes.
 """
 from __future__ import annotations
 
-from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +52,9 @@ from ..pipeline import Stages
 from .attacks import CI_LEVEL, FPR_POINTS, GLOBAL_VARIANCE_BELOW, attack_scores, bootstrap_ci, roc_metrics
 from .config import DISTILLED, AuditConfig, resolve_config
 from .plan import _digest, canary_dataset, make_plan, shadow_masks
+from ..core.log import get_logger, to_file
+
+logger = get_logger("audit")
 
 NOTE = ("Empirical membership-inference attack measurement on this run: it bounds what these attacks "
         "achieve, not what any attack could. It is not a differential-privacy guarantee (no gradient "
@@ -91,7 +93,7 @@ def train_pipeline(cfg: AuditConfig, folder: Path, index: int, members: np.ndarr
     stages = Stages(folder, cfg.force)
     student_name = f"{cfg.student}_seed{index}"
     models, sources = {}, {}
-    with open(folder / "stages.log", "a", buffering=1) as log, redirect_stdout(log):  # line-buffered: tail -f works
+    with to_file(folder / "stages.log"):  # the stages' messages, a line at a time (tail -f works), not the terminal
         teachers = stages.teachers("teachers", common, archs, width=cfg.width, epochs=cfg.teacher_epochs,
                                    batch_size=cfg.teacher_batch_size)
         models["teacher"] = teachers / cfg.teacher_arch
@@ -177,8 +179,9 @@ def _audit(cfg: AuditConfig) -> dict:
         folders.append(models_)
         if index == 0:
             target_sources = sources
-        print(f"[audit] {name} ({index + 1}/{len(names)}): {int(mask.sum())} pool members, "
-              f"{_accuracies(folders[-1], cfg.target_list)} ({t0.elapsed:.1f}s; log: {out / 'models' / name / 'stages.log'})")
+        logger.info(f"[audit] {name} ({index + 1}/{len(names)}): {int(mask.sum())} pool members, "
+                    f"{_accuracies(folders[-1], cfg.target_list)} "
+                    f"({t0.elapsed:.1f}s; log: {out / 'models' / name / 'stages.log'})")
 
     # --- score every pool example under every model
     train, _, info = load_dataset(dataset, cfg.data_root, cfg.download, cfg.resolution)
@@ -253,8 +256,8 @@ def _audit(cfg: AuditConfig) -> dict:
                             "models": [str(out / "models" / n) for n in names]},
                    wall_time=timer.elapsed)
     print(audit_table(rows))
-    print(f"[audit] {NOTE}")
-    print(f"[audit] -> {out / 'audit.json'} ({timer.elapsed:.1f}s)")
+    logger.info(f"[audit] {NOTE}")
+    logger.info(f"[audit] -> {out / 'audit.json'} ({timer.elapsed:.1f}s)")
     return result
 
 
@@ -262,7 +265,7 @@ def _attack_possible(attack: str, n_shadow: int, skipped: dict) -> bool:
     need = {"lira-offline": 1, "lira-online": 2}.get(attack, 0)
     if n_shadow < need:
         skipped[attack] = f"needs at least {need} shadow model(s), have {n_shadow}"
-        print(f"[audit] skipping {attack}: {skipped[attack]}")
+        logger.warning(f"[audit] skipping {attack}: {skipped[attack]}")
         return False
     return True
 

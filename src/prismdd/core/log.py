@@ -33,10 +33,11 @@ class TerminalHandler(logging.Handler):
         self.diverted = 0  # > 0 while ``to_file`` sends the messages to a file instead
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self.diverted:
+        to_stderr = getattr(record, "stderr", False)
+        if self.diverted and not to_stderr:  # stderr lines (a lock taken over) stay on the terminal
             return
         try:
-            stream = sys.stderr if getattr(record, "stderr", False) else sys.stdout
+            stream = sys.stderr if to_stderr else sys.stdout
             stream.write(self.format(record) + "\n")
             stream.flush()  # a line at a time: `tail -f` and a pipe see it at once
         except RecursionError:

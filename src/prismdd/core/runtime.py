@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import PrismError
+from .log import get_logger
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -142,4 +143,4 @@ class Heartbeat:
         parts.append(f"{clock(t)} elapsed")
         if made > 0:
             parts.append(f"about {clock(t / made * max(0, self.total - self.done))} left")
-        print(f"[{self.stage}] " + ", ".join(parts), flush=True)
+        get_logger(self.stage.split()[0]).info(f"[{self.stage}] " + ", ".join(parts))

@@ -17,6 +17,9 @@ from .errors import PrismError
 from .io import JsonlLog, torch_save
 from .models import FeatureExtractor
 from .runtime import Heartbeat, Timer, progress
+from .log import get_logger
+
+logger = get_logger("train")
 
 FEATURE_BATCH = 256  # images per forward pass when extracting features (no gradients)
 SCORE_BATCH = 500  # images per forward pass when scoring examples
@@ -271,8 +274,9 @@ def fit(model: nn.Module, optimizer, batches: Callable[[int], Iterable], loss_fn
             record.update(test_top1=ev["top1"], test_top5=ev["top5"])
             curve.append({"epoch": epoch + 1, "top1": round(ev["top1"], 3), "top5": round(ev["top5"], 3)})
             if verbose and is_main:  # the steps too: an "epoch" here may be part of a pass (run's teacher steps)
-                print(f"[{desc}] epoch {epoch + 1}/{epochs} (step {(epoch + 1) * steps_per_epoch}/{total_steps}): "
-                      f"train loss {record['train_loss']:.4f}, test top-1 {ev['top1']:.2f}%")
+                logger.info(f"[{desc}] epoch {epoch + 1}/{epochs} "
+                            f"(step {(epoch + 1) * steps_per_epoch}/{total_steps}): "
+                            f"train loss {record['train_loss']:.4f}, test top-1 {ev['top1']:.2f}%")
         if is_main:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                      "curve": curve, "elapsed": before + timer.elapsed, "config_hash": config_hash}

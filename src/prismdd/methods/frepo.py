@@ -44,6 +44,9 @@ from ..core.models import create_model
 from ..core.runtime import Heartbeat, derive_seed, make_generator, progress
 from ..core.training import half_sse
 from .base import PLUGINS, Plugin
+from ..core.log import get_logger
+
+logger = get_logger("recover.frepo")
 
 STATE_FILE = "frepo_state.safetensors"
 # the reference's Flax BatchNorm keeps 0.9 of the CURRENT batch in its running statistics (momentum 0.1 in Flax's
@@ -279,7 +282,7 @@ class FRePo(Plugin):
         lo, hi = pixel_bounds(self.info, self.device)
         log = JsonlLog(self.out / "logs" / "frepo.jsonl")
         if st["step"]:
-            print(f"[recover] frepo: resuming at step {st['step']} of {cfg.iterations} from {path}")
+            logger.info(f"[recover] frepo: resuming at step {st['step']} of {cfg.iterations} from {path}")
         bar = progress(total=cfg.iterations, initial=st["step"], desc="recover frepo")
         beat = Heartbeat("recover frepo", cfg.iterations, done=st["step"])  # a line a minute without a terminal
         last: dict = st.get("last", {})  # a finished state re-read (its labels file was deleted): its last losses

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from ..core.classnames import SYNSET, readable_names
-from ..core.data import denormalize, say_once
+from ..core.data import denormalize
+from ..core.log import say_once
 from ..core.errors import PrismError
 from .d4m import load_failure, module_digest  # the same words and digest as the diffusers plug-ins
 
@@ -81,7 +82,8 @@ class ClipPrior:
         unknown = [n for n in names if SYNSET.match(n)]
         if unknown:
             say_once(("clip-synsets", info.name), f"[recover] note: {len(unknown)} synset folder names are not "
-                                                  f"ImageNet-1K classes (e.g. {unknown[0]}); their prompts use the id")
+                                                  f"ImageNet-1K classes (e.g. {unknown[0]}); their prompts use the id",
+                     logger="recover.clip")
         self.prompts = [cfg.clip_prompt.format(name=n) for n in names]
         tokens = tokenizer(self.prompts, padding=True, truncation=True, return_tensors="pt").to(device)
         with torch.no_grad():

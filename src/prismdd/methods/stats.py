@@ -39,6 +39,9 @@ from ..artifacts import WEIGHTS, file_digest, load_if_header, settings_header
 from ..core.augment import apply_views, sample_views
 from ..core.data import normalize
 from ..core.io import remove_orphans, save_tensors
+from ..core.log import get_logger
+
+logger = get_logger("recover.stats")
 
 PATCH = 16  # GU:195, EU:382 (h=16, w=16)
 STATS_BATCH = 256  # GS:79, ER:136 (the real-data loader's batch size)
@@ -242,8 +245,8 @@ def stored_layer_stats(folder, settings: dict, compute: Callable[[], dict[str, t
         except OSError as e:
             if not isinstance(e, PermissionError) and e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
-            print(f"[recover] {what}: {folder} is read-only; its real-data statistics are not stored and will be "
-                  f"recomputed by the next run ({layer_stats_path(folder, name).name})")
+            logger.warning(f"[recover] {what}: {folder} is read-only; its real-data statistics are not stored and "
+                           f"will be recomputed by the next run ({layer_stats_path(folder, name).name})")
     return stats, True
 
 

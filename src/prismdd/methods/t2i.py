@@ -37,6 +37,9 @@ from ..core.errors import PrismError
 from ..core.runtime import make_generator
 from .base import PLUGINS, Plugin
 from .d4m import chunked, load_local, missing_weights, to_dataset
+from ..core.log import get_logger
+
+logger = get_logger("recover.t2i")
 
 # Per-family generation defaults, tried in order: a row applies when the loaded pipeline's class is ``pipeline`` and,
 # for rows with a ``marker``, the model's name contains it (case-insensitive; a few-step distilled model shares its
@@ -199,8 +202,8 @@ class TextToImage(Plugin):
         denoiser = next((m for m in (getattr(pipe, "unet", None), getattr(pipe, "transformer", None)) if m is not None),
                         None)
         if rank == 0:  # which defaults apply is decided by names: shown, so a renamed folder's surprise is visible
-            print(f"[t2i] {cfg.t2i_model}: rule {s['rule']} ({s['matched']}): {s['steps']} steps, guidance "
-                  f"{s['guidance']}, {s['size'] or 'default'} px" + (f", {s['extra']}" if s["extra"] else ""))
+            logger.info(f"[t2i] {cfg.t2i_model}: rule {s['rule']} ({s['matched']}): {s['steps']} steps, guidance "
+                        f"{s['guidance']}, {s['size'] or 'default'} px" + (f", {s['extra']}" if s["extra"] else ""))
         return {"model": cfg.t2i_model, "pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__,
                 "dtype": str(denoiser.dtype if denoiser is not None else pipe.dtype), **s,
                 "prompts": [self.prompt(c) for c in range(self.info.num_classes)],

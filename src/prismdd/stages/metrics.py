@@ -34,6 +34,9 @@ from ..core.io import write_json
 from ..core.runtime import Timer, make_generator, resolve_device
 from ..core.text import format_table
 from ..core.training import extract_features
+from ..core.log import get_logger
+
+logger = get_logger("metrics")
 
 COS_EPS = 1e-12  # guards the norm of an all-zero feature vector (its cosine with anything counts as 0)
 REFERENCE_NAME = "random-real"
@@ -314,11 +317,11 @@ def metrics(cfg: MetricsConfig) -> dict:
                    wall_time=timer.elapsed)
     rows = [{"set": k, "ipc": v["ipc"], "intra-class cos": _fmt(v["intra_class_cos"]),
              "inter-class cos": _fmt(v["inter_class_cos"]), "images": v["num_images"]} for k, v in results.items()]
-    print(f"[metrics] observer {card['arch']} ({obs_folder}); lower intra-class cos = more diverse")
+    logger.info(f"[metrics] observer {card['arch']} ({obs_folder}); lower intra-class cos = more diverse")
     print(format_table(rows, ["set", "ipc", "intra-class cos", "inter-class cos", "images"]))
     for w in warnings:
-        print(f"[metrics] WARNING: {w}")
-    print(f"[metrics] -> {out / METRICS_FILE} ({timer.elapsed:.1f}s)")
+        logger.warning(f"[metrics] WARNING: {w}")
+    logger.info(f"[metrics] -> {out / METRICS_FILE} ({timer.elapsed:.1f}s)")
     return report
 
 

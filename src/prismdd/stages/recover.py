@@ -39,6 +39,9 @@ from ..methods import PARAMS, PLUGINS
 from ..methods.engine import Engine, Teacher, image_budget
 from ..methods.priors import make_priors
 from ..methods.starts import choose_starts, images_from, init_source, initial_images, start_indices
+from ..core.log import get_logger
+
+logger = get_logger("recover")
 
 SELECTIONS = ("intra", "pre", "all", "single", "rotate")
 INIT_SELECTS = ("first", "random", "low-loss", "mid-loss", "delt-medium")
@@ -428,8 +431,9 @@ def recover(cfg: RecoverConfig) -> Path:
     source = init_source(cfg, info) if cfg.init_from else None
     before = preset_file("recover", cfg.method).get("starts_from") if cfg.method else None
     if before and source is None and ctx.rank == 0:
-        print(f"[recover] note: {cfg.method}'s reference starts from a {before} run's images; without --init-from "
-              f"(a {before} recover folder) this run starts as its preset says (FIDELITY.md); `prismdd run` chains both")
+        logger.info(f"[recover] note: {cfg.method}'s reference starts from a {before} run's images; without "
+                    f"--init-from (a {before} recover folder) this run starts as its preset says (FIDELITY.md); "
+                    f"`prismdd run` chains both")
     starts = (choose_starts(cfg, train, info, primary and primary.model, device) if cfg.init == "real" and source is None
               else None)
     # the plug-in checks its options and loads its models (t2i, d4m: minutes, or a one-line refusal) before
@@ -453,7 +457,7 @@ def recover(cfg: RecoverConfig) -> Path:
     present = plugin.outputs_present(out)  # e.g. FRePo's learned labels deleted: its one batch is made again
     todo = [b for b in mine if not (present and _batch_done(out, b, batches[b]))]
     if ctx.rank == 0 and len(todo) < len(mine):
-        print(f"[recover] resuming: {len(mine) - len(todo)} of {len(mine)} batches already finished")
+        logger.info(f"[recover] resuming: {len(mine) - len(todo)} of {len(mine)} batches already finished")
     log = JsonlLog(out / "logs" / f"rank{ctx.rank}.jsonl")
     plugin_inputs = plugin.prepare(out, ctx.rank)
     with ExitStack() as stack:
@@ -520,6 +524,6 @@ def recover(cfg: RecoverConfig) -> Path:
                                    else {})},
                        wall_time=timer.elapsed,
                        extra={"world_size": ctx.world_size})
-        print(f"[recover] {len(images)} images -> {out / 'images'} ({timer.elapsed:.1f}s)")
+        logger.info(f"[recover] {len(images)} images -> {out / 'images'} ({timer.elapsed:.1f}s)")
     dist.barrier(ctx)
     return out

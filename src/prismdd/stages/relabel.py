@@ -23,6 +23,9 @@ from ..core.presets import PROTOCOLS
 from ..core.io import load_tensors, save_tensors
 from ..core.runtime import Heartbeat, Timer, progress, resolve_device
 from ..core.training import ENSEMBLES
+from ..core.log import get_logger
+
+logger = get_logger("relabel")
 
 
 @dataclass
@@ -129,6 +132,6 @@ def relabel(cfg: RelabelConfig) -> Path:
                                                                 if cfg.patch_shuffle > 1 else {}),
                                                              **({"rand_augment": cfg.rand_augment}
                                                                 if cfg.rand_augment else {})}})
-    print(f"[relabel] {cfg.epochs} epochs x {len(ds)} images, {total_bytes / 1e6:.2f} MB "
-          f"({total_bytes / max(1, n_ie):.1f} B per image-epoch) -> {out}")
+    logger.info(f"[relabel] {cfg.epochs} epochs x {len(ds)} images, {total_bytes / 1e6:.2f} MB "
+                f"({total_bytes / max(1, n_ie):.1f} B per image-epoch) -> {out}")
     return out

@@ -21,6 +21,9 @@ from ..core.io import JsonlLog, read_json
 from ..core.models import create_model
 from ..core.runtime import Timer, default_channels_last, make_generator, resolve_device
 from ..core.training import SCHEDULES, OPTIMIZERS, evaluate, fit, make_optimizer
+from ..core.log import get_logger
+
+logger = get_logger("squeeze")
 
 
 @dataclass
@@ -68,8 +71,8 @@ def squeeze(cfg: SqueezeConfig) -> dict[str, Path]:
     train, test, info = load_splits(cfg)
     check_class_coverage(info, train, test)  # an empty val/ or class folder: refused now, not after an epoch
     if cfg.batch_size > len(train):
-        print(f"[squeeze] --batch-size {cfg.batch_size} is larger than the {len(train)} training images: every "
-              f"teacher trains with batches of {len(train)}")
+        logger.warning(f"[squeeze] --batch-size {cfg.batch_size} is larger than the {len(train)} training images: "
+                       f"every teacher trains with batches of {len(train)}")
     folders = {arch: train_teacher(cfg, arch, train, test, info, device) for arch in cfg.archs}
     cards = {a: read_json(p / CARD) for a, p in folders.items()}
     write_manifest(cfg.out, "squeeze", cfg, inputs={"dataset": info.to_dict()},
@@ -99,11 +102,11 @@ def train_teacher(cfg: SqueezeConfig, arch: str, train, test, info: DatasetInfo,
     card = reusable(folder / CARD, chash, force=cfg.force, what="a teacher")
     problem = weights_problem(folder, card) if card is not None else None
     if card is not None and problem is None:
-        print(f"[squeeze] {arch}: finished teacher found in {folder} (top-1 {card['test_top1']:.2f}%), "
-              f"skipping (use --force to retrain)")
+        logger.info(f"[squeeze] {arch}: finished teacher found in {folder} (top-1 {card['test_top1']:.2f}%), "
+                    f"skipping (use --force to retrain)")
         return folder
     if problem is not None:  # a card alone is no teacher: counting it finished made every reader fail (or loop)
-        print(f"[squeeze] {arch}: {folder / WEIGHTS} {problem}; training the teacher again")
+        logger.warning(f"[squeeze] {arch}: {folder / WEIGHTS} {problem}; training the teacher again")
     if cfg.force or problem is not None:
         for p in (folder / CARD, folder / "checkpoint.pt", folder / "log.jsonl"):
             p.unlink(missing_ok=True)
@@ -117,7 +120,7 @@ def train_teacher(cfg: SqueezeConfig, arch: str, train, test, info: DatasetInfo,
     model = model.to(memory_format=memory_format)
     opt_ = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
     if resume is not None:
-        print(f"[squeeze] {arch}: resuming after epoch {resume['epoch']}")
+        logger.info(f"[squeeze] {arch}: resuming after epoch {resume['epoch']}")
     batch_size = train_batch_size(cfg, len(train))
     steps = max(1, len(train) // batch_size)
     if cfg.steps_per_epoch:
@@ -146,10 +149,10 @@ def train_teacher(cfg: SqueezeConfig, arch: str, train, test, info: DatasetInfo,
                  log=JsonlLog(folder / "log.jsonl"), desc=f"squeeze {arch}", verbose=True)
     save_model(folder, model, info, cfg, result["final"], result["seconds"], chash)
     (folder / "checkpoint.pt").unlink(missing_ok=True)
-    print(f"[squeeze] {arch}: test top-1 {result['final']['top1']:.2f}% -> {folder}")
+    logger.info(f"[squeeze] {arch}: test top-1 {result['final']['top1']:.2f}% -> {folder}")
     chance = 100.0 / info.num_classes
     if result["final"]["top1"] <= chance * 1.5:  # said, not refused: a smoke test trains such teachers on purpose
-        print(f"[squeeze] {arch}: note: test top-1 {result['final']['top1']:.2f}% is at chance level ({chance:.1f}% for "
-              f"{info.num_classes} classes); images and labels made with this teacher carry little; train longer "
-              f"(--epochs) or check the data")
+        logger.warning(f"[squeeze] {arch}: note: test top-1 {result['final']['top1']:.2f}% is at chance level "
+                       f"({chance:.1f}% for {info.num_classes} classes); images and labels made with this teacher "
+                       f"carry little; train longer (--epochs) or check the data")
     return folder

@@ -29,8 +29,7 @@ from ..core.augment import (BATCH_RULES, ViewConfig, apply_mix, default_view_bat
                              mix_partners, rand_augment_transform)
 from ..core.config import (DEFAULT_DATASET, FROM_DISTILLED, CommonConfig, build_config, comma_list, config_hash,
                            opt)
-from ..core.data import (DatasetInfo, TensorImages, check_class_coverage, load_splits, random_real_indices,
-                         say_once)
+from ..core.data import DatasetInfo, TensorImages, check_class_coverage, load_splits, random_real_indices
 from ..core.errors import PrismError
 from ..core.io import JsonlLog, save_tensors, write_json
 from ..core.models import create_model
@@ -40,6 +39,9 @@ from ..core.runtime import Timer
 from ..core.scores import missing_line, score_row
 from ..core.training import (DECAY_EXEMPT, ENSEMBLES, OPTIMIZERS, SCHEDULES, decay_groups, evaluate, fit,
                              fixed_soft_labels, fixed_soft_logits, half_sse, make_optimizer)
+from ..core.log import get_logger, say_once
+
+logger = get_logger("validate")
 
 
 @dataclass
@@ -181,7 +183,8 @@ def stored_label_settings(cfg: ValidateConfig, stored: StoredLabels) -> dict:
                  f"[validate] note: the labels in {cfg.labels} were made by teachers {','.join(names) or theirs[0]} "
                  f"with ensemble {theirs[1]}; --protocol {cfg.protocol} labels with {ours[0]} and {ours[1]}; the "
                  f"student trains on the stored labels and its record says so (for the protocol's labels: prismdd "
-                 f"relabel --protocol {cfg.protocol} --distilled {cfg.distilled} --out {cfg.labels} --force)")
+                 f"relabel --protocol {cfg.protocol} --distilled {cfg.distilled} --out {cfg.labels} --force)",
+                 logger="validate")
     return {"label_teachers": names or [theirs[0]], "ensemble": theirs[1],
             "primary_weight": made.get("primary_weight") if theirs[1] == "weighted" else None}
 
@@ -257,8 +260,8 @@ def _scores(cfg: ValidateConfig, top1: float, ipc: int, labellers: list[str] | N
     out = score_row(acc)
     for key in ("lrs", "ars"):
         e = out[key]
-        print(f"[validate] {key.upper()} " + (f"{100 * e['score']:.2f} (x100)" if e["score"] is not None else
-                                              missing_line(e)))
+        logger.info(f"[validate] {key.upper()} " + (f"{100 * e['score']:.2f} (x100)" if e["score"] is not None else
+                                                    missing_line(e)))
     return out
 
 
@@ -371,7 +374,7 @@ def validate(cfg: ValidateConfig) -> dict:
     ctx = dist.init(cfg.device)
     cfg = from_distilled(cfg)
     if cfg.loss == "mse" and not cfg.labels and cfg.distilled and has_learned_labels(cfg.distilled):
-        print(f"[validate] --loss mse: training on the learned labels of {cfg.distilled}")
+        logger.info(f"[validate] --loss mse: training on the learned labels of {cfg.distilled}")
         cfg = dataclasses.replace(cfg, labels=cfg.distilled)  # the same student as with --labels given
     if cfg.rand_augment:
         rand_augment_transform(cfg.rand_augment)  # timm missing or a bad string: refused before any work
@@ -435,8 +438,9 @@ def validate(cfg: ValidateConfig) -> dict:
     if stored is not None and (cfg.mix, cfg.min_scale, cfg.patch_shuffle) != (
             stored.views["mix"], stored.views["min_scale"], stored.views.get("patch_shuffle", 0)):
         # the stored labels belong to their views: replaying them is the only consistent choice
-        print(f"[validate] using the stored views (mix={stored.views['mix']}, min_scale={stored.views['min_scale']}, "
-              f"patch_shuffle={stored.views.get('patch_shuffle', 0)}) from {cfg.labels}")
+        logger.info(f"[validate] using the stored views (mix={stored.views['mix']}, "
+                    f"min_scale={stored.views['min_scale']}, patch_shuffle={stored.views.get('patch_shuffle', 0)}) "
+                    f"from {cfg.labels}")
     out = Path(cfg.out)
     seeds = cfg.seed_list
     students = comma_list(cfg.student)
@@ -456,8 +460,8 @@ def validate(cfg: ValidateConfig) -> dict:
             r = per_student[arch]
             # one run has no spread: "+- 0.00" would read as a measured zero
             spread = f" +- {r['top1_std']:.2f}% over seeds {seeds}" if len(seeds) > 1 else f"% (one run, seed {seeds[0]})"
-            print(f"[validate] {arch}: final-epoch top-1 {r['top1']:.2f}{spread}; best epoch {r['best_top1']:.2f}% "
-                  f"(marked best, not the result)")
+            logger.info(f"[validate] {arch}: final-epoch top-1 {r['top1']:.2f}{spread}; "
+                        f"best epoch {r['best_top1']:.2f}% (marked best, not the result)")
     first = per_student[students[0]]
     label_src = ("stored:" + str(cfg.labels)) if stored else (("online:" + ",".join(online.names)) if online else
                                                               "hard labels")
@@ -518,8 +522,8 @@ def _fixed_labels(cfg: ValidateConfig, data, info: DatasetInfo, labeler, digests
         stored = {"logits": logits, "probs": fixed_soft_labels(logits, cfg.temperature)}
         if ctx.rank == 0:
             save_tensors(stored, path, header)
-        print(f"[validate] fixed soft labels of {len(data)} images by {', '.join(labeler.names)} (T={cfg.temperature:g}) "
-              f"-> {path}")
+        logger.info(f"[validate] fixed soft labels of {len(data)} images by {', '.join(labeler.names)} "
+                    f"(T={cfg.temperature:g}) -> {path}")
     record = dict(settings, file=FIXED_LABELS, sha256=file_digest(path) if path.exists() else None)
     return stored["probs"], record
 

@@ -10,7 +10,7 @@
 The names below are the package's API: import them from ``prismdd.core.data``.
 """
 from .base import (IMAGENET_MEAN, IMAGENET_STD, DatasetInfo, TensorImages, channel_stats, denormalize, normalize,
-                   pixel_bounds, say_once)
+                   pixel_bounds)
 from .cache import CachedFolderImages, cache_root, decode_cache
 from .decode import EVAL_CROPS, FolderImages, centre_crop, crop_ratio, load_image
 from .registry import (DATASETS, FASHION_CLASSES, IDX_FILES, DatasetSpec, check_data, list_datasets, load_dataset,
@@ -22,5 +22,5 @@ __all__ = ["CachedFolderImages", "DATASETS", "DatasetInfo", "DatasetSpec", "EVAL
            "FolderImages", "IDX_FILES", "IMAGENET_MEAN", "IMAGENET_STD", "TensorImages", "cache_root", "centre_crop",
            "channel_stats", "check_class_coverage", "check_data", "class_indices", "crop_ratio", "decode_cache",
            "denormalize", "iterate_batches", "list_datasets", "load_dataset", "load_image", "load_indices",
-           "load_splits", "normalize", "pixel_bounds", "random_real_indices", "read_idx", "say_once", "subset_split",
+           "load_splits", "normalize", "pixel_bounds", "random_real_indices", "read_idx", "subset_split",
            "write_idx"]

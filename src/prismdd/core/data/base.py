@@ -1,6 +1,5 @@
 """What every part of the data package shares: ``DatasetInfo``, the in-memory split ``TensorImages`` (uint8
-(N, C, H, W) until a batch reaches the device), normalisation to the float tensors models see, and the
-once-per-process notices (``say_once``)."""
+(N, C, H, W) until a batch reaches the device), normalisation to the float tensors models see."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -76,14 +75,3 @@ def _stats(info, device):
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     x = images.float() / 255.0
     return tuple(x.mean(dim=(0, 2, 3)).tolist()), tuple(x.std(dim=(0, 2, 3)).tolist())
-
-
-_SAID: set[tuple[str, str]] = set()  # (dataset root or folder, text): notices already printed by this process
-
-
-def say_once(key, text: str) -> None:
-    """Print a notice about ``key`` (a dataset root, a folder) once per process: every stage of ``prismdd run`` loads
-    the same data, and one notice said nine times reads as nine problems."""
-    if (str(key), text) not in _SAID:
-        _SAID.add((str(key), text))
-        print(text)

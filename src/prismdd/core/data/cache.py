@@ -22,6 +22,9 @@ from ..io import atomic_path
 from ..runtime import progress
 from .base import TensorImages
 from .decode import FolderImages
+from ..log import get_logger
+
+logger = get_logger("data")
 
 
 class CachedFolderImages(TensorImages):
@@ -161,12 +164,14 @@ def decode_cache(split: FolderImages, key: str, num_workers: int = 0, what: str 
             problem = _cache_problem(folder, shape)  # asked again: that process may have built or repaired it
             if problem is not None:
                 if problem:
-                    print(f"[data] {what}: the decoded cache {folder} is damaged ({problem}); decoding it again")
+                    logger.warning(f"[data] {what}: the decoded cache {folder} is damaged ({problem}); "
+                                   f"decoding it again")
                 _discard(folder)
                 free = shutil.disk_usage(root).free
                 if free < nbytes * 1.05 + (1 << 30):
-                    print(f"[data] {what}: decoded cache needs {nbytes / 1e9:.1f} GB, {root} has {free / 1e9:.1f} GB "
-                          f"free; decoding from the files every epoch instead (set PRISMDD_CACHE=DIR elsewhere)")
+                    logger.warning(f"[data] {what}: decoded cache needs {nbytes / 1e9:.1f} GB, {root} has "
+                                   f"{free / 1e9:.1f} GB free; decoding from the files every epoch instead "
+                                   f"(set PRISMDD_CACHE=DIR elsewhere)")
                     return split
                 _write_cache(split, folder, shape, num_workers, what)
     arr = np.memmap(folder / "images.u8", dtype=np.uint8, mode="c", shape=shape)  # copy-on-write: never written back
@@ -211,8 +216,8 @@ def _write_cache(split: FolderImages, folder: Path, shape, num_workers: int, wha
     else:
         st = (folder / "images.u8").stat()
         _VERIFIED.add((str((folder / "images.u8").resolve()), st.st_ino, st.st_mtime_ns))  # sealed just now
-    print(f"[data] {what}: decoded {len(split)} images once into {folder} ({nbytes / 1e6:.1f} MB, "
-          f"{meta['decode_seconds']:.1f}s); every later load reuses it")
+    logger.info(f"[data] {what}: decoded {len(split)} images once into {folder} ({nbytes / 1e6:.1f} MB, "
+                f"{meta['decode_seconds']:.1f}s); every later load reuses it")
 
 
 def read_scan(key: str) -> dict | None:

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PrismError
-from .base import IMAGENET_MEAN, IMAGENET_STD, DatasetInfo, TensorImages, channel_stats, say_once
+from ..log import say_once
+from .base import IMAGENET_MEAN, IMAGENET_STD, DatasetInfo, TensorImages, channel_stats
 from .cache import cache_key, decode_cache, files_digest, read_scan, write_scan
 from .decode import (ALPHA_BACKGROUND, GREY_MODES, IMAGE_EXTENSIONS, PALETTE_MODES, FolderImages, crop_ratio,
                      exif_orientation, has_alpha)
