@@ -324,6 +324,7 @@ def _build(root: str, result: str) -> None:
                                         "cache": train.cache.name, "said": said.getvalue()}))
 
 
+@pytest.mark.slow
 def test_two_processes_building_one_cache_end_with_one_good_copy(tmp_path):
     import multiprocessing
 

@@ -206,6 +206,7 @@ def quick_audit(cli, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_quick_audit_writes_every_target(quick_audit):
     result = json.loads((quick_audit / "audit.json").read_text())
     rows = result["targets"]
@@ -230,6 +231,7 @@ def test_quick_audit_writes_every_target(quick_audit):
     assert json.loads((quick_audit / "manifest.json").read_text())["stage"] == "audit"
 
 
+@pytest.mark.slow
 def test_quick_audit_resumes_identically_and_refuses_other_settings(quick_audit, cli):
     before = json.loads((quick_audit / "audit.json").read_text())["targets"]
     assert cli(["audit", "--dataset", "digits", "--quick", "--out", quick_audit, "--device", "cpu",

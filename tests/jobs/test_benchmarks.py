@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # benchmark scripts in subprocesses: out of `pytest -m "not slow"`
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

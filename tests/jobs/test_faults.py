@@ -90,6 +90,7 @@ def tmp_files(folder: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- kill -9, two writers, resume
+@pytest.mark.slow
 def test_recover_second_writer_refused_kill9_then_resume_is_identical(zoo, prism_run, recover_run, tmp_path, cli,
                                                                       capsys):
     """A recover holds its folder; a second recover there gets one line; after the first is killed -9 mid-write
@@ -124,6 +125,7 @@ def test_recover_second_writer_refused_kill9_then_resume_is_identical(zoo, prism
         assert {k: v for k, v in mine.items() if k != "seconds"} == {k: v for k, v in ref.items() if k != "seconds"}
 
 
+@pytest.mark.slow
 def test_squeeze_kill9_then_resume_is_identical(tmp_path, cli):
     """kill -9 while squeeze writes its second checkpoint; the re-run resumes and ends bit-identical."""
     settings = dict(dataset="digits", arch="convnet", width=0.25, epochs=2, batch_size=256, device="cpu")
@@ -143,6 +145,7 @@ def test_squeeze_kill9_then_resume_is_identical(tmp_path, cli):
     assert not tmp_files(out) and not (out / LOCK_FILE).exists()
 
 
+@pytest.mark.slow
 def test_relabel_kill9_then_resume_is_identical(prism_run, zoo, tmp_path, cli):
     """kill -9 with epoch 1's label file written but not renamed; the re-run keeps epoch 0, redoes epoch 1 and
     the files equal an uninterrupted run's."""
@@ -162,6 +165,7 @@ def test_relabel_kill9_then_resume_is_identical(prism_run, zoo, tmp_path, cli):
     assert not tmp_files(out) and not (out / LOCK_FILE).exists()
 
 
+@pytest.mark.slow
 def test_lock_is_exclusive_reentrant_and_stale_after_death(tmp_path, capsys):
     folder = tmp_path / "out"
     folder.mkdir()
@@ -206,6 +210,7 @@ def test_a_lock_file_whose_flock_is_free_is_taken_over(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- full disk, permissions
+@pytest.mark.slow
 def test_disk_full_via_file_size_limit_is_one_line(prism_run, zoo, tmp_path):
     """A real short write: RLIMIT_FSIZE makes the label file's write fail with EFBIG (errno 27), as ENOSPC would."""
     out = tmp_path / "labels"
@@ -411,6 +416,7 @@ def test_atomic_files_honour_the_umask(tmp_path, umask, mode):
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == mode == (tmp_path / "plain").stat().st_mode & 0o777
 
 
+@pytest.mark.slow
 def test_orphan_tmp_files_of_dead_writers_are_removed(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()

@@ -245,6 +245,7 @@ WRITE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_safetensors_files_are_byte_reproducible_across_processes(tmp_path):
     """The header's metadata came out in a per-process hash order: the same labels had other bytes (and digests)."""
     paths = [tmp_path / f"{i}.safetensors" for i in range(2)]  # 12 keys: two processes hash them alike 1 in 12!

@@ -14,6 +14,8 @@ from PIL import Image
 from prismdd.core.data import load_dataset
 from prismdd.core.io import read_json
 
+pytestmark = pytest.mark.slow  # whole `prismdd run` jobs: out of `pytest -m "not slow"`
+
 # as tests/jobs/test_pipeline.py: smaller than --quick
 SMALL = ["--set", "teacher_steps=60", "--set", "observer_steps=60", "--set", "iterations=10",
          "--set", "student_epochs=6", "--set", "full_steps=30", "--set", "eval_every=3"]

@@ -23,6 +23,8 @@ from prismdd.stages.recover import recover, recover_config
 from conftest import TINY_RECOVER
 from test_faults import child, same_images, tmp_files
 
+pytestmark = pytest.mark.slow  # kill -9 / SIGTERM of subprocesses: out of `pytest -m "not slow"`
+
 # the renames of a tiny run (ipc 2, batch 8, 3 iterations): 1 the lock, 2 inputs.json, then (G-VBSM, EDC) one
 # statistics file per teacher, then per batch its PNGs and its record
 TINY_SD = object()  # stands for the folder of a tiny Stable Diffusion, made only for the case that needs it

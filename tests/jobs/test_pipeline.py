@@ -54,6 +54,7 @@ def quick_run(cli, tmp_path_factory):
     return r
 
 
+@pytest.mark.slow
 def test_results_rows(quick_run):
     res = quick_run.results
     rows = res["rows"]
@@ -84,6 +85,7 @@ def test_results_rows(quick_run):
     assert res["dataset"] == "digits" and res["ipc"] == 10 and "FINAL epoch" in res["protocol"]
 
 
+@pytest.mark.slow
 def test_config_and_manifest(quick_run):
     out = quick_run.dir
     assert (out / "config.yaml").exists()
@@ -99,6 +101,7 @@ def test_config_and_manifest(quick_run):
     assert sorted(re.sub(r"-[0-9a-f]{10}$", "", s) for s in quick_run.stages) == sorted(STAGES)
 
 
+@pytest.mark.slow
 def test_report_is_self_contained(quick_run):
     html = quick_run.html
     assert html.startswith("<!DOCTYPE html>")
@@ -117,6 +120,7 @@ def test_report_is_self_contained(quick_run):
         assert (quick_run.dir / "figures" / name).stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_rerun_reuses_every_stage(cli, quick_run):
     r = run_cli(cli, base_argv(quick_run.dir))
     assert r.code == 0, r.err[-3000:]
@@ -129,6 +133,7 @@ def test_rerun_reuses_every_stage(cli, quick_run):
     assert [(x["method"], x["top1"]) for x in rows] == [(x["method"], x["top1"]) for x in quick_run.results["rows"]]
 
 
+@pytest.mark.slow
 def test_changed_recovery_setting_redoes_only_what_depends_on_it(cli, quick_run):
     r = run_cli(cli, base_argv(quick_run.dir) + ["--set", "iterations=11"])
     assert r.code == 0, r.err[-3000:]

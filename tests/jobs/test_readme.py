@@ -7,12 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from prismdd.core.io import read_json
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_api_snippet_runs_as_written(tmp_path):
     snippet = README.split("Python API:", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     proc = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True,
@@ -36,6 +39,7 @@ def _commands(text: str) -> list[str]:
     return [" ".join(line.split()) for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
+@pytest.mark.slow
 def test_going_on_from_the_main_job_as_written(tmp_path):
     """Issue 36: after a main job (tiny settings), the README's commands that go on from it run as written in a
     shell, and they are the commands the job printed at its end with its own folders and settings filled in."""

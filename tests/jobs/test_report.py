@@ -196,6 +196,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 IN_CI = bool(os.environ.get("CI"))  # .ci/run installs chromium: there the browser test must run, not skip
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None and not IN_CI, reason="chromium not installed (apt-get install chromium)")
 def test_report_renders_in_a_headless_browser(report, tmp_path):
     assert CHROMIUM is not None, "CI must have chromium (.ci/run installs it)"

@@ -236,6 +236,7 @@ def prismdd(args, **kw):
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_kill9_then_resume_is_bit_identical(tmp_path):
     # the whole state (images, labels, moments, pool networks, BN buffers, ages) must survive a kill -9
     a, b = tmp_path / "A", tmp_path / "B"

@@ -5,7 +5,6 @@ names the reference line behind each check."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -211,8 +210,8 @@ def test_patch_shuffle_stored_equals_online(prism_run, zoo, tmp_path):
     sa = load_file(str(tmp_path / "stored" / "convnet_seed0" / "model.safetensors"))
     sb = load_file(str(tmp_path / "online" / "convnet_seed0" / "model.safetensors"))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    c = validate(validate_config(out=str(tmp_path / "plain"), teachers=str(zoo), batch_size=8,
-                                 **dict(common, patch_shuffle=0)))
+    validate(validate_config(out=str(tmp_path / "plain"), teachers=str(zoo), batch_size=8,
+                             **dict(common, patch_shuffle=0)))
     sc = load_file(str(tmp_path / "plain" / "convnet_seed0" / "model.safetensors"))
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)  # the shuffle did change the inputs
 

@@ -124,8 +124,8 @@ def test_stored_labels_replay_online_rand_augment(prism_run, zoo, tmp_path):
     sa = load_file(str(tmp_path / "stored" / "convnet_seed0" / "model.safetensors"))
     sb = load_file(str(tmp_path / "online" / "convnet_seed0" / "model.safetensors"))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    c = validate(validate_config("delt", out=str(tmp_path / "plain"), teachers=str(zoo), batch_size=8,
-                                 **dict(common, rand_augment="")))
+    validate(validate_config("delt", out=str(tmp_path / "plain"), teachers=str(zoo), batch_size=8,
+                             **dict(common, rand_augment="")))
     sc = load_file(str(tmp_path / "plain" / "convnet_seed0" / "model.safetensors"))
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)  # RandAugment did change the inputs
     with pytest.raises(PrismError, match="--rand-augment ''"):
@@ -156,6 +156,7 @@ def test_posterize_to_zero_bits_gives_black_instead_of_stopping_training():
     assert np.array_equal(np.asarray(op.aug_fn(img, 8)), np.asarray(img))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channels", [3, 1])
 def test_worker_processes_give_the_serial_result(channels):
     """Each image's draw comes from its own seed, so splitting the batch over processes changes nothing."""
@@ -169,6 +170,7 @@ def test_worker_processes_give_the_serial_result(channels):
     assert random.getstate() == state
 
 
+@pytest.mark.slow
 def test_a_process_that_used_the_pool_exits_without_traceback_text():
     """Issue 36: the pool kept for the process's life is shut down at exit while the interpreter is whole; collected
     during its teardown it printed ``Exception ignored in ... weakref_cb ... AttributeError`` after a green run."""

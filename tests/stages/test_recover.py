@@ -547,6 +547,7 @@ def test_missing_teacher_in_pool(recover_run, tmp_path):
         recover_run(tmp_path / "n", "prism", teachers=str(tmp_path))
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_match_single_process(prism_run, zoo, tmp_path):
     out = tmp_path / "ddp"
     run_torchrun(["recover", "--method", "prism", "--dataset", "digits", "--teachers", zoo, "--out", out,

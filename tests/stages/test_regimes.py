@@ -108,6 +108,7 @@ def test_paired_margin_and_summary():
     assert s["beats_random"] is False and "not more than the seed spread" in summary_line(s)
 
 
+@pytest.mark.slow
 def test_run_three_regimes_in_results(zoo, tmp_path, cli):
     """prismdd run --regimes hard,soft,kd: every row, random real and full data included, has the three columns in
     results.json, the terminal table and the report."""

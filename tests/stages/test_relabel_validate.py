@@ -513,6 +513,7 @@ def test_labels_folder_must_be_a_relabel_output(prism_run, tmp_path):
 
 
 # ----------------------------------------------------------------------------- torchrun
+@pytest.mark.slow
 def test_torchrun_validate_two_ranks(prism_run, zoo, tmp_path):
     out = tmp_path / "ddp"
     run_torchrun(["validate", "--dataset", "digits", "--distilled", prism_run, "--teachers", zoo,

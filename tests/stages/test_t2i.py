@@ -223,6 +223,7 @@ def test_seed_table6_configs_load_and_get_their_family(name):
     assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted(TABLE6)
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_make_the_single_process_images(tiny_sd, tmp_path):
     """torchrun shards t2i's batches as recover shards any method's: two ranks write the images one process writes."""
     from conftest import run_torchrun
