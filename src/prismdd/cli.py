@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import errno
 import importlib
+import os
 import signal
 import sys
 import typing
@@ -207,9 +208,17 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
+# OpenMP threads that wait by sleeping instead of spinning: torch's libgomp reads this once, when torch is first
+# imported (here, only when a stage runs). With spinning waiters two jobs of 2 threads on 2 cores ran 4-5x slower
+# than with one thread each; passive waiters removed that (BENCHMARKS.md section 14). A value the user set wins.
+WAIT_POLICY = "PASSIVE"
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the command line, not the API: a Python caller keeps its own SIGTERM handling
         signal.signal(signal.SIGTERM, _terminate)
+    if "torch" not in sys.modules:  # too late once torch is loaded (a Python caller's own torch settings stand)
+        os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
     parser = build_parser(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if not args.command:
