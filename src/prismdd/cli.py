@@ -72,8 +72,8 @@ def _add_config_flags(p: argparse.ArgumentParser, cls, chosen: dict | None = Non
         hidden = [title for title, _, _, shown in sections if not shown]
         sections[0] = (sections[0][0], f"{sections[0][1]} ({where})", *sections[0][2:])
         if hidden:
-            p.epilog = (f"Options of {', '.join(hidden)} act on other methods: left out here, listed by "
-                        f"`prismdd recover --help`.")
+            p.epilog = (f"The options of {', '.join(hidden)} act on other methods and are left out here "
+                        f"(`prismdd {p.prog.split()[-1]} --help` lists them).")
     else:
         sections = [(f"options ({where})", None, list(fields), True)]
     for title, description, names, shown in sections:

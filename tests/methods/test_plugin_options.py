@@ -350,3 +350,84 @@ def test_recover_config_hash_and_fields_unchanged(method, overrides, chash, diff
     cfg = recover_config(method, **BASE, **overrides)
     assert config_to_dict(cfg) == {**PRISM, **diff}
     assert config_hash(cfg) == chash
+
+
+# ----------------------------------------------------------------------------- each method owns its options
+def _sections(helptext: str) -> dict[str, list[str]]:
+    """``--help``'s argument sections: title -> the flags listed under it."""
+    out, title = {}, None
+    for line in helptext.splitlines():
+        if line and not line.startswith(" ") and line.endswith(":"):
+            title = line[:-1]
+            out[title] = []
+        elif title and line.startswith("  --"):
+            out[title].append(line.split()[0].rstrip(","))
+    return out
+
+
+def _help(cli, capsys, argv) -> str:
+    assert cli(argv) == 0
+    return capsys.readouterr().out
+
+
+def test_no_plugin_field_or_check_is_declared_in_the_stage():
+    import dataclasses
+    import inspect
+
+    from prismdd.methods import option_groups
+    from prismdd.stages import recover as stage
+
+    groups = option_groups()
+    assert {g.name for g in groups} >= {"frepo", "d4m", "t2i", "dwa", "edc", "gvbsm", "rded", "multires", "clip"}
+    prefixes = tuple(g.name + "_" for g in groups)
+    assert not [f.name for f in dataclasses.fields(stage.EngineConfig) if f.name.startswith(prefixes)]
+    source = inspect.getsource(stage)
+    assert not [p for p in prefixes if f"cfg.{p}" in source or f"self.{p}" in source or f"    {p}" in source]
+    # every group's field is a field of RecoverConfig, with the metadata its module declared
+    fields = {f.name: f for f in dataclasses.fields(stage.RecoverConfig)}
+    for g in groups:
+        assert g.__module__.startswith("prismdd.methods.")
+        for f in dataclasses.fields(g):
+            assert dict(fields[f.name].metadata) == dict(f.metadata) and fields[f.name].default == f.default
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"frepo_lr_floor": 1.5}, "--frepo-lr-floor 1.5: the factor"),
+    ({"d4m_prompt": "x"}, "--d4m-prompt 'x': must contain {name}"),
+    ({"multires_step": 2}, "--multires-step 2: only --param multires uses it"),
+    ({"clip_weight": 0.5}, "--clip-weight 0.5: weighs the CLIP prior"),
+    ({"edc_momentum": 1.0}, "--edc-momentum 1.0: expected 0 <= momentum < 1"),
+])
+def test_a_groups_checks_run_when_the_config_is_built(flags, message):
+    from prismdd.core.errors import PrismError
+
+    with pytest.raises(PrismError, match=message.replace("{", r"\{").replace("}", r"\}").replace("+", r"\+")):
+        recover_config("sre2l", **BASE, **flags)
+
+
+def test_help_lists_the_engine_then_one_section_per_plugin(cli, capsys):
+    sections = _sections(_help(cli, capsys, ["recover", "--help"]))
+    titles = [t for t in sections if t not in ("usage", "options")]
+    assert titles[0] == "engine" and "--ipc" in sections["engine"] and "--frepo-width" not in sections["engine"]
+    assert titles[1:] == ["parametrisation multires", "prior clip", "plug-in d4m", "plug-in dwa", "plug-in edc",
+                          "plug-in frepo", "plug-in gvbsm", "plug-in rded", "plug-in t2i"]
+    assert "--frepo-width" in sections["plug-in frepo"] and "--clip-prior" in sections["prior clip"]
+
+
+@pytest.mark.parametrize("method, own, optimises", [
+    ("sre2l", None, True), ("frepo", "frepo", False), ("edc", "edc", True), ("rded", "rded", False),
+    ("d4m", "d4m", False), ("t2i", "t2i", False), ("dwa", "dwa", True), ("gvbsm", "gvbsm", True),
+])
+def test_help_for_a_method_shows_the_engine_and_its_own_options_only(cli, capsys, method, own, optimises):
+    sections = _sections(_help(cli, capsys, ["recover", "--method", method, "--help"]))
+    plugins = [t for t in sections if t.startswith("plug-in ")]
+    assert plugins == ([f"plug-in {own}"] if own else [])
+    assert ("parametrisation multires" in sections) is optimises and ("prior clip" in sections) is optimises
+    assert "--ipc" in sections["engine"]
+
+
+def test_an_option_left_out_of_a_methods_help_still_parses():
+    from prismdd.cli import build_parser, config_from_args
+
+    argv = ["recover", "--method", "sre2l", "--frepo-width", "2", "--dataset", "digits"]
+    assert config_from_args("recover", build_parser(argv).parse_args(argv)).frepo_width == 2.0
