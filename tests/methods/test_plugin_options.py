@@ -770,3 +770,34 @@ def test_relabel_and_validate_hash_and_fields_unchanged(cls_name, protocol, over
     cfg = build_config(cls, dict(LABEL_BASE, protocol=protocol, **overrides))
     assert config_to_dict(cfg) == {**base, **diff}
     assert config_hash(cfg) == chash
+
+
+def test_relabel_and_validate_declare_their_label_options_once():
+    import dataclasses
+
+    from prismdd.core.labels import LabelOptions
+    from prismdd.core.training import ENSEMBLES
+    from prismdd.stages.relabel import RelabelConfig
+    from prismdd.stages.validate import ValidateConfig
+
+    shared = {f.name: f for f in dataclasses.fields(LabelOptions)}
+    assert {"label_teachers", "ensemble", "primary_weight", "epochs", "batch_size", "batch_rule", "min_scale", "mix",
+            "patch_shuffle", "rand_augment"} == set(shared)
+    for cls in (RelabelConfig, ValidateConfig):
+        assert issubclass(cls, LabelOptions)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name, f in shared.items():
+            assert fields[name].metadata is f.metadata or dict(fields[name].metadata) == dict(f.metadata)
+    # one help text, naming every ensemble rule combine_logits knows
+    assert all(f" {rule} " in shared["ensemble"].metadata["help"] + " " for rule in ENSEMBLES)
+    assert shared["ensemble"].metadata["choices"] == ENSEMBLES
+
+
+def test_relabel_and_validate_help_give_the_same_text_for_a_label_option(cli, capsys):
+    def ensemble_help(command):
+        text = _help(cli, capsys, [command, "--help"])
+        return " ".join(text.split("\n  --ensemble ENSEMBLE", 1)[1].split("\n  --", 1)[0].split())
+
+    # the same text; only the default shown differs (validate's default protocol, prism, sets norm-matched)
+    assert ensemble_help("relabel").split(" [default")[0] == ensemble_help("validate").split(" [default")[0]
+    assert "norm-matched-sample" in ensemble_help("validate")
