@@ -340,5 +340,5 @@ def replace(cfg, **changes):
     return build_config(type(cfg), config_to_dict(cfg), changes)
 
 
-__all__ = ["CommonConfig", "assemble_config", "build_config", "config_hash", "config_to_dict", "comma_list", "opt", "save_config",
-           "load_yaml", "parse_sets", "replace", "field", "dataclass"]
+__all__ = ["CommonConfig", "assemble_config", "build_config", "config_hash", "config_to_dict", "comma_list", "opt",
+           "save_config", "load_yaml", "parse_sets", "replace", "field", "dataclass"]

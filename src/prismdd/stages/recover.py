@@ -159,14 +159,14 @@ class EngineConfig(CommonConfig):
         parse (a wrong one is refused when the config is checked or run), they are only left out of the listing."""
         plugin = PLUGINS.get(values["plugin"]) if values.get("plugin") in PLUGINS else None
         own = {f.name for g in cls.OPTION_GROUPS for f in dataclasses.fields(g)}
-        sections = [("engine", "the options of recover's engine, which every method shares", [f.name for f in dataclasses.fields(cls)
-                                                                         if f.name not in own], True)]
+        engine = [f.name for f in dataclasses.fields(cls) if f.name not in own]
+        sections = [("engine", "the options of recover's engine, which every method shares", engine, True)]
+        kinds = {"plugin": "plug-in", "param": "parametrisation", "prior": "prior"}
         for g in cls.OPTION_GROUPS:
-            shown = (not chosen or plugin is None or (g.name == plugin.name if g.kind == "plugin"
-                                                      else plugin.engine_optimises))
-            what = {"plugin": "plug-in", "param": "parametrisation", "prior": "prior"}[g.kind]
-            sections.append((f"{what} {g.name}", " ".join((g.__doc__ or "").replace("``", "").split()), [f.name for f in dataclasses.fields(g)],
-                             shown))
+            shown = (not chosen or plugin is None
+                     or (g.name == plugin.name if g.kind == "plugin" else plugin.engine_optimises))
+            about = " ".join((g.__doc__ or "").replace("``", "").split())
+            sections.append((f"{kinds[g.kind]} {g.name}", about, [f.name for f in dataclasses.fields(g)], shown))
         return sections
 
 
@@ -291,8 +291,10 @@ def recover(cfg: RecoverConfig) -> Path:
                          f"{cfg.method} uses none; use first or random")
     else:
         primary, teachers, pool = None, {}, []
+    # options that act on the engine's pixel optimisation: its own, and any parametrisation or prior group switched on
     engine_only = [f"{f} {v}" for f, v, off in (("--param", cfg.param, "pixels"), ("--view-noise", cfg.view_noise, 0.0))
-                   if v != off] + [on for g in cfg.OPTION_GROUPS if g.kind != "plugin" and (on := g.in_use(cfg))]
+                   if v != off]
+    engine_only += [g.in_use(cfg) for g in cfg.OPTION_GROUPS if g.kind != "plugin" and g.in_use(cfg)]
     if engine_only and not plugin_cls.engine_optimises:
         # FRePo does optimise its pixels, in a loop of its own: the message must not say otherwise
         how = ("optimises its pixels in its own loop, not with recover's engine that this option acts on" if
