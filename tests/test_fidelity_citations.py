@@ -13,7 +13,7 @@ Tests are named `test_x`, `test_x[param]` or `tests/a.py::test_x`, often after a
   assignment (``NAME =``, a dataclass field ``name: ...``) or a YAML key. A bare name belongs to the nearest file
   cited before it in the same table cell; one cited before any file of its cell must be defined somewhere in the
   package. ``Class.member`` and ``module.name`` locate themselves (the package's class or module). A stage config
-  field (a CLI option) and a word the package uses as a string (an option value such as `half_cosine`, a record key
+  field (a CLI option, declared in a ``*Config`` class or in a method's ``*Options`` group) and a word the package uses as a string (an option value such as `half_cosine`, a record key
   such as `rded_patches`) are values, accepted wherever they are cited;
 - every cited test is defined: in the test file named by ``path::`` or by the section's letter, else under tests/.
 
@@ -277,7 +277,7 @@ def package() -> tuple[frozenset[str], dict[str, list[Path]], dict[str, list[Pat
                 values.add(node.value)
             if isinstance(node, ast.ClassDef):
                 classes.setdefault(node.name, []).append(p)
-                if node.name.endswith("Config"):
+                if node.name.endswith(("Config", "Options")):  # a config, or a method's option group (methods/)
                     values.update(n for stmt in node.body if isinstance(stmt, ast.AnnAssign) for n in _targets(stmt))
     return frozenset(names), classes, modules, frozenset(values)
 

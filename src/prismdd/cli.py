@@ -13,13 +13,14 @@ import argparse
 import dataclasses
 import errno
 import importlib
+import os
 import signal
 import sys
 import typing
 
 from safetensors import SafetensorError
 
-from .core.config import build_config, field_default, field_help, load_yaml, parse_sets, preset_defaults
+from .core.config import build_config, config_fields, field_default, field_help, load_yaml, parse_sets, preset_defaults
 from .core.errors import PrismError
 from .core.log import configure, level_of
 from .core.presets import list_presets
@@ -60,29 +61,47 @@ def _lazy(module: str, name: str):
 
 def _add_config_flags(p: argparse.ArgumentParser, cls, chosen: dict | None = None) -> None:
     """One flag per config field; ``--help`` shows the defaults in effect for the preset ``chosen`` picks
-    (e.g. ``prismdd recover --method sre2l --help`` shows SRe2L's budget and init, not the base defaults)."""
+    (e.g. ``prismdd recover --method sre2l --help`` shows SRe2L's budget and init, not the base defaults).
+    A class with ``help_groups`` (recover) lists its fields in sections, the engine's and one per method; a
+    section it marks as not shown keeps its flags (they still parse) out of the listing."""
     hints = typing.get_type_hints(cls)
     preset, defaults = preset_defaults(cls, chosen or {})
-    g = p.add_argument_group("options (any of them also as --set key=value or in --config FILE.yaml)"
-                             + (f"; defaults shown are those of the preset {preset!r}" if preset else ""))
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        default = defaults[f.name]
-        mark = " from the preset" if preset and default != field_default(f) else ""
-        # one default per option: a help that says what an unset (None) option means gets no "[default: None]"
-        said = default is None and "default" in field_help(f).lower()
-        h = (field_help(f) if said else f"{field_help(f)} [default{mark}: {default}]").strip().replace("%", "%%")
-        # --x switches a field on, --no-x off; unset leaves the default/preset value (or None: decided at run time)
-        if hints[f.name] is bool or set(typing.get_args(hints[f.name])) == {bool, type(None)}:
-            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
-        else:
-            g.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=h)
+    where = ("any of them also as --set key=value or in --config FILE.yaml"
+             + (f"; defaults shown are those of the preset {preset!r}" if preset else ""))
+    fields = config_fields(cls)
+    if hasattr(cls, "help_groups"):
+        sections = cls.help_groups(defaults, bool(chosen))
+        hidden = [title for title, _, _, shown in sections if not shown]
+        sections[0] = (sections[0][0], f"{sections[0][1]} ({where})", *sections[0][2:])
+        if hidden:
+            p.epilog = (f"The options of {', '.join(hidden)} act on other methods and are left out here "
+                        f"(`prismdd {p.prog.split()[-1]} --help` lists them).")
+    else:
+        sections = [(f"options ({where})", None, list(fields), True)]
+    for title, description, names, shown in sections:
+        g = p.add_argument_group(title, description) if shown else p
+        for name in names:
+            _add_flag(g, fields[name], hints[name], defaults[name], preset, shown)
     if getattr(cls, "POSITIONAL", None):  # e.g. `prismdd export DIR`: the field also as the first bare argument
         p.add_argument("positional", nargs="?", default=None, metavar=cls.POSITIONAL.upper(),
                        help=f"the same as --{cls.POSITIONAL.replace('_', '-')}")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of key: value settings")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any option (repeatable), e.g. --set iterations=500")
+
+
+def _add_flag(g, f: dataclasses.Field, hint, default, preset: str | None, shown: bool) -> None:
+    flag = "--" + f.name.replace("_", "-")
+    mark = " from the preset" if preset and default != field_default(f) else ""
+    # one default per option: a help that says what an unset (None) option means gets no "[default: None]"
+    said = default is None and "default" in field_help(f).lower()
+    h = (field_help(f) if said else f"{field_help(f)} [default{mark}: {default}]").strip().replace("%", "%%")
+    h = h if shown else argparse.SUPPRESS
+    # --x switches a field on, --no-x off; unset leaves the default/preset value (or None: decided at run time)
+    if hint is bool or set(typing.get_args(hint)) == {bool, type(None)}:
+        g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
+    else:
+        g.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=h)
 
 
 def config_from_args(name: str, args: argparse.Namespace):
@@ -219,9 +238,17 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
+# OpenMP threads that wait by sleeping instead of spinning: torch's libgomp reads this once, when torch is first
+# imported (here, only when a stage runs). With spinning waiters two jobs of 2 threads on 2 cores ran 4-5x slower
+# than with one thread each; passive waiters removed that (BENCHMARKS.md section 14). A value the user set wins.
+WAIT_POLICY = "PASSIVE"
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the command line, not the API: a Python caller keeps its own SIGTERM handling
         signal.signal(signal.SIGTERM, _terminate)
+    if "torch" not in sys.modules:  # too late once torch is loaded (a Python caller's own torch settings stand)
+        os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
     parser = build_parser(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if not args.command:

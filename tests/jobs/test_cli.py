@@ -1,6 +1,8 @@
 """The prismdd command: help, listings, and one-line errors (exit code 2) for unknown names / keys."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from prismdd.core.presets import METHODS
@@ -323,6 +325,22 @@ def test_one_default_per_option_in_help(cli, capsys):
         options = " ".join(out.split()).split(" --")[1:]  # one option (flag, help, default) per item
         twice = [o for o in options if "[default: None]" in o and "default" in o.split("[default")[0].lower()]
         assert code == 0 and not twice, (command, twice)
+
+
+@pytest.mark.parametrize("preset", [None, "ACTIVE"])
+def test_the_command_line_makes_openmp_waiters_passive_unless_told(preset):
+    """Spinning OpenMP waiters made two 2-thread jobs on 2 cores 4-5x slower (BENCHMARKS.md section 14): the
+    command sets OMP_WAIT_POLICY=PASSIVE before torch loads; a value the user set is kept."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    code = ("import os, sys; from prismdd.cli import main; main(['datasets']); "
+            "print('policy', os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.strip().splitlines()[-1].split()[:2] == ["policy", preset or "PASSIVE"]
 
 
 # ----------------------------------------------------------------------------- issue 32: logging

@@ -316,9 +316,29 @@ def _check_field(f: dataclasses.Field, value: Any) -> None:
                 raise PrismError(f"{flag} {v}: must be >= {low}")
 
 
+def assemble_config(name: str, base: type, groups: Iterable[type], module: str) -> type:
+    """The dataclass ``name``: ``base``'s fields, then those of every dataclass in ``groups`` (declared elsewhere,
+    e.g. beside a method's code) under their own flat names, with their metadata as declared, so help, checks and
+    the config hash treat them as fields of ``base``. ``groups`` is kept as ``OPTION_GROUPS``."""
+    groups = tuple(groups)
+    taken = set(config_fields(base))
+    extra = []
+    for g in groups:
+        hints = typing.get_type_hints(g)
+        for f in dataclasses.fields(g):
+            if f.name in taken:
+                raise ValueError(f"{g.__name__}.{f.name}: already a field of {name}")
+            taken.add(f.name)
+            extra.append((f.name, hints[f.name], field(default=f.default, default_factory=f.default_factory,
+                                                       metadata=f.metadata)))
+    cls = dataclasses.make_dataclass(name, extra, bases=(base,), namespace={"OPTION_GROUPS": groups})
+    cls.__module__ = module  # pickles and reprs as a class of the module that assembles it
+    return cls
+
+
 def replace(cfg, **changes):
     return build_config(type(cfg), config_to_dict(cfg), changes)
 
 
-__all__ = ["CommonConfig", "build_config", "config_hash", "config_to_dict", "comma_list", "opt", "save_config",
-           "load_yaml", "parse_sets", "replace", "field", "dataclass"]
+__all__ = ["CommonConfig", "assemble_config", "build_config", "config_hash", "config_to_dict", "comma_list", "opt",
+           "save_config", "load_yaml", "parse_sets", "replace", "field", "dataclass"]

@@ -1,12 +1,13 @@
-"""Method plug-ins for recovery (see ``base.py``); importing this package registers every plug-in."""
-from .base import PLUGINS, Plugin
-from .params import PARAMS, Param
-from . import rded  # noqa: F401  (registers the plug-in)
-from . import gvbsm  # noqa: F401  (registers the plug-in)
-from . import dwa  # noqa: F401  (registers the plug-in)
-from . import edc  # noqa: F401  (registers the plug-in)
-from . import d4m  # noqa: F401  (registers the plug-in; diffusers is imported only when it runs)
-from . import t2i  # noqa: F401  (registers the plug-in; diffusers is imported only when it runs)
-from . import frepo  # noqa: F401  (registers the plug-in)
+"""Method plug-ins for recovery (see ``base.py``). Importing this package imports every module in it, which
+registers every plug-in and its options: a new method is one new module here (docs/PLUGINS.md), with no line to
+add elsewhere. diffusers and transformers are imported only when their plug-in runs."""
+import importlib
+import pkgutil
 
-__all__ = ["PARAMS", "PLUGINS", "Param", "Plugin"]
+from .base import OPTIONS, Options, PLUGINS, Plugin, option_groups, options
+from .params import PARAMS, Param
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["OPTIONS", "PARAMS", "PLUGINS", "Options", "Param", "Plugin", "option_groups", "options"]

@@ -12,6 +12,7 @@ seed), never of how many batches this process has run.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import ClassVar
 
@@ -93,3 +94,53 @@ class Plugin:
 
 PLUGINS: Registry[type[Plugin]] = Registry("recovery plug-in")
 PLUGINS.register("none", Plugin)
+
+
+class Options:
+    """A method's own options: a group of ``opt`` fields declared next to its code, each name prefixed with the
+    group's (``frepo_width``: ``--frepo-width``, ``cfg.frepo_width``). Recover's config is the engine's fields plus
+    every registered group's under the same flat names (``stages/recover.py``), and ``--help`` shows each group
+    under its own heading. Declare one with ``@options(name, kind)`` on a subclass."""
+
+    name: ClassVar[str] = ""
+    # plugin: shown with --method NAME --help where NAME's preset sets --plugin to it; param and prior act on the
+    # engine's pixel optimisation, so they are shown only for methods whose pixels the engine optimises
+    kind: ClassVar[str] = "plugin"
+
+    @staticmethod
+    def check(cfg) -> None:
+        """Rules that involve several fields (one field's bounds and choices are checked by ``opt``); ``cfg`` is the
+        whole recover config, so a rule may read the engine's fields. Raise ``PrismError`` naming the flag."""
+
+    @staticmethod
+    def in_use(cfg) -> str | None:
+        """param and prior groups: the flag and value that switch the group on in ``cfg`` (e.g. ``--clip-prior
+        MODEL``), else None; recover refuses it for a method the engine does not optimise."""
+        return None
+
+
+OPTION_KINDS = ("param", "prior", "plugin")  # the order of the groups in recover's config and its --help
+OPTIONS: Registry[type[Options]] = Registry("option group")
+
+
+def options(name: str, kind: str = "plugin"):
+    """Class decorator: make ``cls`` a dataclass of options and register it under ``name`` (a plug-in's group
+    under the plug-in's own name). Every field must carry ``name_`` as a prefix: flat names of different
+    methods can then never collide."""
+    if kind not in OPTION_KINDS:
+        raise ValueError(f"option group {name!r}: kind {kind!r}, expected one of {', '.join(OPTION_KINDS)}")
+
+    def add(cls: type[Options]) -> type[Options]:
+        cls = dataclasses.dataclass(cls)
+        cls.name, cls.kind = name, kind
+        stray = [f.name for f in dataclasses.fields(cls) if not f.name.startswith(name + "_")]
+        if stray:
+            raise ValueError(f"option group {name!r}: {', '.join(stray)} lack the prefix {name + '_'!r}")
+        return OPTIONS.register(name, cls)
+
+    return add
+
+
+def option_groups() -> list[type[Options]]:
+    """Every registered group, parametrisations first, then priors, then plug-ins, each by name: recover's order."""
+    return sorted((g for _, g in OPTIONS.items()), key=lambda g: (OPTION_KINDS.index(g.kind), g.name))

@@ -35,12 +35,12 @@ import torch.nn.functional as F
 
 from ..core.augment import apply_views, jitter, sample_views, scale_jitter
 from ..core.bn import channel_var_mean
-from ..core.config import config_hash
+from ..core.config import config_hash, opt
 from ..core.errors import PrismError
 from ..core.io import load_tensors, save_tensors, tensors_metadata
 from ..core.models import batchnorm_layers
 from ..core.runtime import make_generator
-from .base import PLUGINS, Plugin
+from .base import Options, PLUGINS, Plugin, options
 
 CARRY_DIR = "dwa_carry"
 
@@ -80,6 +80,22 @@ def adjust_weights(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, rho
 def var_deviation(x: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
     """||running_var - var(x)||_2 with the biased per-channel variance (``channel_var_mean``, fp32)."""
     return torch.linalg.vector_norm(running_var.float() - channel_var_mean(x)[0])
+
+
+@options("dwa", kind="plugin")
+class DWAOptions(Options):
+    """DWA's settings (``--method dwa``): the per-batch weight adjustment of the primary."""
+
+    dwa_rho: float = opt(0.0, "dwa: total length of the primary's weight adjustment before each batch (scripts: --rho "
+                              "15e-3); 0 = off", minimum=0.0, neutral=0.0)
+    dwa_steps: int = opt(1, "dwa: normalised CE-ascent steps of length rho / steps on the batch's starting images "
+                            "(--steps: 15 ImageNet-1K, 12 CIFAR and Tiny-ImageNet)", minimum=1, neutral=1)
+    dwa_var_weight: float = opt(1.0, "dwa: weight of the variance part of the primary's R_BN (--r-var: 2 ImageNet-1K, "
+                                     "11 CIFAR and Tiny-ImageNet); 1 = the engine's", minimum=0.0, neutral=1.0)
+    dwa_carry_grad: bool = opt(False, "dwa: the reference's leftover teacher gradient: the first adjustment step of a "
+                                      "batch also carries the sum of the previous batch's weight gradients (same IPC "
+                                      "index; its teacher is never frozen); needs --pack ipc and one process",
+                               neutral=False)
 
 
 @PLUGINS.register("dwa")

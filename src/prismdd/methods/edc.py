@@ -39,10 +39,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..core.config import comma_list
+from ..core.config import comma_list, opt
 from ..core.errors import PrismError
 from ..core.runtime import Timer, make_generator
-from .base import PLUGINS, Plugin
+from .base import Options, PLUGINS, Plugin, options
 from .stats import (PATCH, STATS_BATCH, batch_stats, hooked_layers, layer_stats_path, real_data_pass, smooth_stats,
                     stat_distance, stored_layer_stats)
 
@@ -57,6 +57,41 @@ def layer_term(stats: dict[str, torch.Tensor], glob: dict[str, torch.Tensor], ca
     """r_l: (1 - a) * sum of norms against the global targets + a * sum against the class targets (norms, not
     squared, as the reference)."""
     return (1 - class_weight) * stat_distance(stats, glob) + class_weight * stat_distance(stats, cat)
+
+
+@options("edc", kind="plugin")
+class EDCOptions(Options):
+    """EDC's settings (``--method edc``): the category-aware statistics term and its round-robin."""
+
+    edc_weight: float = opt(0.0, "edc: weight of the soft category-aware statistics term (recover.sh --r-loss 0.1); "
+                                 "0 = off", minimum=0.0, neutral=0.0)
+    edc_class_weight: float = opt(0.5, "edc: share of the class-statistics part in each layer's term, the rest "
+                                       "matches the running statistics (--category-aware global: 0.5)",
+                                  minimum=0.0, neutral=0.5)
+    edc_momentum: float = opt(0.8, "edc: EMA momentum of the synthetic statistics (--training-momentum 0.8); 0 = "
+                                   "none", minimum=0.0, neutral=0.8)
+    edc_stats_images: int | None = opt(None, "edc: training images (random, seeded) in the one-off pass that makes the "
+                                             "global conv and the class statistics (None: all, the reference)",
+                                       minimum=1, neutral=None)
+    edc_conv: bool = opt(False, "edc: also match every Conv2d input's channel and 16x16-patch statistics (G-VBSM's "
+                                "conv hooks, EDC's default); off: BatchNorm layers only", neutral=False)
+    edc_swap_patch_targets: bool = opt(False, "edc: the reference's class files hold patch mean and variance under "
+                                              "each other's names (utils.py:359-362); on: match them that way",
+                                       neutral=False)
+    edc_round_robin: bool = opt(False, "edc: one teacher of the batch's set per iteration, counter mod n, for CE and "
+                                       "statistics (the reference's counter)", neutral=False)
+    edc_order: str | None = opt(None, "edc: the round-robin's order, a comma list; the batch's teachers named here "
+                                      "come first, in this order, the rest after in --bn-pool order", neutral=None)
+    edc_gpus: int = opt(1, "edc: the reference's processes per batch, each counting its own iterations: batch b (one "
+                           "process's share) has counter (b // edc_gpus) * iterations + it (recover.sh: 4)", minimum=1,
+                        neutral=1)
+
+    @staticmethod
+    def check(cfg) -> None:
+        if cfg.edc_class_weight > 1:
+            raise PrismError(f"--edc-class-weight {cfg.edc_class_weight}: a share, expected 0 to 1")
+        if cfg.edc_momentum >= 1:
+            raise PrismError(f"--edc-momentum {cfg.edc_momentum}: expected 0 <= momentum < 1")
 
 
 @PLUGINS.register("edc")

@@ -23,8 +23,11 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..core.config import opt
 from ..core.data import denormalize, pixel_bounds
+from ..core.errors import PrismError
 from ..core.registry import Registry
+from .base import Options, options
 
 EPS = 1e-5  # a starting pixel at exactly 0 or 1 would need an infinite raw value
 
@@ -85,6 +88,28 @@ def bicubic_matrix(s: int, side: int, device=None) -> torch.Tensor:
     cols = F.interpolate(torch.eye(s, device=device).view(s, 1, s, 1), size=(side, 1), mode="bicubic",
                          align_corners=False)
     return cols.view(s, side).T.contiguous()
+
+
+@options("multires", kind="param")
+class MultiResOptions(Options):
+    """The multi-resolution parametrisation's settings (``--param multires``; any optimising method)."""
+
+    multires_step: int = opt(4, "multires: component sides 1, 1 + step, 1 + 2 step, ... and always the full side (DAS: "
+                                "range(1, side + 1, 4)); 1 = every side", minimum=1, neutral=4)
+    multires_optimizer: str = opt("engine", "multires: engine (the method's Adam, schedule and budget on every component, "
+                                            "its LR divided by the number of components) | sgd (DAS: plain gradient "
+                                            "steps of size --lr, the same cosine; coarse components, which gather the "
+                                            "gradient of many pixels, move first)", choices=("engine", "sgd"),
+                                  neutral="engine")
+    @staticmethod
+    def check(cfg) -> None:
+        # options that would change nothing are refused, not passed over in silence
+        if cfg.param != "multires":
+            for flag, value, off in (("--multires-step", cfg.multires_step, 4),
+                                     ("--multires-optimizer", cfg.multires_optimizer, "engine")):
+                if value != off:
+                    raise PrismError(f"{flag} {value}: only --param multires uses it (this run holds pixels); drop "
+                                     f"it or add --param multires")
 
 
 @PARAMS.register("multires")

@@ -19,14 +19,42 @@ import torch
 import torch.nn.functional as F
 
 from ..core.classnames import SYNSET, readable_names
+from ..core.config import opt
 from ..core.data import denormalize
 from ..core.log import say_once
 from ..core.errors import PrismError
+from .base import Options, options
 from .d4m import load_failure, module_digest  # the same words and digest as the diffusers plug-ins
 
 # OpenAI CLIP's preprocessing statistics (used when the model folder has no image-processor config)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@options("clip", kind="prior")
+class ClipOptions(Options):
+    """The CLIP prior's settings (``--clip-prior MODEL``; any optimising method)."""
+
+    clip_prior: str = opt("", "a CLIP model (a local transformers folder, or a model id already in the local Hugging Face "
+                              "cache; never downloaded; pip install 'prismdd[clip]'): adds clip_weight * (1 - cosine) "
+                              "between the CLIP embedding of every view and the text embedding of --clip-prompt for its "
+                              "class; '' = off", neutral="")
+    clip_weight: float = opt(1.0, "weight of the CLIP prior", minimum=0.0, neutral=1.0)
+    clip_prompt: str = opt("a photo of a {name}", "CLIP prior: the text per class, {name} = the class name (ImageFolder "
+                                                  "folder names; ImageNet synset folders get their WordNet names)",
+                           neutral="a photo of a {name}")
+
+    @staticmethod
+    def in_use(cfg) -> str | None:
+        return f"--clip-prior {cfg.clip_prior}" if cfg.clip_prior else None
+
+    @staticmethod
+    def check(cfg) -> None:
+        if "{name}" not in cfg.clip_prompt:
+            raise PrismError(f"--clip-prompt {cfg.clip_prompt!r}: must contain {{name}} (the class name)")
+        if not cfg.clip_prior and cfg.clip_weight != 1.0:
+            raise PrismError(f"--clip-weight {cfg.clip_weight}: weighs the CLIP prior, and no --clip-prior is given; "
+                             f"drop it or add --clip-prior MODEL")
 
 
 def missing_clip(model: str, reason: str) -> PrismError:

@@ -24,10 +24,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..core.config import opt
 from ..core.data import class_indices, normalize
 from ..core.errors import PrismError
 from ..core.runtime import make_generator
-from .base import PLUGINS, Plugin
+from .base import Options, PLUGINS, Plugin, options
 
 
 # ----------------------------------------------------------------------------- the pieces (tested one by one)
@@ -116,6 +117,25 @@ def stitch(patches: torch.Tensor, size: int, f: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- the plug-in
+@options("rded", kind="plugin")
+class RDEDOptions(Options):
+    """RDED's settings (``--method rded``): which real crops are scored and how they are stitched."""
+
+    rded_mipc: int = opt(300, "rded: random real images per class whose crops are scored (RDED scripts: --mipc 300; "
+                              "a class with fewer gives all it has)", minimum=1, neutral=300)
+    rded_num_crop: int = opt(5, "rded: RandomResizedCrops scored per real image; its best is kept (--num-crop 5)",
+                             minimum=1, neutral=5)
+    rded_factor: int = opt(2, "rded: f, each image stitched from f x f crops of side resolution // f (--factor: 2 for "
+                              "ImageNet subsets, 1 for CIFAR and Tiny-ImageNet)", minimum=1, neutral=2)
+    rded_crop_scale: tuple[float, float] = opt((0.08, 1.0), "rded: RandomResizedCrop area range of the scored crops "
+                                                            "(square)", neutral=(0.08, 1.0))
+
+    @staticmethod
+    def check(cfg) -> None:
+        if not 0 < cfg.rded_crop_scale[0] <= cfg.rded_crop_scale[1] <= 1:
+            raise PrismError(f"--rded-crop-scale {cfg.rded_crop_scale}: expected 0 < low <= high <= 1")
+
+
 @PLUGINS.register("rded")
 class RDED(Plugin):
     name = "rded"

@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 
 from ..core.classnames import readable_names
+from ..core.config import opt
 from ..core.errors import PrismError
 from ..core.runtime import make_generator
-from .base import PLUGINS, Plugin
+from .base import Options, PLUGINS, Plugin, options
 from .d4m import chunked, load_local, missing_weights, to_dataset
 from ..core.log import get_logger
 
@@ -151,6 +152,32 @@ def center_square(images: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- the plug-in
+@options("t2i", kind="plugin")
+class T2IOptions(Options):
+    """The text-to-image generator's settings (``--method t2i``)."""
+
+    t2i_model: str = opt("", "t2i: a local diffusers text-to-image folder (SD 1.x/2.x, SDXL, SD 3.5, FLUX: anything "
+                             "diffusers' AutoPipelineForText2Image loads), or a model id already in the local Hugging "
+                             "Face cache; never downloaded; needs pip install 'prismdd[diffusion]'", neutral="")
+    t2i_prompt: str = opt("a photo of a {name}", "t2i: prompt per image, {name} = the class name",
+                          neutral="a photo of a {name}")
+    t2i_negative_prompt: str = opt("", "t2i: negative prompt (models with classifier-free guidance); '' = none",
+                                   neutral="")
+    t2i_steps: int | None = opt(None, "t2i: denoising steps; None: the model family's default (few-step Turbo and "
+                                      "Schnell models: theirs)", minimum=1, neutral=None)
+    t2i_guidance: float | None = opt(None, "t2i: classifier-free guidance scale; None: the model family's default "
+                                           "(0 for Turbo and Schnell)", minimum=0.0, neutral=None)
+    t2i_size: int | None = opt(None, "t2i: side of the generated image before the resize to --resolution; None: the "
+                                     "model family's native side", minimum=8, neutral=None)
+    t2i_batch: int = opt(4, "t2i: images per generator call (memory only: every image has its own seed)", minimum=1,
+                         hashed=False)
+
+    @staticmethod
+    def check(cfg) -> None:
+        if "{name}" not in cfg.t2i_prompt:
+            raise PrismError(f"--t2i-prompt {cfg.t2i_prompt!r}: must contain {{name}} (the class name)")
+
+
 @PLUGINS.register("t2i")
 class TextToImage(Plugin):
     name = "t2i"

@@ -28,14 +28,14 @@ from ..artifacts import (check_finished_images, clear_outputs, guard_inputs, ima
                          teacher_digests, write_manifest)
 from ..core import distributed as dist
 from ..core.augment import JITTER_MODES
-from ..core.config import CommonConfig, build_config, comma_list, config_hash, opt
+from ..core.config import CommonConfig, assemble_config, build_config, comma_list, config_hash, opt
 from ..core.data import DatasetInfo, load_splits
 from ..core.errors import PrismError
 from ..core.io import JsonlLog, read_json, write_json
 from ..core.models import has_batchnorm
 from ..core.presets import METHODS, preset_file
 from ..core.runtime import Heartbeat, Timer, default_channels_last, make_generator, progress
-from ..methods import PARAMS, PLUGINS
+from ..methods import PARAMS, PLUGINS, option_groups
 from ..methods.engine import Engine, Teacher, image_budget
 from ..methods.priors import make_priors
 from ..methods.starts import choose_starts, images_from, init_source, initial_images, start_indices
@@ -48,9 +48,12 @@ INIT_SELECTS = ("first", "random", "low-loss", "mid-loss", "delt-medium")
 
 
 @dataclass
-class RecoverConfig(CommonConfig):
+class EngineConfig(CommonConfig):
+    """The engine's options; ``RecoverConfig`` (below) adds every method's own."""
+
     PRESET_FAMILY: ClassVar[str] = "recover"
     PRESET_FIELD: ClassVar[str] = "method"
+    OPTION_GROUPS: ClassVar[tuple] = ()  # set on RecoverConfig: the option groups whose fields it holds
 
     out: str = opt("runs/prism", "output folder: images/, records/, manifest.json", hashed=False)
     method: str = opt("prism", "a preset from `prismdd methods`; its fields sit under everything you set",
@@ -114,24 +117,9 @@ class RecoverConfig(CommonConfig):
                                "(Direct Ascent Synthesis: a sum of components from 1 px up to the full side, each "
                                "upsampled, squashed into the valid range by tanh; any method, e.g. --method sre2l "
                                "--param multires)", choices=PARAMS.names(), neutral="pixels")
-    multires_step: int = opt(4, "multires: component sides 1, 1 + step, 1 + 2 step, ... and always the full side (DAS: "
-                                "range(1, side + 1, 4)); 1 = every side", minimum=1, neutral=4)
-    multires_optimizer: str = opt("engine", "multires: engine (the method's Adam, schedule and budget on every component, "
-                                            "its LR divided by the number of components) | sgd (DAS: plain gradient "
-                                            "steps of size --lr, the same cosine; coarse components, which gather the "
-                                            "gradient of many pixels, move first)", choices=("engine", "sgd"),
-                                  neutral="engine")
     view_noise: float = opt(0.0, "uniform noise in [0, s) (in [0, 1] pixel units) added to every view before the "
                                  "teachers see it, then clipped to the valid range (DAS's augmentation: 0.2); 0 = off",
                             minimum=0.0, neutral=0.0)
-    clip_prior: str = opt("", "a CLIP model (a local transformers folder, or a model id already in the local Hugging Face "
-                              "cache; never downloaded; pip install 'prismdd[clip]'): adds clip_weight * (1 - cosine) "
-                              "between the CLIP embedding of every view and the text embedding of --clip-prompt for its "
-                              "class; '' = off", neutral="")
-    clip_weight: float = opt(1.0, "weight of the CLIP prior", minimum=0.0, neutral=1.0)
-    clip_prompt: str = opt("a photo of a {name}", "CLIP prior: the text per class, {name} = the class name (ImageFolder "
-                                                  "folder names; ImageNet synset folders get their WordNet names)",
-                           neutral="a photo of a {name}")
     channels_last: bool | None = opt(None, "NHWC convolutions; None: per device: on for CUDA (gpu_check.sh times "
                                            "both), off on CPU, where on measured 0.8-1.3x run to run "
                                            "(BENCHMARKS.md section 1)", hashed=False)
@@ -141,118 +129,6 @@ class RecoverConfig(CommonConfig):
     force: bool = opt(False, "redo finished batches", hashed=False)
     plugin: str = opt("none", "a method's mechanism beyond the engine (set by its preset): none | " + " | ".join(
         n for n in PLUGINS.names() if n != "none"), choices=PLUGINS.names(), neutral="none")
-    # --- plug-in settings (each plug-in's fields carry its name as a prefix) ---
-    rded_mipc: int = opt(300, "rded: random real images per class whose crops are scored (RDED scripts: --mipc 300; "
-                              "a class with fewer gives all it has)", minimum=1, neutral=300)
-    rded_num_crop: int = opt(5, "rded: RandomResizedCrops scored per real image; its best is kept (--num-crop 5)",
-                             minimum=1, neutral=5)
-    rded_factor: int = opt(2, "rded: f, each image stitched from f x f crops of side resolution // f (--factor: 2 for "
-                              "ImageNet subsets, 1 for CIFAR and Tiny-ImageNet)", minimum=1, neutral=2)
-    rded_crop_scale: tuple[float, float] = opt((0.08, 1.0), "rded: RandomResizedCrop area range of the scored crops "
-                                                            "(square)", neutral=(0.08, 1.0))
-    gvbsm_r_loss: float = opt(0.01, "gvbsm: weight of the summed BN + conv statistics term (recover.sh --r-loss 0.01)",
-                              minimum=0.0, neutral=0.01)
-    gvbsm_momentum: float = opt(0.4, "gvbsm: EMA momentum of the synthetic statistics (--training-momentum, default "
-                                     "0.4)", minimum=0.0, neutral=0.4)
-    gvbsm_dd_weight: float = opt(1.0, "gvbsm: weight of the data-densification loss (recover.sh --nuc-norm 1.)",
-                                 minimum=0.0, neutral=1.0)
-    gvbsm_tau: float = opt(4.0, "gvbsm: temperature of the densification target softmax(l / tau) (--tau 4.0)",
-                           minimum=0.0, neutral=4.0)
-    gvbsm_dd_pool: int = opt(32, "gvbsm: side the views are average-pooled to before the per-class Gram matrix "
-                                 "(the reference's 32 at 224 px)", minimum=1, neutral=32)
-    gvbsm_stats_images: int | None = opt(None, "gvbsm: real training images in the one-off conv-statistics pass per "
-                                               "teacher (None: all, the reference); stored beside the teacher",
-                                         minimum=1, neutral=None)
-    dwa_rho: float = opt(0.0, "dwa: total length of the primary's weight adjustment before each batch (scripts: --rho "
-                              "15e-3); 0 = off", minimum=0.0, neutral=0.0)
-    dwa_steps: int = opt(1, "dwa: normalised CE-ascent steps of length rho / steps on the batch's starting images "
-                            "(--steps: 15 ImageNet-1K, 12 CIFAR and Tiny-ImageNet)", minimum=1, neutral=1)
-    dwa_var_weight: float = opt(1.0, "dwa: weight of the variance part of the primary's R_BN (--r-var: 2 ImageNet-1K, "
-                                     "11 CIFAR and Tiny-ImageNet); 1 = the engine's", minimum=0.0, neutral=1.0)
-    dwa_carry_grad: bool = opt(False, "dwa: the reference's leftover teacher gradient: the first adjustment step of a "
-                                      "batch also carries the sum of the previous batch's weight gradients (same IPC "
-                                      "index; its teacher is never frozen); needs --pack ipc and one process",
-                               neutral=False)
-    edc_weight: float = opt(0.0, "edc: weight of the soft category-aware statistics term (recover.sh --r-loss 0.1); "
-                                 "0 = off", minimum=0.0, neutral=0.0)
-    edc_class_weight: float = opt(0.5, "edc: share of the class-statistics part in each layer's term, the rest "
-                                       "matches the running statistics (--category-aware global: 0.5)",
-                                  minimum=0.0, neutral=0.5)
-    edc_momentum: float = opt(0.8, "edc: EMA momentum of the synthetic statistics (--training-momentum 0.8); 0 = "
-                                   "none", minimum=0.0, neutral=0.8)
-    edc_stats_images: int | None = opt(None, "edc: training images (random, seeded) in the one-off pass that makes the "
-                                             "global conv and the class statistics (None: all, the reference)",
-                                       minimum=1, neutral=None)
-    edc_conv: bool = opt(False, "edc: also match every Conv2d input's channel and 16x16-patch statistics (G-VBSM's "
-                                "conv hooks, EDC's default); off: BatchNorm layers only", neutral=False)
-    edc_swap_patch_targets: bool = opt(False, "edc: the reference's class files hold patch mean and variance under "
-                                              "each other's names (utils.py:359-362); on: match them that way",
-                                       neutral=False)
-    edc_round_robin: bool = opt(False, "edc: one teacher of the batch's set per iteration, counter mod n, for CE and "
-                                       "statistics (the reference's counter)", neutral=False)
-    edc_order: str | None = opt(None, "edc: the round-robin's order, a comma list; the batch's teachers named here "
-                                      "come first, in this order, the rest after in --bn-pool order", neutral=None)
-    edc_gpus: int = opt(1, "edc: the reference's processes per batch, each counting its own iterations: batch b (one "
-                           "process's share) has counter (b // edc_gpus) * iterations + it (recover.sh: 4)", minimum=1,
-                        neutral=1)
-    d4m_model: str = opt("stable-diffusion-v1-5/stable-diffusion-v1-5", "d4m: a local diffusers Stable Diffusion folder, "
-                         "or a model id already in the local Hugging Face cache (never downloaded; needs "
-                         "pip install 'prismdd[diffusion]')", neutral="stable-diffusion-v1-5/stable-diffusion-v1-5")
-    d4m_size: int = opt(512, "d4m: side the real images are resized to before VAE encoding; the generated images have "
-                             "it too before the resize to --resolution (gen_prototype.py --size 512)", minimum=8,
-                        neutral=512)
-    d4m_max_images: int | None = opt(None, "d4m: real images per class encoded and clustered, a seeded random subset "
-                                           "(None: all, the reference)", minimum=1, neutral=None)
-    d4m_km_expand: int = opt(1, "d4m: MiniBatchKMeans is fed chunks of km_expand * ipc latents "
-                                "(gen_prototype_imgnt.sh --km_expand 1)", minimum=1, neutral=1)
-    d4m_strength: float = opt(0.7, "d4m: img2img strength: how far each prototype is noised before denoising "
-                                   "(gen_syn_image_imgnt.sh --strength 0.7)", minimum=0.0, neutral=0.7)
-    d4m_guidance: float = opt(8.0, "d4m: classifier-free guidance scale (--guidance_scale 8)", minimum=0.0, neutral=8.0)
-    d4m_steps: int = opt(50, "d4m: scheduler steps for strength 1; strength * steps are run (diffusers' default 50)",
-                         minimum=1, neutral=50)
-    d4m_prompt: str = opt("{name}", "d4m: prompt per class, {name} = the class name (the reference: the label text)",
-                          neutral="{name}")
-    d4m_negative_prompt: str = opt("cartoon, anime, painting", "d4m: negative prompt (gen_syn_image.py); empty = none",
-                                   neutral="cartoon, anime, painting")
-    t2i_model: str = opt("", "t2i: a local diffusers text-to-image folder (SD 1.x/2.x, SDXL, SD 3.5, FLUX: anything "
-                             "diffusers' AutoPipelineForText2Image loads), or a model id already in the local Hugging "
-                             "Face cache; never downloaded; needs pip install 'prismdd[diffusion]'", neutral="")
-    t2i_prompt: str = opt("a photo of a {name}", "t2i: prompt per image, {name} = the class name",
-                          neutral="a photo of a {name}")
-    t2i_negative_prompt: str = opt("", "t2i: negative prompt (models with classifier-free guidance); '' = none",
-                                   neutral="")
-    t2i_steps: int | None = opt(None, "t2i: denoising steps; None: the model family's default (few-step Turbo and "
-                                      "Schnell models: theirs)", minimum=1, neutral=None)
-    t2i_guidance: float | None = opt(None, "t2i: classifier-free guidance scale; None: the model family's default "
-                                           "(0 for Turbo and Schnell)", minimum=0.0, neutral=None)
-    t2i_size: int | None = opt(None, "t2i: side of the generated image before the resize to --resolution; None: the "
-                                     "model family's native side", minimum=8, neutral=None)
-    t2i_batch: int = opt(4, "t2i: images per generator call (memory only: every image has its own seed)", minimum=1,
-                         hashed=False)
-    frepo_pool: int = opt(10, "frepo: networks in the online pool (distill.py --num_nn_state 10)", minimum=1, neutral=10)
-    frepo_online_steps: int = opt(100, "frepo: online training steps of a pool network on the synthetic set before it "
-                                       "is re-initialised (--max_online_updates 100)", minimum=1, neutral=100)
-    frepo_online_lr: float = opt(3e-4, "frepo: Adam learning rate of the pool networks' online training (3e-4)",
-                                 minimum=0.0, neutral=3e-4)
-    frepo_arch: str = opt("convnet", "frepo: the pool networks' architecture, any of `prismdd models` (the reference "
-                                     "distils with a BatchNorm ConvNet-D3)", neutral="convnet")
-    frepo_width: float = opt(1.0, "frepo: width multiplier of the pool networks (1.0: 128 channels)", minimum=0.01,
-                             neutral=1.0)
-    frepo_real_batch: int = opt(1024, "frepo: real images T per step (--batch_size 1024)", minimum=1, neutral=1024)
-    frepo_lr: float = opt(3e-4, "frepo: LAMB learning rate of the pixels (3e-4; LAMB scales it by each tensor's norm)",
-                          minimum=0.0, neutral=3e-4)
-    frepo_label_lr: float = opt(3e-4, "frepo: LAMB learning rate of the learned labels (3e-4, the same optimiser); "
-                                      "0 = labels stay centred one-hot", minimum=0.0, neutral=3e-4)
-    frepo_lr_floor: float = opt(0.1, "frepo: both learning rates follow a cosine from 1 to this factor (alpha 0.1)",
-                                minimum=0.0, neutral=0.1)
-    frepo_reg: float = opt(1e-6, "frepo: kernel ridge lambda as a multiple of K_SS's mean diagonal (1e-6)",
-                           minimum=0.0, neutral=1e-6)
-    frepo_margin: float = opt(1.0, "frepo: weight of the label-margin term -min(top1 - top2, 1/C) on the learned "
-                                   "labels (the reference adds it with weight 1)", minimum=0.0, neutral=1.0)
-    frepo_flip: bool = opt(False, "frepo: S and its mirror image both support the regression (the reference: on for "
-                                  "RGB sets, off for MNIST / Fashion-MNIST)", neutral=False)
-    frepo_checkpoint_every: int = opt(100, "frepo: steps between checkpoints of the whole state (kill -9 resumes from "
-                                           "the last)", minimum=1, hashed=False)
 
     def check(self):
         if self.init_tiles > 8:
@@ -261,29 +137,6 @@ class RecoverConfig(CommonConfig):
             raise PrismError(f"--crop-scale {self.crop_scale}: expected 0 < low <= high <= 1")
         if self.slot_prob > 1:
             raise PrismError(f"--slot-prob {self.slot_prob}: a probability, expected 0 to 1")
-        if not 0 < self.rded_crop_scale[0] <= self.rded_crop_scale[1] <= 1:
-            raise PrismError(f"--rded-crop-scale {self.rded_crop_scale}: expected 0 < low <= high <= 1")
-        if self.edc_class_weight > 1:
-            raise PrismError(f"--edc-class-weight {self.edc_class_weight}: a share, expected 0 to 1")
-        if self.edc_momentum >= 1:
-            raise PrismError(f"--edc-momentum {self.edc_momentum}: expected 0 <= momentum < 1")
-        if self.d4m_strength > 1:
-            raise PrismError(f"--d4m-strength {self.d4m_strength}: expected 0 to 1")
-        if "{name}" not in self.d4m_prompt:
-            raise PrismError(f"--d4m-prompt {self.d4m_prompt!r}: must contain {{name}} (the class name)")
-        for flag, value in (("--clip-prompt", self.clip_prompt), ("--t2i-prompt", self.t2i_prompt)):
-            if "{name}" not in value:
-                raise PrismError(f"{flag} {value!r}: must contain {{name}} (the class name)")
-        # options that would change nothing are refused, not passed over in silence
-        if self.param != "multires":
-            for flag, value, off in (("--multires-step", self.multires_step, 4),
-                                     ("--multires-optimizer", self.multires_optimizer, "engine")):
-                if value != off:
-                    raise PrismError(f"{flag} {value}: only --param multires uses it (this run holds pixels); drop "
-                                     f"it or add --param multires")
-        if not self.clip_prior and self.clip_weight != 1.0:
-            raise PrismError(f"--clip-weight {self.clip_weight}: weighs the CLIP prior, and no --clip-prior is given; "
-                             f"drop it or add --clip-prior MODEL")
         if self.min_rounds and self.budget != "rounds":
             raise PrismError(f"--min-rounds {self.min_rounds}: only --budget rounds (DELT) draws round counts, this "
                              f"run's budget is {self.budget}; drop it or add --budget rounds")
@@ -294,9 +147,31 @@ class RecoverConfig(CommonConfig):
                 raise PrismError(f"--min-rounds {self.min_rounds}: above the {rounds} rounds of this run (--iterations "
                                  f"{self.iterations} / round length {length}), so every class would get all rounds; "
                                  f"pass 1 to {rounds}, or 0 for all rounds")
-        if self.frepo_lr_floor > 1:
-            raise PrismError(f"--frepo-lr-floor {self.frepo_lr_floor}: the factor the cosine falls to from 1; above 1 "
-                             f"both learning rates would rise instead; pass 0 to 1 (FRePo: 0.1)")
+        for group in self.OPTION_GROUPS:  # each method's own rules, declared beside its options
+            group.check(self)
+
+    @classmethod
+    def help_groups(cls, values: dict, chosen: bool) -> list[tuple[str, str, list[str], bool]]:
+        """``--help``'s sections: (title, description, fields, shown), the engine's first, then one per option group.
+        With a method named (``chosen``), a group is shown only where it acts on that method: its plug-in's own,
+        and the parametrisation and prior groups where the engine optimises the method's pixels; the others still
+        parse (a wrong one is refused when the config is checked or run), they are only left out of the listing."""
+        plugin = PLUGINS.get(values["plugin"]) if values.get("plugin") in PLUGINS else None
+        own = {f.name for g in cls.OPTION_GROUPS for f in dataclasses.fields(g)}
+        engine = [f.name for f in dataclasses.fields(cls) if f.name not in own]
+        sections = [("engine", "the options of recover's engine, which every method shares", engine, True)]
+        kinds = {"plugin": "plug-in", "param": "parametrisation", "prior": "prior"}
+        for g in cls.OPTION_GROUPS:
+            shown = (not chosen or plugin is None
+                     or (g.name == plugin.name if g.kind == "plugin" else plugin.engine_optimises))
+            about = " ".join((g.__doc__ or "").replace("``", "").split())
+            sections.append((f"{kinds[g.kind]} {g.name}", about, [f.name for f in dataclasses.fields(g)], shown))
+        return sections
+
+
+# the engine's fields plus every registered method's own (methods/*.py), under their flat names: what the CLI,
+# YAML files and the config hash see is the same as when all of them were declared here
+RecoverConfig = assemble_config("RecoverConfig", EngineConfig, option_groups(), __name__)
 
 
 def recover_config(method: str = "prism", **overrides) -> RecoverConfig:
@@ -415,8 +290,10 @@ def recover(cfg: RecoverConfig) -> Path:
                          f"{cfg.method} uses none; use first or random")
     else:
         primary, teachers, pool = None, {}, []
-    engine_only = [f"{f} {v}" for f, v, off in (("--param", cfg.param, "pixels"), ("--clip-prior", cfg.clip_prior, ""),
-                                                ("--view-noise", cfg.view_noise, 0.0)) if v != off]
+    # options that act on the engine's pixel optimisation: its own, and any parametrisation or prior group switched on
+    engine_only = [f"{f} {v}" for f, v, off in (("--param", cfg.param, "pixels"), ("--view-noise", cfg.view_noise, 0.0))
+                   if v != off]
+    engine_only += [g.in_use(cfg) for g in cfg.OPTION_GROUPS if g.kind != "plugin" and g.in_use(cfg)]
     if engine_only and not plugin_cls.engine_optimises:
         # FRePo does optimise its pixels, in a loop of its own: the message must not say otherwise
         how = ("optimises its pixels in its own loop, not with recover's engine that this option acts on" if

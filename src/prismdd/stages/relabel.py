@@ -17,19 +17,19 @@ import torch
 from ..artifacts import (check_finite_labels, check_sealed_file, clear_outputs, epoch_file, file_digest, find_teachers,
                          images_digest, label_bytes, load_distilled, load_labelers, locked_stage, pack_logits, reusable,
                          sealed_in, teacher_digests, with_distilled_dataset, write_manifest)
-from ..core.augment import BATCH_RULES, ViewConfig, default_view_batch, epoch_plan, make_inputs, rand_augment_transform
+from ..core.augment import ViewConfig, default_view_batch, epoch_plan, make_inputs, rand_augment_transform
 from ..core.config import FROM_DISTILLED, CommonConfig, config_hash, opt
 from ..core.presets import PROTOCOLS
 from ..core.io import load_tensors, save_tensors
+from ..core.labels import LabelOptions
 from ..core.runtime import Heartbeat, Timer, progress, resolve_device
-from ..core.training import ENSEMBLES
 from ..core.log import get_logger
 
 logger = get_logger("relabel")
 
 
 @dataclass
-class RelabelConfig(CommonConfig):
+class RelabelConfig(LabelOptions, CommonConfig):
     # --protocol NAME takes the fields a validate protocol shares with relabel (views, batch, teachers, epochs)
     PRESET_FAMILY: ClassVar[str] = "validate"
     PRESET_FIELD: ClassVar[str] = "protocol"
@@ -42,24 +42,6 @@ class RelabelConfig(CommonConfig):
     out: str = opt("runs/prism/labels", "output folder: one label file per epoch", hashed=False)
     distilled: str = opt("runs/prism", "a recover output folder", path=True)
     teachers: str = opt("runs/teachers", "a squeeze output folder", path=True)
-    label_teachers: str | None = opt(None, "comma list of teacher archs, or the words primary (the recover run's "
-                                               "primary) and pool (its BN pool + BN-free teachers such as AlexNet; "
-                                               "every teacher for a baseline); default: primary")
-    ensemble: str = opt("mean", "how several teachers' logits combine: mean | norm-matched | weighted",
-                        choices=ENSEMBLES)
-    primary_weight: float = opt(0.5, "weighted: share of the first teacher", minimum=0.0)
-    epochs: int = opt(300, "one view (and one label file) per epoch of student training", minimum=1)
-    batch_size: int | None = opt(None, "None: 50 at IPC <= 10, else 100 (seed Table 1); validate must use the same",
-                                 minimum=1)
-    batch_rule: str = opt("seed", "batch size when --batch-size is None: seed | rded (as validate --batch-rule)",
-                          choices=BATCH_RULES, neutral="seed")
-    min_scale: float = opt(0.25, "RandomResizedCrop floor of the views (seed Table 3)", minimum=0.0)
-    mix: str = opt("cutmix", "cutmix | mixup | none", choices=("cutmix", "mixup", "none"))
-    patch_shuffle: int = opt(0, "RDED's PatchShuffle grid factor on the views (stored with them, so validate "
-                                "replays it); 0 = off", minimum=0, neutral=0)
-    rand_augment: str = opt("", "DELT's timm RandAugment config string (e.g. rand-m6-n2-mstd1.0) on each image before "
-                                "the crop; one seed per image and epoch is stored with the views, so validate "
-                                "replays it; '' = off (needs timm: pip install 'prismdd[timm]')", neutral="")
     storage: str = opt("fp16", "fp16 | fp32 (fp32: online validation is bit-identical)", choices=("fp16", "fp32"))
     topk: int = opt(0, "keep only the top-k logits per view (0 = all)", minimum=0)
     force: bool = opt(False, "recompute label files that exist", hashed=False)

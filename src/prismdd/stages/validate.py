@@ -25,27 +25,28 @@ from ..artifacts import (ACCURACY_FILE, StoredLabels, centred_onehot, check_fini
                          load_if_header, load_labelers, locked_stage, read_learned_labels, read_manifest, reusable,
                          save_model, settings_header, with_distilled_dataset, write_manifest)
 from ..core import distributed as dist
-from ..core.augment import (BATCH_RULES, ViewConfig, apply_mix, default_view_batch, epoch_plan, make_inputs,
+from ..core.augment import (ViewConfig, apply_mix, default_view_batch, epoch_plan, make_inputs,
                              mix_partners, rand_augment_transform)
 from ..core.config import (DEFAULT_DATASET, FROM_DISTILLED, CommonConfig, build_config, comma_list, config_hash,
                            opt)
 from ..core.data import DatasetInfo, TensorImages, check_class_coverage, load_splits, random_real_indices
 from ..core.errors import PrismError
 from ..core.io import JsonlLog, save_tensors, write_json
+from ..core.labels import LabelOptions
 from ..core.models import create_model
 from ..core.presets import PROTOCOLS
 from ..core.regimes import regime_of
 from ..core.runtime import Timer
 from ..core.scores import missing_line, score_row
-from ..core.training import (DECAY_EXEMPT, ENSEMBLES, OPTIMIZERS, SCHEDULES, decay_groups, evaluate, fit,
-                             fixed_soft_labels, fixed_soft_logits, half_sse, make_optimizer)
+from ..core.training import (DECAY_EXEMPT, OPTIMIZERS, SCHEDULES, decay_groups, evaluate, fit, fixed_soft_labels,
+                             fixed_soft_logits, half_sse, make_optimizer)
 from ..core.log import get_logger, say_once
 
 logger = get_logger("validate")
 
 
 @dataclass
-class ValidateConfig(CommonConfig):
+class ValidateConfig(LabelOptions, CommonConfig):
     PRESET_FAMILY: ClassVar[str] = "validate"
     PRESET_FIELD: ClassVar[str] = "protocol"
 
@@ -57,23 +58,12 @@ class ValidateConfig(CommonConfig):
     labels: str | None = opt(None, "a relabel output folder (stored soft labels), or a recover folder with learned "
                                    "labels (FRePo: with --loss mse)", path=True)
     teachers: str | None = opt(None, "a squeeze folder: soft labels computed online (no storage)", path=True)
-    label_teachers: str | None = opt(None, "comma list of teacher archs, or the words primary (the recover run's "
-                                               "primary) and pool (its BN pool + BN-free teachers such as AlexNet; "
-                                               "every teacher for a baseline); default: primary")
-    ensemble: str = opt("mean", "how several teachers' logits combine: mean | norm-matched | weighted",
-                        choices=ENSEMBLES)
-    primary_weight: float = opt(0.5, "weighted: share of the first teacher", minimum=0.0)
     random_real: bool = opt(False, "baseline: a seeded random real subset with --ipc images per class")
     full: bool = opt(False, "baseline: the whole real training set")
     ipc: int = opt(10, "images per class of --random-real", minimum=1)
     student: str = opt("convnet", "one architecture or a comma list")
     student_width: float = opt(1.0, "width multiplier of the student", minimum=0.01)
     seeds: str = opt("0", "comma list: one student per seed, reported as mean +- std")
-    epochs: int = opt(300, "training epochs of each student", minimum=1)
-    batch_size: int | None = opt(None, "None: 50 at IPC <= 10, else 100 (seed Table 1); see --batch-rule", minimum=1)
-    batch_rule: str = opt("seed", "batch size when --batch-size is None: seed (50 at IPC <= 10, else 100) | rded "
-                                  "(RDED/DELT's argument.py: 10 at IPC 1, 50 to IPC 20, else 100; x2 for 100 or "
-                                  "1000 classes)", choices=BATCH_RULES, neutral="seed")
     optimizer: str = opt("adamw", "adamw | sgd | adam", choices=OPTIMIZERS)
     nesterov: bool = opt(True, "sgd: Nesterov momentum (the hard-label regime's reference uses plain momentum)",
                          neutral=True)
@@ -103,14 +93,6 @@ class ValidateConfig(CommonConfig):
                                     "fixed_labels.safetensors beside the students) and every view keeps its image's "
                                     "label; needs --loss kl", neutral=False)
     kl_t2: bool = opt(True, "kl: multiply the KL by T^2 (Hinton); off = SRe2L's train_FKD.py (plain batchmean KL)")
-    min_scale: float = opt(0.25, "RandomResizedCrop floor (seed Table 3)", minimum=0.0)
-    mix: str = opt("cutmix", "cutmix | mixup | none", choices=("cutmix", "mixup", "none"))
-    patch_shuffle: int = opt(0, "RDED's PatchShuffle before the crop: grid factor f (column strips, then row strips, "
-                                "each reordered per image and epoch from the views' seed); 0 = off",
-                             minimum=0, neutral=0)
-    rand_augment: str = opt("", "DELT's timm RandAugment config string (DELT: rand-m6-n2-mstd1.0) on each uint8 image "
-                                "before the crop, one seeded draw per image and epoch; teachers label the augmented "
-                                "batch; '' = off (needs timm: pip install 'prismdd[timm]')", neutral="")
     ema_eval: float = opt(0.0, "EDC: EMA decay of the student's parameters, updated every step; evaluation and the "
                                "saved student use the EMA parameters (live BN buffers); 0 = off",
                           minimum=0.0, neutral=0.0)
