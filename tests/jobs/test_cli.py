@@ -327,6 +327,7 @@ def test_one_default_per_option_in_help(cli, capsys):
         assert code == 0 and not twice, (command, twice)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", [None, "ACTIVE"])
 def test_the_command_line_makes_openmp_waiters_passive_unless_told(preset):
     """Spinning OpenMP waiters made two 2-thread jobs on 2 cores 4-5x slower (BENCHMARKS.md section 14): the

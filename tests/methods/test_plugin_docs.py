@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import TINY_RECOVER
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,6 +66,7 @@ def block(text: str, lang: str, first_line: str) -> str:
     return found[0]
 
 
+@pytest.mark.slow
 def test_the_worked_example_is_a_whole_method(zoo, tmp_path):
     text = DOC.read_text()
     code = block(text, "python", "# src/prismdd/methods/noise.py")
