@@ -12,6 +12,9 @@ import torch
 # One intra-op thread: stable timings on a shared 2-core machine, and the same float reduction order as the
 # OMP_NUM_THREADS=1 subprocesses of the torchrun test.
 torch.set_num_threads(1)
+# ...and the same for the command line, whose default --threads is OMP_NUM_THREADS when set (else every usable core):
+# a test that compares a CLI run with an in-process or subprocess run needs one reduction order on every side
+os.environ["OMP_NUM_THREADS"] = "1"
 os.environ.pop("WORLD_SIZE", None)  # recover must run as a single process unless a test launches torchrun
 # decoded ImageFolder caches go to a throw-away folder, never the user's ~/.cache/prismdd
 if "PRISMDD_CACHE" not in os.environ:
