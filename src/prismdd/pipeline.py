@@ -373,7 +373,7 @@ def run(cfg: RunConfig) -> dict:
                    outputs={"results": "results.json", "report": str(report.name),
                             "stages": {k: str(v) for k, v in distilled.items()}},
                    wall_time=total.elapsed)
-    print(print_table(rows, regimes))
+    logger.info(print_table(rows, regimes))  # the result table, on the CLI handler like every other line
     for r in regimes:
         logger.info(f"[run] {summary_line(results['regimes']['summary'][r])}")
     logger.info(f"[run] report: {report}  ({total.elapsed:.0f}s)")
@@ -447,15 +447,10 @@ def regime_student(cfg: RunConfig, regime: str, teachers_dir) -> dict:
 
 
 def regime_protocol_text(cfg: RunConfig, regime: str) -> str:
-    who = ", ".join(cfg.labellers)
-    return {"hard": "cross-entropy on the class label, no teacher; SGD 0.01 momentum 0.9, weight decay 5e-4, LR x0.1 "
-                    "at half, batch 256, crops 0.25-1 + flip (validate --protocol hard)",
-            "soft": f"one soft label per un-augmented image from {who} (norm-matched), softmax at T = 20, kept by "
-                    f"every view; KL x T^2, AdamW 1e-3, cosine, batch 256, crops 0.25-1 + flip (validate --protocol soft)",
-            "kd": f"soft labels of {who} computed online on every augmented view (norm-matched when several, as "
-                  f"PRISM's relabel; MSE + 0.1 CE, AdamW 1e-3 with biases and BatchNorm undecayed, decayed cosine, "
-                  f"RandomResizedCrop 0.25-1 + flip + CutMix, each batch in 2 accumulated parts; validate --protocol "
-                  f"prism)"}[regime]
+    """What a regime's students are, in the words of its validate preset (one description, kept with the settings)."""
+    protocol = regime_student(cfg, regime, "-")["protocol"]
+    text = f"validate --protocol {protocol}: {preset_file('validate', protocol).get('description', '')}"
+    return text if regime == "hard" else f"labelled by {', '.join(cfg.labellers)}; {text}"
 
 
 FULL_BATCH = 256  # the full-data references: batches of 256 (60,000 images), the LR following every step

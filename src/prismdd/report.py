@@ -262,7 +262,7 @@ def print_table(rows: list[dict], regimes: list[str] | None = None) -> str:
     """The terminal summary ``method | top-1 | intra-class cos | images | time`` as a string, with one top-1 column
     per label regime (``top-1 hard``, ...) when the run trained other regimes than kd.
 
-    Returns the text without printing it (callers do ``print(print_table(rows))``).
+    Returns the text without printing it (callers log it: ``logger.info(print_table(rows))``).
     """
     tops = [f"top-1 {g}" for g in regimes] if shows_regimes(regimes) else ["top-1"]
     cols = ["method", *tops, "intra-class cos", "images", "time"]

@@ -255,7 +255,7 @@ def _audit(cfg: AuditConfig) -> dict:
                    outputs={"audit": "audit.json", "roc_plot": result["roc_plot"],
                             "models": [str(out / "models" / n) for n in names]},
                    wall_time=timer.elapsed)
-    print(audit_table(rows))
+    logger.info(audit_table(rows))
     logger.info(f"[audit] {NOTE}")
     logger.info(f"[audit] -> {out / 'audit.json'} ({timer.elapsed:.1f}s)")
     return result

@@ -318,7 +318,7 @@ def metrics(cfg: MetricsConfig) -> dict:
     rows = [{"set": k, "ipc": v["ipc"], "intra-class cos": _fmt(v["intra_class_cos"]),
              "inter-class cos": _fmt(v["inter_class_cos"]), "images": v["num_images"]} for k, v in results.items()]
     logger.info(f"[metrics] observer {card['arch']} ({obs_folder}); lower intra-class cos = more diverse")
-    print(format_table(rows, ["set", "ipc", "intra-class cos", "inter-class cos", "images"]))
+    logger.info(format_table(rows, ["set", "ipc", "intra-class cos", "inter-class cos", "images"]))
     for w in warnings:
         logger.warning(f"[metrics] WARNING: {w}")
     logger.info(f"[metrics] -> {out / METRICS_FILE} ({timer.elapsed:.1f}s)")
