@@ -271,12 +271,14 @@ def main(argv: list[str] | None = None) -> int:
                 if row is None:
                     raise PrismError(f"methods {args.name!r}: unknown; valid: {', '.join(r['name'] for r in rows)}")
                 print("\n".join(f"{k}: {row['code_full' if k == 'code' else k]}"
-                                for k in ("name", "description", "paper", "code", "source", "starts_from", "settings")
+                                for k in ("name", "images", "description", "paper", "code", "source", "starts_from",
+                                          "settings")
                                 if row[k]))
             elif args.wide:
-                print(format_table(rows, ["name", "paper", "code_full", "description", "source", "settings"]))
-            else:
-                print(fit_table(rows, ["name", "paper", "code"]))
+                print(format_table(rows, ["name", *(["images"] * (not args.protocols)), "paper", "code_full",
+                                          "description", "source", "settings"]))
+            else:  # images: synthetic, or selected (real training images picked by a rule)
+                print(fit_table(rows, ["name", *(["images"] * (not args.protocols)), "paper", "code"]))
                 print(f"`prismdd methods{' --protocols' if args.protocols else ''} NAME` shows one preset's description, "
                       f"source and settings; --wide shows them all")
         elif args.command == "check-data":

@@ -20,8 +20,10 @@ from .registry import Registry
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 # keys of a preset file that are not config fields; ``starts_from`` (recover): the method whose run gives this one's
-# starting images (``--init-from``), run first by ``prismdd run`` and the benchmarks
-INFO_KEYS = ("description", "source", "paper", "code", "starts_from")
+# starting images (``--init-from``), run first by ``prismdd run`` and the benchmarks; ``images`` (recover): what the
+# set's images are, ``selected`` for a method that picks real training images (its plug-in a ``SelectionPlugin``,
+# checked by tests/methods/test_select.py), else left out (synthetic)
+INFO_KEYS = ("description", "source", "paper", "code", "starts_from", "images")
 CODE_PATTERN = re.compile(r"^github\.com/([\w.-]+/[\w.-]+) @ ([0-9a-f]{40})$")
 KINDS = {"recover": "method", "validate": "protocol", "run": "run preset", "audit": "audit preset"}
 
@@ -64,6 +66,7 @@ def list_presets(family_name: str) -> list[dict]:
         rows.append({"name": name, "description": data.get("description", ""), "source": data.get("source", ""),
                      "paper": data.get("paper", ""), "code": f"{m.group(1)} @ {m.group(2)[:7]}" if m else code,
                      "code_full": code, "starts_from": data.get("starts_from", ""),
+                     "images": data.get("images", "synthetic" if family_name == "recover" else ""),
                      "settings": ", ".join(f"{k}={v}" for k, v in settings.items())})
     return rows
 
