@@ -72,6 +72,7 @@ PRISM = {'dataset': 'digits',
  'amp': False,
  'log_every': 50,
  'plugin': 'none',
+ 'select_scores': '',
  'rded_mipc': 300,
  'rded_num_crop': 5,
  'rded_factor': 2,
@@ -409,7 +410,7 @@ def test_help_lists_the_engine_then_one_section_per_plugin(cli, capsys):
     sections = _sections(_help(cli, capsys, ["recover", "--help"]))
     titles = [t for t in sections if t not in ("usage", "options")]
     assert titles[0] == "engine" and "--ipc" in sections["engine"] and "--frepo-width" not in sections["engine"]
-    assert titles[1:] == ["parametrisation multires", "prior clip", "plug-in d4m", "plug-in dwa", "plug-in edc",
+    assert titles[1:] == ["parametrisation multires", "prior clip", "selection select", "plug-in d4m", "plug-in dwa", "plug-in edc",
                           "plug-in frepo", "plug-in gvbsm", "plug-in rded", "plug-in t2i"]
     assert "--frepo-width" in sections["plug-in frepo"] and "--clip-prior" in sections["prior clip"]
 

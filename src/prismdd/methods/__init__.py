@@ -4,10 +4,10 @@ add elsewhere. diffusers and transformers are imported only when their plug-in r
 import importlib
 import pkgutil
 
-from .base import OPTIONS, Options, PLUGINS, Plugin, option_groups, options
+from .base import ENGINE_OPTION_KINDS, OPTIONS, Options, PLUGINS, Plugin, option_groups, options
 from .params import PARAMS, Param
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["OPTIONS", "PARAMS", "PLUGINS", "Options", "Param", "Plugin", "option_groups", "options"]
+__all__ = ["ENGINE_OPTION_KINDS", "OPTIONS", "PARAMS", "PLUGINS", "Options", "Param", "Plugin", "option_groups", "options"]

@@ -39,6 +39,16 @@ class Plugin:
     # of those, the files that belong to the finished set: sealed in the manifest (sha256, ``outputs.files``),
     # checked by their readers and by a re-run of recover
     sealed_files: ClassVar[tuple[str, ...]] = ()
+    # kinds of SHARED option groups (``OPTION_KINDS`` besides "plugin", its own group) that the plug-in reads: the
+    # engine's kinds ("param", "prior") come with ``engine_optimises``; others are named here (every selection
+    # method reads the "select" group, ``methods/select.py``). A group of a kind the plug-in does not read is left
+    # out of its --help and refused by recover when switched on (``Options.in_use``)
+    option_kinds: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def reads_kind(cls, kind: str) -> bool:
+        """Whether option groups of ``kind`` act on this plug-in (its own "plugin" group is matched by name)."""
+        return kind in cls.option_kinds or (cls.engine_optimises and kind in ENGINE_OPTION_KINDS)
 
     @classmethod
     def takes_bn_free(cls, cfg) -> bool:
@@ -55,6 +65,12 @@ class Plugin:
     def prepare(self, out: Path, rank: int = 0) -> dict:
         """Once per run, before any batch (e.g. precompute real-data statistics). Returns provenance for the
         manifest (what was computed or loaded, from which files)."""
+        return {}
+
+    def input_digests(self) -> dict[str, str]:
+        """``{name: sha256}`` of files the plug-in reads besides the teachers (a selection method's score file), known
+        once ``__init__`` ran: recover records them with the folder's inputs and refuses to resume finished batches
+        when one changed since (as for retrained teachers)."""
         return {}
 
     def outputs_present(self, out: Path) -> bool:
@@ -104,7 +120,8 @@ class Options:
 
     name: ClassVar[str] = ""
     # plugin: shown with --method NAME --help where NAME's preset sets --plugin to it; param and prior act on the
-    # engine's pixel optimisation, so they are shown only for methods whose pixels the engine optimises
+    # engine's pixel optimisation, so they are shown only for methods whose pixels the engine optimises; select:
+    # shared by the selection methods (``Plugin.option_kinds``), shown for those only
     kind: ClassVar[str] = "plugin"
 
     @staticmethod
@@ -114,12 +131,14 @@ class Options:
 
     @staticmethod
     def in_use(cfg) -> str | None:
-        """param and prior groups: the flag and value that switch the group on in ``cfg`` (e.g. ``--clip-prior
-        MODEL``), else None; recover refuses it for a method the engine does not optimise."""
+        """Shared groups (every kind but plugin): the flag and value that switch the group on in ``cfg`` (e.g.
+        ``--clip-prior MODEL``), else None; recover refuses it for a method that does not read the group's kind
+        (``Plugin.reads_kind``: param and prior for a method the engine does not optimise)."""
         return None
 
 
-OPTION_KINDS = ("param", "prior", "plugin")  # the order of the groups in recover's config and its --help
+OPTION_KINDS = ("param", "prior", "select", "plugin")  # the order of the groups in recover's config and its --help
+ENGINE_OPTION_KINDS = ("param", "prior")  # the kinds that act on the engine's pixel optimisation
 OPTIONS: Registry[type[Options]] = Registry("option group")
 
 
@@ -142,5 +161,6 @@ def options(name: str, kind: str = "plugin"):
 
 
 def option_groups() -> list[type[Options]]:
-    """Every registered group, parametrisations first, then priors, then plug-ins, each by name: recover's order."""
+    """Every registered group, parametrisations first, then priors, the selection methods' shared group, then
+    plug-ins, each by name: recover's order."""
     return sorted((g for _, g in OPTIONS.items()), key=lambda g: (OPTION_KINDS.index(g.kind), g.name))

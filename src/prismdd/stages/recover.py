@@ -35,7 +35,7 @@ from ..core.io import JsonlLog, read_json, write_json
 from ..core.models import has_batchnorm
 from ..core.presets import METHODS, preset_file
 from ..core.runtime import Heartbeat, Timer, default_channels_last, make_generator, progress
-from ..methods import PARAMS, PLUGINS, option_groups
+from ..methods import ENGINE_OPTION_KINDS, PARAMS, PLUGINS, option_groups
 from ..methods.engine import Engine, Teacher, image_budget
 from ..methods.priors import make_priors
 from ..methods.starts import choose_starts, images_from, init_source, initial_images, start_indices
@@ -149,6 +149,13 @@ class EngineConfig(CommonConfig):
                                  f"pass 1 to {rounds}, or 0 for all rounds")
         for group in self.OPTION_GROUPS:  # each method's own rules, declared beside its options
             group.check(self)
+        plugin = PLUGINS.get(self.plugin)
+        for group in self.OPTION_GROUPS:  # a shared group the method does not read (engine kinds: at run time)
+            on = group.in_use(self) if group.kind not in ("plugin", *ENGINE_OPTION_KINDS) else None
+            if on and not plugin.reads_kind(group.kind):
+                readers = [n for n in PLUGINS.names() if PLUGINS.get(n).reads_kind(group.kind)]
+                raise PrismError(f"{on}: --method {self.method} does not read {group.kind} options (plug-ins that "
+                                 f"do: {', '.join(readers) or 'none'}), so it would change nothing; drop it")
 
     @classmethod
     def help_groups(cls, values: dict, chosen: bool) -> list[tuple[str, str, list[str], bool]]:
@@ -160,10 +167,10 @@ class EngineConfig(CommonConfig):
         own = {f.name for g in cls.OPTION_GROUPS for f in dataclasses.fields(g)}
         engine = [f.name for f in dataclasses.fields(cls) if f.name not in own]
         sections = [("engine", "the options of recover's engine, which every method shares", engine, True)]
-        kinds = {"plugin": "plug-in", "param": "parametrisation", "prior": "prior"}
+        kinds = {"plugin": "plug-in", "param": "parametrisation", "prior": "prior", "select": "selection"}
         for g in cls.OPTION_GROUPS:
             shown = (not chosen or plugin is None
-                     or (g.name == plugin.name if g.kind == "plugin" else plugin.engine_optimises))
+                     or (g.name == plugin.name if g.kind == "plugin" else plugin.reads_kind(g.kind)))
             about = " ".join((g.__doc__ or "").replace("``", "").split())
             sections.append((f"{kinds[g.kind]} {g.name}", about, [f.name for f in dataclasses.fields(g)], shown))
         return sections
@@ -293,7 +300,7 @@ def recover(cfg: RecoverConfig) -> Path:
     # options that act on the engine's pixel optimisation: its own, and any parametrisation or prior group switched on
     engine_only = [f"{f} {v}" for f, v, off in (("--param", cfg.param, "pixels"), ("--view-noise", cfg.view_noise, 0.0))
                    if v != off]
-    engine_only += [g.in_use(cfg) for g in cfg.OPTION_GROUPS if g.kind != "plugin" and g.in_use(cfg)]
+    engine_only += [g.in_use(cfg) for g in cfg.OPTION_GROUPS if g.kind in ENGINE_OPTION_KINDS and g.in_use(cfg)]
     if engine_only and not plugin_cls.engine_optimises:
         # FRePo does optimise its pixels, in a loop of its own: the message must not say otherwise
         how = ("optimises its pixels in its own loop, not with recover's engine that this option acts on" if
@@ -323,7 +330,8 @@ def recover(cfg: RecoverConfig) -> Path:
     if ctx.rank == 0:  # teachers retrained in place since the finished batches were made: refused
         guard_inputs(out, {**teacher_digests({a: t.folder for a, t in teachers.items()}),
                            **({"init_from": images_digest(source.images, source.targets)} if source else {}),
-                           **{f"prior/{p.name}": p.digest() for p in priors}},
+                           **{f"prior/{p.name}": p.digest() for p in priors},
+                     **{f"plugin/{k}": v for k, v in plugin.input_digests().items()}},  # e.g. a selection's scores
                      force=cfg.force)
         check_finished_images(out)  # a finished set's images edited since: refused, not kept as recovered
     dist.barrier(ctx)
