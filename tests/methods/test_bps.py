@@ -6,8 +6,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from prismdd.methods import bps
+from prismdd.artifacts import MANIFEST, SCORES_FILE, load_distilled, save_scores, seal_files
+from prismdd.core.data import class_indices, load_splits
+from prismdd.core.errors import PrismError
+from prismdd.core.io import read_json, write_json
+from prismdd.methods import PLUGINS, bps
+from prismdd.stages.recover import recover_config
 
 
 def unit(rows) -> np.ndarray:
@@ -225,3 +231,98 @@ def test_select_class_small_class_and_whole_patterns():
     # 2.4 -> 2, 0.8 -> 1, 0.8 -> 1: patterns 1 and 2 are taken whole
     assert how[chosen.tolist().index(3)] == "pattern" and how[chosen.tolist().index(4)] == "pattern"
     assert len(chosen) == 4
+
+
+# ----------------------------------------------------------------------------- the plug-in on digits
+def score_folder(folder, tensors):
+    """A finished score folder as the score stage leaves it: the file and a manifest sealing it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_scores(folder, tensors)
+    write_json(folder / MANIFEST, {"stage": "score", "config_hash": "feedc0de",
+                                   "outputs": {"files": seal_files(folder, [SCORES_FILE])}})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def digits_scores(tmp_path_factory):
+    """digits' training split and scores whose embedding is the 8x8 pixels (real visual patterns), entropy random."""
+    cfg = recover_config("bps", dataset="digits", device="cpu")
+    train, _, info = load_splits(cfg)
+    emb = train.get_images(torch.arange(len(train.targets))).flatten(1).float()
+    ent = torch.rand(len(train.targets), generator=torch.Generator().manual_seed(0)) * 2.3
+    folder = score_folder(tmp_path_factory.mktemp("bps") / "scores",
+                          {"targets": train.targets, "embedding": emb, "entropy": ent})
+    return train, info, folder, emb, ent
+
+
+def bps_plugin(digits_scores, **overrides):
+    train, info, folder = digits_scores[:3]
+    cfg = recover_config("bps", dataset="digits", device="cpu", select_scores=str(folder), **overrides)
+    return PLUGINS.get("bps")(cfg, info, train, {}, [], torch.device("cpu"))
+
+
+def test_plugin_choose_is_the_rule_on_the_class(digits_scores):
+    train, info, _, emb, ent = digits_scores
+    p = bps_plugin(digits_scores, ipc=6, seed=3)
+    assert p.score_kinds == ("embedding", "entropy") and PLUGINS.get("bps") is bps.BPS
+    for c in (0, 7):
+        members = class_indices(train.targets, info.num_classes)[c]
+        picks, extras = p.choose(c, members, 6)
+        feats = bps.l2_normalise(emb[members].numpy())
+        labels = bps.class_patterns(feats)  # defaults: k 30, cosine 0.5, 3 trials, seed 123
+        local, how = bps.select_class(labels, feats, ent[members].double().numpy(), 6, seed=3)
+        assert picks == members[torch.as_tensor(local)].tolist() and picks == sorted(picks)
+        assert [e["bps_by"] for e in extras] == how
+        assert [e["bps_pattern"] for e in extras] == labels[local].tolist()
+        assert [e["bps_pattern_size"] for e in extras] == [int((labels == labels[i]).sum()) for i in local]
+        assert [e["entropy"] for e in extras] == pytest.approx(ent[members][torch.as_tensor(local)].tolist(), abs=1e-6)
+    # patterns are computed once per class and reused (e.g. for another ipc)
+    cached = p.patterns[0]
+    members = class_indices(train.targets, info.num_classes)[0]
+    picks3, _ = p.choose(0, members, 3)
+    assert p.patterns[0] is cached and len(picks3) == 3
+
+
+def test_plugin_fills_a_short_class_nearest_its_centroid(digits_scores, monkeypatch):
+    train, info, _, emb, _ = digits_scores
+    p = bps_plugin(digits_scores, ipc=4)
+    members = class_indices(train.targets, info.num_classes)[2]
+    monkeypatch.setattr(bps, "select_class", lambda *a, **k: (np.array([5, 9]), ["centre", "entropy"]))
+    picks, extras = p.choose(2, members, 4)
+    feats = bps.l2_normalise(emb[members].numpy())
+    centroid = feats.mean(0) / np.linalg.norm(feats.mean(0))
+    near = [int(i) for i in np.argsort(-(feats @ centroid), kind="stable") if i not in (5, 9)][:2]
+    assert picks == sorted(members[[5, 9] + near].tolist())
+    assert sorted(e["bps_by"] for e in extras) == ["centre", "entropy", "fill", "fill"]
+
+
+def test_plugin_needs_embedding_and_entropy_scores(digits_scores, tmp_path):
+    train, info = digits_scores[:2]
+    cfg = recover_config("bps", dataset="digits", device="cpu")
+    with pytest.raises(PrismError, match="--select-scores"):
+        PLUGINS.get("bps")(cfg, info, train, {}, [], torch.device("cpu"))
+    only = score_folder(tmp_path / "emb", {"targets": train.targets, "embedding": torch.randn(len(train.targets), 4)})
+    cfg = recover_config("bps", dataset="digits", device="cpu", select_scores=str(only))
+    with pytest.raises(PrismError, match="entropy"):
+        PLUGINS.get("bps")(cfg, info, train, {}, [], torch.device("cpu"))
+    with pytest.raises(PrismError, match="--bps-min-cosine"):
+        recover_config("bps", dataset="digits", bps_min_cosine=1.5)
+
+
+def test_recover_bps_writes_the_chosen_training_images(cli, digits_scores, tmp_path):
+    train, info, folder, emb, ent = digits_scores
+    out = tmp_path / "bps"
+    assert cli(["recover", "--method", "bps", "--dataset", "digits", "--device", "cpu", "--ipc", "2",
+                "--batch-size", "8", "--seed", "1", "--select-scores", folder, "--out", out]) == 0
+    expected = []
+    for members in class_indices(train.targets, info.num_classes):
+        feats = bps.l2_normalise(emb[members].numpy())
+        local, _ = bps.select_class(bps.class_patterns(feats), feats, ent[members].double().numpy(), 2, seed=1)
+        expected += members[torch.as_tensor(local)].tolist()
+    ds = load_distilled(out)
+    assert ds.start_indices == [[i] for i in expected]
+    assert torch.equal(ds.images, train.get_images(torch.tensor(expected)))
+    m = read_json(out / MANIFEST)
+    assert m["inputs"]["plugin"]["name"] == "bps" and m["inputs"]["plugin"]["k"] == 30
+    sel = [s for r in m["outputs"]["batches"] for s in r["selection"]]
+    assert [s["index"] for s in sel] == expected and {"bps_pattern", "bps_by", "entropy"} <= set(sel[0])

@@ -18,7 +18,12 @@ As its code does it (github.com/BeCarefulOfYournaoke/BPS @ 7d016dbb51cbb7c04a7e3
 
 The entropy of an image is a teacher's predictive entropy on the un-augmented training image (the score stage's
 ``entropy`` kind; BPS ships its entropies as files whose producer is not in its repository: our choice). The
-embedding is the score stage's ``embedding`` kind (BPS: its own ResNet-18, see FIDELITY.md).
+embedding is the score stage's ``embedding`` kind (BPS: its own ResNet-18, see FIDELITY.md). The mixture's
+``random_state`` is the run's ``--seed`` (BPS passes its ``--seed``, 1228 in every script).
+
+Where BPS's rule yields fewer than ``ipc`` images (a pattern smaller than its budget: the code then saves fewer),
+prismdd fills the class up with its unpicked images nearest the class's re-normalised centroid (``by: fill``), since
+a distilled set here holds exactly ``ipc`` images per class.
 """
 from __future__ import annotations
 
@@ -28,7 +33,11 @@ import numpy as np
 
 from ..core.config import opt
 from ..core.errors import PrismError
-from .base import Options, options
+from ..core.log import get_logger
+from .base import PLUGINS, Options, options
+from .select import SelectionPlugin
+
+logger = get_logger("recover.bps")
 
 # values the BPS code writes as literals (not options there)
 GMM_MIN_IMAGES = 10      # no mixture below this many remaining images, and at least this many candidates
@@ -291,3 +300,56 @@ class BPSOptions(Options):
             raise PrismError(f"--bps-centre-ratio {cfg.bps_centre_ratio}: expected a share in [0, 1]")
         if not 0 < cfg.bps_gmm_top <= 1:
             raise PrismError(f"--bps-gmm-top {cfg.bps_gmm_top}: expected a share in (0, 1]")
+
+
+# ----------------------------------------------------------------------------- the plug-in
+@PLUGINS.register("bps")
+class BPS(SelectionPlugin):
+    """Per class: patterns once (cached for the run), budgets, centre and entropy picks; picks in training-index
+    order (BPS's ``sorted(set(...))``); extras: the image's pattern (class-local id), its size, how it was picked
+    and its entropy."""
+
+    name = "bps"
+    score_kinds = ("embedding", "entropy")
+
+    def __init__(self, cfg, info, train, teachers, pool, device):
+        super().__init__(cfg, info, train, teachers, pool, device)
+        self.patterns: dict[int, np.ndarray] = {}  # class -> (n_c,) pattern labels of its members, ascending
+
+    def prepare(self, out, rank: int = 0) -> dict:
+        cfg = self.cfg
+        return {**super().prepare(out, rank), "k": cfg.bps_k, "min_cosine": cfg.bps_min_cosine,
+                "trials": cfg.bps_trials, "infomap_seed": cfg.bps_infomap_seed, "merge_below": cfg.bps_merge_below,
+                "centre_ratio": cfg.bps_centre_ratio, "gmm_top": cfg.bps_gmm_top, "gmm_seed": cfg.seed,
+                "crossing": cfg.bps_crossing, "infomap": infomap.__version__, "faiss": faiss.__version__}
+
+    def patterns_of(self, c: int, feats: np.ndarray) -> np.ndarray:
+        if c not in self.patterns:
+            cfg = self.cfg
+            self.patterns[c] = class_patterns(feats, cfg.bps_k, cfg.bps_min_cosine, cfg.bps_trials,
+                                              cfg.bps_infomap_seed, cfg.bps_merge_below)
+            sizes = np.bincount(self.patterns[c][self.patterns[c] >= 0])
+            logger.info(f"[bps] class {self.info.class_names[c]!r}: {len(sizes)} patterns "
+                     f"({int((sizes == 1).sum())} single images) among {len(feats)} images")
+        return self.patterns[c]
+
+    def choose(self, c, members, ipc):
+        cfg = self.cfg
+        idx = members.numpy()
+        feats = l2_normalise(self.scores.embedding[members].float().numpy())
+        entropy = self.scores.entropy[members].double().numpy()
+        labels = self.patterns_of(c, feats)
+        chosen, how = select_class(labels, feats, entropy, ipc, cfg.seed, cfg.bps_centre_ratio, cfg.bps_gmm_top,
+                                   cfg.bps_crossing)
+        if len(chosen) < ipc:  # see the module's docstring: prismdd keeps ipc images per class
+            taken = set(chosen.tolist())
+            fill = [int(i) for i in centre_order(feats) if int(i) not in taken][:ipc - len(chosen)]
+            logger.info(f"[bps] class {self.info.class_names[c]!r}: the rule gave {len(chosen)} of {ipc} "
+                     f"images; {len(fill)} filled nearest the class centroid")
+            how = dict(zip(chosen.tolist(), how)) | {i: "fill" for i in fill}
+            chosen = np.array(sorted(how), dtype=int)
+            how = [how[int(i)] for i in chosen]
+        sizes = dict(zip(*np.unique(labels, return_counts=True)))
+        extras = [{"bps_pattern": int(labels[i]), "bps_pattern_size": int(sizes[labels[i]]), "bps_by": h,
+                   "entropy": round(float(entropy[i]), 6)} for i, h in zip(chosen, how)]
+        return [int(idx[i]) for i in chosen], extras
