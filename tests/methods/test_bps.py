@@ -4,6 +4,8 @@ hand, the centre picks by a direct sort, the entropy rule on a two-mode mixture 
 mixture bound against a brute-force scan of the two weighted densities."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -326,3 +328,47 @@ def test_recover_bps_writes_the_chosen_training_images(cli, digits_scores, tmp_p
     assert m["inputs"]["plugin"]["name"] == "bps" and m["inputs"]["plugin"]["k"] == 30
     sel = [s for r in m["outputs"]["batches"] for s in r["selection"]]
     assert [s["index"] for s in sel] == expected and {"bps_pattern", "bps_by", "entropy"} <= set(sel[0])
+
+
+# ----------------------------------------------------------------------------- BPS's embedding network (stage 1)
+def test_pattern_loss_is_the_direct_double_loop():
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(4, 3, generator=g), dim=1)
+    queue = torch.nn.functional.normalize(torch.randn(9, 3, generator=g), dim=1)
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2, 0, 2])
+    got = bps.pattern_loss(q, queue, labels)
+    total = 0.0
+    for b in range(4):
+        cents = [queue[labels == p].mean(0) for p in range(3)]
+        best = max(range(3), key=lambda p: float(q[b] @ (cents[p] / cents[p].norm())))
+        near = [float((2 - 2 * q[b] @ queue[j] + 1e-6).sqrt()) for j in range(9) if labels[j] == best]
+        far = [float((2 - 2 * q[b] @ queue[j] + 1e-6).sqrt()) for j in range(9) if labels[j] != best]
+        total += sum(near) / (len(near) + 1e-6) + 2.0 - sum(far) / (len(far) + 1e-6)
+    assert float(got) == pytest.approx(total / 4, rel=1e-5)
+
+
+def test_pattern_weight_ramps_after_the_warm_up():
+    assert [bps.pattern_weight(e, 30) for e in (0, 3, 4)] == [0.0, 0.0, 0.0]
+    assert bps.pattern_weight(5, 30) == pytest.approx(1 / 25) and bps.pattern_weight(29, 30) == 1.0
+
+
+def test_queue_patterns_number_on_across_classes():
+    keys = np.vstack([angles([0, 5, 10, 90, 95, 100]), angles([0, 1])])
+    classes = np.array([0] * 6 + [1] * 2)
+    # class 0 (6 keys > k = 3): two patterns; class 1 (2 keys <= k): one pattern, numbered after class 0's
+    assert bps.queue_patterns(keys, classes, k=3).tolist() == [0, 0, 0, 1, 1, 1, 2, 2]
+
+
+def test_train_embedder_runs_and_trains_the_encoder():
+    g = torch.Generator().manual_seed(1)
+    images, targets = torch.randn(48, 1, 4, 4, generator=g), torch.arange(48) % 3
+    net = bps.EmbedNet(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.ReLU()), 8, 3, dim=4)
+    before = [p.detach().clone() for p in net.parameters()]
+    rows = []
+    out = bps.train_embedder(net, images, targets, lambda x, gen: x + 0.1 * torch.randn(x.shape, generator=gen),
+                             epochs=3, batch=8, queue_size=16, warmup=1, k=3, log=rows.append)
+    assert [r["epoch"] for r in rows] == [0, 1, 2] and "pattern" not in rows[0] and "pattern" in rows[2]
+    assert all(math.isfinite(v) for r in rows for v in r.values())
+    assert any(not torch.equal(a, b) for a, b in zip(before, out.parameters())) and not out.training
+    with pytest.raises(PrismError, match="multiple of the batch"):
+        bps.train_embedder(net, images, targets, lambda x, gen: x, epochs=1, batch=8, queue_size=12)

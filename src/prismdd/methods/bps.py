@@ -18,7 +18,8 @@ As its code does it (github.com/BeCarefulOfYournaoke/BPS @ 7d016dbb51cbb7c04a7e3
 
 The entropy of an image is a teacher's predictive entropy on the un-augmented training image (the score stage's
 ``entropy`` kind; BPS ships its entropies as files whose producer is not in its repository: our choice). The
-embedding is the score stage's ``embedding`` kind (BPS: its own ResNet-18, see FIDELITY.md). The mixture's
+embedding is the score stage's ``embedding`` kind (BPS: its own ResNet-18, trained as ``train_embedder`` does; not yet
+registered with the score stage's embedders). The mixture's
 ``random_state`` is the run's ``--seed`` (BPS passes its ``--seed``, 1228 in every script).
 
 Where BPS's rule yields fewer than ``ipc`` images (a pattern smaller than its budget: the code then saves fewer),
@@ -27,9 +28,16 @@ a distilled set here holds exactly ``ipc`` images per class.
 """
 from __future__ import annotations
 
+import copy
+import math
+from typing import Callable
+
 import faiss
 import infomap
 import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from ..core.config import opt
 from ..core.errors import PrismError
@@ -266,6 +274,118 @@ def select_class(labels: np.ndarray, feats: np.ndarray, entropies, ipc: int, see
         how.update({int(i): "entropy" for i in members[by_entropy]})
     chosen = np.array(sorted(how), dtype=int)
     return chosen, [how[int(i)] for i in chosen]
+
+
+# ----------------------------------------------------------------------------- BPS's embedding network (stage 1)
+# Not yet registered as an embedder: the score stage's EMBEDDERS registry (methods/embed.py) is not on this branch.
+# BPS (stage1_modeling.py, moco/builder.py, utils/engine_pretrain.py): a ResNet-18 backbone (fc removed) with a
+# linear classifier and a 2-layer MLP projector to 128-d; MoCo v2 (momentum key encoder, a queue of keys with their
+# classes); loss = 0.5 CE + 0.5 InfoNCE (T = 0.5), plus the pattern loss ramped in linearly after 5 warm-up epochs.
+class EmbedNet(nn.Module):
+    """backbone (B, ...) -> (B, D) features; ``classifier`` D -> classes; ``projector`` D -> D -> ``dim``."""
+
+    def __init__(self, backbone: nn.Module, width: int, classes: int, dim: int = 128):
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = nn.Linear(width, classes)
+        self.projector = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, dim))
+
+    def forward(self, x):
+        f = self.backbone(x)
+        return self.classifier(f), self.projector(f)
+
+
+def pattern_loss(q: torch.Tensor, queue: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """BPS's pattern ("DINO") loss: each query (B, dim), L2-normalised, is assigned the pattern whose re-normalised
+    mean queue key is most similar; with d = sqrt(2 - 2 q.key + 1e-6) to every queue key (K, dim), the loss is
+    mean over the batch of [mean d to the keys of its pattern] + 2 - [mean d to the other keys] (each mean's
+    denominator + 1e-6). ``labels``: (K,) pattern of each key, 0..P-1. Gradients flow through ``q`` only."""
+    queue = queue.detach()
+    count = int(labels.max()) + 1
+    centroids = torch.stack([queue[labels == p].mean(0) for p in range(count)])
+    assign = (q @ F.normalize(centroids, dim=1).T).argmax(1)
+    same = (assign[:, None] == labels[None, :]).float()
+    dist = (2 - 2 * q @ queue.T + 1e-6).sqrt()
+    pull = ((dist * same).sum(1) / (same.sum(1) + 1e-6)).mean()
+    push = ((dist * (1 - same)).sum(1) / ((1 - same).sum(1) + 1e-6)).mean()
+    return pull + 2.0 - push
+
+
+def pattern_weight(epoch: int, epochs: int, warmup: int = 5, weight: float = 1.0) -> float:
+    """The pattern loss's weight in (0-based) ``epoch``: 0 through the warm-up, then (epoch + 1 - warmup) /
+    (epochs - warmup) x weight (engine_pretrain.py ``train_one_epoch``)."""
+    return 0.0 if epoch + 1 <= warmup else (epoch + 1 - warmup) / (epochs - warmup) * weight
+
+
+def queue_patterns(keys: np.ndarray, classes: np.ndarray, k: int = 30, min_cosine: float = 0.5,
+                   trials: int = 3, seed: int = 123) -> np.ndarray:
+    """Pattern labels of a full queue: per class (in class order) the kNN + Infomap patterns of its keys,
+    numbered on across classes; a class with at most ``k`` keys is one pattern (``MoCo._info_cluster``)."""
+    labels = np.zeros(len(keys), dtype=np.int64)
+    base = 0
+    for c in np.unique(classes):
+        rows = np.flatnonzero(classes == c)
+        local = (np.zeros(len(rows), dtype=np.int64) if len(rows) <= k else
+                 infomap_modules(len(rows), *knn_links(l2_normalise(keys[rows]), k, min_cosine), trials, seed))
+        ids, local = np.unique(local, return_inverse=True)
+        labels[rows] = base + local
+        base += len(ids)
+    return labels
+
+
+def train_embedder(net: EmbedNet, images: torch.Tensor, targets: torch.Tensor, augment: Callable, *, epochs: int,
+                   batch: int, queue_size: int, lr: float = 0.02, momentum: float = 0.999, temperature: float = 0.5,
+                   weight_cls: float = 0.5, warmup: int = 5, weight_info: float = 1.0, k: int = 30,
+                   min_cosine: float = 0.5, seed: int = 0, log: Callable | None = None) -> EmbedNet:
+    """Train ``net`` (the query encoder) as BPS's stage 1 and return it. ``images`` normalised (N, C, H, W),
+    ``augment(x, generator)`` one random view per image. SGD (momentum 0.9, wd 1e-4) with a cosine LR per epoch
+    (``--cos``); the key encoder follows by EMA ``momentum``; the queue (``queue_size``, a multiple of ``batch``:
+    BPS asserts it) holds normalised keys and their classes; each time it fills, its copy is re-clustered
+    (``queue_patterns``) for the pattern loss. Drops the last partial batch (BPS's loader: ``drop_last=True``)."""
+    if queue_size % batch:
+        raise PrismError(f"bps embedder: queue size {queue_size} must be a multiple of the batch {batch}")
+    g = torch.Generator().manual_seed(seed)
+    key_net = copy.deepcopy(net).requires_grad_(False)
+    dim = net.projector[-1].out_features
+    queue = F.normalize(torch.randn(queue_size, dim, generator=g), dim=1)
+    queue_cls = torch.zeros(queue_size, dtype=torch.long)
+    frozen, frozen_labels = queue.clone(), torch.zeros(queue_size, dtype=torch.long)
+    ptr = 0
+    opt_ = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    for epoch in range(epochs):
+        for group in opt_.param_groups:  # moco's adjust_learning_rate with --cos
+            group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+        net.train()
+        order = torch.randperm(len(images), generator=g)
+        for s in range(0, len(order) - batch + 1, batch):
+            idx = order[s:s + batch]
+            x, y = images[idx], targets[idx]
+            logit, q = net(augment(x, g))
+            q = F.normalize(q, dim=1)
+            with torch.no_grad():
+                for pk, pq in zip(key_net.parameters(), net.parameters()):
+                    pk.mul_(momentum).add_(pq.detach(), alpha=1 - momentum)
+                key = F.normalize(key_net(augment(x, g))[1], dim=1)
+            contrast = torch.cat([(q * key).sum(1, keepdim=True), q @ queue.clone().T], 1) / temperature
+            losses = {"cls": weight_cls * F.cross_entropy(logit, y),
+                      "infonce": (1 - weight_cls) * F.cross_entropy(contrast, torch.zeros(len(q), dtype=torch.long))}
+            queue[ptr:ptr + batch], queue_cls[ptr:ptr + batch] = key, y
+            ptr = (ptr + batch) % queue_size
+            if ptr == 0:  # the queue is full again: its copy and patterns are renewed
+                frozen = queue.clone()
+                frozen_labels = torch.from_numpy(queue_patterns(frozen.numpy(), queue_cls.numpy(), k, min_cosine))
+            w = pattern_weight(epoch, epochs, warmup, weight_info)
+            if w:
+                losses["pattern"] = w * pattern_loss(q, frozen, frozen_labels)
+            total = sum(losses.values())
+            if not torch.isfinite(total):
+                raise PrismError(f"bps embedder: the loss is {float(total)} in epoch {epoch}; lower --lr")
+            opt_.zero_grad()
+            total.backward()
+            opt_.step()
+        if log is not None:
+            log({"epoch": epoch, **{n: round(float(v.detach()), 6) for n, v in losses.items()}})
+    return net.eval()
 
 
 # ----------------------------------------------------------------------------- the options
