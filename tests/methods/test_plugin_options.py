@@ -76,6 +76,14 @@ PRISM = {'dataset': 'digits',
  'ccs_drop_hard': 0.3,
  'ccs_strata': 50,
  'kcenter_start': 'mean',
+ 'bps_k': 30,
+ 'bps_min_cosine': 0.5,
+ 'bps_trials': 3,
+ 'bps_infomap_seed': 123,
+ 'bps_merge_below': 0,
+ 'bps_centre_ratio': 0.5,
+ 'bps_gmm_top': 0.1,
+ 'bps_crossing': 'code',
  'rded_mipc': 300,
  'rded_num_crop': 5,
  'rded_factor': 2,
@@ -131,6 +139,9 @@ PRISM = {'dataset': 'digits',
 
 # (method, overrides, config hash, the fields that differ from PRISM)
 GOLDEN = [
+    ('bps', {}, '272ea06813d6b858',
+     {'method': 'bps', 'iterations': 1000, 'alpha_bn': 0.0, 'selection': 'single', 'init': 'noise', 'pack': 'class',
+      'budget': 'constant', 'plugin': 'bps'}),
     # the selection methods (methods/select.py): new presets, their hashes recorded when they were added
     ('ccs', {}, '7149d03ca4747219',
      {'method': 'ccs', 'iterations': 1000, 'alpha_bn': 0.0, 'selection': 'single', 'init': 'noise', 'pack': 'class',
@@ -349,6 +360,9 @@ GOLDEN = [
  'budget': 'constant',
  'plugin': 'gvbsm',
  'gvbsm_stats_images': 100}),
+    ('bps', {'bps_k': 10, 'bps_crossing': 'density', 'select_scores': '/s'}, '367afccfa12e0b7e',
+     {'method': 'bps', 'iterations': 1000, 'alpha_bn': 0.0, 'selection': 'single', 'init': 'noise', 'pack': 'class',
+      'budget': 'constant', 'plugin': 'bps', 'select_scores': '/s', 'bps_k': 10, 'bps_crossing': 'density'}),
     ('rded', {'rded_factor': 1, 'rded_crop_scale': [0.5, 1.0]}, '5d7eac3d4c8866bf',
      {'method': 'rded',
  'iterations': 1000,
@@ -432,9 +446,9 @@ def test_help_lists_the_engine_then_one_section_per_plugin(cli, capsys):
     sections = _sections(_help(cli, capsys, ["recover", "--help"]))
     titles = [t for t in sections if t not in ("usage", "options")]
     assert titles[0] == "engine" and "--ipc" in sections["engine"] and "--frepo-width" not in sections["engine"]
-    assert titles[1:] == ["parametrisation multires", "prior clip", "selection select", "plug-in ccs", "plug-in d4m", "plug-in dwa",
-                          "plug-in edc", "plug-in frepo", "plug-in gvbsm", "plug-in kcenter", "plug-in rded",
-                          "plug-in t2i"]
+    assert titles[1:] == ["parametrisation multires", "prior clip", "selection select", "plug-in bps", "plug-in ccs",
+                          "plug-in d4m", "plug-in dwa", "plug-in edc", "plug-in frepo", "plug-in gvbsm", "plug-in kcenter",
+                          "plug-in rded", "plug-in t2i"]
     assert "--frepo-width" in sections["plug-in frepo"] and "--clip-prior" in sections["prior clip"]
 
 
