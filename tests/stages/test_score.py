@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -20,14 +21,14 @@ import torch.nn.functional as F
 from conftest import run_torchrun
 from prismdd.artifacts import LOCK_FILE, MANIFEST, SCORES_FILE, file_digest, find_teachers, load_model, load_scores
 from prismdd.core.augment import apply_views, sample_views
-from prismdd.core.config import build_config
+from prismdd.core.config import build_config, opt
 from prismdd.core.data import load_dataset, normalize
 from prismdd.core.errors import PrismError
 from prismdd.core.io import read_json
 from prismdd.core.models import create_model
 from prismdd.core.runtime import derive_seed, make_generator
 from prismdd.core.training import lr_factor, make_optimizer
-from prismdd.methods.embed import EMBEDDERS, Embedder
+from prismdd.methods.embed import EMBEDDERS, Embedder, embedder, embedder_option_groups
 from prismdd.stages.score import ScoreConfig, score
 
 # two runs of three epochs of a width-0.25 ConvNet, 6 steps an epoch: seconds on one core
@@ -240,7 +241,7 @@ CHILD = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         return real_replace(src, dst)
     os.replace = replace
-    from prismdd.core.config import build_config
+    from prismdd.core.config import build_config, opt
     from prismdd.stages.score import ScoreConfig, score
     score(build_config(ScoreConfig, settings))
 """)
@@ -281,3 +282,20 @@ def test_torchrun_two_ranks_equal_one_process(scored, zoo, tmp_path):
         assert torch.equal(getattr(got, name), getattr(scored, name)), name
     assert read_json(out / MANIFEST)["world_size"] == 2
     assert sorted(p.name for p in (out / "logs").iterdir()) == ["run_000.jsonl", "run_001.jsonl"]
+
+
+def test_an_embedders_options_must_carry_its_prefix(monkeypatch):
+    monkeypatch.setattr(EMBEDDERS, "_items", dict(EMBEDDERS._items))  # registrations here stay in this test
+
+    @dataclass
+    class Good:
+        toy_dim: int = opt(4, "output width")
+
+    @dataclass
+    class Bad:
+        dim: int = opt(4, "output width")
+
+    embedder("toy")(type("Toy", (Embedder,), {"options": Good}))
+    assert Good in embedder_option_groups()
+    with pytest.raises(ValueError, match="dim lack the prefix 'toy2_'"):
+        embedder("toy2")(type("Toy2", (Embedder,), {"options": Bad}))

@@ -3,7 +3,8 @@ distance (herding's running mean, k-center's farthest point, BPS's nearest-neigh
 (``prismdd score --kinds embedding --embed NAME``) runs one over the training split, sharded over torchrun ranks,
 and stores the result as the ``embedding`` tensor of ``scores.safetensors``.
 
-An embedder is a subclass of ``Embedder`` registered with ``@embedder(name)``; it has four parts:
+An embedder is a subclass of ``Embedder`` registered with ``@embedder(name)`` (and a few words in ``summary`` for
+``--embed``'s help); it has four parts:
 
 - ``settings(cfg)`` (classmethod, cheap, JSON-able): what shapes its vectors: the options it reads and the digests
   of the files it uses. The stage compares it with a finished folder's record before any work (equal: the stored
