@@ -6,7 +6,7 @@ Layout (each layer imports only the ones above it):
   image decoding, the ImageFolder scan, the decode cache, sampling), models, BN statistics, views, the training loop;
 - ``artifacts``: every on-disk format, one module per concern (manifests and provenance, the folder lock, model
   cards and teachers, distilled sets, soft labels); a method's own files live in its module under ``methods``;
-- ``stages``: squeeze, recover, relabel, validate, metrics: each a function from a dataclass config to an
+- ``stages``: squeeze, score, recover, relabel, validate, metrics: each a function from a dataclass config to an
   output folder, importing ``core`` and ``artifacts`` only;
 - ``pipeline`` (``prismdd run``, the main job), ``audit`` (the privacy audit), ``report``, ``cli``.
 
@@ -43,6 +43,7 @@ _PUBLIC = {
     "MetricsConfig": "prismdd.stages.metrics",
     "RecoverConfig": "prismdd.stages.recover", "recover_config": "prismdd.stages.recover",
     "RelabelConfig": "prismdd.stages.relabel",
+    "ScoreConfig": "prismdd.stages.score",
     "SqueezeConfig": "prismdd.stages.squeeze",
     "ValidateConfig": "prismdd.stages.validate", "validate_config": "prismdd.stages.validate",
 }
@@ -63,6 +64,7 @@ def list_methods() -> list[dict]:
 
 
 __all__ = ["ARCHS", "DATASETS", "METHODS", "MetricsConfig", "PROTOCOLS", "RecoverConfig", "RelabelConfig",
-           "RunConfig", "SqueezeConfig", "ValidateConfig", "audit", "build_config", "create_model", "find_teachers",
+           "RunConfig", "ScoreConfig", "SqueezeConfig", "ValidateConfig", "audit", "build_config", "create_model",
+           "find_teachers",
            "list_datasets", "list_methods", "list_models", "load_dataset", "load_distilled", "load_model",
            "recover_config", "run", "run_config", "validate_config"]

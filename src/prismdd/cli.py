@@ -32,6 +32,8 @@ TABLE_WIDTH = 100  # `methods` and `models` fit a standard terminal; --wide show
 # command -> (module, config class, function, one-line help); the module is imported when the command runs
 STAGES: dict[str, tuple[str, str, str, str]] = {
     "squeeze": ("prismdd.stages.squeeze", "SqueezeConfig", "squeeze", "train teacher networks (a zoo: --arch a,b,c)"),
+    "score": ("prismdd.stages.score", "ScoreConfig", "score",
+              "per-example scores of the training split (embeddings, entropies, training dynamics) for coreset selection"),
     "recover": ("prismdd.stages.recover", "RecoverConfig", "recover",
                 "synthesise images through frozen teachers (PRISM and baselines)"),
     "relabel": ("prismdd.stages.relabel", "RelabelConfig", "relabel",

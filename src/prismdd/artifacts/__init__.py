@@ -25,7 +25,8 @@ from .distilled import (IMAGE_DIGEST, LEARNED_LABELS, SET_DIGEST, DistilledSet, 
                         record_path, save_image, seal_distilled, with_distilled_dataset)
 from .labels import (LABEL_KEYS, StoredLabels, check_finite_labels, consumed_digests, epoch_file, label_bytes,
                      pack_logits, unpack_logits)
-from .scores import SCORE_KINDS, SCORES_FILE, Scores, check_kinds, load_scores, save_scores
+from .scores import (SCORE_KINDS, SCORES_FILE, SCORES_FORMAT, Scores, check_kinds, load_scores, save_scores,
+                     score_settings)
 from .lock import LOCK_FILE, locked_stage, output_lock
 from .manifest import (ACCURACY_FILE, CARD, INPUTS_FILE, MANIFEST, METRICS_FILE, SEALED_FILES, WEIGHTS, check_inputs,
                        check_sealed_file, clear_outputs, file_digest, guard_inputs, images_digest, load_if_header,
@@ -33,13 +34,14 @@ from .manifest import (ACCURACY_FILE, CARD, INPUTS_FILE, MANIFEST, METRICS_FILE,
                        write_manifest)
 
 __all__ = ["ACCURACY_FILE", "CARD", "DistilledSet", "IMAGE_DIGEST", "INPUTS_FILE", "LABEL_KEYS", "LEARNED_LABELS",
-           "LOCK_FILE", "MANIFEST", "METRICS_FILE", "REFERENCE_LABEL_TEACHERS", "SCORE_KINDS", "SCORES_FILE", "SEALED_FILES", "Scores", "SET_DIGEST",
+           "LOCK_FILE", "MANIFEST", "METRICS_FILE", "REFERENCE_LABEL_TEACHERS", "SCORE_KINDS", "SCORES_FILE", "SCORES_FORMAT", "SEALED_FILES", "Scores", "SET_DIGEST",
            "StoredLabels", "WEIGHTS", "WEIGHTS_DIGEST", "centred_onehot", "check_finished_images", "check_kinds",
            "check_finite_labels", "check_finite_state", "check_inputs", "check_sealed_file", "class_dirname",
            "clear_outputs", "consumed_digests", "epoch_file", "file_digest", "find_one_teacher", "find_teachers",
            "guard_inputs", "has_learned_labels", "image_path", "images_digest", "label_bytes", "label_teacher_names",
            "load_distilled", "load_if_header", "load_scores", "load_labelers", "load_model", "locked_stage",
            "output_lock", "pack_logits", "read_learned_labels", "read_manifest", "record_path", "reusable",
-           "save_image", "save_model", "save_scores", "seal_distilled", "seal_files", "sealed_in", "settings_header",
+           "save_image", "save_model", "save_scores", "score_settings", "seal_distilled", "seal_files", "sealed_in",
+           "settings_header",
            "teacher_digests", "unpack_logits", "versions", "weights_problem", "with_distilled_dataset",
            "write_manifest"]

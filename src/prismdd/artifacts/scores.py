@@ -16,14 +16,18 @@ order (index i is ``train.targets[i]``):
 - ``el2n``      float32 (R, N)     kind ``dynamics``: ||softmax - onehot||_2 of run r's model after its EL2N epoch,
                                    on the un-augmented image
 
-The header (safetensors metadata) holds ``format`` and ``kinds`` (comma list); everything else about how the scores
-were made is in the manifest. Computed once per (dataset, model, seed), reused by every method and IPC.
+The header (safetensors metadata) holds ``format``, ``kinds`` (comma list) and, from the score stage, ``settings``
+(JSON: per kind, what made it), so a re-run that adds a kind checks the kinds it keeps against the file itself, even
+when it was killed before the manifest was written; the manifest records the rest (seeds, versions, the seal).
+Computed once per (dataset, model, seed), reused by every method and IPC.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
+
+import json
 
 import torch
 
@@ -83,8 +87,9 @@ def _check_shapes(t: dict[str, torch.Tensor], where) -> None:
             raise PrismError(f"{where}: {name} holds NaN or inf values; re-run `prismdd score` with --force")
 
 
-def save_scores(folder, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write ``scores.safetensors`` (atomically) from ``targets`` plus the tensors of whole kinds; returns its path."""
+def save_scores(folder, tensors: dict[str, torch.Tensor], settings: dict[str, dict] | None = None) -> Path:
+    """Write ``scores.safetensors`` (atomically) from ``targets`` plus the tensors of whole kinds; returns its path.
+    ``settings``: ``{kind: what made it}`` (JSON-able), kept in the header (``score_settings`` reads it back)."""
     if "targets" not in tensors:
         raise ValueError("save_scores: targets are required")
     kinds = [k for k, names in SCORE_KINDS.items() if all(n in tensors for n in names)]
@@ -96,8 +101,23 @@ def save_scores(folder, tensors: dict[str, torch.Tensor]) -> Path:
     _check_shapes(tensors, path)
     dtypes = {"targets": torch.int64, "correct": torch.uint8}
     tensors = {k: v.to(dtypes.get(k, torch.float32)) for k, v in tensors.items()}
-    save_tensors(tensors, path, metadata={"format": SCORES_FORMAT, "kinds": ",".join(kinds)})
+    meta = {"format": SCORES_FORMAT, "kinds": ",".join(kinds)}
+    if settings is not None:
+        meta["settings"] = json.dumps({k: settings[k] for k in kinds if k in settings}, sort_keys=True)
+    save_tensors(tensors, path, metadata=meta)
     return path
+
+
+def score_settings(folder) -> dict[str, dict]:
+    """``{kind: settings}`` the header of ``folder``'s score file records (empty: none recorded, or no file)."""
+    path = Path(folder) / SCORES_FILE
+    if not path.exists():
+        return {}
+    text = tensors_metadata(path).get("settings")
+    try:
+        return json.loads(text) if text else {}
+    except ValueError:
+        raise PrismError(f"{path}: its header's settings are not JSON; re-run `prismdd score` with --force") from None
 
 
 def load_scores(folder, need: Iterable[str] = (), *, targets: torch.Tensor | None = None,

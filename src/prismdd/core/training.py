@@ -212,7 +212,7 @@ def fit(model: nn.Module, optimizer, batches: Callable[[int], Iterable], loss_fn
         epochs: int, steps_per_epoch: int, lr: float, schedule: str, warmup: float = 0.0, lr_every: str = "step",
         evaluate_fn: Callable[[], dict], eval_every: int, checkpoint: Path, config_hash: str,
         resume: dict | None, log: JsonlLog | None, desc: str, is_main: bool = True, verbose: bool = False,
-        ema_decay: float = 0.0) -> dict:
+        ema_decay: float = 0.0, epoch_state: Callable[[int], dict] | None = None) -> dict:
     """Train ``model`` for ``epochs`` epochs, resumably; the one loop behind teachers and students.
 
     ``batches(epoch)`` yields each epoch's batches (at most ``steps_per_epoch`` are used); ``loss_fn(batch)``
@@ -226,7 +226,9 @@ def fit(model: nn.Module, optimizer, batches: Callable[[int], Iterable], loss_fn
     line per evaluation (teachers; students show it on their progress bar). Without a terminal every fit prints a
     ``Heartbeat`` line at least once a minute (epoch, step, loss, elapsed, time left). ``ema_decay`` > 0: an EMA of the
     parameters (``ParamEMA``) is updated after every step and every evaluation uses it (EDC); at the end the
-    model holds the averaged parameters, the weights the final accuracy was measured with.
+    model holds the averaged parameters, the weights the final accuracy was measured with. ``epoch_state(n)``: called
+    after each epoch (``n`` epochs finished), before the checkpoint is written; what it returns goes into that
+    checkpoint, so a caller's per-epoch records (the score stage's per-example rows) resume with the weights.
     Returns ``{"curve", "final", "seconds"}``; ``seconds`` counts time before a resume too.
     """
     start, curve, before = 0, [], 0.0
@@ -277,9 +279,10 @@ def fit(model: nn.Module, optimizer, batches: Callable[[int], Iterable], loss_fn
                 logger.info(f"[{desc}] epoch {epoch + 1}/{epochs} "
                             f"(step {(epoch + 1) * steps_per_epoch}/{total_steps}): "
                             f"train loss {record['train_loss']:.4f}, test top-1 {ev['top1']:.2f}%")
+        extra = epoch_state(epoch + 1) if epoch_state is not None else {}
         if is_main:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                     "curve": curve, "elapsed": before + timer.elapsed, "config_hash": config_hash}
+                     "curve": curve, "elapsed": before + timer.elapsed, "config_hash": config_hash, **extra}
             if ema is not None:
                 state["ema"] = ema.shadow
             torch_save(state, checkpoint)
