@@ -91,7 +91,7 @@ class RunConfig(CommonConfig):
     full_steps: int = opt(300, "steps of the full-data baseline with --full-reference steps (batch 256)", minimum=1)
     scores: bool = opt(False, "DD-Ranking's LRS and ARS per method: adds a hard-label student (no augmentation, as "
                               "DD-Ranking trains it) and a no-augmentation student per method, and one for random "
-                              "real; without it the scores show what they lack", neutral=False)
+                              "real; without it the scores show what they lack")
     eval_every: int | None = opt(None, "student epochs between test evaluations (the last is always evaluated); "
                                        "None: every 10 % of training, so the report's curve has 10 points",
                                  minimum=1, hashed=False)

@@ -178,16 +178,16 @@ def test_each_protocol_builds(name):
         assert getattr(r, k) == getattr(cfg, k), (name, k)
 
 
-def test_new_options_leave_old_hashes_alone():
-    # the new fields at their neutral values are not hashed: finished prism/sre2l outputs stay reusable
+def test_protocol_options_shape_the_hash():
+    # prism's own values leave its hash as it is; any other value of these options is another student
     cfg = validate_config("prism", distilled="x", labels="y")
     assert config_hash(cfg) == config_hash(cfg, patch_shuffle=0, ema_eval=0.0, batch_rule="seed", rand_augment="",
                                            bn_double_update=False)
-    # issue 26's corrections are new results: the corrected student is not the one trained before
     old = validate_config("sre2l", distilled="x", labels="y", decay_exempt="none", grad_accum=1)
     assert config_hash(old) != config_hash(old, decay_exempt="1d") != config_hash(old, grad_accum=2)
     assert config_hash(cfg) != config_hash(cfg, rand_augment="rand-m6-n2-mstd1.0")
     assert config_hash(cfg) != config_hash(cfg, patch_shuffle=2)
+    assert config_hash(cfg) != config_hash(cfg, bn_double_update=True) != config_hash(cfg, ema_eval=0.5)
     r = build_config(RelabelConfig, {})
     assert config_hash(r) == config_hash(r, patch_shuffle=0, batch_rule="seed", protocol="rded", rand_augment="")
 

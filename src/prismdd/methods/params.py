@@ -95,12 +95,11 @@ class MultiResOptions(Options):
     """The multi-resolution parametrisation's settings (``--param multires``; any optimising method)."""
 
     multires_step: int = opt(4, "multires: component sides 1, 1 + step, 1 + 2 step, ... and always the full side (DAS: "
-                                "range(1, side + 1, 4)); 1 = every side", minimum=1, neutral=4)
+                                "range(1, side + 1, 4)); 1 = every side", minimum=1)
     multires_optimizer: str = opt("engine", "multires: engine (the method's Adam, schedule and budget on every component, "
                                             "its LR divided by the number of components) | sgd (DAS: plain gradient "
                                             "steps of size --lr, the same cosine; coarse components, which gather the "
-                                            "gradient of many pixels, move first)", choices=("engine", "sgd"),
-                                  neutral="engine")
+                                            "gradient of many pixels, move first)", choices=("engine", "sgd"))
     @staticmethod
     def check(cfg) -> None:
         # options that would change nothing are refused, not passed over in silence
