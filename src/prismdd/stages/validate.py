@@ -75,9 +75,9 @@ class ValidateConfig(LabelOptions, CommonConfig):
                              "before one optimiser step, so train-mode BatchNorm sees batch/N images (PRISM's and "
                              "SRe2L's scripts: 2); the loss average is unchanged", minimum=1)
     schedule: str = opt("decayed_cosine", "decayed_cosine (PRISM's code: drop to 0.125 at 5/6, then linear to 0) | "
-                                          "decayed_cosine_smooth | cosine | half_cosine (1 -> 0.5: RDED, DELT; EDC's "
+                                          "cosine | half_cosine (1 -> 0.5: RDED, DELT; EDC's "
                                           "intent) | half_linear (1 -> 0.5 straight: what EDC's code runs) | linear | "
-                                          "constant | warmup_cosine (FRePo)", choices=SCHEDULES)
+                                          "warmup_cosine (FRePo)", choices=SCHEDULES)
     loss: str = opt("mse+ce", "mse+ce (PRISM) | kl | ce (hard labels) | mse (FRePo: regress label vectors, the "
                               "learned labels of --labels, else centred one-hot)", choices=("mse+ce", "kl", "ce", "mse"))
     gamma: float = opt(0.1, "mse+ce: weight of the hard-label CE", minimum=0.0)
