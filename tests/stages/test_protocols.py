@@ -96,7 +96,7 @@ def test_ema_eval_weights_follow_the_formula(tmp_path):
         evals.append(([p.detach().clone() for p in model.parameters()], model[1].running_mean.clone()))
         return {"top1": 0.0, "top5": 0.0}
 
-    fit(model, opt, lambda e: range(3), loss_fn, epochs=2, steps_per_epoch=3, lr=0.5, schedule="constant",
+    fit(model, opt, lambda e: range(3), loss_fn, epochs=2, steps_per_epoch=3, lr=0.5, schedule="cosine",
         evaluate_fn=evaluate_fn, eval_every=1, checkpoint=tmp_path / "c.pt", config_hash="h", resume=None, log=None,
         desc="t", is_main=True, ema_decay=d)
     # after k = 3 steps: ema = d^3 w0 + (1 - d) (d^2 w1 + d w2 + w3); w_i = the weights before step i + 1
@@ -112,18 +112,31 @@ def test_ema_eval_weights_follow_the_formula(tmp_path):
 
 
 def test_ema_eval_resumes_exactly(tmp_path):
-    def run(epochs, resume, ckpt):
+    class Killed(Exception):
+        pass
+
+    def run(resume, ckpt, kill_at=None):
         torch.manual_seed(0)
         model = nn.Linear(3, 2)
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         x, y = torch.randn(6, 3, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 0, 1, 1, 0])
+        evals = []
+
+        def evaluate_fn():  # the evaluation after epoch ``kill_at`` comes before its checkpoint: a kill there
+            evals.append(1)
+            if len(evals) == kill_at:
+                raise Killed
+            return {"top1": 0, "top5": 0}
         fit(model, opt, lambda e: range(2), lambda _: {"total": nn.functional.cross_entropy(model(x), y)},
-            epochs=epochs, steps_per_epoch=2, lr=0.5, schedule="constant", evaluate_fn=lambda: {"top1": 0, "top5": 0},
+            epochs=3, steps_per_epoch=2, lr=0.5, schedule="cosine", evaluate_fn=evaluate_fn,
             eval_every=1, checkpoint=ckpt, config_hash="h", resume=resume, log=None, desc="t", ema_decay=0.8)
         return model
-    whole = run(3, None, tmp_path / "a.pt")
-    run(2, None, tmp_path / "b.pt")
-    resumed = run(3, torch.load(tmp_path / "b.pt", weights_only=True), tmp_path / "b.pt")
+    whole = run(None, tmp_path / "a.pt")
+    with pytest.raises(Killed):
+        run(None, tmp_path / "b.pt", kill_at=3)
+    state = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert state["epoch"] == 2 and "ema" in state
+    resumed = run(state, tmp_path / "b.pt")
     for a, b in zip(whole.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b)
 
