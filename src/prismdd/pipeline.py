@@ -1,5 +1,9 @@
 """``prismdd run``: the main job. Teachers -> every method's recovery -> students -> metrics -> report.
 
+Size: about 520 lines: the run's options (``RunConfig``), the stage runner the audit and the benchmarks share
+(``Stages``), the up-front checks, and the run with its baselines and label regimes. Every part is the
+composition of stages the main job performs; none re-implements a stage.
+
 It calls the stages, never re-implements them. Each stage writes into ``<out>/stages/<name>-<hash>``,
 where the hash covers that stage's resolved config (which names the folders of the stages it reads), so
 re-running the same command reuses finished stages and a changed setting redoes only what depends on it.

@@ -1,6 +1,11 @@
 """Supervised training every stage shares: the one training loop (``fit``), evaluation, LR schedules,
 optimisers, and what a frozen network says about images (penultimate features, per-example scores,
-ensemble logits)."""
+ensemble logits).
+
+Size: a little over 400 lines. The loop (``fit``) sits with what it is made of (schedules, optimiser groups, the
+parameter EMA, evaluation), so a stage's student, teacher and audit model all train by one definition; the
+readers of a frozen network (the last section: features, per-example scores, ensemble logits, fixed soft labels)
+could stand alone, and stay beside ``evaluate``, whose eval-mode and normalisation rules they follow."""
 from __future__ import annotations
 
 import math

@@ -1,5 +1,9 @@
 """recover: optimise synthetic pixels through frozen teachers (PRISM, and the SRe2L family as presets).
 
+Size: about 400 lines, a third of them the engine's options (``EngineConfig``: each with its help text, choices
+and bounds), the rest planning, teacher loading and the stage's resume and provenance; the inner loop and every
+method's own code are already in ``methods/``.
+
     L(x) = CE(f_primary(A(x)), y) + alpha_BN * mean_{t in S} R_BN(t, A(x))  [+ TV-L2, L2, CLIP priors]
 
 with x held as pixels or as a multi-resolution sum (``--param``, ``methods/params.py``); the inner loop is

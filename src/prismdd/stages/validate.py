@@ -1,5 +1,10 @@
 """validate: train a fresh student on distilled images (+ soft labels) and test it on real data.
 
+Size: about 560 lines: the options of every student protocol (``ValidateConfig``), the data sources, the student
+loss, the loop of one student and the stage with its baselines and DD-Ranking scores. The training loop is
+``core.training.fit`` and the label options ``core.labels``; what stays is one stage's logic, kept together so a
+protocol's rules read in one place.
+
 The FINAL epoch's accuracy is the result; the best epoch is reported separately and marked as such.
 Soft labels come from a relabel folder (``--labels``, replaying its stored views) or are computed online
 from teachers (``--teachers``) on the very same views. Baselines: ``--random-real`` (a seeded random real
