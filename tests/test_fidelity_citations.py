@@ -1,11 +1,11 @@
 """FIDELITY.md's prismdd-side citations resolve, so a refactor cannot leave the document pointing at code that moved.
 
 How FIDELITY.md cites prismdd, in backticks: a file (relative to ``src/prismdd/`` or to the repository:
-`methods/edc.py`, `tests/stages/test_gvbsm.py`; or a bare name such as `recover.py` naming a file of the package),
+`methods/edc.py`, `tests/methods/test_gvbsm.py`; or a bare name such as `recover.py` naming a file of the package),
 optionally with line ranges (`edc.py:12-34`; `:40` continues the file cited before it; `:1-3, 7` lists several),
 and the names it points at, after or before it (`EDC.pick_teachers`, `layer_term`, `sample_views(per="batch")`).
 Tests are named `test_x`, `test_x[param]` or `tests/a.py::test_x`, often after a section's letter for its test file
-("Tests: `tests/stages/test_fidelity.py` (F)", "T = `tests/stages/test_dwa_edc.py`"). Checked, for each citation:
+("Tests: `tests/stages/test_fidelity.py` (F)", "T = `tests/methods/test_dwa_edc.py`"). Checked, for each citation:
 
 - the file exists (a bare name: a package file of that name; several may share it, e.g. the presets' YAML files);
 - every cited line range lies inside the file;
@@ -357,13 +357,13 @@ def test_the_check_finds_stale_citations(tmp_path):
     values and other libraries' names are not read."""
     n = len((PKG / "methods" / "edc.py").read_text().splitlines())
     past = len((PKG / "methods" / "gvbsm.py").read_text().splitlines()) + 1
-    intro = "Tests: `tests/stages/test_fidelity.py` (F).\n\n## A section\n\nT = `tests/stages/test_dwa_edc.py`.\n\n"
+    intro = "Tests: `tests/stages/test_fidelity.py` (F).\n\n## A section\n\nT = `tests/methods/test_dwa_edc.py`.\n\n"
     head = "| element | reference | prismdd | test |\n|---|---|---|---|\n"
     good = (intro + head
             + f"| a | `recover.py:386` `not_in_prismdd` | `EDC.pick_teachers` `methods/edc.py:1-{n}`, `:3` "
               "`layer_term`; field `edc_round_robin`; `torch.randperm` (`auto`) | T `test_edc_recover_end_to_end` |\n"
             + "| b | - | `category_target`; `stats.py:1` (`hooked_layers`), `artifacts.save_image` | "
-              "`tests/stages/test_gvbsm.py::test_round_robin_counter_carries_across_batches`, "
+              "`tests/methods/test_gvbsm.py::test_round_robin_counter_carries_across_batches`, "
               "F `test_one_crop_and_one_flip_per_batch` |\n"
             + "\nProse: `methods/stats.py:5` (`smoothed`), the reference's `recover/utils.py:999` (`BNFeatureHook`).\n")
     assert _problems(tmp_path, good) == []
@@ -371,13 +371,13 @@ def test_the_check_finds_stale_citations(tmp_path):
            + f"| a | - | `methods/gvbsm.py:1-{past}` `hooked_layers`, `_Collect`, `EDC.pick_teacher` | "
              "T `test_one_crop_and_one_flip_per_batch` |\n"
            + "| b | - | `methods/nope.py:3`; `artifacts.save_images` | "
-             "`tests/stages/test_gvbsm.py::test_round_robin` |\n"
+             "`tests/methods/test_gvbsm.py::test_round_robin` |\n"
            + "| c | - | `renamed_helper` | - |\n"
            + "\nProse: `methods/stats.py:5000` (`smoothed`).\n")
     found = _problems(tmp_path, bad)
     for needle in (f"`methods/gvbsm.py:1-{past}` lies outside", "`hooked_layers` is not defined in `methods/gvbsm",
                    "`_Collect` is not defined", "`EDC.pick_teacher` is not defined",
-                   "test `test_one_crop_and_one_flip_per_batch` is not defined in `tests/stages/test_dwa_edc.py`",
+                   "test `test_one_crop_and_one_flip_per_batch` is not defined in `tests/methods/test_dwa_edc.py`",
                    "`methods/nope.py` does not exist", "`save_images` is not defined in module `artifacts`",
                    "test `test_round_robin` is not defined", "`renamed_helper` is defined nowhere",
                    "`methods/stats.py:5000-5000` lies outside"):

@@ -1,5 +1,9 @@
 """``prismdd run``: the main job. Teachers -> every method's recovery -> students -> metrics -> report.
 
+Size: about 520 lines: the run's options (``RunConfig``), the stage runner the audit and the benchmarks share
+(``Stages``), the up-front checks, and the run with its baselines and label regimes. Every part is the
+composition of stages the main job performs; none re-implements a stage.
+
 It calls the stages, never re-implements them. Each stage writes into ``<out>/stages/<name>-<hash>``,
 where the hash covers that stage's resolved config (which names the folders of the stages it reads), so
 re-running the same command reuses finished stages and a changed setting redoes only what depends on it.
@@ -91,7 +95,7 @@ class RunConfig(CommonConfig):
     full_steps: int = opt(300, "steps of the full-data baseline with --full-reference steps (batch 256)", minimum=1)
     scores: bool = opt(False, "DD-Ranking's LRS and ARS per method: adds a hard-label student (no augmentation, as "
                               "DD-Ranking trains it) and a no-augmentation student per method, and one for random "
-                              "real; without it the scores show what they lack", neutral=False)
+                              "real; without it the scores show what they lack")
     eval_every: int | None = opt(None, "student epochs between test evaluations (the last is always evaluated); "
                                        "None: every 10 % of training, so the report's curve has 10 points",
                                  minimum=1, hashed=False)

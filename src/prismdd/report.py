@@ -1,5 +1,9 @@
 """report: one self-contained HTML page for a whole run (``prismdd run``), plus a terminal table.
 
+Size: about 680 lines for one output: number formatting, the figures (matplotlib) and the HTML page. The figures
+section (about 200 lines) could be a module of its own; it stays because the page is its only reader and both
+share the method colours and captions.
+
 ``write_report(out_dir, results)`` writes ``out_dir/report.html`` (inline CSS, every figure embedded as a
 base64 PNG data URI, no scripts, nothing fetched from the network) and the figures as PNG files in
 ``out_dir/figures/``. The page shows the numbers exactly as ``results`` gives them: nothing is computed
@@ -80,7 +84,7 @@ def _num(v, digits: int = 1) -> str | None:
 
 
 def runs_of(row: dict) -> int:
-    """How many runs (seeds) a row's mean is over; rows written before the count was recorded: 1 unless a
+    """How many runs (seeds) a row's mean is over; a row without the count (a hand-made results file): 1 unless a
     non-zero std says otherwise."""
     if row.get("runs") is not None:
         return int(row["runs"])

@@ -199,9 +199,9 @@ def test_common_config_fields_shared():
         assert (cfg.dataset, cfg.subset, cfg.resolution) == ("digits", "idx.npy", 16)
 
 
-def test_a_field_at_its_neutral_value_leaves_the_hash_alone():
-    """An option added later with ``neutral=`` keeps the hashes of configs made before it (no stale-looking
-    outputs), while any other value of it changes the hash."""
+def test_every_hashed_field_is_hashed_at_every_value():
+    """A hashed field shapes the hash at its default too: adding an option changes every hash once (finished
+    outputs are recomputed, never reused under settings they were not made with); only ``hashed=False`` skips it."""
     import dataclasses as dc
 
     from prismdd.core.config import config_hash, opt
@@ -213,10 +213,16 @@ def test_a_field_at_its_neutral_value_leaves_the_hash_alone():
     @dc.dataclass
     class New:
         a: int = opt(1, "a")
-        b: str = opt("none", "b", neutral="none")
+        b: str = opt("none", "b")
 
-    assert config_hash(New()) == config_hash(Old())
-    assert config_hash(New(b="x")) != config_hash(Old())
+    @dc.dataclass
+    class Unhashed:
+        a: int = opt(1, "a")
+        b: str = opt("none", "b", hashed=False)
+
+    assert config_hash(New()) != config_hash(Old())
+    assert config_hash(New(b="x")) not in (config_hash(Old()), config_hash(New()))
+    assert config_hash(Unhashed()) == config_hash(Unhashed(b="x")) == config_hash(Old())
 
 
 def test_input_folders_hash_by_where_they_are_not_how_they_are_spelled(tmp_path, monkeypatch):

@@ -139,7 +139,7 @@ def test_mislabel_canaries_change_exactly_their_labels():
 
 
 # ----------------------------------------------------------------------------- known cases on real models
-OVERFIT = dict(arch="convnet", width=0.25, epochs=150, batch_size=25, lr=0.01, schedule="constant",
+OVERFIT = dict(arch="convnet", width=0.25, epochs=150, batch_size=25, lr=0.01, schedule="step_half",
                weight_decay=0.0, min_scale=1.0, flip=False, device="cpu")  # memorise: no augmentation, no decay
 
 
@@ -177,7 +177,7 @@ def test_known_case_overfit_model_leaks(overfit_model):
 
 
 def test_known_case_overfit_on_mislabelled_canaries_gives_high_tpr_at_low_fpr(tmp_path):
-    cfg = build_config(AuditConfig, dict(dataset="digits", pool_size=1437, canaries=450, canary_kind="mislabel"))
+    cfg = build_config(AuditConfig, dict(dataset="digits", pool_size=1437, canaries=450))
     plan = make_plan(cfg, 1437, 10)
     canaries = plan["pool"][plan["canary_pos"]]
     members, non_members = canaries[:50], canaries[50:]

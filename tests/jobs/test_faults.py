@@ -340,22 +340,24 @@ def test_changed_distilled_image_refused_by_every_reader_and_by_a_rerun(prism_ru
         load_distilled(rec)
 
 
-def test_recover_folder_of_an_older_prismdd_still_loads_with_one_line(prism_run, tmp_path, capsys):
+def test_recover_folder_without_digests_is_refused_in_one_line(prism_run, tmp_path):
+    """A manifest that seals no image (not written by this prismdd's recover) cannot vouch for its PNGs: refused,
+    naming the fix, whether the set's digest or an image's is missing."""
     from prismdd.artifacts import load_distilled
 
-    old = tmp_path / "old"
-    shutil.copytree(prism_run, old)
-    m = read_json(old / "manifest.json")
+    unsealed = tmp_path / "unsealed"
+    shutil.copytree(prism_run, unsealed)
+    m = read_json(unsealed / "manifest.json")
     del m["outputs"]["images_sha256"]
+    write_json(unsealed / "manifest.json", m)
+    with pytest.raises(PrismError, match="records no images_sha256.*--force") as ei:
+        load_distilled(unsealed)
+    assert "\n" not in str(ei.value)
     for e in m["outputs"]["images"].values():
         del e["sha256"]
-    write_json(old / "manifest.json", m)
-    capsys.readouterr()
-    for _ in range(2):
-        ds = load_distilled(old)
-    assert torch.equal(ds.images, load_distilled(prism_run).images)
-    said = [ln for ln in capsys.readouterr().out.splitlines() if "no digests" in ln]
-    assert len(said) == 1 and str(old) in said[0]
+    write_json(unsealed / "manifest.json", m)
+    with pytest.raises(PrismError, match="records no sha256.*--force"):
+        load_distilled(unsealed)
 
 
 def test_force_with_a_smaller_ipc_leaves_no_stale_images(recover_run, tmp_path):

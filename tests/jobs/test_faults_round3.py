@@ -20,7 +20,7 @@ from PIL import Image
 
 from prismdd.artifacts import CARD, LEARNED_LABELS, WEIGHTS, WEIGHTS_DIGEST
 from prismdd.core.errors import PrismError
-from prismdd.core.io import load_tensors, read_json, save_tensors, tensors_metadata
+from prismdd.core.io import load_tensors, read_json, save_tensors, tensors_metadata, write_json
 from prismdd.methods.frepo import STATE_FILE
 from prismdd.stages.recover import recover, recover_config
 from prismdd.stages.validate import validate, validate_config
@@ -203,7 +203,7 @@ def test_force_with_another_method_removes_the_frepo_files(frepo_set, zoo, tmp_p
 
 
 # ----------------------------------------------------------------------------- 3. squeeze checks the weights
-@pytest.mark.parametrize("damage", ["truncated", "deleted", "changed"])
+@pytest.mark.parametrize("damage", ["truncated", "deleted", "changed", "no digest"])
 def test_squeeze_retrains_a_teacher_whose_weights_are_damaged(zoo, tmp_path, cli, capsys, damage):
     """A finished card with truncated or deleted weights used to be 'finished teacher found, skipping' (rc 0)."""
     out = tmp_path / "zoo"
@@ -214,6 +214,10 @@ def test_squeeze_retrains_a_teacher_whose_weights_are_damaged(zoo, tmp_path, cli
         w.write_bytes(good[: len(good) // 2])
     elif damage == "deleted":
         w.unlink()
+    elif damage == "no digest":  # a card save_model did not write: its weights cannot be vouched for
+        card = read_json(out / "convnet" / CARD)
+        del card[WEIGHTS_DIGEST]
+        write_json(out / "convnet" / CARD, card)
     else:
         d = load_tensors(w)
         save_tensors({k: v + 1 if v.is_floating_point() else v for k, v in d.items()}, w)

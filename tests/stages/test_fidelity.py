@@ -181,10 +181,9 @@ def test_decayed_cosine_matches_train_fkd_parallel(epochs):
         assert lr_factor("decayed_cosine", e / epochs) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12)
         opt.step()
         sched.step()
-    # the drop: 0.75 at the knee, 0.125 just after, then linear to 0
+    # the drop: 0.75 at the knee, 0.125 just after (no continuous ramp), then linear to 0
     assert lr_factor("decayed_cosine", 5 / 6) == pytest.approx(0.75)
     assert lr_factor("decayed_cosine", 5 / 6 + 1e-9) == pytest.approx(0.125, abs=1e-6)
-    assert lr_factor("decayed_cosine_smooth", 5 / 6 + 1e-9) == pytest.approx(0.75, abs=1e-6)  # prismdd's option
 
 
 def test_mse_gt_uses_the_unmixed_hard_label():

@@ -96,7 +96,7 @@ def test_ema_eval_weights_follow_the_formula(tmp_path):
         evals.append(([p.detach().clone() for p in model.parameters()], model[1].running_mean.clone()))
         return {"top1": 0.0, "top5": 0.0}
 
-    fit(model, opt, lambda e: range(3), loss_fn, epochs=2, steps_per_epoch=3, lr=0.5, schedule="constant",
+    fit(model, opt, lambda e: range(3), loss_fn, epochs=2, steps_per_epoch=3, lr=0.5, schedule="cosine",
         evaluate_fn=evaluate_fn, eval_every=1, checkpoint=tmp_path / "c.pt", config_hash="h", resume=None, log=None,
         desc="t", is_main=True, ema_decay=d)
     # after k = 3 steps: ema = d^3 w0 + (1 - d) (d^2 w1 + d w2 + w3); w_i = the weights before step i + 1
@@ -112,18 +112,31 @@ def test_ema_eval_weights_follow_the_formula(tmp_path):
 
 
 def test_ema_eval_resumes_exactly(tmp_path):
-    def run(epochs, resume, ckpt):
+    class Killed(Exception):
+        pass
+
+    def run(resume, ckpt, kill_at=None):
         torch.manual_seed(0)
         model = nn.Linear(3, 2)
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         x, y = torch.randn(6, 3, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 0, 1, 1, 0])
+        evals = []
+
+        def evaluate_fn():  # the evaluation after epoch ``kill_at`` comes before its checkpoint: a kill there
+            evals.append(1)
+            if len(evals) == kill_at:
+                raise Killed
+            return {"top1": 0, "top5": 0}
         fit(model, opt, lambda e: range(2), lambda _: {"total": nn.functional.cross_entropy(model(x), y)},
-            epochs=epochs, steps_per_epoch=2, lr=0.5, schedule="constant", evaluate_fn=lambda: {"top1": 0, "top5": 0},
+            epochs=3, steps_per_epoch=2, lr=0.5, schedule="cosine", evaluate_fn=evaluate_fn,
             eval_every=1, checkpoint=ckpt, config_hash="h", resume=resume, log=None, desc="t", ema_decay=0.8)
         return model
-    whole = run(3, None, tmp_path / "a.pt")
-    run(2, None, tmp_path / "b.pt")
-    resumed = run(3, torch.load(tmp_path / "b.pt", weights_only=True), tmp_path / "b.pt")
+    whole = run(None, tmp_path / "a.pt")
+    with pytest.raises(Killed):
+        run(None, tmp_path / "b.pt", kill_at=3)
+    state = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert state["epoch"] == 2 and "ema" in state
+    resumed = run(state, tmp_path / "b.pt")
     for a, b in zip(whole.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b)
 
@@ -178,16 +191,16 @@ def test_each_protocol_builds(name):
         assert getattr(r, k) == getattr(cfg, k), (name, k)
 
 
-def test_new_options_leave_old_hashes_alone():
-    # the new fields at their neutral values are not hashed: finished prism/sre2l outputs stay reusable
+def test_protocol_options_shape_the_hash():
+    # prism's own values leave its hash as it is; any other value of these options is another student
     cfg = validate_config("prism", distilled="x", labels="y")
     assert config_hash(cfg) == config_hash(cfg, patch_shuffle=0, ema_eval=0.0, batch_rule="seed", rand_augment="",
                                            bn_double_update=False)
-    # issue 26's corrections are new results: the corrected student is not the one trained before
     old = validate_config("sre2l", distilled="x", labels="y", decay_exempt="none", grad_accum=1)
     assert config_hash(old) != config_hash(old, decay_exempt="1d") != config_hash(old, grad_accum=2)
     assert config_hash(cfg) != config_hash(cfg, rand_augment="rand-m6-n2-mstd1.0")
     assert config_hash(cfg) != config_hash(cfg, patch_shuffle=2)
+    assert config_hash(cfg) != config_hash(cfg, bn_double_update=True) != config_hash(cfg, ema_eval=0.5)
     r = build_config(RelabelConfig, {})
     assert config_hash(r) == config_hash(r, patch_shuffle=0, batch_rule="seed", protocol="rded", rand_augment="")
 

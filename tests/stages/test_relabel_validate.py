@@ -270,24 +270,19 @@ def test_lr_factor_schedules():
     assert lr_factor("cosine", 1) == approx(0, abs=1e-12)
     assert lr_factor("cosine", 0.25) == approx(0.5 * (1 + math.cos(math.pi / 4)))
     assert [lr_factor("linear", p) for p in (0, 0.25, 1)] == [approx(1), approx(0.75), approx(0)]
-    assert lr_factor("constant", 0.7) == 1.0
+    assert [lr_factor("step_half", p) for p in (0, 0.49, 0.5, 1)] == [1.0, 1.0, approx(0.1), approx(0.1)]
     # clamped outside [0, 1]
     assert lr_factor("linear", -1) == approx(1) and lr_factor("linear", 2) == approx(0)
-    # decayed_cosine_smooth (prismdd's continuous variant; the reference's decayed_cosine, with its drop at
-    # 5/6, is tested against train_FKD_parallel.py's formula in test_fidelity.py)
+    # decayed_cosine (its reference formula is tested against train_FKD_parallel.py in test_fidelity.py): the
+    # stretched cosine up to the knee at 5/6, where it has fallen to cos(pi/3) = 3/4, then 0.75 (1 - p)
     knee = 5 / 6
     for p in np.linspace(0, knee, 11):
-        assert lr_factor("decayed_cosine_smooth", p) == approx(0.5 * (1 + math.cos(math.pi * p / 2.5)))
-    at_knee = 0.5 * (1 + math.cos(math.pi * knee / 2.5))
-    assert lr_factor("decayed_cosine_smooth", knee - 1e-9) == approx(at_knee, abs=1e-6)
-    assert lr_factor("decayed_cosine_smooth", knee + 1e-9) == approx(at_knee, abs=1e-6)  # continuous at 5/6
-    assert at_knee == pytest.approx(0.75)  # cos(pi/3): the stretched cosine has fallen to 3/4 at the knee
-    # linear from the knee to 0 at the end
-    mid = (knee + 1) / 2
-    assert lr_factor("decayed_cosine_smooth", mid) == approx(at_knee / 2)
-    assert lr_factor("decayed_cosine_smooth", 1) == approx(0, abs=1e-12)
+        assert lr_factor("decayed_cosine", p) == approx(0.5 * (1 + math.cos(math.pi * p / 2.5)))
+    assert lr_factor("decayed_cosine", knee) == approx(0.75)
+    assert lr_factor("decayed_cosine", (knee + 1) / 2) == approx(0.75 * (1 - (knee + 1) / 2))
+    assert lr_factor("decayed_cosine", 1) == approx(0, abs=1e-12)
     ps = np.linspace(0, 1, 601)
-    vals = [lr_factor("decayed_cosine_smooth", p) for p in ps]
+    vals = [lr_factor("decayed_cosine", p) for p in ps]
     assert all(x >= y - 1e-12 for x, y in zip(vals, vals[1:]))  # monotone non-increasing
     # warm-up: linear from 0 up to the schedule's value
     assert lr_factor("cosine", 0.0, warmup=0.1) == 0.0

@@ -107,7 +107,7 @@ def test_fit_backpropagates_each_part_before_the_next_forward(tmp_path):
             yield {"total": model(part).pow(2).mean()}, 0.5
 
     fit(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda e: [torch.randn(4, 3)], loss_fn, epochs=1,
-        steps_per_epoch=1, lr=0.1, schedule="constant", evaluate_fn=lambda: {"top1": 0.0, "top5": 0.0},
+        steps_per_epoch=1, lr=0.1, schedule="cosine", evaluate_fn=lambda: {"top1": 0.0, "top5": 0.0},
         eval_every=1, checkpoint=tmp_path / "c.pt", config_hash="x", resume=None, log=None, desc="t")
     assert events == ["forward", "backward", "forward", "backward"]
 

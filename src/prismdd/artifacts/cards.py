@@ -58,7 +58,8 @@ WEIGHTS_DIGEST = "weights_sha256"  # in card.json: the sha256 of model.safetenso
 
 def weights_problem(folder, card: dict) -> str | None:
     """What is wrong with a finished model folder's weights, or None: missing, unreadable, or other bytes than
-    the card recorded (cards of an older prismdd record none: loadable is then enough)."""
+    the card recorded (a card without the digest was not written by ``save_model``: its weights cannot be vouched
+    for)."""
     path = Path(folder) / WEIGHTS
     if not path.exists():
         return "is missing"
@@ -68,8 +69,10 @@ def weights_problem(folder, card: dict) -> str | None:
     except PrismError:
         return "cannot be read (damaged or cut off)"
     was = card.get(WEIGHTS_DIGEST)
+    if was is None:
+        return f"has no {WEIGHTS_DIGEST} on its card"
     now = file_digest(path)
-    if was is not None and now != was:
+    if now != was:
         return f"changed since squeeze wrote it (sha256 {was[:12]} then, {now[:12]} now)"
     return None
 

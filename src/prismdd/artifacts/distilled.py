@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 from ..core.data import DatasetInfo, TensorImages, denormalize
-from ..core.log import say_once
 from ..core.errors import PrismError
 from ..core.io import atomic_path, load_tensors, read_json
 from .manifest import MANIFEST, SEALED_FILES, check_sealed_file, read_manifest
@@ -96,11 +95,11 @@ def seal_distilled(out, images: dict) -> str:
 
 
 def _check_image(path: Path, entry: dict, data: bytes) -> None:
-    """Refuse a distilled PNG whose bytes are not those its manifest entry sealed (entries of an older prismdd
-    carry no digest and pass)."""
+    """Refuse a distilled PNG whose bytes are not those its manifest entry sealed, or whose entry seals none."""
     was = entry.get(IMAGE_DIGEST)
     if was is None:
-        return
+        raise PrismError(f"{path}: its manifest entry records no {IMAGE_DIGEST}, so a change to it cannot be noticed; "
+                         f"re-run the recover command with --force to redo the set")
     now = hashlib.sha256(data).hexdigest()
     if now != was:
         raise PrismError(f"{path}: changed since recover wrote it (sha256 {was[:12]} then, {now[:12]} now); delete it "
@@ -146,12 +145,9 @@ def load_distilled(folder) -> DistilledSet:
         t = torch.from_numpy(arr.copy())
         imgs.append(t[None] if t.ndim == 2 else t.permute(2, 0, 1))
     sealed = m["outputs"].get(SET_DIGEST)
-    if sealed is not None and sealed != _set_digest(entries):
-        raise PrismError(f"{folder / MANIFEST}: its image list was edited since recover wrote it; re-run the recover "
-                         f"command with --force to redo the set")
-    if sealed is None and m.get("stage") == "recover":
-        say_once(folder, f"[data] {folder}: made by an older prismdd, its images carry no digests: a change to them "
-                         f"cannot be noticed (recover --force records them)")
+    if sealed != _set_digest(entries):
+        raise PrismError(f"{folder / MANIFEST}: its image list was edited since recover wrote it (or it records no "
+                         f"{SET_DIGEST}); re-run the recover command with --force to redo the set")
     targets = torch.tensor([e["class"] for e in entries])
     return DistilledSet(torch.stack(imgs), targets, info, m, folder)
 

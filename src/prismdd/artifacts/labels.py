@@ -100,8 +100,12 @@ class StoredLabels:
         """Refuse labels made for other pixels than those of digest ``now`` (another distilled set, or its images
         before a ``recover --force`` rewrote them): relabel records the digest of the pixels it labelled."""
         recorded = (self.manifest.get("inputs") or {}).get("distilled_digest")
-        if recorded is None or now is None:
-            return  # labels of an older prismdd (no digest), or a source that is not a distilled set
+        if now is None:
+            return  # a source that is not a distilled set
+        if recorded is None:
+            raise PrismError(f"--labels {self.folder}: its manifest records no distilled_digest, so labels made for "
+                             f"other images cannot be told apart; relabel it: prismdd relabel --distilled {distilled} "
+                             f"--out {self.folder} --force")
         if now != recorded:
             raise PrismError(f"--labels {self.folder}: made for other images than --distilled {distilled} holds "
                              f"(sha256 {recorded[:12]} then, {now[:12]} now: another set, or recover re-ran); "

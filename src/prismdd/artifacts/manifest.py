@@ -207,11 +207,12 @@ def seal_files(out, names) -> dict[str, str]:
 
 
 def check_sealed_file(folder, name: str, was: str | None, stage: str = "recover") -> None:
-    """Refuse a sealed file of a ``stage`` folder (recover, relabel) whose bytes are not those its manifest
-    recorded."""
-    if was is None:
-        return  # a folder of an older prismdd: nothing recorded
+    """Refuse a sealed file of a ``stage`` folder (recover, relabel, score) whose bytes are not those its manifest
+    recorded (``was``), or that its manifest does not seal (``was`` None)."""
     path = Path(folder) / name
+    if was is None:
+        raise PrismError(f"{path}: {folder}'s manifest records no digest of it, so a change to it cannot be noticed; "
+                         f"re-run the {stage} command with --force")
     now = file_digest(path)
     if now != was:
         raise PrismError(f"{path}: changed since {stage} wrote it (sha256 {was[:12]} then, {now[:12]} now); delete it "
@@ -220,7 +221,7 @@ def check_sealed_file(folder, name: str, was: str | None, stage: str = "recover"
 
 
 def sealed_in(folder, stage: str) -> dict[str, str]:
-    """``{name: sha256}`` a finished ``stage`` folder's manifest sealed (none: no manifest, another stage, older)."""
+    """``{name: sha256}`` a finished ``stage`` folder's manifest sealed (none: no manifest yet, or another stage)."""
     path = Path(folder) / MANIFEST
     if not path.exists():
         return {}

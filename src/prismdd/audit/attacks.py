@@ -10,7 +10,6 @@ from ..core.errors import PrismError
 from ..core.runtime import derive_seed
 
 ATTACKS = ("threshold", "lira-offline", "lira-online")
-LIRA_VARIANCES = ("auto", "global", "per-example")
 FPR_POINTS = {"tpr_at_0.1pct_fpr": 0.001, "tpr_at_1pct_fpr": 0.01}  # metric name -> false-positive rate
 CI_LEVEL = 0.95  # two-sided percentile bootstrap interval
 GLOBAL_VARIANCE_BELOW = 64  # auto: one variance per group below this many shadows (Carlini et al. 2022, Fig. 6)

@@ -10,11 +10,10 @@ from ..core.config import CommonConfig, comma_list, opt
 from ..core.errors import PrismError
 from ..core.presets import PROTOCOLS
 from ..core.runtime import resolve_device
-from .attacks import ATTACKS, LIRA_VARIANCES
+from .attacks import ATTACKS
 
 TARGETS = ("teacher", "prism", "sre2l", "frepo", "random-real")
 DISTILLED = ("prism", "sre2l", "frepo")  # targets whose student learns from a recover output
-CANARY_KINDS = ("mislabel", "outlier")
 SHADOWS = {"cpu": 4, "cuda": 16}  # shadow pipelines when unset: LiRA gets much sharper with more, GPUs afford them
 
 
@@ -33,9 +32,8 @@ class AuditConfig(CommonConfig):
                           minimum=0)
     shadow_models: int | None = opt(None, "shadow pipelines on random halves of the pool; None: 4 on CPU, 16 on GPU; "
                                           "0: threshold attack only", minimum=0)
-    canaries: int = opt(0, "pool examples turned into canaries (audited separately as examples=canaries)", minimum=0)
-    canary_kind: str = opt("mislabel", "mislabel (a wrong class) | outlier (a uniform-noise image with a random class)",
-                           choices=CANARY_KINDS)
+    canaries: int = opt(0, "pool examples turned into canaries: each takes a wrong class (audited separately as "
+                           "examples=canaries)", minimum=0)
     teacher_arch: str = opt("convnet", "the teacher target, and the primary (logit) teacher of PRISM and SRe2L")
     bn_pool: str = opt("convnet,resnet18,mobilenet_v2", "PRISM's BN-teacher pool")
     width: float = opt(0.5, "width multiplier of every teacher", minimum=0.01)
@@ -54,8 +52,6 @@ class AuditConfig(CommonConfig):
     student_protocol: str = opt("prism", "one validate protocol for every student, so only the training images differ",
                                 choices=PROTOCOLS.names())
     query_flip: bool = opt(True, "LiRA: average phi over the image and its horizontal flip (both seen in training)")
-    lira_variance: str = opt("auto", "auto (global below 64 shadows, Carlini et al. 2022) | global | per-example",
-                             choices=LIRA_VARIANCES)
     bootstrap: int = opt(200, "bootstrap resamples for the confidence intervals (0: no intervals)", minimum=0)
     force: bool = opt(False, "retrain every model of the audit", hashed=False)
 

@@ -63,7 +63,7 @@ NOTE = ("Empirical membership-inference attack measurement on this run: it bound
 
 # settings that decide what each model is trained on / how: a re-run into the same folder must agree on them
 TRAINING_KEYS = ("dataset", "data_root", "resolution", "subset", "seed", "pool_size", "background", "canaries",
-                 "canary_kind", "teacher_arch", "bn_pool", "width", "teacher_epochs", "teacher_batch_size", "ipc",
+                 "teacher_arch", "bn_pool", "width", "teacher_epochs", "teacher_batch_size", "ipc",
                  "iterations", "student", "student_width", "student_epochs", "student_protocol")
 
 
@@ -187,9 +187,7 @@ def _audit(cfg: AuditConfig) -> dict:
     train, _, info = load_dataset(dataset, cfg.data_root, cfg.download, cfg.resolution)
     pool_t = torch.as_tensor(plan["pool"])
     images, labels = train.get_images(pool_t), train.targets[pool_t]
-    variance = cfg.lira_variance
-    if variance == "auto":
-        variance = "global" if n_shadow < GLOBAL_VARIANCE_BELOW else "per-example"
+    variance = "global" if n_shadow < GLOBAL_VARIANCE_BELOW else "per-example"
     is_canary = np.zeros(n_pool, dtype=bool)
     is_canary[plan["canary_pos"]] = True
     member = plan["target_in"]
@@ -243,7 +241,7 @@ def _audit(cfg: AuditConfig) -> dict:
                                 f"members and non-members resampled separately",
         "best_attack": "per target (examples=pool): highest TPR at 1% FPR, then AUC; chosen after seeing the "
                        "results, so slightly optimistic",
-        "canaries": {"count": cfg.canaries, "kind": cfg.canary_kind if cfg.canaries else None,
+        "canaries": {"count": cfg.canaries, "kind": "mislabel" if cfg.canaries else None,
                      "indices": plan["pool"][plan["canary_pos"]].tolist(), "dataset": dataset},
         "member_indices": plan["pool"][member].tolist(),
         "non_member_indices": plan["pool"][~member].tolist(),

@@ -47,12 +47,10 @@ def make_plan(cfg: AuditConfig, n_train: int, num_classes: int) -> dict:
         raise PrismError(f"--canaries {cfg.canaries}: must be smaller than the pool ({n_pool})")
     gen = make_generator(cfg.seed, "audit", "canaries")
     canary_pos = np.sort(torch.randperm(n_pool, generator=gen)[: cfg.canaries].numpy())
-    # mislabel: a different class; outlier: any class (the image is replaced)
-    shift = torch.randint(1, num_classes, (len(canary_pos),), generator=gen).numpy()
-    outlier_class = torch.randint(0, num_classes, (len(canary_pos),), generator=gen).numpy()
+    shift = torch.randint(1, num_classes, (len(canary_pos),), generator=gen).numpy()  # 1..K-1: another class
     target_in = _random_half(n_pool, make_generator(cfg.seed, "audit", "target"))
     return {"pool": pool, "background": background, "target_in": target_in, "canary_pos": canary_pos,
-            "canary_shift": shift, "canary_class": outlier_class}
+            "canary_shift": shift}
 
 
 def _digest(obj) -> str:
@@ -63,14 +61,13 @@ def _digest(obj) -> str:
 def canary_dataset(cfg: AuditConfig, plan: dict) -> str:
     """Register (in this process) a dataset equal to ``cfg.dataset`` except for the canaries; returns its name.
 
-    Mislabelled canaries get ``(y + shift) mod K``; outliers become a uniform-noise image (drawn from
-    (seed, 'audit', 'canary-images')) with a random class. Models trained in the audit record this name.
+    A canary keeps its image and takes the wrong class ``(y + shift) mod K``. Models trained in the audit record
+    this name.
     """
     if not cfg.canaries:
         return cfg.dataset
     train_idx = plan["pool"][plan["canary_pos"]]
-    spec_key = {"base": cfg.dataset, "kind": cfg.canary_kind, "idx": train_idx.tolist(), "seed": cfg.seed,
-                "shift": plan["canary_shift"].tolist(), "cls": plan["canary_class"].tolist()}
+    spec_key = {"base": cfg.dataset, "idx": train_idx.tolist(), "seed": cfg.seed, "shift": plan["canary_shift"].tolist()}
     name = f"{cfg.dataset}+canaries-{_digest(spec_key)}"
     if name in DATASETS:
         return name
@@ -81,17 +78,11 @@ def canary_dataset(cfg: AuditConfig, plan: dict) -> str:
         train, test, info = base.loader(root, download, resolution)
         if not isinstance(train, TensorImages):
             raise PrismError(f"--canaries: needs an in-memory dataset; {cfg.dataset!r} is file-backed")
-        images, targets = train.images.clone(), train.targets.clone()
-        if cfg.canary_kind == "mislabel":
-            targets[idx] = (targets[idx] + torch.as_tensor(plan["canary_shift"])) % info.num_classes
-        else:
-            gen = make_generator(cfg.seed, "audit", "canary-images")
-            images[idx] = torch.randint(0, 256, (len(idx),) + tuple(images.shape[1:]), generator=gen,
-                                        dtype=torch.int64).to(torch.uint8)
-            targets[idx] = torch.as_tensor(plan["canary_class"])
-        info = dataclasses.replace(info, name=name, source=info.source + f" + {len(idx)} {cfg.canary_kind} canaries")
-        return TensorImages(images, targets), test, info
+        targets = train.targets.clone()
+        targets[idx] = (targets[idx] + torch.as_tensor(plan["canary_shift"])) % info.num_classes
+        info = dataclasses.replace(info, name=name, source=info.source + f" + {len(idx)} mislabel canaries")
+        return TensorImages(train.images, targets), test, info
 
-    DATASETS.register(name, type(base)(load, f"{cfg.dataset} with {len(idx)} {cfg.canary_kind} canaries (audit)",
+    DATASETS.register(name, type(base)(load, f"{cfg.dataset} with {len(idx)} mislabel canaries (audit)",
                                        base.available, base.how_to_get))
     return name

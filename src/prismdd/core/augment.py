@@ -1,5 +1,9 @@
 """Batched, seedable, differentiable image views: RandomResizedCrop + flip (+ CutMix), jitter, epoch plans.
 
+Size: about 420 lines, because every view the package draws is defined here (crops and flips, CutMix, jitter,
+PatchShuffle, RandAugment, and the epoch plans that store them), so recover, relabel and validate draw and
+replay the same views from one place; a split would put the drawing of a view and its replay in two modules.
+
 Views are *parameters* (a crop box and a flip bit per image, a box and a permutation per CutMix batch)
 drawn from a ``torch.Generator`` and applied with one ``grid_sample`` for the whole batch. That makes
 them (a) differentiable w.r.t. the pixels, for recovery; (b) cheap to store and replay exactly, so

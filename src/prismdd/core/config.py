@@ -30,21 +30,14 @@ from .io import atomic_path
 from .presets import preset_settings
 
 
-_NO_NEUTRAL = object()
-
-
 def opt(default: Any, help: str, *, choices: Iterable[Any] | None = None, many: bool = False,
-        minimum: float | None = None, hashed: bool = True, neutral: Any = _NO_NEUTRAL, path: bool = False):
+        minimum: float | None = None, hashed: bool = True, path: bool = False):
     """A config field with its help text. ``choices``: the allowed values (``many``: the field is a comma
     list and each item must be one of them); ``minimum``: the smallest allowed number; ``hashed=False``: the
     field does not change results (where outputs go, how fast they are made), so the config hash skips it;
-    ``neutral``: the value under which the field changes nothing (an option added later, at its old behaviour),
-    left out of the hash at that value, so adding an option does not make finished outputs look stale;
     ``path``: the field names a file or folder (a comma list of them if ``many``), hashed as an absolute path, so
     ``runs/zoo`` and ``/home/me/runs/zoo`` are the same input (what is IN it is checked by digests elsewhere)."""
     meta = {"help": help, "hashed": hashed, "many": many, "path": path}
-    if neutral is not _NO_NEUTRAL:
-        meta["neutral"] = neutral
     if choices is not None:
         meta["choices"] = tuple(choices)
     if minimum is not None:
@@ -113,12 +106,14 @@ def config_hash(cfg, **changes) -> str:
     """Hash of the fields that shape results (``changes`` replace values first, e.g. one arch of a zoo).
 
     The one definition of "made with the same settings": every resume guard and the main job's stage
-    folders compare it.
+    folders compare it. Every hashed field counts at every value, except the fields of an option group that is
+    not active in ``cfg`` (``OPTION_GROUPS``, ``methods.base.Options.active``).
     """
     d = config_to_dict(cfg)
     d.update({k: _plain(v) for k, v in changes.items()})
-    neutral = {f.name: f.metadata["neutral"] for f in dataclasses.fields(cfg) if "neutral" in f.metadata}
-    d = {k: d[k] for k in hashed_fields(cfg) if not (k in neutral and d[k] == _plain(neutral[k]))}
+    # an option group that takes no part in this run (another method's own, a prior switched off) shapes nothing
+    idle = {f.name for g in getattr(cfg, "OPTION_GROUPS", ()) if not g.active(cfg) for f in dataclasses.fields(g)}
+    d = {k: d[k] for k in hashed_fields(cfg) if k not in idle}
     for f in dataclasses.fields(cfg):
         if f.metadata.get("path") and f.name in d and d[f.name] not in (None, "") and f.name not in changes:
             d[f.name] = ",".join(os.path.abspath(p) for p in (comma_list(d[f.name]) if f.metadata["many"]

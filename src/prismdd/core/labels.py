@@ -33,14 +33,13 @@ class LabelOptions:
                                        "relabel and validate must use the same", minimum=1)
     batch_rule: str = opt("seed", "batch size when --batch-size is None: seed (50 at IPC <= 10, else 100) | rded "
                                   "(RDED/DELT's argument.py: 10 at IPC 1, 50 to IPC 20, else 100; x2 for 100 or "
-                                  "1000 classes) | frepo (FRePo's eval.py: min(images, 500))", choices=BATCH_RULES,
-                          neutral="seed")
+                                  "1000 classes) | frepo (FRePo's eval.py: min(images, 500))", choices=BATCH_RULES)
     min_scale: float = opt(0.25, "RandomResizedCrop floor of the views (seed Table 3)", minimum=0.0)
     mix: str = opt("cutmix", "cutmix | mixup | none", choices=("cutmix", "mixup", "none"))
     patch_shuffle: int = opt(0, "RDED's PatchShuffle before the crop: grid factor f (column strips, then row strips, "
                                 "each reordered per image and epoch from the views' seed; stored with relabel's views, "
-                                "so validate replays it); 0 = off", minimum=0, neutral=0)
+                                "so validate replays it); 0 = off", minimum=0)
     rand_augment: str = opt("", "DELT's timm RandAugment config string (DELT: rand-m6-n2-mstd1.0) on each uint8 image "
                                 "before the crop, one seeded draw per image and epoch (stored with relabel's views, so "
                                 "validate replays it); teachers label the augmented batch; '' = off (needs timm: pip "
-                                "install 'prismdd[timm]')", neutral="")
+                                "install 'prismdd[timm]')")

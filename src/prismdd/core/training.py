@@ -1,6 +1,11 @@
 """Supervised training every stage shares: the one training loop (``fit``), evaluation, LR schedules,
 optimisers, and what a frozen network says about images (penultimate features, per-example scores,
-ensemble logits)."""
+ensemble logits).
+
+Size: a little over 400 lines. The loop (``fit``) sits with what it is made of (schedules, optimiser groups, the
+parameter EMA, evaluation), so a stage's student, teacher and audit model all train by one definition; the
+readers of a frozen network (the last section: features, per-example scores, ensemble logits, fixed soft labels)
+could stand alone, and stay beside ``evaluate``, whose eval-mode and normalisation rules they follow."""
 from __future__ import annotations
 
 import math
@@ -26,8 +31,7 @@ SCORE_BATCH = 500  # images per forward pass when scoring examples
 PHI_CLIP = 1e4  # |phi| beyond this is clipped (a float32 softmax saturates long before)
 
 
-SCHEDULES = ("cosine", "decayed_cosine", "decayed_cosine_smooth", "half_cosine", "half_linear", "linear", "constant",
-             "warmup_cosine", "step_half")
+SCHEDULES = ("cosine", "decayed_cosine", "half_cosine", "half_linear", "linear", "warmup_cosine", "step_half")
 STEP_DROP = 0.1  # step_half: the LR after the drop (DC-bench's and Hard Truths' MultiStepLR gamma)
 WARMUP_COSINE_FLOOR = 0.01  # FRePo's eval.py: optax warmup_cosine_decay_schedule ends at 0.01 x the peak
 OPTIMIZERS = ("adamw", "sgd", "adam")
@@ -39,8 +43,7 @@ def lr_factor(schedule: str, progress: float, warmup: float = 0.0) -> float:
     ``decayed_cosine``: PRISM's "decayed cosine" exactly as its ``validate/train_FKD_parallel.py``
     (``--cos``), with t = progress * E: 0.5 (1 + cos(pi t / (2.5 E))) for t <= 5E/6 (0.75 at the knee),
     then 0.5 (1 + cos(pi 5 / (6 * 2.5))) * (6E - 6t) / (6E) = 0.75 (1 - p): a DROP to 0.125 just after
-    the knee, then a linear fall to 0. ``decayed_cosine_smooth``: the same
-    cosine, then a continuous linear ramp 0.75 -> 0 over the last sixth. ``half_cosine``: 0.5 (1 + cos(pi p / 2)),
+    the knee, then a linear fall to 0. ``half_cosine``: 0.5 (1 + cos(pi p / 2)),
     the first half of a cosine period, 1 -> 0.5 (RDED/DELT's ``--cos``: ``math.pi * step / re_epochs / 2``;
     EDC's intent, ``--ls-type cos --st 2``). ``half_linear``: 1 - p / 2, 1 -> 0.5 in a straight line: what EDC's
     ``train_FKD_parallel.py`` actually runs, because its ``else`` branch replaces the cosine LambdaLR it built
@@ -54,8 +57,6 @@ def lr_factor(schedule: str, progress: float, warmup: float = 0.0) -> float:
     if schedule == "warmup_cosine":  # the cosine runs over what is left after the warm-up, down to the floor
         q = (p - warmup) / (1 - warmup) if warmup < 1 else 1.0
         return WARMUP_COSINE_FLOOR + (1 - WARMUP_COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * q))
-    if schedule == "constant":
-        return 1.0
     if schedule == "step_half":  # one drop x0.1 after half of training (ca2d's MultiStepLR at epoch 151 of 300)
         return 1.0 if p < 0.5 else STEP_DROP
     if schedule == "cosine":
@@ -66,12 +67,10 @@ def lr_factor(schedule: str, progress: float, warmup: float = 0.0) -> float:
         return 1.0 - p
     if schedule == "half_linear":
         return 1.0 - p / 2
-    if schedule in ("decayed_cosine", "decayed_cosine_smooth"):
+    if schedule == "decayed_cosine":
         knee = 5 / 6
         at = lambda q: 0.5 * (1 + math.cos(math.pi * q / 2.5))
-        if p <= knee:
-            return at(p)
-        return at(knee) * (1 - p) if schedule == "decayed_cosine" else at(knee) * (1 - p) / (1 - knee)
+        return at(p) if p <= knee else at(knee) * (1 - p)
     raise PrismError(f"schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}")
 
 

@@ -32,6 +32,8 @@ class Plugin:
     # False: the engine's pixel optimisation never runs (the images are made another way), so its options
     # (--param, --clip-prior, --view-noise) would change nothing and are refused
     engine_optimises: ClassVar[bool] = True
+    # how a refusal of an engine option says why (FRePo optimises its pixels, in a loop of its own)
+    without_engine: ClassVar[str] = "does not optimise pixels"
     # files (glob patterns under the recover folder) the method writes besides images, records and logs/rank*:
     # ``recover --force`` removes those of EVERY method, so a folder re-made with another method holds none of
     # the old method's files (FRePo's learned labels would otherwise be read with the new images)
@@ -128,6 +130,13 @@ class Options:
     def check(cfg) -> None:
         """Rules that involve several fields (one field's bounds and choices are checked by ``opt``); ``cfg`` is the
         whole recover config, so a rule may read the engine's fields. Raise ``PrismError`` naming the flag."""
+
+    @classmethod
+    def active(cls, cfg) -> bool:
+        """Whether the group's fields act on ``cfg``'s results: a plug-in's own group when that plug-in runs, a shared
+        group when it is switched on (``in_use``). Only active groups enter the config hash (``core.config``), so a
+        method added later, or another method's settings, never change the hash of a run they take no part in."""
+        return cfg.plugin == cls.name if cls.kind == "plugin" else cls.in_use(cfg) is not None
 
     @staticmethod
     def in_use(cfg) -> str | None:

@@ -394,23 +394,19 @@ class BPSOptions(Options):
     """BPS's settings (``--method bps``): the pattern graph, Infomap and the pick rule, at its code's defaults."""
 
     bps_k: int = opt(30, "bps: neighbours per image in the class's exact kNN graph, the image itself included "
-                         "(--k_nbr 30; capped at the class size)", minimum=1, neutral=30)
+                         "(--k_nbr 30; capped at the class size)", minimum=1)
     bps_min_cosine: float = opt(0.5, "bps: a neighbour is linked while its cosine is >= this; the scan stops at the "
-                                     "first one below (--min_sim 0.5)", neutral=0.5)
-    bps_trials: int = opt(3, "bps: Infomap trials, the best kept (cluster_by_infomap: num_trials=3)", minimum=1,
-                          neutral=3)
-    bps_infomap_seed: int = opt(123, "bps: Infomap's seed (BPS leaves Infomap's default, 123)", minimum=0,
-                                neutral=123)
+                                     "first one below (--min_sim 0.5)")
+    bps_trials: int = opt(3, "bps: Infomap trials, the best kept (cluster_by_infomap: num_trials=3)", minimum=1)
+    bps_infomap_seed: int = opt(123, "bps: Infomap's seed (BPS leaves Infomap's default, 123)", minimum=0)
     bps_merge_below: int = opt(0, "bps: merge patterns of fewer images into the most similar larger one "
-                                  "(--merge-clusters --merge-threshold N; off in every BPS script: 0)", minimum=0,
-                               neutral=0)
+                                  "(--merge-clusters --merge-threshold N; off in every BPS script: 0)", minimum=0)
     bps_centre_ratio: float = opt(0.5, "bps: share of a pattern's budget taken nearest its centroid, rounded half up; "
-                                       "the rest by entropy (--hybrid-gmm-centroid-ratio 0.5)", neutral=0.5)
+                                       "the rest by entropy (--hybrid-gmm-centroid-ratio 0.5)")
     bps_gmm_top: float = opt(0.1, "bps: the entropy mixture is fitted to the top max(this share, 10) entropies of "
-                                  "a pattern's remaining images (--gmm-uncertainty-percentile 0.1)", neutral=0.1)
+                                  "a pattern's remaining images (--gmm-uncertainty-percentile 0.1)")
     bps_crossing: str = opt("code", "bps: upper bound of the entropy picks: the code's quadratic (code) or the "
-                                    "true crossing of the two weighted Gaussians (density)", choices=CROSSINGS,
-                            neutral="code")
+                                    "true crossing of the two weighted Gaussians (density)", choices=CROSSINGS)
 
     @staticmethod
     def check(cfg) -> None:

@@ -33,8 +33,8 @@ class CCSOptions(Options):
 
     ccs_drop_hard: float = opt(0.3, "ccs: fraction of each class dropped first, lowest AUM (hardest) first (CCS's "
                                     "--mis-ratio; its README's value at 90 % pruning, the closest it documents to a "
-                                    "distilled set's > 99 %)", minimum=0.0, neutral=0.3)
-    ccs_strata: int = opt(50, "ccs: equal-width AUM strata (CCS: stratas = 50)", minimum=1, neutral=50)
+                                    "distilled set's > 99 %)", minimum=0.0)
+    ccs_strata: int = opt(50, "ccs: equal-width AUM strata (CCS: stratas = 50)", minimum=1)
 
     @staticmethod
     def check(cfg) -> None:

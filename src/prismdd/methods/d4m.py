@@ -183,23 +183,20 @@ class D4MOptions(Options):
 
     d4m_model: str = opt("stable-diffusion-v1-5/stable-diffusion-v1-5", "d4m: a local diffusers Stable Diffusion folder, "
                          "or a model id already in the local Hugging Face cache (never downloaded; needs "
-                         "pip install 'prismdd[diffusion]')", neutral="stable-diffusion-v1-5/stable-diffusion-v1-5")
+                         "pip install 'prismdd[diffusion]')")
     d4m_size: int = opt(512, "d4m: side the real images are resized to before VAE encoding; the generated images have "
-                             "it too before the resize to --resolution (gen_prototype.py --size 512)", minimum=8,
-                        neutral=512)
+                             "it too before the resize to --resolution (gen_prototype.py --size 512)", minimum=8)
     d4m_max_images: int | None = opt(None, "d4m: real images per class encoded and clustered, a seeded random subset "
-                                           "(None: all, the reference)", minimum=1, neutral=None)
+                                           "(None: all, the reference)", minimum=1)
     d4m_km_expand: int = opt(1, "d4m: MiniBatchKMeans is fed chunks of km_expand * ipc latents "
-                                "(gen_prototype_imgnt.sh --km_expand 1)", minimum=1, neutral=1)
+                                "(gen_prototype_imgnt.sh --km_expand 1)", minimum=1)
     d4m_strength: float = opt(0.7, "d4m: img2img strength: how far each prototype is noised before denoising "
-                                   "(gen_syn_image_imgnt.sh --strength 0.7)", minimum=0.0, neutral=0.7)
-    d4m_guidance: float = opt(8.0, "d4m: classifier-free guidance scale (--guidance_scale 8)", minimum=0.0, neutral=8.0)
+                                   "(gen_syn_image_imgnt.sh --strength 0.7)", minimum=0.0)
+    d4m_guidance: float = opt(8.0, "d4m: classifier-free guidance scale (--guidance_scale 8)", minimum=0.0)
     d4m_steps: int = opt(50, "d4m: scheduler steps for strength 1; strength * steps are run (diffusers' default 50)",
-                         minimum=1, neutral=50)
-    d4m_prompt: str = opt("{name}", "d4m: prompt per class, {name} = the class name (the reference: the label text)",
-                          neutral="{name}")
-    d4m_negative_prompt: str = opt("cartoon, anime, painting", "d4m: negative prompt (gen_syn_image.py); empty = none",
-                                   neutral="cartoon, anime, painting")
+                         minimum=1)
+    d4m_prompt: str = opt("{name}", "d4m: prompt per class, {name} = the class name (the reference: the label text)")
+    d4m_negative_prompt: str = opt("cartoon, anime, painting", "d4m: negative prompt (gen_syn_image.py); empty = none")
 
     @staticmethod
     def check(cfg) -> None:

@@ -87,15 +87,14 @@ class DWAOptions(Options):
     """DWA's settings (``--method dwa``): the per-batch weight adjustment of the primary."""
 
     dwa_rho: float = opt(0.0, "dwa: total length of the primary's weight adjustment before each batch (scripts: --rho "
-                              "15e-3); 0 = off", minimum=0.0, neutral=0.0)
+                              "15e-3); 0 = off", minimum=0.0)
     dwa_steps: int = opt(1, "dwa: normalised CE-ascent steps of length rho / steps on the batch's starting images "
-                            "(--steps: 15 ImageNet-1K, 12 CIFAR and Tiny-ImageNet)", minimum=1, neutral=1)
+                            "(--steps: 15 ImageNet-1K, 12 CIFAR and Tiny-ImageNet)", minimum=1)
     dwa_var_weight: float = opt(1.0, "dwa: weight of the variance part of the primary's R_BN (--r-var: 2 ImageNet-1K, "
-                                     "11 CIFAR and Tiny-ImageNet); 1 = the engine's", minimum=0.0, neutral=1.0)
+                                     "11 CIFAR and Tiny-ImageNet); 1 = the engine's", minimum=0.0)
     dwa_carry_grad: bool = opt(False, "dwa: the reference's leftover teacher gradient: the first adjustment step of a "
                                       "batch also carries the sum of the previous batch's weight gradients (same IPC "
-                                      "index; its teacher is never frozen); needs --pack ipc and one process",
-                               neutral=False)
+                                      "index; its teacher is never frozen); needs --pack ipc and one process")
 
 
 @PLUGINS.register("dwa")

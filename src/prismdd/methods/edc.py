@@ -64,27 +64,25 @@ class EDCOptions(Options):
     """EDC's settings (``--method edc``): the category-aware statistics term and its round-robin."""
 
     edc_weight: float = opt(0.0, "edc: weight of the soft category-aware statistics term (recover.sh --r-loss 0.1); "
-                                 "0 = off", minimum=0.0, neutral=0.0)
+                                 "0 = off", minimum=0.0)
     edc_class_weight: float = opt(0.5, "edc: share of the class-statistics part in each layer's term, the rest "
                                        "matches the running statistics (--category-aware global: 0.5)",
-                                  minimum=0.0, neutral=0.5)
+                                  minimum=0.0)
     edc_momentum: float = opt(0.8, "edc: EMA momentum of the synthetic statistics (--training-momentum 0.8); 0 = "
-                                   "none", minimum=0.0, neutral=0.8)
+                                   "none", minimum=0.0)
     edc_stats_images: int | None = opt(None, "edc: training images (random, seeded) in the one-off pass that makes the "
                                              "global conv and the class statistics (None: all, the reference)",
-                                       minimum=1, neutral=None)
+                                       minimum=1)
     edc_conv: bool = opt(False, "edc: also match every Conv2d input's channel and 16x16-patch statistics (G-VBSM's "
-                                "conv hooks, EDC's default); off: BatchNorm layers only", neutral=False)
+                                "conv hooks, EDC's default); off: BatchNorm layers only")
     edc_swap_patch_targets: bool = opt(False, "edc: the reference's class files hold patch mean and variance under "
-                                              "each other's names (utils.py:359-362); on: match them that way",
-                                       neutral=False)
+                                              "each other's names (utils.py:359-362); on: match them that way")
     edc_round_robin: bool = opt(False, "edc: one teacher of the batch's set per iteration, counter mod n, for CE and "
-                                       "statistics (the reference's counter)", neutral=False)
+                                       "statistics (the reference's counter)")
     edc_order: str | None = opt(None, "edc: the round-robin's order, a comma list; the batch's teachers named here "
-                                      "come first, in this order, the rest after in --bn-pool order", neutral=None)
+                                      "come first, in this order, the rest after in --bn-pool order")
     edc_gpus: int = opt(1, "edc: the reference's processes per batch, each counting its own iterations: batch b (one "
-                           "process's share) has counter (b // edc_gpus) * iterations + it (recover.sh: 4)", minimum=1,
-                        neutral=1)
+                           "process's share) has counter (b // edc_gpus) * iterations + it (recover.sh: 4)", minimum=1)
 
     @staticmethod
     def check(cfg) -> None:

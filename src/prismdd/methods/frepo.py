@@ -141,28 +141,27 @@ class FeatureNet:
 class FRePoOptions(Options):
     """FRePo's settings (``--method frepo``): the online pool, the regression and LAMB."""
 
-    frepo_pool: int = opt(10, "frepo: networks in the online pool (distill.py --num_nn_state 10)", minimum=1, neutral=10)
+    frepo_pool: int = opt(10, "frepo: networks in the online pool (distill.py --num_nn_state 10)", minimum=1)
     frepo_online_steps: int = opt(100, "frepo: online training steps of a pool network on the synthetic set before it "
-                                       "is re-initialised (--max_online_updates 100)", minimum=1, neutral=100)
+                                       "is re-initialised (--max_online_updates 100)", minimum=1)
     frepo_online_lr: float = opt(3e-4, "frepo: Adam learning rate of the pool networks' online training (3e-4)",
-                                 minimum=0.0, neutral=3e-4)
+                                 minimum=0.0)
     frepo_arch: str = opt("convnet", "frepo: the pool networks' architecture, any of `prismdd models` (the reference "
-                                     "distils with a BatchNorm ConvNet-D3)", neutral="convnet")
-    frepo_width: float = opt(1.0, "frepo: width multiplier of the pool networks (1.0: 128 channels)", minimum=0.01,
-                             neutral=1.0)
-    frepo_real_batch: int = opt(1024, "frepo: real images T per step (--batch_size 1024)", minimum=1, neutral=1024)
+                                     "distils with a BatchNorm ConvNet-D3)")
+    frepo_width: float = opt(1.0, "frepo: width multiplier of the pool networks (1.0: 128 channels)", minimum=0.01)
+    frepo_real_batch: int = opt(1024, "frepo: real images T per step (--batch_size 1024)", minimum=1)
     frepo_lr: float = opt(3e-4, "frepo: LAMB learning rate of the pixels (3e-4; LAMB scales it by each tensor's norm)",
-                          minimum=0.0, neutral=3e-4)
+                          minimum=0.0)
     frepo_label_lr: float = opt(3e-4, "frepo: LAMB learning rate of the learned labels (3e-4, the same optimiser); "
-                                      "0 = labels stay centred one-hot", minimum=0.0, neutral=3e-4)
+                                      "0 = labels stay centred one-hot", minimum=0.0)
     frepo_lr_floor: float = opt(0.1, "frepo: both learning rates follow a cosine from 1 to this factor (alpha 0.1)",
-                                minimum=0.0, neutral=0.1)
+                                minimum=0.0)
     frepo_reg: float = opt(1e-6, "frepo: kernel ridge lambda as a multiple of K_SS's mean diagonal (1e-6)",
-                           minimum=0.0, neutral=1e-6)
+                           minimum=0.0)
     frepo_margin: float = opt(1.0, "frepo: weight of the label-margin term -min(top1 - top2, 1/C) on the learned "
-                                   "labels (the reference adds it with weight 1)", minimum=0.0, neutral=1.0)
+                                   "labels (the reference adds it with weight 1)", minimum=0.0)
     frepo_flip: bool = opt(False, "frepo: S and its mirror image both support the regression (the reference: on for "
-                                  "RGB sets, off for MNIST / Fashion-MNIST)", neutral=False)
+                                  "RGB sets, off for MNIST / Fashion-MNIST)")
     frepo_checkpoint_every: int = opt(100, "frepo: steps between checkpoints of the whole state (kill -9 resumes from "
                                            "the last)", minimum=1, hashed=False)
 
@@ -177,6 +176,7 @@ class FRePoOptions(Options):
 class FRePo(Plugin):
     name = "frepo"
     engine_optimises = False  # its own meta-learning loop
+    without_engine = "optimises its pixels in its own loop, not with recover's engine that this option acts on"
     whole_set = True  # recover plans one batch of every unit: the set is learned jointly
     uses_teachers = False  # nothing pretrained: the pool networks are trained on the synthetic set itself
     owned_files = (STATE_FILE, LEARNED_LABELS, "logs/frepo.jsonl")  # recover --force removes them (any method)

@@ -100,18 +100,18 @@ class GVBSMOptions(Options):
     """G-VBSM's settings (``--method gvbsm``)."""
 
     gvbsm_r_loss: float = opt(0.01, "gvbsm: weight of the summed BN + conv statistics term (recover.sh --r-loss 0.01)",
-                              minimum=0.0, neutral=0.01)
+                              minimum=0.0)
     gvbsm_momentum: float = opt(0.4, "gvbsm: EMA momentum of the synthetic statistics (--training-momentum, default "
-                                     "0.4)", minimum=0.0, neutral=0.4)
+                                     "0.4)", minimum=0.0)
     gvbsm_dd_weight: float = opt(1.0, "gvbsm: weight of the data-densification loss (recover.sh --nuc-norm 1.)",
-                                 minimum=0.0, neutral=1.0)
+                                 minimum=0.0)
     gvbsm_tau: float = opt(4.0, "gvbsm: temperature of the densification target softmax(l / tau) (--tau 4.0)",
-                           minimum=0.0, neutral=4.0)
+                           minimum=0.0)
     gvbsm_dd_pool: int = opt(32, "gvbsm: side the views are average-pooled to before the per-class Gram matrix "
-                                 "(the reference's 32 at 224 px)", minimum=1, neutral=32)
+                                 "(the reference's 32 at 224 px)", minimum=1)
     gvbsm_stats_images: int | None = opt(None, "gvbsm: real training images in the one-off conv-statistics pass per "
                                                "teacher (None: all, the reference); stored beside the teacher",
-                                         minimum=1, neutral=None)
+                                         minimum=1)
 
 
 @PLUGINS.register("gvbsm")

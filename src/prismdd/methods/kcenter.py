@@ -22,7 +22,7 @@ class KCenterOptions(Options):
 
     kcenter_start: str = opt("mean", "kcenter: the first pick of each class: mean (the member nearest the class mean; "
                                      "deterministic) | random (a seeded random member, as DeepCore)",
-                             choices=("mean", "random"), neutral="mean")
+                             choices=("mean", "random"))
 
 
 def farthest_first(emb: torch.Tensor, k: int, start: int) -> tuple[list[int], list[float]]:

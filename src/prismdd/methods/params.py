@@ -94,13 +94,16 @@ def bicubic_matrix(s: int, side: int, device=None) -> torch.Tensor:
 class MultiResOptions(Options):
     """The multi-resolution parametrisation's settings (``--param multires``; any optimising method)."""
 
+    @staticmethod
+    def in_use(cfg) -> str | None:
+        return "--param multires" if cfg.param == "multires" else None
+
     multires_step: int = opt(4, "multires: component sides 1, 1 + step, 1 + 2 step, ... and always the full side (DAS: "
-                                "range(1, side + 1, 4)); 1 = every side", minimum=1, neutral=4)
+                                "range(1, side + 1, 4)); 1 = every side", minimum=1)
     multires_optimizer: str = opt("engine", "multires: engine (the method's Adam, schedule and budget on every component, "
                                             "its LR divided by the number of components) | sgd (DAS: plain gradient "
                                             "steps of size --lr, the same cosine; coarse components, which gather the "
-                                            "gradient of many pixels, move first)", choices=("engine", "sgd"),
-                                  neutral="engine")
+                                            "gradient of many pixels, move first)", choices=("engine", "sgd"))
     @staticmethod
     def check(cfg) -> None:
         # options that would change nothing are refused, not passed over in silence

@@ -38,11 +38,10 @@ class ClipOptions(Options):
     clip_prior: str = opt("", "a CLIP model (a local transformers folder, or a model id already in the local Hugging Face "
                               "cache; never downloaded; pip install 'prismdd[clip]'): adds clip_weight * (1 - cosine) "
                               "between the CLIP embedding of every view and the text embedding of --clip-prompt for its "
-                              "class; '' = off", neutral="")
-    clip_weight: float = opt(1.0, "weight of the CLIP prior", minimum=0.0, neutral=1.0)
+                              "class; '' = off")
+    clip_weight: float = opt(1.0, "weight of the CLIP prior", minimum=0.0)
     clip_prompt: str = opt("a photo of a {name}", "CLIP prior: the text per class, {name} = the class name (ImageFolder "
-                                                  "folder names; ImageNet synset folders get their WordNet names)",
-                           neutral="a photo of a {name}")
+                                                  "folder names; ImageNet synset folders get their WordNet names)")
 
     @staticmethod
     def in_use(cfg) -> str | None:

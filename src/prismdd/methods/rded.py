@@ -122,13 +122,13 @@ class RDEDOptions(Options):
     """RDED's settings (``--method rded``): which real crops are scored and how they are stitched."""
 
     rded_mipc: int = opt(300, "rded: random real images per class whose crops are scored (RDED scripts: --mipc 300; "
-                              "a class with fewer gives all it has)", minimum=1, neutral=300)
+                              "a class with fewer gives all it has)", minimum=1)
     rded_num_crop: int = opt(5, "rded: RandomResizedCrops scored per real image; its best is kept (--num-crop 5)",
-                             minimum=1, neutral=5)
+                             minimum=1)
     rded_factor: int = opt(2, "rded: f, each image stitched from f x f crops of side resolution // f (--factor: 2 for "
-                              "ImageNet subsets, 1 for CIFAR and Tiny-ImageNet)", minimum=1, neutral=2)
+                              "ImageNet subsets, 1 for CIFAR and Tiny-ImageNet)", minimum=1)
     rded_crop_scale: tuple[float, float] = opt((0.08, 1.0), "rded: RandomResizedCrop area range of the scored crops "
-                                                            "(square)", neutral=(0.08, 1.0))
+                                                            "(square)")
 
     @staticmethod
     def check(cfg) -> None:

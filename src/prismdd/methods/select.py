@@ -45,7 +45,7 @@ class SelectOptions(Options):
 
     select_scores: str = opt("", "a finished score folder (`prismdd score --kinds KINDS --out DIR`) holding the kinds "
                                  "the method reads (`prismdd methods NAME`); '' = none (random needs none)",
-                             path=True, neutral="")
+                             path=True)
 
     @staticmethod
     def in_use(cfg) -> str | None:

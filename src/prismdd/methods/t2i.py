@@ -158,17 +158,15 @@ class T2IOptions(Options):
 
     t2i_model: str = opt("", "t2i: a local diffusers text-to-image folder (SD 1.x/2.x, SDXL, SD 3.5, FLUX: anything "
                              "diffusers' AutoPipelineForText2Image loads), or a model id already in the local Hugging "
-                             "Face cache; never downloaded; needs pip install 'prismdd[diffusion]'", neutral="")
-    t2i_prompt: str = opt("a photo of a {name}", "t2i: prompt per image, {name} = the class name",
-                          neutral="a photo of a {name}")
-    t2i_negative_prompt: str = opt("", "t2i: negative prompt (models with classifier-free guidance); '' = none",
-                                   neutral="")
+                             "Face cache; never downloaded; needs pip install 'prismdd[diffusion]'")
+    t2i_prompt: str = opt("a photo of a {name}", "t2i: prompt per image, {name} = the class name")
+    t2i_negative_prompt: str = opt("", "t2i: negative prompt (models with classifier-free guidance); '' = none")
     t2i_steps: int | None = opt(None, "t2i: denoising steps; None: the model family's default (few-step Turbo and "
-                                      "Schnell models: theirs)", minimum=1, neutral=None)
+                                      "Schnell models: theirs)", minimum=1)
     t2i_guidance: float | None = opt(None, "t2i: classifier-free guidance scale; None: the model family's default "
-                                           "(0 for Turbo and Schnell)", minimum=0.0, neutral=None)
+                                           "(0 for Turbo and Schnell)", minimum=0.0)
     t2i_size: int | None = opt(None, "t2i: side of the generated image before the resize to --resolution; None: the "
-                                     "model family's native side", minimum=8, neutral=None)
+                                     "model family's native side", minimum=8)
     t2i_batch: int = opt(4, "t2i: images per generator call (memory only: every image has its own seed)", minimum=1,
                          hashed=False)
 

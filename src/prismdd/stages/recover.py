@@ -1,5 +1,9 @@
 """recover: optimise synthetic pixels through frozen teachers (PRISM, and the SRe2L family as presets).
 
+Size: about 400 lines, a third of them the engine's options (``EngineConfig``: each with its help text, choices
+and bounds), the rest planning, teacher loading and the stage's resume and provenance; the inner loop and every
+method's own code are already in ``methods/``.
+
     L(x) = CE(f_primary(A(x)), y) + alpha_BN * mean_{t in S} R_BN(t, A(x))  [+ TV-L2, L2, CLIP priors]
 
 with x held as pixels or as a multi-resolution sum (``--param``, ``methods/params.py``); the inner loop is
@@ -86,7 +90,7 @@ class EngineConfig(CommonConfig):
                           minimum=1)
     init_from: str = opt("", "a recover output folder of the same dataset and size: each image starts from a seeded "
                              "random image of its class there, randomly flipped (EDC starts from an RDED run's "
-                             "images); replaces --init/--init-select/--init-tiles; '' = off", path=True, neutral="")
+                             "images); replaces --init/--init-select/--init-tiles; '' = off", path=True)
     crop_scale: tuple[float, float] = opt((0.08, 1.0), "RandomResizedCrop scale range of the per-iteration view")
     crop_per: str = opt("batch", "batch: ONE crop box and ONE flip per batch and iteration (the SRe2L/PRISM scripts) | "
                                  "image: an independent crop and flip per image (prismdd)", choices=("batch", "image"))
@@ -110,16 +114,16 @@ class EngineConfig(CommonConfig):
     min_rounds: int = opt(0, "rounds: each class draws its round count uniformly from [min_rounds, all rounds], "
                              "seeded by --seed and the class (DELT's --min-iterations / --round-iterations, which "
                              "its scripts never set and which raises in its code: FIDELITY.md note 8); 0 = every "
-                             "class gets all rounds", minimum=0, neutral=0)
+                             "class gets all rounds", minimum=0)
     tv_l2: float = opt(0.0, "total-variation (L2) image prior weight", minimum=0.0)
     l2: float = opt(0.0, "L2 image prior weight", minimum=0.0)
     param: str = opt("pixels", "how an image is held while it is optimised: pixels (every pixel a parameter) | multires "
                                "(Direct Ascent Synthesis: a sum of components from 1 px up to the full side, each "
                                "upsampled, squashed into the valid range by tanh; any method, e.g. --method sre2l "
-                               "--param multires)", choices=PARAMS.names(), neutral="pixels")
+                               "--param multires)", choices=PARAMS.names())
     view_noise: float = opt(0.0, "uniform noise in [0, s) (in [0, 1] pixel units) added to every view before the "
                                  "teachers see it, then clipped to the valid range (DAS's augmentation: 0.2); 0 = off",
-                            minimum=0.0, neutral=0.0)
+                            minimum=0.0)
     channels_last: bool | None = opt(None, "NHWC convolutions; None: per device: on for CUDA (gpu_check.sh times "
                                            "both), off on CPU, where on measured 0.8-1.3x run to run "
                                            "(BENCHMARKS.md section 1)", hashed=False)
@@ -128,7 +132,7 @@ class EngineConfig(CommonConfig):
     log_every: int = opt(50, "iterations between JSON-lines loss records", minimum=1, hashed=False)
     force: bool = opt(False, "redo finished batches", hashed=False)
     plugin: str = opt("none", "a method's mechanism beyond the engine (set by its preset): none | " + " | ".join(
-        n for n in PLUGINS.names() if n != "none"), choices=PLUGINS.names(), neutral="none")
+        n for n in PLUGINS.names() if n != "none"), choices=PLUGINS.names())
 
     def check(self):
         if self.init_tiles > 8:
@@ -302,10 +306,7 @@ def recover(cfg: RecoverConfig) -> Path:
                    if v != off]
     engine_only += [g.in_use(cfg) for g in cfg.OPTION_GROUPS if g.kind in ENGINE_OPTION_KINDS and g.in_use(cfg)]
     if engine_only and not plugin_cls.engine_optimises:
-        # FRePo does optimise its pixels, in a loop of its own: the message must not say otherwise
-        how = ("optimises its pixels in its own loop, not with recover's engine that this option acts on" if
-               plugin_cls.name == "frepo" else "does not optimise pixels")
-        raise PrismError(f"{engine_only[0]}: --method {cfg.method} {how}, so it would change nothing; drop it or pick "
+        raise PrismError(f"{engine_only[0]}: --method {cfg.method} {plugin_cls.without_engine}, so it would change nothing; drop it or pick "
                          f"an optimising method (e.g. sre2l, prism)")
     priors = make_priors(cfg, info, device)  # e.g. the CLIP prior: its model loads (or fails) before any other work
     # a plug-in that learns the whole set jointly gets one class-major batch of every unit

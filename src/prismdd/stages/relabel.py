@@ -77,7 +77,8 @@ def relabel(cfg: RelabelConfig) -> Path:
     for epoch in progress(range(cfg.epochs), desc="relabel"):
         path = epoch_file(out, epoch)
         if reusable(path, chash, force=cfg.force, what="a label file", inputs=inputs) is not None:
-            check_sealed_file(out, path.name, sealed.get(path.name), stage="relabel")  # reused: must be as written
+            if path.name in sealed:  # reused from a finished folder: must be as written (an unfinished one seals none)
+                check_sealed_file(out, path.name, sealed[path.name], stage="relabel")
             total_bytes += label_bytes(load_tensors(path))
             file_bytes += path.stat().st_size
             beat.first += 1  # found, not made: the time left is estimated from the epochs labelled here

@@ -1,5 +1,10 @@
 """validate: train a fresh student on distilled images (+ soft labels) and test it on real data.
 
+Size: about 560 lines: the options of every student protocol (``ValidateConfig``), the data sources, the student
+loss, the loop of one student and the stage with its baselines and DD-Ranking scores. The training loop is
+``core.training.fit`` and the label options ``core.labels``; what stays is one stage's logic, kept together so a
+protocol's rules read in one place.
+
 The FINAL epoch's accuracy is the result; the best epoch is reported separately and marked as such.
 Soft labels come from a relabel folder (``--labels``, replaying its stored views) or are computed online
 from teachers (``--teachers``) on the very same views. Baselines: ``--random-real`` (a seeded random real
@@ -65,21 +70,19 @@ class ValidateConfig(LabelOptions, CommonConfig):
     student_width: float = opt(1.0, "width multiplier of the student", minimum=0.01)
     seeds: str = opt("0", "comma list: one student per seed, reported as mean +- std")
     optimizer: str = opt("adamw", "adamw | sgd | adam", choices=OPTIMIZERS)
-    nesterov: bool = opt(True, "sgd: Nesterov momentum (the hard-label regime's reference uses plain momentum)",
-                         neutral=True)
+    nesterov: bool = opt(True, "sgd: Nesterov momentum (the hard-label regime's reference uses plain momentum)")
     lr: float = opt(0.001, "peak learning rate", minimum=0.0)
     weight_decay: float = opt(0.01, "weight decay", minimum=0.0)
     decay_exempt: str = opt("1d", "which parameters take no weight decay: 1d (every reference's get_parameters: "
                                   "biases and BatchNorm's scale/shift, i.e. all but conv/linear kernels) | none "
-                                  "(every parameter decays)", choices=DECAY_EXEMPT,
-                            neutral="none")
+                                  "(every parameter decays)", choices=DECAY_EXEMPT)
     grad_accum: int = opt(1, "gradient accumulation: each batch runs as this many equal forward/backward passes "
                              "before one optimiser step, so train-mode BatchNorm sees batch/N images (PRISM's and "
-                             "SRe2L's scripts: 2); the loss average is unchanged", minimum=1, neutral=1)
+                             "SRe2L's scripts: 2); the loss average is unchanged", minimum=1)
     schedule: str = opt("decayed_cosine", "decayed_cosine (PRISM's code: drop to 0.125 at 5/6, then linear to 0) | "
-                                          "decayed_cosine_smooth | cosine | half_cosine (1 -> 0.5: RDED, DELT; EDC's "
+                                          "cosine | half_cosine (1 -> 0.5: RDED, DELT; EDC's "
                                           "intent) | half_linear (1 -> 0.5 straight: what EDC's code runs) | linear | "
-                                          "constant | warmup_cosine (FRePo)", choices=SCHEDULES)
+                                          "warmup_cosine (FRePo)", choices=SCHEDULES)
     loss: str = opt("mse+ce", "mse+ce (PRISM) | kl | ce (hard labels) | mse (FRePo: regress label vectors, the "
                               "learned labels of --labels, else centred one-hot)", choices=("mse+ce", "kl", "ce", "mse"))
     gamma: float = opt(0.1, "mse+ce: weight of the hard-label CE", minimum=0.0)
@@ -91,14 +94,13 @@ class ValidateConfig(LabelOptions, CommonConfig):
     fixed_labels: bool = opt(False, "fixed soft labels (the soft regime, --protocol soft): the --teachers label each "
                                     "UN-augmented image once (softmax of logits / --temperature, stored as "
                                     "fixed_labels.safetensors beside the students) and every view keeps its image's "
-                                    "label; needs --loss kl", neutral=False)
+                                    "label; needs --loss kl")
     kl_t2: bool = opt(True, "kl: multiply the KL by T^2 (Hinton); off = SRe2L's train_FKD.py (plain batchmean KL)")
     ema_eval: float = opt(0.0, "EDC: EMA decay of the student's parameters, updated every step; evaluation and the "
                                "saved student use the EMA parameters (live BN buffers); 0 = off",
-                          minimum=0.0, neutral=0.0)
+                          minimum=0.0)
     augment: bool = opt(True, "off: every image whole, unflipped and unmixed each epoch (the no-augmentation student of "
-                              "DD-Ranking's ARS); overrides --min-scale, --mix, --patch-shuffle, --rand-augment",
-                        neutral=True)
+                              "DD-Ranking's ARS); overrides --min-scale, --mix, --patch-shuffle, --rand-augment")
     scores: bool = opt(False, "DD-Ranking's LRS and ARS for --distilled (with --teachers): also trains the set with "
                               "hard labels (no augmentation) and without augmentation, and random real of the same IPC "
                               "with and without, in <out>/scores/; LRS also needs --full-top1", hashed=False)
@@ -106,10 +108,9 @@ class ValidateConfig(LabelOptions, CommonConfig):
                                         "run's full row; without it LRS says it is missing", minimum=0.0, hashed=False)
     bn_double_update: bool = opt(False, "RDED/DELT's code: before each step the student also forwards the unmixed "
                                         "views in train mode without gradient (for its training accuracy), so "
-                                        "BatchNorm's running statistics move twice per step", neutral=False)
+                                        "BatchNorm's running statistics move twice per step")
     steps_per_epoch: int | None = opt(None, "cap on steps per epoch (None: every image once; for --full)", minimum=1)
-    warmup: float = opt(0.0, "fraction of training with a linear LR warm-up (FRePo: 500 steps)", minimum=0.0,
-                        neutral=0.0)
+    warmup: float = opt(0.0, "fraction of training with a linear LR warm-up (FRePo: 500 steps)", minimum=0.0)
     eval_every: int = opt(50, "epochs between test evaluations (the final epoch is always evaluated)", minimum=1,
                           hashed=False)
     force: bool = opt(False, "retrain students that are already finished", hashed=False)

@@ -656,10 +656,10 @@ def test_init_from_starts_each_image_from_a_seeded_image_of_its_class(zoo, tmp_p
     cfg = recover_config("sre2l", **dict(TINY_RECOVER, teachers=str(zoo), init_from=str(src)))
     with pytest.raises(PrismError, match="--init-from .* at 8 px.* at 16 px"):
         init_source(cfg, dataclasses.replace(source.info, resolution=16))
-    from prismdd.artifacts import SET_DIGEST
-    m = read_json(src / "manifest.json")  # a set without class 0 (unsealed, as an older prismdd wrote them)
+    from prismdd.artifacts import SET_DIGEST, seal_distilled
+    m = read_json(src / "manifest.json")  # a set without class 0, sealed as such (recover's own digests)
     m["outputs"]["images"] = {k: e for k, e in m["outputs"]["images"].items() if e["class"] != 0}
-    m["outputs"].pop(SET_DIGEST)
+    m["outputs"][SET_DIGEST] = seal_distilled(src, m["outputs"]["images"])
     (src / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(PrismError, match="--init-from .*no image of class"):
         init_source(cfg, source.info)
