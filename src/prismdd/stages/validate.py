@@ -34,7 +34,7 @@ from ..core.errors import PrismError
 from ..core.io import JsonlLog, save_tensors, write_json
 from ..core.labels import LabelOptions
 from ..core.models import create_model
-from ..core.presets import PROTOCOLS
+from ..core.presets import DEFAULT_PROTOCOL, PROTOCOLS
 from ..core.regimes import regime_of
 from ..core.runtime import Timer
 from ..core.scores import missing_line, score_row
@@ -52,7 +52,7 @@ class ValidateConfig(LabelOptions, CommonConfig):
 
     dataset: str | None = opt(None, f"a name from `prismdd datasets`; {FROM_DISTILLED}; else {DEFAULT_DATASET}")
     out: str = opt("runs/prism/eval", "output folder: accuracy.json and one folder per student", hashed=False)
-    protocol: str = opt("prism", "a student-training preset; fields you set win", choices=PROTOCOLS.names())
+    protocol: str = opt(DEFAULT_PROTOCOL, "a student-training preset; fields you set win", choices=PROTOCOLS.names())
     distilled: str | None = opt(None, "a recover output folder (its dataset, data root and resolution are used)",
                                 path=True)
     labels: str | None = opt(None, "a relabel output folder (stored soft labels), or a recover folder with learned "
@@ -151,8 +151,9 @@ class ValidateConfig(LabelOptions, CommonConfig):
 
 def stored_label_settings(cfg: ValidateConfig, stored: StoredLabels) -> dict:
     """How stored labels were made (the relabel folder's own teachers, ensemble and weight): the student trains on
-    those, so its record must name them, not the protocol's online settings (a relabel without --protocol labels
-    with the primary alone, by mean, while the prism protocol's record said primary,pool and norm-matched). A
+    those, so its record must name them, not the protocol's online settings (a relabel for another protocol, or with
+    ``--label-teachers primary --ensemble mean``, labels with the primary alone, by mean, while the prism protocol's
+    record said primary,pool and norm-matched). Relabel's default protocol is validate's, so the defaults agree; a
     difference is said once, with the fix. The config is left as given: its hash names the student's folder and
     ``prismdd run`` reuses a stage by it."""
     made = stored.manifest.get("config") or {}
@@ -190,7 +191,7 @@ def view_config(cfg: ValidateConfig, batch_size: int) -> ViewConfig:
                       rand_augment=cfg.rand_augment)
 
 
-def validate_config(protocol: str = "prism", **overrides) -> ValidateConfig:
+def validate_config(protocol: str = DEFAULT_PROTOCOL, **overrides) -> ValidateConfig:
     """API twin of the CLI: defaults < the protocol's preset < overrides."""
     return build_config(ValidateConfig, dict(overrides, protocol=protocol))
 
