@@ -92,7 +92,7 @@ def relabel(cfg: RelabelConfig) -> Path:
             chunks.append(labeler(make_inputs(ds.images[idx], info, views, mix, device, cfg.rand_augment,
                                                cfg.num_workers)).cpu())
         logits = torch.cat(chunks)
-        check_finite_labels(logits, labeler.names, f"relabel epoch {epoch}")  # a NaN teacher stores nothing
+        check_finite_labels(logits, labeler.suspects, f"relabel epoch {epoch}")  # a NaN teacher stores nothing
         tensors = {**pack_logits(logits, cfg.storage, cfg.topk), **plan.to_tensors()}
         save_tensors(tensors, path, metadata={"config_hash": chash, "inputs": json.dumps(inputs)})
         total_bytes += label_bytes(tensors)
