@@ -18,10 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-from prismdd.artifacts import CARD, LEARNED_LABELS, WEIGHTS, WEIGHTS_DIGEST
+from prismdd.artifacts import CARD, WEIGHTS, WEIGHTS_DIGEST
 from prismdd.core.errors import PrismError
 from prismdd.core.io import load_tensors, read_json, save_tensors, tensors_metadata
-from prismdd.methods.frepo import STATE_FILE
+from prismdd.methods.frepo import LEARNED_LABELS, STATE_FILE
 from prismdd.stages.recover import recover, recover_config
 from prismdd.stages.validate import validate, validate_config
 
