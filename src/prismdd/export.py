@@ -33,12 +33,13 @@ import torch
 import torch.nn as nn
 import torchvision.models as tvm
 
-from .artifacts import LEARNED_LABELS, MANIFEST, load_distilled, load_model
+from .artifacts import MANIFEST, load_distilled, load_model
 from .core.config import opt
 from .core.errors import PrismError
 from .core.io import torch_save, write_json
 from .core.presets import PROTOCOLS, preset_file
 from .core.log import get_logger
+from .methods import LABEL_SOURCES
 
 logger = get_logger("export")
 
@@ -222,10 +223,11 @@ def export(cfg: ExportConfig) -> Path:
     converted = [convert_teacher(teachers_dir, a, len(info.class_names), info.resolution) for a in archs]
     protocol = preset_file("validate", cfg.protocol)
     ipc = int(man["config"]["ipc"])
-    if (man.get("config") or {}).get("plugin") == "frepo":  # DD-Ranking labels with teachers (mode 'M'): FRePo's
-        # own labels cannot go along
-        logger.info(f"[export] note: {src} is a FRePo set; its learned labels ({LEARNED_LABELS}) are not exported: "
-                    f"DD-Ranking labels the images with the exported teachers")
+    for _, source in LABEL_SOURCES.items():  # DD-Ranking labels with teachers (mode 'M'): a method's own label
+        # vectors (FRePo's learned labels) cannot go along
+        if source.made(man):
+            logger.info(f"[export] note: {src} is a {source.method} set; its {source.what} ({source.file}) are not "
+                        f"exported: DD-Ranking labels the images with the exported teachers")
     # everything is written into a new hidden folder beside --out first; --out changes only once it is complete
     # (a plain mkdir, so the folder gets the umask's mode; a name of its own, never a user's folder)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,10 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-from prismdd.artifacts import CARD, LEARNED_LABELS, WEIGHTS, WEIGHTS_DIGEST
+from prismdd.artifacts import CARD, WEIGHTS, WEIGHTS_DIGEST
 from prismdd.core.errors import PrismError
 from prismdd.core.io import load_tensors, read_json, save_tensors, tensors_metadata, write_json
-from prismdd.methods.frepo import STATE_FILE
+from prismdd.methods.frepo import LEARNED_LABELS, STATE_FILE
 from prismdd.stages.recover import recover, recover_config
 from prismdd.stages.validate import validate, validate_config
 
@@ -378,11 +378,12 @@ def test_export_of_a_frepo_set_says_it_drops_the_learned_labels(rgb_set, tmp_pat
 
 
 def test_stored_labels_record_how_they_were_made(finished, zoo, tmp_path, cli, capsys):
-    """relabel without --protocol labels with the primary alone, by mean; validate --labels (protocol prism) recorded
-    label_teachers primary,pool and ensemble norm-matched. Now the difference is said once and the record is true."""
+    """relabel with the primary alone, by mean (what relabel without --protocol did before its default became
+    validate's); validate --labels (protocol prism) recorded label_teachers primary,pool and ensemble norm-matched.
+    Now the difference is said once and the record is true."""
     labels = tmp_path / "labels"
     assert cli(["relabel", "--distilled", finished, "--teachers", zoo, "--epochs", 1, "--out", labels,
-                "--device", "cpu"]) == 0
+                "--label-teachers", "primary", "--ensemble", "mean", "--device", "cpu"]) == 0
     capsys.readouterr()
     out = tmp_path / "v"
     assert cli(["validate", "--distilled", finished, "--labels", labels, "--epochs", 1, "--student-width", 0.25,
@@ -395,9 +396,10 @@ def test_stored_labels_record_how_they_were_made(finished, zoo, tmp_path, cli, c
     assert (proto["label_teachers"], proto["ensemble"]) == (["convnet"], "mean")
     made_by = read_json(out / "manifest.json")["inputs"]["labels_made_by"]
     assert (made_by["label_teachers"], made_by["ensemble"]) == (["convnet"], "mean")
-    # relabel --protocol prism makes the protocol's labels: nothing to say, the record names its teachers
+    # relabel's default protocol is validate's (prism): its labels are the protocol's, nothing to say, the record
+    # names its teachers
     capsys.readouterr()
-    assert cli(["relabel", "--protocol", "prism", "--distilled", finished, "--teachers", zoo, "--epochs", 1,
+    assert cli(["relabel", "--distilled", finished, "--teachers", zoo, "--epochs", 1,
                 "--out", tmp_path / "labels-prism", "--device", "cpu"]) == 0
     assert cli(["validate", "--distilled", finished, "--labels", tmp_path / "labels-prism", "--epochs", 1,
                 "--student-width", 0.25, "--device", "cpu", "--out", tmp_path / "v2"]) == 0

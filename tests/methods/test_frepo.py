@@ -17,15 +17,22 @@ import pytest
 import torch
 
 from conftest import png_files
-from prismdd.artifacts import LEARNED_LABELS, centred_onehot, has_learned_labels
+from prismdd.artifacts import centred_onehot
 from prismdd.core.augment import ViewConfig, epoch_plan, mix_partners
 from prismdd.core.data import load_splits
 from prismdd.core.errors import PrismError
 from prismdd.core.io import load_tensors, read_json, tensors_metadata
-from prismdd.methods.frepo import (STATE_FILE, FRePo, cosine_to, half_sse, krr_predict, label_margin,
-                                   lamb_update)
+from prismdd.methods import label_source
+from prismdd.methods.frepo import (LEARNED, LEARNED_LABELS, STATE_FILE, FRePo, cosine_to, half_sse, krr_predict,
+                                   label_margin, lamb_update)
 from prismdd.stages.recover import recover, recover_config
 from prismdd.stages.validate import _mix_vectors, validate, validate_config
+
+
+def has_learned_labels(folder) -> bool:
+    """What validate asks: the label-source registry finds FRePo's learned labels in ``folder``."""
+    return label_source(folder) is LEARNED
+
 
 # the tiny FRePo run of these tests: 20 images, a pool of 3 width-0.25 ConvNets, 32 real images per step
 TINY = dict(dataset="digits", ipc=2, iterations=6, frepo_real_batch=32, frepo_width=0.25, frepo_pool=3,

@@ -209,9 +209,10 @@ def test_protocol_options_shape_the_hash():
 def test_patch_shuffle_stored_equals_online(prism_run, zoo, tmp_path):
     """relabel stores the shuffle with the views; validate replays it, and online labels on the same views
     train a bit-identical student (the teacher sees the shuffled, mixed inputs the student sees, as RDED)."""
-    labels = relabel(build_config(RelabelConfig, dict(dataset="digits", distilled=str(prism_run), teachers=str(zoo),
-                                                      out=str(tmp_path / "l"), epochs=2, batch_size=8, storage="fp32",
-                                                      device="cpu", seed=0, patch_shuffle=2, min_scale=0.5)))
+    labels = relabel(build_config(RelabelConfig, dict(protocol="rded", dataset="digits", distilled=str(prism_run),
+                                                      teachers=str(zoo), out=str(tmp_path / "l"), epochs=2,
+                                                      batch_size=8, storage="fp32", device="cpu", seed=0,
+                                                      patch_shuffle=2, min_scale=0.5)))
     assert read_json(labels / "manifest.json")["views"]["patch_shuffle"] == 2
     common = dict(STUDENT, distilled=str(prism_run), epochs=2, eval_every=1, seed=0, patch_shuffle=2, min_scale=0.5,
                   protocol="rded", lr=0.01)

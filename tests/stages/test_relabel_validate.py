@@ -34,8 +34,10 @@ STUDENT = dict(dataset="digits", device="cpu", student_width=0.25, lr=0.01)
 
 
 def do_relabel(distilled, zoo, out, **kw) -> Path:
+    # the primary alone, by mean, unless a test says otherwise: the labeller these tests rebuild by hand (relabel's
+    # own default is validate's protocol, prism: primary and pool, norm-matched; tests/stages/test_label_flows.py)
     settings = dict(dataset="digits", distilled=str(distilled), teachers=str(zoo), out=str(out), epochs=3,
-                    batch_size=8, storage="fp32", device="cpu", seed=0)
+                    batch_size=8, storage="fp32", device="cpu", seed=0, label_teachers=None, ensemble="mean")
     settings.update(kw)
     return relabel(build_config(RelabelConfig, settings))
 

@@ -8,8 +8,9 @@
 - ``cards``: model cards (teachers and students): ``model.safetensors`` + ``card.json`` (``save_model``/
   ``load_model``, ``find_teachers``) and the label-teacher policy (``load_labelers``);
 - ``distilled``: a distilled set: ``images/<class>/<class>_<ipc>.png`` + ``records/batch_*.json`` (``image_path``,
-  ``save_image``, ``load_distilled``), sealed per PNG (``seal_distilled``, ``check_finished_images``), and the
-  learned labels a recover folder may hold (``LEARNED_LABELS``: validate reads them without importing a method);
+  ``save_image``, ``load_distilled``), sealed per PNG (``seal_distilled``, ``check_finished_images``), and centred
+  one-hot label vectors (a method's own label vectors, FRePo's learned labels, are read through
+  ``methods.labels.LABEL_SOURCES``);
 - ``labels``: soft labels, ``epoch_NNNN.safetensors`` (``pack_logits``/``StoredLabels``);
 - ``scores``: per-example scores of a training split (``scores.safetensors``: embeddings, entropies, training
   dynamics), written by the score stage and read by the selection methods (``save_scores``/``load_scores``).
@@ -20,9 +21,8 @@ package's API: import them from ``prismdd.artifacts``.
 """
 from .cards import (REFERENCE_LABEL_TEACHERS, WEIGHTS_DIGEST, check_finite_state, find_one_teacher, find_teachers,
                     label_teacher_names, load_labelers, load_model, save_model, weights_problem)
-from .distilled import (IMAGE_DIGEST, LEARNED_LABELS, SET_DIGEST, DistilledSet, centred_onehot, check_finished_images,
-                        class_dirname, has_learned_labels, image_path, load_distilled, read_learned_labels,
-                        record_path, save_image, seal_distilled, with_distilled_dataset)
+from .distilled import (IMAGE_DIGEST, SET_DIGEST, DistilledSet, centred_onehot, check_finished_images, class_dirname,
+                        image_path, load_distilled, record_path, save_image, seal_distilled, with_distilled_dataset)
 from .labels import (LABEL_KEYS, StoredLabels, check_finite_labels, consumed_digests, epoch_file, label_bytes,
                      pack_logits, unpack_logits)
 from .scores import (SCORE_KINDS, SCORES_FILE, SCORES_FORMAT, Scores, check_kinds, load_scores, save_scores,
@@ -33,14 +33,14 @@ from .manifest import (ACCURACY_FILE, CARD, INPUTS_FILE, MANIFEST, METRICS_FILE,
                        read_manifest, reusable, seal_files, sealed_in, settings_header, teacher_digests, versions,
                        write_manifest)
 
-__all__ = ["ACCURACY_FILE", "CARD", "DistilledSet", "IMAGE_DIGEST", "INPUTS_FILE", "LABEL_KEYS", "LEARNED_LABELS",
+__all__ = ["ACCURACY_FILE", "CARD", "DistilledSet", "IMAGE_DIGEST", "INPUTS_FILE", "LABEL_KEYS",
            "LOCK_FILE", "MANIFEST", "METRICS_FILE", "REFERENCE_LABEL_TEACHERS", "SCORE_KINDS", "SCORES_FILE", "SCORES_FORMAT", "SEALED_FILES", "Scores", "SET_DIGEST",
            "StoredLabels", "WEIGHTS", "WEIGHTS_DIGEST", "centred_onehot", "check_finished_images", "check_kinds",
            "check_finite_labels", "check_finite_state", "check_inputs", "check_sealed_file", "class_dirname",
            "clear_outputs", "consumed_digests", "epoch_file", "file_digest", "find_one_teacher", "find_teachers",
-           "guard_inputs", "has_learned_labels", "image_path", "images_digest", "label_bytes", "label_teacher_names",
+           "guard_inputs", "image_path", "images_digest", "label_bytes", "label_teacher_names",
            "load_distilled", "load_if_header", "load_scores", "load_labelers", "load_model", "locked_stage",
-           "output_lock", "pack_logits", "read_learned_labels", "read_manifest", "record_path", "reusable",
+           "output_lock", "pack_logits", "read_manifest", "record_path", "reusable",
            "save_image", "save_model", "save_scores", "score_settings", "seal_distilled", "seal_files", "sealed_in",
            "settings_header",
            "teacher_digests", "unpack_logits", "versions", "weights_problem", "with_distilled_dataset",

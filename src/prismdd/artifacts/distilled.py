@@ -1,6 +1,7 @@
 """Distilled sets: ``images/<class>/<class>_<ipc>.png`` + ``records/batch_*.json`` (``image_path``, ``save_image``,
-``load_distilled``), sealed with a digest per PNG (``seal_distilled``, ``check_finished_images``), and the learned
-labels a recover folder may hold beside its images (``LEARNED_LABELS``, read by validate)."""
+``load_distilled``), sealed with a digest per PNG (``seal_distilled``, ``check_finished_images``), and centred one-hot
+label vectors (``centred_onehot``). Label vectors a method writes beside its images (FRePo's learned labels) are the
+method's own file, read through ``methods.labels.LABEL_SOURCES``."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +15,7 @@ from PIL import Image
 
 from ..core.data import DatasetInfo, TensorImages, denormalize
 from ..core.errors import PrismError
-from ..core.io import atomic_path, load_tensors, read_json
+from ..core.io import atomic_path, read_json
 from .manifest import MANIFEST, SEALED_FILES, check_sealed_file, read_manifest
 
 
@@ -152,49 +153,10 @@ def load_distilled(folder) -> DistilledSet:
     return DistilledSet(torch.stack(imgs), targets, info, m, folder)
 
 
-# ----------------------------------------------------------------------------- learned labels (FRePo)
-LEARNED_LABELS = "learned_labels.safetensors"  # in a recover folder: one label vector per image, learned with it
-
-
+# ----------------------------------------------------------------------------- label vectors
 def centred_onehot(y: torch.Tensor, num_classes: int, scaled: bool = False) -> torch.Tensor:
     """FRePo's label vectors: one-hot minus 1/C (1 - 1/C on the class, -1/C elsewhere); ``scaled``: divided by
     sqrt(C / 10), the reference's learned-label start (frepo.py:75-79; 1 for 10 classes). Also the regression
     target of ``validate --loss mse`` for images without learned labels."""
     out = torch.nn.functional.one_hot(y.long(), num_classes).float() - 1.0 / num_classes
     return out / (num_classes / 10) ** 0.5 if scaled else out
-
-
-def has_learned_labels(folder) -> bool:
-    """Whether a finished folder holds learned labels. A FRePo set whose labels file was deleted is refused: read
-    as a set without them, its images were trained on one-hot labels and reported as the FRePo result."""
-    folder = Path(folder)
-    path = folder / LEARNED_LABELS
-    if not (folder / MANIFEST).exists():
-        return False
-    m = read_json(folder / MANIFEST)
-    made = m.get("stage") == "recover" and (LEARNED_LABELS in ((m.get("outputs") or {}).get(SEALED_FILES) or {})
-                                            or (m.get("config") or {}).get("plugin") == "frepo")
-    if made and not path.exists():
-        raise PrismError(f"{path}: missing: {folder} is a FRePo set and its learned labels were deleted; re-run the "
-                         f"recover command that made it (it makes them again), or re-run it with --force")
-    return path.exists()
-
-
-def read_learned_labels(folder, ds: DistilledSet) -> torch.Tensor:
-    """The (N, C) learned labels of a recover folder, in ``ds``'s image order (class, then IPC index), checked
-    against the digest its manifest sealed and against the images it holds."""
-    path = Path(folder) / LEARNED_LABELS
-    if not path.exists():
-        raise PrismError(f"{path}: missing; re-run the recover command that made {folder} to make it again")
-    sealed = (read_manifest(folder).get("outputs") or {}).get(SEALED_FILES) or {}
-    check_sealed_file(folder, LEARNED_LABELS, sealed.get(LEARNED_LABELS))
-    d = load_tensors(path)
-    labels, cls, k = d["labels"].float(), d["class"].long(), d["ipc_index"].long()
-    order = sorted(range(len(cls)), key=lambda i: (int(cls[i]), int(k[i])))
-    labels, cls = labels[order], cls[order]
-    if len(cls) != len(ds) or not torch.equal(cls, ds.targets.long()) or labels.shape[1] != ds.info.num_classes:
-        raise PrismError(f"{path}: labels for {len(cls)} images do not match the {len(ds)} images of {folder}; "
-                         f"re-run recover with --force")
-    if not torch.isfinite(labels).all():
-        raise PrismError(f"{path}: the learned labels are not finite; re-run recover with --force")
-    return labels

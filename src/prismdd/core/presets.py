@@ -73,3 +73,7 @@ def list_presets(family_name: str) -> list[dict]:
 
 METHODS = family("recover")  # recovery presets: `prismdd methods`, `--method`
 PROTOCOLS = family("validate")  # student-training presets: `--protocol`
+# the protocol validate trains with and relabel labels for when none is named: one default for both, so stored
+# labels (relabel, then validate --labels) and online ones (validate --teachers) come from the same teachers,
+# ensemble and views, and the two flows train the same student up to fp16 storage
+DEFAULT_PROTOCOL = "prism"

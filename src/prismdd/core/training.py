@@ -407,7 +407,19 @@ class SoftLabeler:
 
     def __init__(self, teachers: list[nn.Module], names: list[str], ensemble: str = "mean", primary_weight: float = 0.5):
         self.teachers, self.names, self.ensemble, self.primary_weight = teachers, names, ensemble, primary_weight
+        # teachers that gave NaN/inf logits so far: one such teacher makes a norm-matched ensemble non-finite for
+        # every view, so the finite-label checks name it rather than the whole ensemble
+        self.non_finite: list[str] = []
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return combine_logits([t(x).float() for t in self.teachers], self.ensemble, self.primary_weight)
+        outs = [t(x).float() for t in self.teachers]
+        for name, out in zip(self.names, outs):
+            if name not in self.non_finite and not torch.isfinite(out).all():
+                self.non_finite.append(name)
+        return combine_logits(outs, self.ensemble, self.primary_weight)
+
+    @property
+    def suspects(self) -> list[str]:
+        """The teachers to name when the labels are not finite: those that gave NaN/inf logits, else all."""
+        return self.non_finite or self.names

@@ -22,8 +22,9 @@ uninterrupted one take the same draws):
 The whole set is optimised jointly (``whole_set``: recover plans ONE batch of every (class, IPC index) unit). The
 whole state (images, labels, their LAMB moments, every pool network with its buffers and Adam moments, ages) is
 written atomically every ``frepo_checkpoint_every`` steps to ``frepo_state.safetensors``; a killed run continues
-from it bit-identically. The learned labels go to ``learned_labels.safetensors`` (``artifacts.distilled.LEARNED_LABELS``):
-``validate --labels <this folder> --loss mse`` trains with them.
+from it bit-identically. The learned labels go to ``learned_labels.safetensors`` (``LEARNED_LABELS``), a label source of the registry
+(``methods/labels.py``, ``LearnedLabels`` below owns its reader): ``validate --labels <this folder> --loss mse`` trains
+with them without knowing FRePo.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, grad
 
-from ..artifacts import LEARNED_LABELS, centred_onehot
+from ..artifacts import SEALED_FILES, DistilledSet, centred_onehot, check_sealed_file, read_manifest
 from ..core.config import config_hash, opt
 from ..core.data import normalize, pixel_bounds
 from ..core.errors import PrismError
@@ -44,11 +45,13 @@ from ..core.models import create_model
 from ..core.runtime import Heartbeat, derive_seed, make_generator, progress
 from ..core.training import half_sse
 from .base import Options, PLUGINS, Plugin, options
+from .labels import LABEL_SOURCES, LabelSource
 from ..core.log import get_logger
 
 logger = get_logger("recover.frepo")
 
 STATE_FILE = "frepo_state.safetensors"
+LEARNED_LABELS = "learned_labels.safetensors"  # in a recover folder: one label vector per image, learned with it
 # the reference's Flax BatchNorm keeps 0.9 of the CURRENT batch in its running statistics (momentum 0.1 in Flax's
 # sense); torch's momentum is the weight of the new batch, so the same rule is 0.9 here
 FLAX_BN_MOMENTUM = 0.9
@@ -341,3 +344,39 @@ class FRePo(Plugin):
             "final_losses": {k: round(v, 6) for k, v in last.items() if k != "slot"}, "iterations": cfg.iterations,
             "learned_labels": LEARNED_LABELS,
             "label_argmax_agrees": round(float((labels.argmax(1) == y.cpu()).float().mean()), 4)}
+
+
+# ----------------------------------------------------------------------------- the learned labels, for validate
+class LearnedLabels(LabelSource):
+    """FRePo's learned labels as a label source: ``validate --loss mse`` (``--protocol frepo``) regresses them."""
+
+    file = LEARNED_LABELS
+    method = "FRePo"
+    writer = "recover --method frepo"
+    loss = "mse"
+    protocol = "frepo"
+
+    def made(self, manifest: dict) -> bool:
+        return (manifest.get("config") or {}).get("plugin") == FRePo.name
+
+    def read(self, folder, ds: DistilledSet) -> torch.Tensor:
+        """The (N, C) learned labels of a recover folder, in ``ds``'s image order (class, then IPC index), checked
+        against the digest its manifest sealed and against the images it holds."""
+        path = Path(folder) / LEARNED_LABELS
+        if not path.exists():
+            raise PrismError(f"{path}: missing; re-run the recover command that made {folder} to make it again")
+        sealed = (read_manifest(folder).get("outputs") or {}).get(SEALED_FILES) or {}
+        check_sealed_file(folder, LEARNED_LABELS, sealed.get(LEARNED_LABELS))
+        d = load_tensors(path)
+        labels, cls, k = d["labels"].float(), d["class"].long(), d["ipc_index"].long()
+        order = sorted(range(len(cls)), key=lambda i: (int(cls[i]), int(k[i])))
+        labels, cls = labels[order], cls[order]
+        if len(cls) != len(ds) or not torch.equal(cls, ds.targets.long()) or labels.shape[1] != ds.info.num_classes:
+            raise PrismError(f"{path}: labels for {len(cls)} images do not match the {len(ds)} images of {folder}; "
+                             f"re-run recover with --force")
+        if not torch.isfinite(labels).all():
+            raise PrismError(f"{path}: the learned labels are not finite; re-run recover with --force")
+        return labels
+
+
+LEARNED = LABEL_SOURCES.register("frepo", LearnedLabels())

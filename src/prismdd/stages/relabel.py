@@ -19,7 +19,7 @@ from ..artifacts import (check_finite_labels, check_sealed_file, clear_outputs, 
                          sealed_in, teacher_digests, with_distilled_dataset, write_manifest)
 from ..core.augment import ViewConfig, default_view_batch, epoch_plan, make_inputs, rand_augment_transform
 from ..core.config import FROM_DISTILLED, CommonConfig, config_hash, opt
-from ..core.presets import PROTOCOLS
+from ..core.presets import DEFAULT_PROTOCOL, PROTOCOLS
 from ..core.io import load_tensors, save_tensors
 from ..core.labels import LabelOptions
 from ..core.runtime import Heartbeat, Timer, progress, resolve_device
@@ -35,9 +35,12 @@ class RelabelConfig(LabelOptions, CommonConfig):
     PRESET_FIELD: ClassVar[str] = "protocol"
     PRESET_PARTIAL: ClassVar[bool] = True
 
-    protocol: str | None = opt(None, "a validate protocol whose relabel-side settings (batch size/rule, crop floor, "
-                                     "mix, patch shuffle, RandAugment, teachers, ensemble, epochs) become the "
-                                     "defaults; fields you set win", choices=PROTOCOLS.names(), hashed=False)
+    protocol: str = opt(DEFAULT_PROTOCOL, "a validate protocol whose relabel-side settings (batch size/rule, crop "
+                                          "floor, mix, patch shuffle, RandAugment, teachers, ensemble, epochs) become "
+                                          "the defaults; fields you set win. Give the protocol validate will train "
+                                          "with: the default is validate's, so `relabel` then `validate --labels` "
+                                          "trains the student `validate --teachers` trains online",
+                        choices=PROTOCOLS.names(), hashed=False)
     dataset: str | None = opt(None, f"a name from `prismdd datasets`; {FROM_DISTILLED}")
     out: str = opt("runs/prism/labels", "output folder: one label file per epoch", hashed=False)
     distilled: str = opt("runs/prism", "a recover output folder", path=True)
@@ -90,7 +93,7 @@ def relabel(cfg: RelabelConfig) -> Path:
             chunks.append(labeler(make_inputs(ds.images[idx], info, views, mix, device, cfg.rand_augment,
                                                cfg.num_workers)).cpu())
         logits = torch.cat(chunks)
-        check_finite_labels(logits, labeler.names, f"relabel epoch {epoch}")  # a NaN teacher stores nothing
+        check_finite_labels(logits, labeler.suspects, f"relabel epoch {epoch}")  # a NaN teacher stores nothing
         tensors = {**pack_logits(logits, cfg.storage, cfg.topk), **plan.to_tensors()}
         save_tensors(tensors, path, metadata={"config_hash": chash, "inputs": json.dumps(inputs)})
         total_bytes += label_bytes(tensors)

@@ -26,9 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..artifacts import (ACCURACY_FILE, StoredLabels, centred_onehot, check_finite_labels, consumed_digests,
-                         epoch_file, file_digest, guard_inputs, has_learned_labels, LEARNED_LABELS, load_distilled,
-                         load_if_header, load_labelers, locked_stage, read_learned_labels, read_manifest, reusable,
-                         save_model, settings_header, with_distilled_dataset, write_manifest)
+                         epoch_file, file_digest, guard_inputs, load_distilled, load_if_header, load_labelers,
+                         locked_stage, read_manifest, reusable, save_model, settings_header, with_distilled_dataset,
+                         write_manifest)
 from ..core import distributed as dist
 from ..core.augment import (ViewConfig, apply_mix, default_view_batch, epoch_plan, make_inputs,
                              mix_partners, rand_augment_transform)
@@ -39,13 +39,14 @@ from ..core.errors import PrismError
 from ..core.io import JsonlLog, save_tensors, write_json
 from ..core.labels import LabelOptions
 from ..core.models import create_model
-from ..core.presets import PROTOCOLS
+from ..core.presets import DEFAULT_PROTOCOL, PROTOCOLS
 from ..core.regimes import regime_of
 from ..core.runtime import Timer
 from ..core.scores import missing_line, score_row
 from ..core.training import (DECAY_EXEMPT, OPTIMIZERS, SCHEDULES, decay_groups, evaluate, fit, fixed_soft_labels,
                              fixed_soft_logits, half_sse, make_optimizer)
 from ..core.log import get_logger, say_once
+from ..methods import LabelSource, label_source, sources_text
 
 logger = get_logger("validate")
 
@@ -57,7 +58,7 @@ class ValidateConfig(LabelOptions, CommonConfig):
 
     dataset: str | None = opt(None, f"a name from `prismdd datasets`; {FROM_DISTILLED}; else {DEFAULT_DATASET}")
     out: str = opt("runs/prism/eval", "output folder: accuracy.json and one folder per student", hashed=False)
-    protocol: str = opt("prism", "a student-training preset; fields you set win", choices=PROTOCOLS.names())
+    protocol: str = opt(DEFAULT_PROTOCOL, "a student-training preset; fields you set win", choices=PROTOCOLS.names())
     distilled: str | None = opt(None, "a recover output folder (its dataset, data root and resolution are used)",
                                 path=True)
     labels: str | None = opt(None, "a relabel output folder (stored soft labels), or a recover folder with learned "
@@ -152,8 +153,9 @@ class ValidateConfig(LabelOptions, CommonConfig):
 
 def stored_label_settings(cfg: ValidateConfig, stored: StoredLabels) -> dict:
     """How stored labels were made (the relabel folder's own teachers, ensemble and weight): the student trains on
-    those, so its record must name them, not the protocol's online settings (a relabel without --protocol labels
-    with the primary alone, by mean, while the prism protocol's record said primary,pool and norm-matched). A
+    those, so its record must name them, not the protocol's online settings (a relabel for another protocol, or with
+    ``--label-teachers primary --ensemble mean``, labels with the primary alone, by mean, while the prism protocol's
+    record said primary,pool and norm-matched). Relabel's default protocol is validate's, so the defaults agree; a
     difference is said once, with the fix. The config is left as given: its hash names the student's folder and
     ``prismdd run`` reuses a stage by it."""
     made = stored.manifest.get("config") or {}
@@ -191,7 +193,7 @@ def view_config(cfg: ValidateConfig, batch_size: int) -> ViewConfig:
                       rand_augment=cfg.rand_augment)
 
 
-def validate_config(protocol: str = "prism", **overrides) -> ValidateConfig:
+def validate_config(protocol: str = DEFAULT_PROTOCOL, **overrides) -> ValidateConfig:
     """API twin of the CLI: defaults < the protocol's preset < overrides."""
     return build_config(ValidateConfig, dict(overrides, protocol=protocol))
 
@@ -356,8 +358,9 @@ def validate(cfg: ValidateConfig) -> dict:
     timer = Timer()
     ctx = dist.init(cfg.device)
     cfg = from_distilled(cfg)
-    if cfg.loss == "mse" and not cfg.labels and cfg.distilled and has_learned_labels(cfg.distilled):
-        logger.info(f"[validate] --loss mse: training on the learned labels of {cfg.distilled}")
+    own = label_source(cfg.distilled, loss=cfg.loss) if cfg.distilled and not cfg.labels else None
+    if own is not None:  # label vectors the set's method learned with it, and a loss that trains on them
+        logger.info(f"[validate] --loss {cfg.loss}: training on the {own.what} of {cfg.distilled}")
         cfg = dataclasses.replace(cfg, labels=cfg.distilled)  # the same student as with --labels given
     if cfg.rand_augment:
         rand_augment_transform(cfg.rand_augment)  # timm missing or a bad string: refused before any work
@@ -368,11 +371,13 @@ def validate(cfg: ValidateConfig) -> dict:
     bs = cfg.batch_size or default_view_batch(len(data), info.num_classes, cfg.batch_rule)
     vc = view_config(cfg, bs)  # what the students' views are, for the record below
     vectors = None
-    if cfg.labels and has_learned_labels(cfg.labels) and cfg.loss != "mse":
-        raise PrismError(f"--labels {cfg.labels}: holds learned labels ({LEARNED_LABELS}); they train with --loss mse "
-                         f"(or --protocol frepo)")
+    # label vectors a method wrote beside its images (FRePo's learned labels), found through the registry
+    held = label_source(cfg.labels) if cfg.labels else None
+    if held is not None and cfg.loss != held.loss:
+        raise PrismError(f"--labels {cfg.labels}: holds {held.what} ({held.file}); they train with --loss "
+                         f"{held.loss} (or --protocol {held.protocol})")
     if cfg.loss == "mse":
-        vectors = _label_vectors(cfg, data, info)
+        vectors = _label_vectors(cfg, data, info, held)
     elif cfg.labels:
         stored = StoredLabels(cfg.labels, info.num_classes)
         v = stored.views
@@ -407,8 +412,8 @@ def validate(cfg: ValidateConfig) -> dict:
         raise PrismError(f"--full-top1 {cfg.full_top1}: at or below chance ({100 / info.num_classes:.2f} % for "
                          f"{info.num_classes} classes); pass the full-data student's top-1 in percent")
     digests = consumed_digests(data, stored, cfg.teachers, online.names if online else ())
-    if vectors is not None and cfg.labels:  # a student made from other learned labels is not reused
-        digests["learned labels"] = file_digest(Path(cfg.labels) / LEARNED_LABELS)
+    if vectors is not None and held is not None:  # a student made from other label vectors is not reused
+        digests[held.what] = held.digest(cfg.labels)
     if stored is not None:  # labels made for another set (or before recover re-ran): refused
         stored.check_source(digests.get("distilled images"), cfg.distilled)
     check_students(cfg, info)  # a student that cannot take these images fails now, before anything is written
@@ -501,7 +506,7 @@ def _fixed_labels(cfg: ValidateConfig, data, info: DatasetInfo, labeler, digests
     stored = load_if_header(path, header)
     if stored is None:
         logits = fixed_soft_logits(labeler, data, info, ctx.device)
-        check_finite_labels(logits, labeler.names, path)
+        check_finite_labels(logits, labeler.suspects, path)
         stored = {"logits": logits, "probs": fixed_soft_labels(logits, cfg.temperature)}
         if ctx.rank == 0:
             save_tensors(stored, path, header)
@@ -539,20 +544,19 @@ def _micro_batches(cfg: ValidateConfig, net, x, soft, y, y2, lam):
             yield student_loss(cfg, net(xs), ss, ys, y2s, lam), len(xs) / n
 
 
-def _label_vectors(cfg: ValidateConfig, data, info: DatasetInfo) -> torch.Tensor:
-    """``--loss mse``'s targets: the learned labels of ``--labels`` (a recover folder of the same images; a
-    ``--distilled`` folder that holds learned labels uses its own), else centred one-hot vectors of the hard labels
-    (how FRePo evaluates images without learned labels)."""
+def _label_vectors(cfg: ValidateConfig, data, info: DatasetInfo, source: LabelSource | None) -> torch.Tensor:
+    """``--loss mse``'s targets: the label vectors of ``--labels`` (a recover folder of the same images whose method
+    wrote them, ``source``: FRePo's learned labels; a ``--distilled`` folder that holds them uses its own), else
+    centred one-hot vectors of the hard labels (how FRePo evaluates images without learned labels)."""
     if not cfg.labels:
         return centred_onehot(data.targets, info.num_classes)
-    if not has_learned_labels(cfg.labels):
-        raise PrismError(f"--labels {cfg.labels}: --loss mse reads learned labels ({LEARNED_LABELS}, written by "
-                         f"recover --method frepo); that folder has none: give such a folder, or drop --labels to "
-                         f"regress centred one-hot labels")
+    if source is None:
+        raise PrismError(f"--labels {cfg.labels}: --loss {cfg.loss} reads {sources_text(cfg.loss)}; that folder has "
+                         f"none: give such a folder, or drop --labels to regress centred one-hot labels")
     if not cfg.distilled or Path(cfg.labels).resolve() != Path(cfg.distilled).resolve():
-        raise PrismError(f"--labels {cfg.labels}: learned labels belong to the images of their own folder; pass "
+        raise PrismError(f"--labels {cfg.labels}: {source.what} belong to the images of their own folder; pass "
                          f"--distilled {cfg.labels} --labels {cfg.labels}")
-    return read_learned_labels(cfg.labels, data)
+    return source.read(cfg.labels, data)
 
 
 def _mix_vectors(vec: torch.Tensor, mix) -> torch.Tensor:
