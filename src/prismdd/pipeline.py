@@ -21,7 +21,7 @@ from typing import Callable, ClassVar
 
 import torch
 
-from .artifacts import ACCURACY_FILE, CARD, METRICS_FILE, MANIFEST, reusable, write_manifest
+from .artifacts import ACCURACY_FILE, CARD, METRICS_FILE, MANIFEST, SCORE_KINDS, reusable, write_manifest
 from .core.config import CommonConfig, build_config, comma_list, config_hash, config_to_dict, opt
 from .core.data import load_splits
 from .core.errors import PrismError
@@ -35,7 +35,9 @@ from .core.training import trust, trust_line
 from .export import OURS_TO_DDR
 from .report import print_table, write_report
 from .stages.metrics import MetricsConfig, metrics
+from .methods import PLUGINS
 from .stages.recover import RecoverConfig, recover
+from .stages.score import ScoreConfig, score
 from .stages.squeeze import SqueezeConfig, squeeze
 from .stages.validate import HARD_LABELS, NO_AUGMENTATION, ValidateConfig, validate
 from .core.log import get_logger
@@ -70,6 +72,11 @@ class RunConfig(CommonConfig):
     observer: str = opt("shufflenet_v2_x0_5", "diversity observer: an architecture that takes no part in synthesis")
     observer_steps: int = opt(200, "its training steps (it only has to give meaningful features)", minimum=1)
     iterations: int = opt(300, "recovery iterations per image", minimum=1)
+    score_runs: int = opt(2, "methods that choose by training dynamics (forgetting, el2n, ccs): short runs from "
+                             "scratch recorded by the score stage (`prismdd score --record-runs`; its own default 4)",
+                          minimum=1)
+    score_epochs: int = opt(4, "their epochs over the training set (`--record-epochs`; on Fashion-MNIST one epoch "
+                               "costs about two teachers' 500 steps)", minimum=1)
     recover_batch_size: int = opt(100, "images per recovery batch", minimum=1)
     student: str = opt("convnet", "the student architecture (same protocol for every method and baseline)")
     student_width: float = opt(0.5, "width multiplier of the student", minimum=0.01)
@@ -162,9 +169,12 @@ class Stages:
     benchmark all go through it, so a stage is configured, reused and timed the same way everywhere.
     """
 
-    def __init__(self, root, force: bool = False):
+    def __init__(self, root, force: bool = False, score_fields: dict | None = None):
         self.root, self.force, self.timings, self.reused = Path(root), force, {}, set()
         self.folders: dict[str, Path] = {}  # stage name -> its folder, for the commands that continue from them
+        # the score stage's settings for methods that choose real images by scores (``kinds``: every kind the job's
+        # methods read, so one score folder serves them all)
+        self.score_fields = dict(score_fields or {})
 
     def run(self, name: str, cls, fn: Callable, fields: dict) -> Path:
         """Run ``fn`` on ``cls(**fields)`` in ``<root>/stages/<name>-<hash>`` unless it already finished there."""
@@ -189,12 +199,24 @@ class Stages:
         """A method's recovery (its preset under ``fields``) from the zoo in ``teachers``. A method whose preset says
         ``starts_from: <method>`` (EDC: an RDED run) gets that method's run, with the same teachers, IPC and batch
         settings, as its ``init_from`` unless one is given."""
-        before = preset_file("recover", method).get("starts_from")
+        preset = preset_file("recover", method)
+        before = preset.get("starts_from")
+        need = PLUGINS.get(preset.get("plugin", "none")).score_kinds
+        if need and not fields.get("select_scores"):  # a selection method: the training split's scores first
+            fields["select_scores"] = str(self.scores(common, teachers, need, embed_arch=fields.get("primary")))
         if before and not fields.get("init_from"):
             shared = {k: v for k, v in fields.items() if k in ("primary", "bn_pool", "ipc", "iterations", "batch_size")}
             fields["init_from"] = str(self.recover(before, common, teachers, **shared))
         return self.run(name or f"recover-{method}", RecoverConfig, recover,
                         dict(common, method=method, teachers=str(teachers), **fields))
+
+    def scores(self, common: dict, teachers: Path, need, **fields) -> Path:
+        """The training split's per-example scores (``prismdd score``) with the kinds in ``need`` and those of
+        ``score_fields``, from the zoo in ``teachers``; one folder, reused by every method that reads them."""
+        fields = {k: v for k, v in dict(self.score_fields, **fields).items() if v is not None}
+        wanted = set(need) | set(comma_list(fields.pop("kinds", "")))
+        kinds = ",".join(k for k in SCORE_KINDS if k in wanted)
+        return self.run("scores", ScoreConfig, score, dict(common, teachers=str(teachers), kinds=kinds, **fields))
 
     def validate(self, name: str, common: dict, **fields) -> tuple[Path, dict]:
         """A student evaluation; returns its folder and its ``accuracy.json``."""
@@ -271,8 +293,12 @@ def run(cfg: RunConfig) -> dict:
     """The whole job; returns the results dict (also written to ``<out>/results.json``)."""
     total = Timer()
     out = Path(cfg.out)
-    stages = Stages(out, cfg.force)
     common = common_fields(cfg)
+    # the per-example scores the selection methods among --methods read, made once for all of them
+    kinds = [k for m in cfg.method_list for k in PLUGINS.get(preset_file("recover", m).get("plugin", "none")).score_kinds]
+    stages = Stages(out, cfg.force, score_fields=dict(kinds=",".join(dict.fromkeys(kinds)), record_runs=cfg.score_runs,
+                                                      record_epochs=cfg.score_epochs,
+                                                      record_width=cfg.teacher_width))
     train, test, info = load_splits(cfg)  # fail early on missing data, before any training
     preflight(cfg, common, train, test, info)
 
@@ -304,7 +330,10 @@ def run(cfg: RunConfig) -> dict:
         distilled[method] = rec_dir
         per = {r: stages.validate(regime_stage(method, r), common, **regime_student(cfg, r, teachers_dir),
                                   distilled=str(rec_dir))[1] for r in regimes}
-        rows.append(_regime_row(method, per, regimes, rec_dir, stages, stages.timings[f"recover-{method}"]))
+        # a selection method's cost includes the scores it chose by (shared by every such method of the run)
+        built = stages.timings[f"recover-{method}"] + (stages.timings.get("scores", 0.0) if PLUGINS.get(
+            preset_file("recover", method).get("plugin", "none")).score_kinds else 0.0)
+        rows.append(_regime_row(method, per, regimes, rec_dir, stages, built))
     if "random-real" in cfg.baseline_list:
         per = {r: stages.validate(regime_stage("random-real", r), common, **regime_student(cfg, r, teachers_dir),
                                   random_real=True, ipc=cfg.ipc)[1] for r in regimes}

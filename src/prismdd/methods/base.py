@@ -32,6 +32,9 @@ class Plugin:
     # False: the engine's pixel optimisation never runs (the images are made another way), so its options
     # (--param, --clip-prior, --view-noise) would change nothing and are refused
     engine_optimises: ClassVar[bool] = True
+    # the kinds of per-example scores (``artifacts/scores.py``) it reads from ``--select-scores``: the selection
+    # methods' (``methods/select.py``); ``prismdd run`` makes them with the score stage first
+    score_kinds: ClassVar[tuple[str, ...]] = ()
     # how a refusal of an engine option says why (FRePo optimises its pixels, in a loop of its own)
     without_engine: ClassVar[str] = "does not optimise pixels"
     # files (glob patterns under the recover folder) the method writes besides images, records and logs/rank*:
