@@ -16,6 +16,9 @@ torch.set_num_threads(1)
 # a test that compares a CLI run with an in-process or subprocess run needs one reduction order on every side
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ.pop("WORLD_SIZE", None)  # recover must run as a single process unless a test launches torchrun
+# the running-jobs count behind the default --threads: the tests' own folder, so jobs elsewhere on the machine (or
+# another pytest worker) never change a test's thread count
+os.environ["PRISMDD_JOBS_DIR"] = __import__("tempfile").mkdtemp(prefix="prismdd-test-jobs-")
 # decoded ImageFolder caches go to a throw-away folder, never the user's ~/.cache/prismdd
 if "PRISMDD_CACHE" not in os.environ:
     import atexit

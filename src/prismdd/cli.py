@@ -298,9 +298,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = config_from_args(args.command, args)
             # before any work (the main job's data loading and checks too); unset: this process's share of the cores
-            threads = getattr(cfg, "threads", None) or _lazy("prismdd.core.runtime", "default_threads")()
-            with _lazy("prismdd.core.runtime", "torch_threads")(threads):
-                stage(args.command)[1](cfg)
+            # counted among the machine's prismdd jobs while it runs: without --threads, its share of the cores
+            given = getattr(cfg, "threads", None)
+            with _lazy("prismdd.core.runtime", "shared_cores")(auto=not given):
+                threads = given or _lazy("prismdd.core.runtime", "default_threads")()
+                with _lazy("prismdd.core.runtime", "torch_threads")(threads):
+                    stage(args.command)[1](cfg)
     except PrismError as e:
         print(f"prismdd: error: {e}", file=sys.stderr)
         return 2

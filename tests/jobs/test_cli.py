@@ -301,6 +301,49 @@ def test_default_threads_share_the_usable_cores(monkeypatch):
     assert runtime.default_threads() == 2
 
 
+def test_default_threads_split_the_cores_among_running_prismdd_jobs(monkeypatch, tmp_path):
+    """Two commands started side by side take half the cores each (2 threads each on 2 cores ran 1.8x slower than
+    1 each, BENCHMARKS 14.1); a job left alone takes them all again at its next heartbeat; a killed job's file is
+    not counted."""
+    import os
+    import subprocess
+
+    import torch
+
+    from prismdd.core import runtime
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("PRISMDD_JOBS_DIR", str(tmp_path / "jobs"))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(runtime, "RETUNE_EVERY_S", 0.0)
+    before = torch.get_num_threads()
+    other = subprocess.Popen(["sleep", "30"])  # another job, alive
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        with runtime.shared_cores(auto=True):
+            assert runtime.default_threads() == 4 and runtime.live_jobs() == 1
+            (tmp_path / "jobs" / str(other.pid)).touch()
+            (tmp_path / "jobs" / str(dead.pid)).touch()
+            assert runtime.live_jobs() == 2 and runtime.default_threads() == 2
+            assert not (tmp_path / "jobs" / str(dead.pid)).exists()
+            runtime.Heartbeat("test", 10, enabled=False).step()  # the running loop re-tunes its threads
+            assert torch.get_num_threads() == 2
+            other.kill()
+            other.wait()
+            runtime.Heartbeat("test", 10, enabled=False).step()
+            assert torch.get_num_threads() == 4
+        assert not any((tmp_path / "jobs").iterdir())  # its own file goes with it
+        with runtime.shared_cores(auto=False):  # --threads given: counted by the others, never re-tuned
+            torch.set_num_threads(1)
+            runtime.Heartbeat("test", 10, enabled=False).step()
+            assert torch.get_num_threads() == 1
+    finally:
+        other.kill()
+        torch.set_num_threads(before)
+
+
 def test_threads_are_set_for_the_stage_recorded_and_restored(cli, capsys, tmp_path):
     import torch
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from .errors import PrismError
+from .io import pid_alive
 from .log import get_logger
 
 
@@ -32,12 +35,61 @@ def default_channels_last(device: torch.device) -> bool:
     return torch.device(device).type == "cuda"
 
 
+JOBS_DIR_ENV = "PRISMDD_JOBS_DIR"
+RETUNE_EVERY_S = 20.0  # how often a running job looks again at how many prismdd jobs share its cores
+_auto = {"on": False, "last": 0.0}  # threads left to prismdd (no --threads, no OMP_NUM_THREADS): re-tuned as jobs come and go
+
+
+def jobs_dir() -> Path:
+    """Where every running prismdd command of this user leaves a file named by its pid (``PRISMDD_JOBS_DIR``)."""
+    given = os.environ.get(JOBS_DIR_ENV, "").strip()
+    return Path(given) if given else Path(tempfile.gettempdir()) / f"prismdd-jobs-{os.getuid()}"
+
+
+def live_jobs() -> int:
+    """The prismdd commands running on this machine now (this one included, at least 1); files of processes that
+    died (kill -9) are removed on the way."""
+    n = 0
+    try:
+        entries = list(jobs_dir().iterdir())
+    except OSError:
+        return 1
+    for p in entries:
+        if p.name.isdigit() and pid_alive(int(p.name)):
+            n += 1
+        elif p.name.isdigit():
+            p.unlink(missing_ok=True)
+    return max(1, n)
+
+
+@contextmanager
+def shared_cores(auto: bool):
+    """Count this command among the machine's prismdd jobs while it runs; ``auto``: its threads are left to
+    ``default_threads`` and re-tuned while it runs (``retune_threads``), so a job started beside it, or one that
+    ends, moves both to their share of the cores."""
+    folder, me = jobs_dir(), None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        me = folder / str(os.getpid())
+        me.touch()
+    except OSError:  # a read-only temp folder: the count is lost, nothing else
+        me = None
+    _auto.update(on=auto, last=time.monotonic())
+    try:
+        yield
+    finally:
+        _auto["on"] = False
+        if me is not None:
+            me.unlink(missing_ok=True)
+
+
 def default_threads() -> int:
     """torch's CPU threads when ``--threads`` is not given: ``OMP_NUM_THREADS`` if set (the user's word), else the
-    cores this process may use (``taskset``, a container's or a scheduler's CPU set: not the machine's count), shared
-    by the processes torchrun starts on this machine (``LOCAL_WORLD_SIZE``). More threads than free cores costs
-    2-3x when two jobs share a machine (BENCHMARKS.md section 14), so pinning each job (``taskset -c 0``) or
-    ``--threads`` is how two jobs run side by side."""
+    cores this process may use (``taskset``, a container's or a scheduler's CPU set: not the machine's count) divided
+    among the prismdd commands running on this machine (``live_jobs``) and the processes torchrun starts here
+    (``LOCAL_WORLD_SIZE``). More threads than free cores cost 1.8-5x when two jobs share a machine (BENCHMARKS.md
+    section 14): two jobs started side by side take half the cores each, and a job left alone takes them all
+    again (``retune_threads``)."""
     given = os.environ.get("OMP_NUM_THREADS", "").strip()
     if given.isdigit() and int(given) > 0:
         return int(given)
@@ -46,7 +98,20 @@ def default_threads() -> int:
     except AttributeError:  # macOS and Windows have no affinity call: every core
         cores = os.cpu_count() or 1
     local = os.environ.get("LOCAL_WORLD_SIZE", "1").strip()
-    return max(1, cores // max(1, int(local) if local.isdigit() else 1))
+    share = max(int(local) if local.isdigit() and int(local) > 0 else 1, live_jobs())
+    return max(1, cores // share)
+
+
+def retune_threads() -> None:
+    """Where threads are left to prismdd, set them to ``default_threads()`` again, at most every ``RETUNE_EVERY_S``
+    (called from the progress heartbeat, on the thread that runs the work)."""
+    if not _auto["on"] or time.monotonic() - _auto["last"] < RETUNE_EVERY_S:
+        return
+    _auto["last"] = time.monotonic()
+    n = default_threads()
+    if n != torch.get_num_threads():
+        get_logger("runtime").debug(f"[runtime] {live_jobs()} prismdd job(s) on this machine: {n} thread(s)")
+        torch.set_num_threads(n)
 
 
 @contextmanager
@@ -132,6 +197,7 @@ class Heartbeat:
 
     def step(self, n: int = 1, loss: float | torch.Tensor | None = None, **more) -> None:
         self.done += n
+        retune_threads()
         if not self.enabled or self.timer.elapsed - self.last < self.every:
             return
         self.last = t = self.timer.elapsed
