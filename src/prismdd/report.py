@@ -35,6 +35,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .core.io import atomic_path
+from .core.presets import METHODS, preset_file
 from .core.regimes import REGIME_WORDS, summary_line
 from .core.scores import missing_line
 from .core.text import format_table
@@ -608,9 +609,13 @@ def write_report(out_dir, results: dict) -> Path:
         grids.append(_figure(p, caption, f"image grid {r.get('method')}"))
     if grids:
         parts.append("<h3>Distilled images</h3>")
+        methods = [str(r.get("method")) for r in rows if r.get("distilled")]
+        selected = [m for m in methods if m in METHODS and preset_file("recover", m).get("images") == "selected"]
+        chosen = (f" {', '.join(selected)}: real training images chosen by a selection method, bit for bit"
+                  + ("; the others are synthetic." if len(selected) < len(methods) else ".") if selected else "")
         parts.append('<p class="note">One grid per method, read from its distilled folder: rows are classes, '
                      f"columns are IPC indices (at most {MAX_GRID_CLASSES} classes and {MAX_GRID_IPC} images per "
-                     "class shown).</p>")
+                     f"class shown).{html.escape(chosen)}</p>")
         parts.append('<div class="grids">' + "".join(grids) + "</div>")
 
     # --- teachers, timings

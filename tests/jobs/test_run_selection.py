@@ -46,4 +46,4 @@ def test_a_run_of_selection_methods_makes_one_score_folder_and_real_image_rows(c
     for row in res["rows"]:
         assert set(row["regimes"]) == {"hard", "kd"}, row
     html = (out / "report.html").read_text(encoding="utf-8")
-    assert "herding" in html and "bps" in html
+    assert "herding, bps, forgetting, random: real training images chosen by a selection method, bit for bit." in html
