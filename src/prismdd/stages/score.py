@@ -1,6 +1,10 @@
 """score: per-example scores of a training split, computed once and read by every selection method (herding,
 k-center, forgetting, EL2N, CCS, BPS) at every IPC (the file format: ``artifacts/scores.py``).
 
+Size: about 470 lines: the stage's options, the forward pass over the split (embedding, entropy), the recorded
+training runs (dynamics) and the resume and torchrun bookkeeping that joins them into one file. They share one
+folder and one set of work files, so they stay together; the embedders themselves live in ``methods/embed.py``.
+
 Kinds (``--kinds``):
 
 - ``embedding`` (N, D): an embedder's vector of each un-augmented, normalised training image (``--embed``,
