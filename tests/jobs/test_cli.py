@@ -317,6 +317,7 @@ def test_default_threads_split_the_cores_among_running_prismdd_jobs(monkeypatch,
     monkeypatch.setenv("PRISMDD_JOBS_DIR", str(tmp_path / "jobs"))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.setattr(runtime, "RETUNE_EVERY_S", 0.0)
+    monkeypatch.setattr(runtime, "FIRST_RETUNE_S", 0.0)
     before = torch.get_num_threads()
     other = subprocess.Popen(["sleep", "30"])  # another job, alive
     dead = subprocess.Popen(["true"])

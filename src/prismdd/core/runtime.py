@@ -37,6 +37,9 @@ def default_channels_last(device: torch.device) -> bool:
 
 JOBS_DIR_ENV = "PRISMDD_JOBS_DIR"
 RETUNE_EVERY_S = 20.0  # how often a running job looks again at how many prismdd jobs share its cores
+# the first look comes sooner: two jobs started together each count only themselves when the other has not yet
+# registered (measured: one of the two took 2 threads every time), which a look after a few seconds corrects
+FIRST_RETUNE_S = 3.0
 _auto = {"on": False, "last": 0.0}  # threads left to prismdd (no --threads, no OMP_NUM_THREADS): re-tuned as jobs come and go
 
 
@@ -74,7 +77,7 @@ def shared_cores(auto: bool):
         me.touch()
     except OSError:  # a read-only temp folder: the count is lost, nothing else
         me = None
-    _auto.update(on=auto, last=time.monotonic())
+    _auto.update(on=auto, last=time.monotonic() - RETUNE_EVERY_S + FIRST_RETUNE_S)
     try:
         yield
     finally:
