@@ -16,7 +16,7 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
 fi
 # the diffusion and clip extras (diffusers + transformers, for --method d4m / t2i and --clip-prior): about 250 MB and 20 s more; timm for
 # --rand-augment (DELT's student protocol) and timm:<name> models
-if ! .venv/bin/python -c "import prismdd, pytest, diffusers, transformers, timm, faiss, infomap" 2>/dev/null || [ ! -x .venv/bin/ruff ]; then
+if ! .venv/bin/python -c "import prismdd, pytest, xdist, diffusers, transformers, timm, faiss, infomap" 2>/dev/null || [ ! -x .venv/bin/ruff ]; then
   .venv/bin/pip install -q -e ".[test,diffusion,clip,timm]"
 fi
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then

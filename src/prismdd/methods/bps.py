@@ -32,8 +32,6 @@ import copy
 import math
 from typing import Callable
 
-import faiss
-import infomap
 import numpy as np
 import torch
 import torch.nn as nn
@@ -71,6 +69,8 @@ def knn_links(feats: np.ndarray, k: int = 30, min_cosine: float = 0.5) -> tuple[
     argsort may order exact ties differently, which only changes the links' insertion order): the row itself is
     skipped wherever it sits, a neighbour is linked while its distance is <= 1 - min_cosine, and the first one
     beyond ends the scan. The link weight is the cosine as the code recovers it, float(1 - distance)."""
+    import faiss  # here, not at the top: `import prismdd` and every other method work without faiss and infomap
+
     x = np.ascontiguousarray(feats, dtype=np.float32)
     n, d = x.shape
     index = faiss.IndexFlatIP(d)
@@ -105,6 +105,8 @@ def infomap_modules(n: int, links, single, trials: int = 3, seed: int = 123) -> 
     labels = np.full(n, -1, dtype=np.int64)  # -1: neither linked nor single (cannot happen; BPS keeps it as -1)
     count = 0
     if links:
+        import infomap
+
         im = infomap.Infomap(two_level=True, directed=True, num_trials=trials, seed=seed, silent=True)
         for i, j, w in links:
             im.add_link(i, j, w)
@@ -433,6 +435,9 @@ class BPS(SelectionPlugin):
         self.patterns: dict[int, np.ndarray] = {}  # class -> (n_c,) pattern labels of its members, ascending
 
     def prepare(self, out, rank: int = 0) -> dict:
+        import faiss
+        import infomap
+
         cfg = self.cfg
         return {**super().prepare(out, rank), "k": cfg.bps_k, "min_cosine": cfg.bps_min_cosine,
                 "trials": cfg.bps_trials, "infomap_seed": cfg.bps_infomap_seed, "merge_below": cfg.bps_merge_below,
