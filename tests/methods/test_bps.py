@@ -4,6 +4,7 @@ hand, the centre picks by a direct sort, the entropy rule on a two-mode mixture 
 mixture bound against a brute-force scan of the two weighted densities."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -372,3 +373,43 @@ def test_train_embedder_runs_and_trains_the_encoder():
     assert any(not torch.equal(a, b) for a, b in zip(before, out.parameters())) and not out.training
     with pytest.raises(PrismError, match="multiple of the batch"):
         bps.train_embedder(net, images, targets, lambda x, gen: x, epochs=1, batch=8, queue_size=12)
+
+
+# ----------------------------------------------------------------------------- the score stage's ``bps`` embedder
+BPS_EMBED = dict(dataset="digits", device="cpu", kinds="embedding", embed="bps", bps_embed_arch="convnet",
+                 bps_embed_width=0.25, bps_embed_epochs=2, bps_embed_batch=128, bps_embed_queue=300)
+
+
+def test_bps_embedder_is_its_trained_backbone_and_the_score_stage_records_it(tmp_path):
+    from prismdd.core.config import build_config
+    from prismdd.core.data import load_dataset, normalize
+    from prismdd.methods.embed import EMBEDDERS
+    from prismdd.stages.score import ScoreConfig, score
+
+    cfg = build_config(ScoreConfig, dict(BPS_EMBED, out=str(tmp_path / "s")))
+    score(cfg)
+    s = load_scores_file(tmp_path / "s")
+    train, _, info = load_dataset("digits")
+    # the same embedder built directly (same seed, same settings) gives the stored vectors: the stage stores what
+    # the trained backbone computes on the un-augmented image, and training depends on nothing but the settings
+    direct = EMBEDDERS.get("bps")(cfg, info, train, torch.device("cpu"))
+    want = direct(train.images[:50])
+    assert s.embedding.shape == (len(train), want.shape[1]) and torch.isfinite(s.embedding).all()
+    torch.testing.assert_close(s.embedding[:50], want)
+    with torch.no_grad():  # it is the backbone alone (no projector): the classifier reads these features
+        logits = direct.backbone(normalize(train.images[:50], info))
+    torch.testing.assert_close(logits, want)
+    made = read_json(tmp_path / "s" / MANIFEST)
+    text = json.dumps(made)
+    assert '"embed": "bps"' in text and '"bps_embed_epochs": 2' in text and '"bps_embed_queue": 300' in text
+    # a different setting is a different embedding: the finished folder refuses it rather than mixing them
+    with pytest.raises(PrismError):
+        score(build_config(ScoreConfig, dict(BPS_EMBED, out=str(tmp_path / "s"), bps_embed_epochs=3)))
+    with pytest.raises(PrismError, match="--bps-embed-crop"):
+        build_config(ScoreConfig, dict(BPS_EMBED, out=str(tmp_path / "t"), bps_embed_crop=0.0)).check()
+
+
+def load_scores_file(folder):
+    from prismdd.artifacts import load_scores
+
+    return load_scores(folder)

@@ -28,7 +28,7 @@ from prismdd.core.io import read_json
 from prismdd.core.models import create_model
 from prismdd.core.runtime import derive_seed, make_generator
 from prismdd.core.training import lr_factor, make_optimizer
-from prismdd.methods.embed import EMBEDDERS, Embedder, embedder, embedder_option_groups
+from prismdd.methods.embed import EMBEDDERS, Embedder, EmbedderOptions, embedder, embedder_option_groups
 from prismdd.stages.score import ScoreConfig, score
 
 # two runs of three epochs of a width-0.25 ConvNet, 6 steps an epoch: seconds on one core
@@ -288,14 +288,22 @@ def test_an_embedders_options_must_carry_its_prefix(monkeypatch):
     monkeypatch.setattr(EMBEDDERS, "_items", dict(EMBEDDERS._items))  # registrations here stay in this test
 
     @dataclass
-    class Good:
+    class Good(EmbedderOptions):
         toy_dim: int = opt(4, "output width")
 
     @dataclass
-    class Bad:
+    class Bad(EmbedderOptions):
         dim: int = opt(4, "output width")
+
+    @dataclass
+    class Plain:
+        toy3_dim: int = opt(4, "output width")
 
     embedder("toy")(type("Toy", (Embedder,), {"options": Good}))
     assert Good in embedder_option_groups()
+    # its fields take part in the config hash only when it is the chosen embedder
+    assert Good.active(type("C", (), {"embed": "toy"})) and not Good.active(type("C", (), {"embed": "teacher"}))
     with pytest.raises(ValueError, match="dim lack the prefix 'toy2_'"):
         embedder("toy2")(type("Toy2", (Embedder,), {"options": Bad}))
+    with pytest.raises(ValueError, match="must subclass EmbedderOptions"):
+        embedder("toy3")(type("Toy3", (Embedder,), {"options": Plain}))

@@ -18,17 +18,21 @@ As its code does it (github.com/BeCarefulOfYournaoke/BPS @ 7d016dbb51cbb7c04a7e3
 
 The entropy of an image is a teacher's predictive entropy on the un-augmented training image (the score stage's
 ``entropy`` kind; BPS ships its entropies as files whose producer is not in its repository: our choice). The
-embedding is the score stage's ``embedding`` kind (BPS: its own ResNet-18, trained as ``train_embedder`` does; not yet
-registered with the score stage's embedders). The mixture's
+embedding is the score stage's ``embedding`` kind: ``--embed bps`` trains BPS's own network here (``BPSEmbedder``,
+``train_embedder``), ``--embed teacher`` (the cheap default) takes a squeeze teacher's penultimate features. The mixture's
 ``random_state`` is the run's ``--seed`` (BPS passes its ``--seed``, 1228 in every script).
 
 Where BPS's rule yields fewer than ``ipc`` images (a pattern smaller than its budget: the code then saves fewer),
 prismdd fills the class up with its unpicked images nearest the class's re-normalised centroid (``by: fill``), since
 a distilled set here holds exactly ``ipc`` images per class.
+
+Size: about 570 lines, one method: the pattern graph, the picks, the options, the plug-in, and BPS's embedding network
+with its score-stage embedder, which share the kNN + Infomap rule (the queue is re-clustered by it while training).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from typing import Callable
 
@@ -37,10 +41,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..core.augment import apply_views, sample_views
 from ..core.config import opt
+from ..core.data import normalize
 from ..core.errors import PrismError
 from ..core.log import get_logger
+from ..core.models import create_model
+from ..core.runtime import derive_seed
 from .base import PLUGINS, Options, options
+from .embed import Embedder, EmbedderOptions, embedder
 from .select import SelectionPlugin
 
 logger = get_logger("recover.bps")
@@ -279,7 +288,7 @@ def select_class(labels: np.ndarray, feats: np.ndarray, entropies, ipc: int, see
 
 
 # ----------------------------------------------------------------------------- BPS's embedding network (stage 1)
-# Not yet registered as an embedder: the score stage's EMBEDDERS registry (methods/embed.py) is not on this branch.
+# Registered below as the score stage's ``bps`` embedder (``prismdd score --kinds embedding --embed bps``).
 # BPS (stage1_modeling.py, moco/builder.py, utils/engine_pretrain.py): a ResNet-18 backbone (fc removed) with a
 # linear classifier and a 2-layer MLP projector to 128-d; MoCo v2 (momentum key encoder, a queue of keys with their
 # classes); loss = 0.5 CE + 0.5 InfoNCE (T = 0.5), plus the pattern loss ramped in linearly after 5 warm-up epochs.
@@ -335,12 +344,14 @@ def queue_patterns(keys: np.ndarray, classes: np.ndarray, k: int = 30, min_cosin
     return labels
 
 
-def train_embedder(net: EmbedNet, images: torch.Tensor, targets: torch.Tensor, augment: Callable, *, epochs: int,
+def train_embedder(net: EmbedNet, images: torch.Tensor | Callable, targets: torch.Tensor, augment: Callable, *,
+                   epochs: int,
                    batch: int, queue_size: int, lr: float = 0.02, momentum: float = 0.999, temperature: float = 0.5,
                    weight_cls: float = 0.5, warmup: int = 5, weight_info: float = 1.0, k: int = 30,
                    min_cosine: float = 0.5, seed: int = 0, log: Callable | None = None) -> EmbedNet:
-    """Train ``net`` (the query encoder) as BPS's stage 1 and return it. ``images`` normalised (N, C, H, W),
-    ``augment(x, generator)`` one random view per image. SGD (momentum 0.9, wd 1e-4) with a cosine LR per epoch
+    """Train ``net`` (the query encoder) as BPS's stage 1 and return it. ``images``: normalised (N, C, H, W), or a
+    function from indices to such a batch (a dataset too large to hold); ``augment(x, generator)`` one random view per
+    image. SGD (momentum 0.9, wd 1e-4) with a cosine LR per epoch
     (``--cos``); the key encoder follows by EMA ``momentum``; the queue (``queue_size``, a multiple of ``batch``:
     BPS asserts it) holds normalised keys and their classes; each time it fills, its copy is re-clustered
     (``queue_patterns``) for the pattern loss. Drops the last partial batch (BPS's loader: ``drop_last=True``)."""
@@ -349,19 +360,21 @@ def train_embedder(net: EmbedNet, images: torch.Tensor, targets: torch.Tensor, a
     g = torch.Generator().manual_seed(seed)
     key_net = copy.deepcopy(net).requires_grad_(False)
     dim = net.projector[-1].out_features
-    queue = F.normalize(torch.randn(queue_size, dim, generator=g), dim=1)
-    queue_cls = torch.zeros(queue_size, dtype=torch.long)
-    frozen, frozen_labels = queue.clone(), torch.zeros(queue_size, dtype=torch.long)
+    dev = next(net.parameters()).device
+    queue = F.normalize(torch.randn(queue_size, dim, generator=g), dim=1).to(dev)
+    queue_cls = torch.zeros(queue_size, dtype=torch.long, device=dev)
+    frozen, frozen_labels = queue.clone(), torch.zeros(queue_size, dtype=torch.long, device=dev)
     ptr = 0
+    fetch = images.__getitem__ if isinstance(images, torch.Tensor) else images
     opt_ = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     for epoch in range(epochs):
         for group in opt_.param_groups:  # moco's adjust_learning_rate with --cos
             group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
         net.train()
-        order = torch.randperm(len(images), generator=g)
+        order = torch.randperm(len(targets), generator=g)
         for s in range(0, len(order) - batch + 1, batch):
             idx = order[s:s + batch]
-            x, y = images[idx], targets[idx]
+            x, y = fetch(idx), targets[idx].to(dev)
             logit, q = net(augment(x, g))
             q = F.normalize(q, dim=1)
             with torch.no_grad():
@@ -370,12 +383,13 @@ def train_embedder(net: EmbedNet, images: torch.Tensor, targets: torch.Tensor, a
                 key = F.normalize(key_net(augment(x, g))[1], dim=1)
             contrast = torch.cat([(q * key).sum(1, keepdim=True), q @ queue.clone().T], 1) / temperature
             losses = {"cls": weight_cls * F.cross_entropy(logit, y),
-                      "infonce": (1 - weight_cls) * F.cross_entropy(contrast, torch.zeros(len(q), dtype=torch.long))}
+                      "infonce": (1 - weight_cls) * F.cross_entropy(contrast, torch.zeros(len(q), dtype=torch.long, device=dev))}
             queue[ptr:ptr + batch], queue_cls[ptr:ptr + batch] = key, y
             ptr = (ptr + batch) % queue_size
             if ptr == 0:  # the queue is full again: its copy and patterns are renewed
                 frozen = queue.clone()
-                frozen_labels = torch.from_numpy(queue_patterns(frozen.numpy(), queue_cls.numpy(), k, min_cosine))
+                frozen_labels = torch.from_numpy(queue_patterns(frozen.cpu().numpy(), queue_cls.cpu().numpy(), k,
+                                                                min_cosine)).to(dev)
             w = pattern_weight(epoch, epochs, warmup, weight_info)
             if w:
                 losses["pattern"] = w * pattern_loss(q, frozen, frozen_labels)
@@ -474,3 +488,75 @@ class BPS(SelectionPlugin):
         extras = [{"bps_pattern": int(labels[i]), "bps_pattern_size": int(sizes[labels[i]]), "bps_by": h,
                    "entropy": round(float(entropy[i]), 6)} for i, h in zip(chosen, how)]
         return [int(idx[i]) for i in chosen], extras
+
+
+# ----------------------------------------------------------------------------- the embedder (score stage)
+@dataclasses.dataclass
+class BPSEmbedOptions(EmbedderOptions):
+    """``--embed bps``'s settings, at BPS's CIFAR script values (``script/run_cifar*.sh``)."""
+
+    bps_embed_arch: str = opt("resnet18", "embed bps: the backbone trained from scratch, its classifier removed "
+                                          "(BPS: torchvision ResNet-18)")
+    bps_embed_width: float = opt(1.0, "embed bps: the backbone's width multiplier (BPS: 1)")
+    bps_embed_epochs: int = opt(30, "embed bps: training epochs (BPS: 30)", minimum=1)
+    bps_embed_batch: int = opt(128, "embed bps: batch size, capped at the training set (BPS: 128 CIFAR, 256 "
+                                    "Tiny-ImageNet, 512 ImageNet)", minimum=2)
+    bps_embed_queue: int = opt(65536, "embed bps: MoCo queue of keys, rounded down to a multiple of the batch "
+                                      "(BPS: 65536; 131072 ImageNet)", minimum=2)
+    bps_embed_lr: float = opt(0.02, "embed bps: SGD learning rate, cosine over the epochs (BPS: 0.02; 0.04 ImageNet)")
+    bps_embed_crop: float = opt(0.2, "embed bps: RandomResizedCrop scale floor of the two views (MoCo v2: 0.2)")
+
+
+@embedder("bps")
+class BPSEmbedder(Embedder):
+    """BPS's own embedding: the backbone trained as its stage 1 (``train_embedder``: 0.5 CE + 0.5 InfoNCE against a
+    MoCo queue + the ramped pattern loss) on the training split at the dataset's own resolution (BPS: 224 px), then
+    its features (the classifier's input) of the normalised, un-augmented image in eval mode. Views: a random resized
+    crop (floor ``--bps-embed-crop``) and a flip; MoCo v2's colour jitter, greyscale and blur are left out. Every
+    torchrun rank trains the same network from ``--seed`` (the embedder contract: nothing depends on the rank), so
+    ranks agree with one process; the network is not saved: a score run killed while it trains starts it again."""
+
+    options = BPSEmbedOptions
+    summary = "BPS's stage-1 network (CE + InfoNCE + pattern loss), trained here from scratch (--bps-embed-*)"
+
+    @classmethod
+    def settings(cls, cfg) -> dict:
+        return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(BPSEmbedOptions)} | {"seed": cfg.seed}
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        if not 0 < cfg.bps_embed_crop <= 1:
+            raise PrismError(f"--bps-embed-crop {cfg.bps_embed_crop}: expected a scale floor in (0, 1]")
+
+    def __init__(self, cfg, info, train, device: torch.device):
+        super().__init__(cfg, info, train, device)
+        rngs = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=rngs):  # seeded initial weights; the caller's global RNG is left as it was
+            torch.manual_seed(derive_seed(cfg.seed, "bps-embed", "init"))
+            backbone = create_model(cfg.bps_embed_arch, info.num_classes, info.channels, info.resolution,
+                                    cfg.bps_embed_width)
+            last = [name for name, m in backbone.named_modules() if isinstance(m, nn.Linear)][-1]
+            parent, _, attr = last.rpartition(".")
+            width = getattr(backbone.get_submodule(parent), attr).in_features
+            setattr(backbone.get_submodule(parent), attr, nn.Identity())  # BPS: ``model.fc = nn.Identity()``
+            net = EmbedNet(backbone, width, info.num_classes).to(device)
+        n = len(train)
+        batch = min(cfg.bps_embed_batch, n)
+        queue = max(batch, cfg.bps_embed_queue // batch * batch)
+
+        def fetch(idx):
+            return normalize(train.get_images(idx).to(device), info)
+
+        def augment(x, g):
+            return apply_views(x, sample_views(len(x), g, scale=(cfg.bps_embed_crop, 1.0)))
+
+        logger.info(f"[score] embed bps: training {cfg.bps_embed_arch} (width {cfg.bps_embed_width}) on {n} images, "
+                    f"{cfg.bps_embed_epochs} epochs, batch {batch}, queue {queue}")
+        train_embedder(net, fetch, train.targets.to(torch.int64), augment, epochs=cfg.bps_embed_epochs,
+                       batch=batch, queue_size=queue, lr=cfg.bps_embed_lr, seed=derive_seed(cfg.seed, "bps-embed"),
+                       log=lambda r: logger.info(f"[score] embed bps: {r}"))
+        self.backbone = net.backbone.eval()
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(normalize(images.to(self.device), self.info)).float().cpu()

@@ -13,13 +13,14 @@ An embedder is a subclass of ``Embedder`` registered with ``@embedder(name)`` (a
   done here must not depend on the rank (derive any random draw from ``cfg.seed`` with ``make_generator``).
 - ``__call__(images)``: uint8 (B, C, H, W) un-augmented training images -> float32 (B, D) on the CPU; the same
   image must give the same vector whatever its batch-mates (eval mode), so shards agree with one process.
-- ``options`` (optional): a dataclass of ``opt`` fields, each named ``<name>_...``; the score stage's config takes
-  them as its own flags (``--<name>-...``), and ``check(cfg)`` may refuse combinations in one line.
+- ``options`` (optional): a dataclass of ``opt`` fields, subclassing ``EmbedderOptions``, each named ``<name>_...``;
+  the score stage's config takes them as its own flags (``--<name>-...``), and ``check(cfg)`` may refuse combinations
+  in one line. They shape the config hash only when ``--embed`` names this embedder.
 
 ``"teacher"`` (here): the penultimate features (the input of the final Linear layer, ``core.models.FeatureExtractor``)
 of the ``--embed-arch`` teacher of a squeeze folder: what DeepCore's herding and k-center embed with (its
 ``EmbeddingRecorder`` sits just before the final ``fc``; PatrickZH/DeepCore 74ec709, ``deepcore/nets/resnet.py``).
-BPS registers its contrastive embedder in ``methods/bps.py``.
+BPS registers its contrastive embedder, ``"bps"``, in ``methods/bps.py``.
 """
 from __future__ import annotations
 
@@ -34,6 +35,16 @@ from ..core.data import DatasetInfo, normalize
 from ..core.errors import PrismError
 from ..core.models import FeatureExtractor
 from ..core.registry import Registry
+
+
+class EmbedderOptions:
+    """Base of an embedder's option dataclass: its fields take part (config hash) only when it is the chosen one."""
+
+    embedder: ClassVar[str] = ""  # set by ``@embedder``
+
+    @classmethod
+    def active(cls, cfg) -> bool:
+        return getattr(cfg, "embed", None) == cls.embedder
 
 
 class Embedder:
@@ -69,6 +80,9 @@ def embedder(name: str):
     def add(cls: type[Embedder]) -> type[Embedder]:
         cls.name = name
         if cls.options is not None:
+            if not issubclass(cls.options, EmbedderOptions):
+                raise ValueError(f"embedder {name!r}: its options must subclass EmbedderOptions")
+            cls.options.embedder = name
             stray = [f.name for f in dataclasses.fields(cls.options) if not f.name.startswith(name + "_")]
             if stray:
                 raise ValueError(f"embedder {name!r}: options {', '.join(stray)} lack the prefix {name + '_'!r}")
