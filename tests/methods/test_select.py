@@ -339,3 +339,30 @@ def test_recover_random_is_the_random_real_baseline(cli, digits, tmp_path):
                 "--seed", "5", "--out", out]) == 0
     baseline = random_real_indices(train, info.num_classes, 2, 5).view(info.num_classes, 2).tolist()
     _check_folder(out, train, baseline)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["herding", "bps"])
+def test_two_torchrun_ranks_select_what_one_process_selects(cli, digits, tmp_path, method):
+    """Recovery batches are shared out over ranks; a selector's per-class choice is made on each rank that needs the
+    class, so both must give the same folder: the same images in the same places, the same records."""
+    from conftest import run_torchrun
+
+    train, _ = digits
+    g = torch.Generator().manual_seed(3)
+    scores = dict(fake_scores(train.targets, dim=8), entropy=torch.rand(len(train.targets), generator=g))
+    folder = score_folder(tmp_path / "scores", scores)
+    args = ["recover", "--method", method, "--dataset", "digits", "--device", "cpu", "--ipc", "5", "--batch-size", "7",
+            "--select-scores", folder]
+    assert cli(args + ["--out", tmp_path / "one"]) == 0
+    run_torchrun(args + ["--out", tmp_path / "two"])
+    one, two = load_distilled(tmp_path / "one"), load_distilled(tmp_path / "two")
+    assert torch.equal(one.images, two.images) and one.start_indices == two.start_indices
+    assert torch.equal(one.targets, two.targets)
+
+    def picks(out):
+        m = read_json(out / MANIFEST)
+        return sorted((s["class"], s["pick"], s["index"]) for r in m["outputs"]["batches"] for s in r["selection"])
+
+    assert picks(tmp_path / "one") == picks(tmp_path / "two") and len(picks(tmp_path / "one")) == 50
+    assert read_json(tmp_path / "two" / MANIFEST)["world_size"] == 2
