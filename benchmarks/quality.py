@@ -27,6 +27,7 @@ import torch
 
 from prismdd.artifacts import load_distilled, load_model
 from prismdd.core.config import comma_list
+from prismdd.core.io import read_json
 from prismdd.core.data import load_dataset, random_real_indices
 from prismdd.core.presets import METHODS as PRESETS, PROTOCOLS
 from prismdd.core.scores import ars, lrs
@@ -125,6 +126,14 @@ def experiments(ipcs=(1, 10, 50)) -> dict[str, list[dict]]:
             cell(f"{m}, {g}", m, (dict(FREPO_CPU, ipc=ipc_) if m == "frepo" else {"ipc": ipc_}) if m != "random-real"
                  else {}, dict(REGIME_CELLS[g], ipc=ipc_))
             for m in ("random-real", "prism", "delt", "frepo") for g in REGIME_CELLS]
+    # issue 34: real subsets chosen by the coreset selectors beside random real and the synthesis rows above (the
+    # same cells: their folders are reused), in the three regimes; first, one epoch of the student on the whole
+    # training set with hard labels: the unit of the cost table (selection_costs)
+    for ipc_ in ipcs:
+        reg = ex[f"regimes/ipc{ipc_}"]
+        ex[f"selection/ipc{ipc_}"] = [FULL_EPOCH] + reg[:len(REGIME_CELLS)] + [
+            cell(f"{m}, {g}", m, {"ipc": ipc_}, dict(REGIME_CELLS[g], ipc=ipc_)) for m in SELECTORS
+            for g in REGIME_CELLS] + reg[len(REGIME_CELLS):]
     ex["regimes/full"] = [cell(f"full data, {g}, {e} epochs", "full", {},
                                dict(REGIME_CELLS[g], full=True, epochs=e, batch_size=256, lr_every="step"))
                           for g in REGIME_CELLS for e in (1, 2, 4, 8)]
@@ -190,6 +199,12 @@ def experiments(ipcs=(1, 10, 50)) -> dict[str, list[dict]]:
 REGIME_CELLS = {"hard": {"protocol": "hard"},
                 "soft": {"protocol": "soft", "ensemble": "norm-matched", "label_teachers": ",".join(POOL)},
                 "kd": {}}
+# the selection methods (issue 34), each a plug-in whose preset says ``images: selected``
+SELECTORS = [m for m in ("random", "herding", "kcenter", "forgetting", "el2n", "ccs", "bps") if m in PRESETS]
+FULL_EPOCH = {"name": "full data, hard, 1 epochs", "method": "full", "rec": {},
+              "val": {"protocol": "hard", "full": True, "epochs": 1, "batch_size": 256, "lr_every": "step"}}
+# the score stage's training runs for the dynamics kind (forgetting, EL2N, CCS): `prismdd run`'s defaults
+SCORE_FIELDS = {"record_runs": 2, "record_epochs": 4}
 SCORED = ["random-real", "prism", "sre2l", "delt"]  # the rows section 10 corrected; the other methods: not run
 SCORE_FULL_EPOCHS = 5
 FULL_REFERENCE = {"full": True, "loss": "ce", "mix": "none", "epochs": SCORE_FULL_EPOCHS, "batch_size": 128,
@@ -253,7 +268,7 @@ def main():
     if not wanted:
         sys.exit(f"--only {a.only}: no such experiment; see --list")
     out = Path(a.out) / a.dataset
-    stages = Stages(out, force=False)
+    stages = Stages(out, force=False, score_fields=dict(SCORE_FIELDS, record_width=a.teacher_width))
     common = {"dataset": a.dataset, "device": "auto"}
     train, test, info = load_dataset(a.dataset)
     te = epochs_for(a.teacher_steps, len(train))
@@ -272,6 +287,7 @@ def main():
         print("| cell | top-1 % (final epoch) | per seed | intra-class cos | recover s | validate s |")
         print("|---|---|---|---|---|---|")
         finished = {}  # cell name -> top-1 per seed, for the paired comparison below
+        costs = {}  # cell's method -> {"score": s, "select": [s per seed], "full_epoch": s}
         for c in ex[name]:
             if a.cells and not cell_wanted(c["name"], comma_list(a.cells), [x["name"] for x in ex[name]]):
                 continue
@@ -299,8 +315,14 @@ def main():
                     steps = a.frepo_steps if c["method"] == "frepo" else a.iterations  # FRePo: outer steps
                     rec = dict(dict(primary=POOL[0], bn_pool=",".join(POOL[:3]), iterations=steps), **c["rec"])
                     # (a method whose preset starts from another's run, EDC from RDED's, gets that run first: Stages)
+                    stages.timings.pop("scores", None)
                     rec_dir = stages.recover(c["method"], run_common, teachers_dir, **rec)
                     rs += stages.timings[f"recover-{c['method']}"]
+                    cost = costs.setdefault(c["method"], {"select": {}})
+                    cost["select"][s] = stages.timings[f"recover-{c['method']}"]
+                    if "scores" in stages.timings:  # a selection method: the score folder it read (made once)
+                        cost["score"] = stages.timings["scores"]
+                        cost["kinds"] = read_json(stages.folders["scores"] / "manifest.json")["outputs"]["kinds"]
                     val.update(distilled=str(rec_dir), **{k: v for k, v in c["val"].items() if k != "ipc"})
                     if val.get("labels") == OWN_LABELS:
                         val["labels"] = str(rec_dir)
@@ -310,6 +332,8 @@ def main():
                     val["epochs"] = min(val["epochs"], a.student_epochs)
                 ev_dir, m = stages.validate("validate", run_common, **val)
                 vs += stages.timings["validate"]
+                if c is FULL_EPOCH:
+                    costs["full epoch"] = stages.timings["validate"]
                 top1.append(m["top1"])
                 if imgs is None:
                     cos.append(float("nan"))
@@ -331,8 +355,28 @@ def main():
             paired_table(finished, seeds)
         if name.startswith("scores/"):
             scores_table(finished, seeds)
-        if name.startswith("regimes/ipc"):
+        if name.startswith(("regimes/ipc", "selection/ipc")):
             regimes_table(finished, seeds)
+        if name.startswith("selection/ipc"):
+            selection_costs(costs)
+
+
+def selection_costs(costs: dict) -> None:
+    """Each selection method's cost: its score folder (made once per dataset, shared by every IPC and by the methods
+    reading the same kinds) and its selection (the recover stage), in seconds and in full-data epochs of the student
+    (the wall time of the 1-epoch hard-label cell, its start-up and test evaluation included: a generous unit)."""
+    unit = costs.get("full epoch")
+    print(f"\n| method | score kinds | score s (once) | selection s (mean over seeds) | total s | full-data epochs "
+          f"(1 epoch = {unit if unit else 'n/a'} s) |")
+    print("|---|---|---|---|---|---|")
+    for m, c in costs.items():
+        if m == "full epoch" or m not in SELECTORS:
+            continue
+        sel = float(np.mean(list(c["select"].values())))
+        total = c.get("score", 0.0) + sel
+        eq = f"{total / unit:.2f}" if unit else "n/a"
+        print(f"| {m} | {', '.join(c.get('kinds', [])) or '-'} | {c.get('score', 0.0):.1f} | {sel:.1f} | {total:.1f} "
+              f"| {eq} |")
 
 
 def regimes_table(finished: dict[str, list[float]], seeds: list[int]) -> None:

@@ -8,6 +8,10 @@ torchvision state-dict files, and runs the stages the way a user does, each as i
     recover  under torchrun (--nproc ranks), PRISM at IPC --ipc for --iterations iterations
     relabel  --epochs E (stored soft labels)
     validate under torchrun (DDP), the stored labels, --validate-steps steps per epoch
+    score    under torchrun: the primary's embeddings and entropies of the training images
+    recover  --method bps and --method herding from those scores (real images chosen per class)
+
+and, with --select-per-class, how the per-class selection work grows with images per class (synthetic embeddings).
 
 Per stage it reports wall seconds, the peak RSS of every process (VmHWM, polled from /proc), files and bytes
 written, the manifest's size, and for recover the seconds per image-iteration per teacher. From those it
@@ -171,7 +175,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cache", default=None, help="PRISMDD_CACHE for the decoded folder (default: <out>/cache)")
+    ap.add_argument("--select-per-class", default="", help="comma list of images per class for the selection "
+                    "growth rows (e.g. 100,300,1300): BPS's patterns and picks, herding and k-center on synthetic "
+                    "512-d embeddings of --select-classes classes, each size in its own process (time, peak RSS)")
+    ap.add_argument("--select-classes", type=int, default=1000)
+    ap.add_argument("--select-ipcs", default="10,50")
+    ap.add_argument("--core", type=int, default=None, help=argparse.SUPPRESS)  # internal: one growth row
     args = ap.parse_args(argv)
+    if args.core is not None:
+        return selection_core(args.core, args.select_classes, [int(v) for v in args.select_ipcs.split(",")],
+                              Path(args.out))
 
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
@@ -186,7 +199,7 @@ def main(argv=None) -> dict:
     weights = make_weights(out / "weights")
     common = ["--dataset", "imagefolder", "--data-root", str(data), "--resolution", str(args.resolution),
               "--device", args.device]
-    dirs = {s: out / s for s in ("teachers", "recover", "labels", "validate")}
+    dirs = {s: out / s for s in ("teachers", "recover", "labels", "validate", "score", "select-bps", "select-herding")}
     stages = {
         "squeeze": [py, "-m", "prismdd", "squeeze", *common, "--arch", ",".join(POOL), "--width", "1",
                     "--pretrained", ",".join(f"{a}={f}" for a, f in weights.items()), "--epochs", "0",
@@ -202,6 +215,14 @@ def main(argv=None) -> dict:
                      "--student", args.student, "--student-width", "1", "--epochs", str(args.relabel_epochs),
                      "--steps-per-epoch", str(args.validate_steps), "--out", str(dirs["validate"]),
                      "--device", args.device],
+        # the selection path (issue 34): the teacher's embeddings and entropies of every training image under
+        # torchrun, then BPS and herding choose --ipc real images per class from them
+        "score": [*torchrun, "score", *common, "--teachers", str(dirs["teachers"]), "--embed-arch", POOL[0],
+                  "--kinds", "embedding,entropy", "--out", str(dirs["score"])],
+        "select-bps": [*torchrun, "recover", *common, "--method", "bps", "--ipc", str(args.ipc),
+                       "--select-scores", str(dirs["score"]), "--out", str(dirs["select-bps"])],
+        "select-herding": [*torchrun, "recover", *common, "--method", "herding", "--ipc", str(args.ipc),
+                           "--select-scores", str(dirs["score"]), "--out", str(dirs["select-herding"])],
     }
     rows = {}
     for name, cmd in stages.items():
@@ -226,8 +247,15 @@ def main(argv=None) -> dict:
     lab = json.loads((dirs["labels"] / "manifest.json").read_text())["outputs"]
     rows["relabel"].update({"file_bytes_per_image_epoch": lab["file_bytes_per_image_epoch"],
                             "label_bytes_per_image_epoch": lab["bytes_per_image_epoch"]})
+    growth = []
+    for per in [int(v) for v in args.select_per_class.split(",") if v]:
+        print(f"[scale] selection growth, {per} images per class ...", flush=True)
+        row_file = out / f"select-core-{per}.json"
+        m = measured([py, __file__, "--core", str(per), "--select-classes", str(args.select_classes),
+                      "--select-ipcs", args.select_ipcs, "--out", str(row_file)], env, out / f"select-core-{per}.log")
+        growth.append(dict(json.loads(row_file.read_text()), peak_rss_mb=m["peak_rss_mb"]["main"], wall_s=m["seconds"]))
     cache = Path(env["PRISMDD_CACHE"]) / "imagefolder"
-    result = {"config": vars(args), "folder": folder_info, "stages": rows,
+    result = {"config": vars(args), "folder": folder_info, "stages": rows, "selection_growth": growth,
               "decoded_cache_bytes": sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()),
               "extrapolation": extrapolate(rows, args)}
     (out / "scale.json").write_text(json.dumps(result, indent=1))
@@ -235,6 +263,42 @@ def main(argv=None) -> dict:
     (out / "scale.md").write_text(md)
     print(md)
     return result
+
+
+def selection_core(per_class: int, classes: int, ipcs: list[int], out_file: Path) -> dict:
+    """The per-class selection work on synthetic embeddings, class by class as the plug-ins do it: 512-d vectors
+    around 8 random centres per class (so BPS finds patterns), random entropies. Seconds per part, summed over the
+    classes (making the vectors not counted)."""
+    import torch
+
+    from prismdd.methods import bps, herding, kcenter
+
+    rng = np.random.default_rng(0)
+    t = dict.fromkeys(["bps patterns (kNN + Infomap)", "bps picks"] + ["herding", "k-center"], 0.0)
+    patterns = 0
+    for _ in range(classes):
+        centres = rng.normal(size=(8, 512)).astype(np.float32)
+        feats = centres[rng.integers(0, 8, per_class)] + rng.normal(size=(per_class, 512)).astype(np.float32)
+        entropy = rng.random(per_class)
+        t0 = time.perf_counter()
+        labels = bps.class_patterns(feats)
+        t1 = time.perf_counter()
+        x = bps.l2_normalise(feats)
+        for ipc in ipcs:
+            bps.select_class(labels, x, entropy, min(ipc, per_class), seed=0)
+        t2 = time.perf_counter()
+        emb = torch.from_numpy(feats)
+        herding.herd(emb, min(max(ipcs), per_class))
+        t3 = time.perf_counter()
+        kcenter.farthest_first(emb, min(max(ipcs), per_class), 0)
+        t4 = time.perf_counter()
+        for key, dt in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            t[key] += dt
+        patterns += len(np.unique(labels))
+    row = {"per_class": per_class, "classes": classes, "ipcs": ipcs, "seconds": {k: round(v, 2) for k, v in t.items()},
+           "patterns_per_class": round(patterns / classes, 1)}
+    out_file.write_text(json.dumps(row))
+    return row
 
 
 def extrapolate(rows: dict, args) -> dict:
@@ -276,6 +340,18 @@ def table(r: dict) -> str:
     for name, e in r["extrapolation"].items():
         lines.append(f"| {name} | {e['images']:,} | {e['recover_core_hours_this_cpu']:,} | {e['recover_files']:,} | "
                      f"{e['recover_bytes']:,} | {e['recover_manifest_bytes']:,} | {e['relabel_bytes_300_epochs']:,} |")
+    if r.get("selection_growth"):
+        g0 = r["selection_growth"][0]
+        parts = list(g0["seconds"])
+        lines += ["", f"Selection growth: synthetic 512-d embeddings, {g0['classes']} classes, IPC "
+                      f"{', '.join(map(str, g0['ipcs']))} (BPS picks at each; herding and k-center to the largest), "
+                      "one process at one thread", "",
+                  "| images per class | " + " | ".join(f"{p} s" for p in parts) + " | patterns per class | "
+                  "peak RSS MB | s per class (all parts) |", "|---" * (len(parts) + 4) + "|"]
+        for g in r["selection_growth"]:
+            total = sum(g["seconds"].values())
+            lines.append(f"| {g['per_class']} | " + " | ".join(f"{g['seconds'][p]}" for p in parts) +
+                         f" | {g['patterns_per_class']} | {g['peak_rss_mb']} | {total / g['classes']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
