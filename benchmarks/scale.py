@@ -180,6 +180,8 @@ def main(argv=None) -> dict:
                     "512-d embeddings of --select-classes classes, each size in its own process (time, peak RSS)")
     ap.add_argument("--select-classes", type=int, default=1000)
     ap.add_argument("--select-ipcs", default="10,50")
+    ap.add_argument("--stages", default="squeeze,recover,relabel,validate,score,select-bps,select-herding",
+                    help="comma list of the stages to run, in this order (squeeze is needed by the rest)")
     ap.add_argument("--core", type=int, default=None, help=argparse.SUPPRESS)  # internal: one growth row
     args = ap.parse_args(argv)
     if args.core is not None:
@@ -225,13 +227,38 @@ def main(argv=None) -> dict:
                            "--select-scores", str(dirs["score"]), "--out", str(dirs["select-herding"])],
     }
     rows = {}
+    wanted = args.stages.split(",")
     for name, cmd in stages.items():
+        if name not in wanted:
+            continue
         print(f"[scale] {name} ...", flush=True)
         m = measured(cmd, env, out / f"{name}.log")
         m.update(written(dirs["teachers" if name == "squeeze" else {"relabel": "labels"}.get(name, name)]))
         rows[name] = m
         print(f"[scale] {name}: {m}", flush=True)
 
+    if "recover" in rows and "relabel" in rows:
+        recover_rates(rows, dirs)
+    growth = []
+    for per in [int(v) for v in args.select_per_class.split(",") if v]:
+        print(f"[scale] selection growth, {per} images per class ...", flush=True)
+        row_file = out / f"select-core-{per}.json"
+        m = measured([py, __file__, "--core", str(per), "--select-classes", str(args.select_classes),
+                      "--select-ipcs", args.select_ipcs, "--out", str(row_file)], env, out / f"select-core-{per}.log")
+        growth.append(dict(json.loads(row_file.read_text()), peak_rss_mb=m["peak_rss_mb"]["main"], wall_s=m["seconds"]))
+    cache = Path(env["PRISMDD_CACHE"]) / "imagefolder"
+    result = {"config": vars(args), "folder": folder_info, "stages": rows, "selection_growth": growth,
+              "decoded_cache_bytes": sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()),
+              "extrapolation": extrapolate(rows, args) if "s_per_image_iteration" in rows.get("recover", {}) else {}}
+    (out / "scale.json").write_text(json.dumps(result, indent=1))
+    md = table(result)
+    (out / "scale.md").write_text(md)
+    print(md)
+    return result
+
+
+def recover_rates(rows: dict, dirs: dict) -> None:
+    """Per-image-iteration rates of recover and bytes per image-epoch of relabel, from their manifests."""
     rec = json.loads((dirs["recover"] / "manifest.json").read_text())
     records = rec["outputs"]["batches"]
     image_iters = sum(len(r["units"]) * r["iterations"] for r in records)
@@ -247,22 +274,6 @@ def main(argv=None) -> dict:
     lab = json.loads((dirs["labels"] / "manifest.json").read_text())["outputs"]
     rows["relabel"].update({"file_bytes_per_image_epoch": lab["file_bytes_per_image_epoch"],
                             "label_bytes_per_image_epoch": lab["bytes_per_image_epoch"]})
-    growth = []
-    for per in [int(v) for v in args.select_per_class.split(",") if v]:
-        print(f"[scale] selection growth, {per} images per class ...", flush=True)
-        row_file = out / f"select-core-{per}.json"
-        m = measured([py, __file__, "--core", str(per), "--select-classes", str(args.select_classes),
-                      "--select-ipcs", args.select_ipcs, "--out", str(row_file)], env, out / f"select-core-{per}.log")
-        growth.append(dict(json.loads(row_file.read_text()), peak_rss_mb=m["peak_rss_mb"]["main"], wall_s=m["seconds"]))
-    cache = Path(env["PRISMDD_CACHE"]) / "imagefolder"
-    result = {"config": vars(args), "folder": folder_info, "stages": rows, "selection_growth": growth,
-              "decoded_cache_bytes": sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()),
-              "extrapolation": extrapolate(rows, args)}
-    (out / "scale.json").write_text(json.dumps(result, indent=1))
-    md = table(result)
-    (out / "scale.md").write_text(md)
-    print(md)
-    return result
 
 
 def selection_core(per_class: int, classes: int, ipcs: list[int], out_file: Path) -> dict:
@@ -335,8 +346,10 @@ def table(r: dict) -> str:
         rss = ", ".join(f"{k} {v}" for k, v in m["peak_rss_mb"].items())
         lines.append(f"| {name} | {m['seconds']} | {rss} | {m['files']} | {m['bytes']:,} | {m['manifest_bytes'] or '-'} "
                      f"| {notes} |")
-    lines += ["", "| paper's run (1000 classes, 4000 iterations) | images | recover core-hours (this CPU) | recover files "
-                  "| recover bytes | manifest bytes | relabel bytes (300 epochs) |", "|---|---|---|---|---|---|---|"]
+    if r["extrapolation"]:
+        lines += ["", "| paper's run (1000 classes, 4000 iterations) | images | recover core-hours (this CPU) | "
+                      "recover files | recover bytes | manifest bytes | relabel bytes (300 epochs) |",
+                  "|---|---|---|---|---|---|---|"]
     for name, e in r["extrapolation"].items():
         lines.append(f"| {name} | {e['images']:,} | {e['recover_core_hours_this_cpu']:,} | {e['recover_files']:,} | "
                      f"{e['recover_bytes']:,} | {e['recover_manifest_bytes']:,} | {e['relabel_bytes_300_epochs']:,} |")
