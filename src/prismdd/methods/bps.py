@@ -345,14 +345,12 @@ def queue_patterns(keys: np.ndarray, classes: np.ndarray, k: int = 30, min_cosin
 
 
 def train_embedder(net: EmbedNet, images: torch.Tensor | Callable, targets: torch.Tensor, augment: Callable, *,
-                   epochs: int,
-                   batch: int, queue_size: int, lr: float = 0.02, momentum: float = 0.999, temperature: float = 0.5,
+                   epochs: int, batch: int, queue_size: int, lr: float = 0.02, momentum: float = 0.999, temperature: float = 0.5,
                    weight_cls: float = 0.5, warmup: int = 5, weight_info: float = 1.0, k: int = 30,
                    min_cosine: float = 0.5, seed: int = 0, log: Callable | None = None) -> EmbedNet:
     """Train ``net`` (the query encoder) as BPS's stage 1 and return it. ``images``: normalised (N, C, H, W), or a
     function from indices to such a batch (a dataset too large to hold); ``augment(x, generator)`` one random view per
-    image. SGD (momentum 0.9, wd 1e-4) with a cosine LR per epoch
-    (``--cos``); the key encoder follows by EMA ``momentum``; the queue (``queue_size``, a multiple of ``batch``:
+    image. SGD (momentum 0.9, wd 1e-4) with a cosine LR per epoch (``--cos``); the key encoder follows by EMA ``momentum``; the queue (``queue_size``, a multiple of ``batch``:
     BPS asserts it) holds normalised keys and their classes; each time it fills, its copy is re-clustered
     (``queue_patterns``) for the pattern loss. Drops the last partial batch (BPS's loader: ``drop_last=True``)."""
     if queue_size % batch:
@@ -383,7 +381,8 @@ def train_embedder(net: EmbedNet, images: torch.Tensor | Callable, targets: torc
                 key = F.normalize(key_net(augment(x, g))[1], dim=1)
             contrast = torch.cat([(q * key).sum(1, keepdim=True), q @ queue.clone().T], 1) / temperature
             losses = {"cls": weight_cls * F.cross_entropy(logit, y),
-                      "infonce": (1 - weight_cls) * F.cross_entropy(contrast, torch.zeros(len(q), dtype=torch.long, device=dev))}
+                      "infonce": (1 - weight_cls) * F.cross_entropy(contrast, torch.zeros(len(q), dtype=torch.long,
+                                                                                          device=dev))}
             queue[ptr:ptr + batch], queue_cls[ptr:ptr + batch] = key, y
             ptr = (ptr + batch) % queue_size
             if ptr == 0:  # the queue is full again: its copy and patterns are renewed
