@@ -18,7 +18,7 @@ SMALL = ["--set", "teacher_steps=40", "--set", "observer_steps=30", "--set", "it
 def test_a_run_of_selection_methods_makes_one_score_folder_and_real_image_rows(cli, tmp_path):
     out = tmp_path / "sel"
     code = cli(["run", "--dataset", "digits", "--quick", "--out", out, "--device", "cpu", "--ipc", "2",
-                "--methods", "herding,bps,forgetting,random", "--regimes", "hard,kd", "--baselines", "random-real",
+                "--methods", "herding,bps,forgetting,random", "--regimes", "hard,soft,kd", "--baselines", "random-real",
                 *SMALL])
     assert code == 0
     res = read_json(out / "results.json")
@@ -42,8 +42,8 @@ def test_a_run_of_selection_methods_makes_one_score_folder_and_real_image_rows(c
         assert len(set(index)) == len(index) == len(ds)
         assert all(int(train.targets[i]) == c for r in records for (c, _), i in
                    zip(r["units"], (s[0] for s in r["start_indices"])))
-    # the rows train under both regimes, random real beside them
+    # a selected folder trains under all three regimes, random real beside it
     for row in res["rows"]:
-        assert set(row["regimes"]) == {"hard", "kd"}, row
+        assert set(row["regimes"]) == {"hard", "soft", "kd"}, row
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "herding, bps, forgetting, random: real training images chosen by a selection method, bit for bit." in html
