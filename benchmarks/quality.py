@@ -132,8 +132,8 @@ def experiments(ipcs=(1, 10, 50)) -> dict[str, list[dict]]:
     for ipc_ in ipcs:
         reg = ex[f"regimes/ipc{ipc_}"]
         ex[f"selection/ipc{ipc_}"] = [FULL_EPOCH] + reg[:len(REGIME_CELLS)] + [
-            cell(f"{m}, {g}", m, {"ipc": ipc_}, dict(REGIME_CELLS[g], ipc=ipc_)) for m in SELECTORS
-            for g in REGIME_CELLS] + reg[len(REGIME_CELLS):]
+            cell(f"{SELECTOR_NAMES.get(m, m)}, {g}", m, {"ipc": ipc_}, dict(REGIME_CELLS[g], ipc=ipc_))
+            for m in SELECTORS for g in REGIME_CELLS] + reg[len(REGIME_CELLS):]
     ex["regimes/full"] = [cell(f"full data, {g}, {e} epochs", "full", {},
                                dict(REGIME_CELLS[g], full=True, epochs=e, batch_size=256, lr_every="step"))
                           for g in REGIME_CELLS for e in (1, 2, 4, 8)]
@@ -201,6 +201,9 @@ REGIME_CELLS = {"hard": {"protocol": "hard"},
                 "kd": {}}
 # the selection methods (issue 34), each a plug-in whose preset says ``images: selected``
 SELECTORS = [m for m in ("random", "herding", "kcenter", "forgetting", "el2n", "ccs", "bps") if m in PRESETS]
+# the random selector's folder holds the images random real draws (same seed, same rule): its cells are a check, and
+# their name keeps `--skip random` from matching random real's
+SELECTOR_NAMES = {"random": "random selection"}
 FULL_EPOCH = {"name": "full data, hard, 1 epochs", "method": "full", "rec": {},
               "val": {"protocol": "hard", "full": True, "epochs": 1, "batch_size": 256, "lr_every": "step"}}
 # the score stage's training runs for the dynamics kind (forgetting, EL2N, CCS): `prismdd run`'s defaults
