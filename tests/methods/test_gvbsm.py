@@ -17,7 +17,7 @@ from prismdd.core.data import load_splits, normalize
 from prismdd.core.io import load_tensors, save_tensors, tensors_metadata
 from prismdd.core.runtime import make_generator
 from prismdd.methods.gvbsm import GVBSM, STATS_BATCH, STATS_SEED, StatHook, densification_loss, hooked_layers
-from prismdd.methods.stats import layer_stats_path, patch_var_mean
+from prismdd.methods.stats import LAYER_STATS_FILE, layer_stats_path, patch_var_mean
 from prismdd.stages.recover import load_teachers, recover, recover_config
 
 
@@ -218,9 +218,11 @@ def test_preset_carries_the_reference_hyper_parameters():
 
 
 def _teachers_copy(zoo, tmp_path, archs):
+    """The zoo's teachers without any statistics file that another test (on the same xdist worker) left in the
+    shared zoo, so each test starts from teachers that hold none."""
     dst = tmp_path / "teachers"
     for a in archs:
-        shutil.copytree(zoo / a, dst / a)
+        shutil.copytree(zoo / a, dst / a, ignore=shutil.ignore_patterns(LAYER_STATS_FILE))
     return dst
 
 
