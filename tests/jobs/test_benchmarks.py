@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.slow  # benchmark scripts in subprocesses: out of `pytest -m "not slow"`
 
@@ -84,6 +85,34 @@ def test_quality_smoke(tmp_path):
                    top["random-real, no augmentation"])
     assert abs(float(rows["prism"][2]) - 100 * want_lrs["score"]) < 0.011
     assert abs(float(rows["prism"][5]) - 100 * want_ars["score"]) < 0.011
+
+
+def test_dc_protocol_smoke(tmp_path):
+    """benchmarks/dc_protocol.sh (BENCHMARKS.md 16.3) trains herding's IPC 1 folder, as the selection experiment recorded
+    it, and random real under the hard cell with the options given; without that record it stops with one line."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", OUT=str(tmp_path), PYTHON=sys.executable, DATASET="digits", EPOCHS="2",
+               SEEDS="0")
+
+    def script(*args):
+        return subprocess.run(["bash", "benchmarks/dc_protocol.sh", *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    res = script("noaug", "--no-augment")
+    assert res.returncode != 0 and res.stderr.strip().splitlines() == [
+        f"{tmp_path}/digits/results.jsonl: not found; run quality.py --only selection/ipc1 first (or set OUT)"]
+    _run(["benchmarks/quality.py", "--smoke", "--only", "selection/ipc1", "--cells", "herding", "--skip", "soft,kd",
+          "--out", str(tmp_path), "--threads", "1"], tmp_path, timeout=600)
+    res = script("noaug", "--no-augment")
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [line.split() for line in res.stdout.splitlines()]
+    assert [line[:3] for line in lines] == [["noaug", "herding", "0"], ["noaug", "random", "0"]]
+    assert all(0 <= float(line[3]) <= 100 for line in lines)
+    herding = json.loads((tmp_path / "digits" / "results.jsonl").read_text().splitlines()[-1])["distilled"]
+    for name in ("herding", "random"):
+        cfg = yaml.safe_load((tmp_path / "dc-protocol" / "noaug" / f"{name}-s0" / "config.yaml").read_text())
+        # quality.py's hard cell with the given option on top; herding trains on the folder the experiment made
+        assert (cfg["protocol"], cfg["student_width"], cfg["epochs"], cfg["augment"]) == ("hard", 0.5, 2, False)
+        assert cfg["distilled"] == (herding if name == "herding" else None) and cfg["random_real"] == (name == "random")
 
 
 def test_label_storage_bytes_smoke(tmp_path):
