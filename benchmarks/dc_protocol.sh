@@ -35,7 +35,8 @@ EOF
     if [ "$set" = herding ]; then src=(--distilled "$herding"); else src=(--random-real --ipc 1); fi
     out="$root/dc-protocol/$name/$set-s$s"
     OMP_NUM_THREADS=1 "$py" -m prismdd validate -q --threads 1 --dataset "$dataset" --protocol hard \
-      --student-width 0.5 --epochs "$epochs" --eval-every "$epochs" "${src[@]}" --seed "$s" --seeds "$s" "$@" --out "$out"
+      --student-width 0.5 --epochs "$epochs" --eval-every "$epochs" "${src[@]}" --seed "$s" --seeds "$s" "$@" \
+      --out "$out"
     "$py" -c "import json, sys; print(sys.argv[1], sys.argv[2], sys.argv[3], json.load(open(sys.argv[4]))['top1'])" \
       "$name" "$set" "$s" "$out/accuracy.json"
   done
